@@ -1,0 +1,73 @@
+/* Test runner for the C unit tests: --list, --run NAME, or no argument to run all. */
+#define _POSIX_C_SOURCE 200809L
+#include "test.h"
+
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_TESTS 1024
+static struct {
+    const char *name;
+    rs_test_fn fn;
+} g_tests[MAX_TESTS];
+static int g_n_tests;
+int rs_test_failures;
+
+void rs_test_register(const char *name, rs_test_fn fn) {
+    if (g_n_tests < MAX_TESTS) {
+        g_tests[g_n_tests].name = name;
+        g_tests[g_n_tests].fn = fn;
+        g_n_tests++;
+    }
+}
+
+unsigned long long rs_test_seed(void) {
+    static unsigned long long seed;
+    static int have;
+    if (!have) {
+        const char *s = getenv("RESAFE_TEST_SEED");
+        seed = s ? strtoull(s, NULL, 10) : (unsigned long long)time(NULL) ^ ((unsigned long long)getpid() << 20);
+        have = 1;
+        fprintf(stderr, "seed %llu (replay with RESAFE_TEST_SEED=%llu)\n", seed, seed);
+    }
+    return seed;
+}
+
+const char *rs_test_tmpdir(void) {
+    static char dir[256];
+    if (!dir[0]) {
+        const char *base = getenv("TMPDIR");
+        snprintf(dir, sizeof dir, "%s/resafe_unit_XXXXXX", base ? base : "/tmp");
+        if (!mkdtemp(dir)) {
+            perror("mkdtemp");
+            exit(2);
+        }
+    }
+    return dir;
+}
+
+static int run_one(int i) {
+    rs_test_failures = 0;
+    g_tests[i].fn();
+    printf("%s %s\n", rs_test_failures ? "FAIL" : "PASS", g_tests[i].name);
+    return rs_test_failures ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "--list") == 0) {
+        for (int i = 0; i < g_n_tests; i++) printf("%s\n", g_tests[i].name);
+        return 0;
+    }
+    if (argc >= 3 && strcmp(argv[1], "--run") == 0) {
+        for (int i = 0; i < g_n_tests; i++)
+            if (strcmp(g_tests[i].name, argv[2]) == 0) return run_one(i);
+        fprintf(stderr, "no test named %s\n", argv[2]);
+        return 2;
+    }
+    int failed = 0;
+    for (int i = 0; i < g_n_tests; i++) failed += run_one(i);
+    printf("%d passed, %d failed\n", g_n_tests - failed, failed);
+    return failed ? 1 : 0;
+}
