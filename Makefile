@@ -48,9 +48,12 @@ LIB_OBJS  := $(patsubst src/%.c,$(BUILD)/obj/src/%.o,$(LIB_SRCS)) $(KERNEL_OBJS)
 CMD_OBJS  := $(patsubst src/%.c,$(BUILD)/obj/src/%.o,$(CMD_SRCS))
 UNIT_SRCS := $(wildcard tests/unit/*.c)
 UNIT_OBJS := $(patsubst tests/unit/%.c,$(BUILD)/obj/tests/%.o,$(UNIT_SRCS))
+# test tools: small programs the Python reference tests drive (one .c file each)
+TOOL_SRCS := $(wildcard tests/tools/*.c)
+TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tools/%,$(TOOL_SRCS))
 
 .PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench
-all: $(BUILD)/resafe $(BUILD)/test_unit
+all: $(BUILD)/resafe $(BUILD)/test_unit $(TOOL_BINS)
 
 $(BUILD)/libresafe.a: $(LIB_OBJS)
 	@mkdir -p $(@D)
@@ -61,6 +64,10 @@ $(BUILD)/resafe: $(CMD_OBJS) $(BUILD)/libresafe.a
 
 $(BUILD)/test_unit: $(UNIT_OBJS) $(BUILD)/libresafe.a
 	$(CC) $(RS_LDFLAGS) $(LDFLAGS) -o $@ $(UNIT_OBJS) $(BUILD)/libresafe.a $(LDLIBS)
+
+$(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libresafe.a
+	@mkdir -p $(@D)
+	$(CC) $(RS_CFLAGS) $(CFLAGS) $(RS_LDFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libresafe.a $(LDLIBS)
 
 $(BUILD)/obj/src/%.o: src/%.c
 	@mkdir -p $(@D)
