@@ -83,6 +83,7 @@ static size_t utf8_sequence_length(const uint8_t *s, size_t n) {
 static int check_utf8(const char *label, const uint8_t *s, size_t n) {
     for (size_t i = 0; i < n;) {
         size_t len = utf8_sequence_length(s + i, n - i);
+        if (!len && !s[i]) return RS_FAIL("%s: header byte %zu is a NUL byte (padding must be spaces)", label, i);
         if (!len) return RS_FAIL("%s: header byte %zu is not valid UTF-8 text", label, i);
         i += len;
     }

@@ -59,7 +59,7 @@ static void check_same_tensor(const rs_st_set *set, const rs_st_write_tensor *w)
     CHECK((uintptr_t)t->data % rs_dtype_size(t->dtype) == 0, "'%s' misaligned", w->name);
 }
 
-TEST(test_st_write_then_open_round_trips_random_tensors) {
+TEST(test_safetensors_write_then_open_round_trips_random_tensors) {
     rs_rng rng;
     rs_rng_seed(&rng, rs_test_seed());
     random_tensors r;
@@ -87,7 +87,7 @@ TEST(test_st_write_then_open_round_trips_random_tensors) {
     free(path);
 }
 
-TEST(test_st_read_f32_converts_each_float_dtype_exactly) {
+TEST(test_safetensors_read_f32_converts_each_float_dtype_exactly) {
     /* values k / 2^s with |k| <= 256 are exact in bf16, f16 and f64: conversion must be exact */
     rs_rng rng;
     rs_rng_seed(&rng, rs_test_seed());
@@ -133,7 +133,7 @@ static uint8_t *image(const char *header, size_t data_bytes, size_t *size) {
     return buf;
 }
 
-TEST(test_st_parse_accepts_the_valid_base_image) {
+TEST(test_safetensors_parse_accepts_the_valid_base_image) {
     size_t size;
     uint8_t *buf = image("{\"__metadata__\":{\"k\":\"v\"},\"b\":{\"dtype\":\"F16\",\"shape\":[2],"
                          "\"data_offsets\":[8,12]},\"a\":{\"dtype\":\"F32\",\"shape\":[1,2],"
@@ -147,7 +147,7 @@ TEST(test_st_parse_accepts_the_valid_base_image) {
     free(buf);
 }
 
-TEST(test_st_parse_refuses_each_bad_header_naming_file_and_problem) {
+TEST(test_safetensors_parse_refuses_each_bad_header_naming_file_and_problem) {
     static const struct {
         const char *header;
         size_t data;
@@ -197,7 +197,7 @@ TEST(test_st_parse_refuses_each_bad_header_naming_file_and_problem) {
     }
 }
 
-TEST(test_st_header_length_is_checked_against_file_size_and_cap) {
+TEST(test_safetensors_header_length_is_checked_against_file_size_and_cap) {
     uint8_t buf[24] = {0};
     rs_st_set set;
     CHECK(rs_st_parse("short", buf, 7, &set) == -1 && strstr(rs_last_error(), "too short"), "%s", rs_last_error());
@@ -208,7 +208,7 @@ TEST(test_st_header_length_is_checked_against_file_size_and_cap) {
     CHECK(rs_st_parse("huge", buf, 24, &set) == -1 && strstr(rs_last_error(), "limit"), "%s", rs_last_error());
 }
 
-TEST(test_st_every_truncation_of_a_valid_file_is_refused) {
+TEST(test_safetensors_every_truncation_of_a_valid_file_is_refused) {
     rs_rng rng;
     rs_rng_seed(&rng, rs_test_seed());
     random_tensors r;
@@ -261,7 +261,7 @@ static char *make_sharded_dir(const char *name, rs_rng *rng) {
     return dir;
 }
 
-TEST(test_st_sharded_directory_opens_through_its_index) {
+TEST(test_safetensors_sharded_directory_opens_through_its_index) {
     rs_rng rng;
     rs_rng_seed(&rng, rs_test_seed());
     char *dir = make_sharded_dir("sharded_ok", &rng);
@@ -280,7 +280,7 @@ TEST(test_st_sharded_directory_opens_through_its_index) {
     free(dir);
 }
 
-TEST(test_st_index_disagreeing_with_shards_is_refused) {
+TEST(test_safetensors_index_disagreeing_with_shards_is_refused) {
     static const struct {
         const char *index, *expect;
     } cases[] = {
@@ -312,7 +312,7 @@ TEST(test_st_index_disagreeing_with_shards_is_refused) {
     free(dir);
 }
 
-TEST(test_st_tensor_in_two_shards_is_refused) {
+TEST(test_safetensors_tensor_in_two_shards_is_refused) {
     rs_rng rng;
     rs_rng_seed(&rng, rs_test_seed());
     char *dir = make_sharded_dir("sharded_dup", &rng);
@@ -329,7 +329,7 @@ TEST(test_st_tensor_in_two_shards_is_refused) {
     free(dir);
 }
 
-TEST(test_st_directory_without_weights_and_missing_file_are_named) {
+TEST(test_safetensors_directory_without_weights_and_missing_file_are_named) {
     char *dir = rs_path_join(rs_test_tmpdir(), "empty_model");
     REQUIRE(rs_mkdir_p(dir) == 0, "%s", rs_last_error());
     rs_st_set set;
@@ -341,7 +341,7 @@ TEST(test_st_directory_without_weights_and_missing_file_are_named) {
     free(dir);
 }
 
-TEST(test_st_writer_refuses_duplicate_names_and_leaves_no_file) {
+TEST(test_safetensors_writer_refuses_duplicate_names_and_leaves_no_file) {
     float v[2] = {1.5f, -2.25f};
     rs_st_write_tensor w[3] = {{"a", RS_F32, 1, {1}, v}, {"b", RS_F32, 1, {1}, v + 1}, {"a", RS_F16, 0, {0}, v}};
     char *path = rs_path_join(rs_test_tmpdir(), "dup.safetensors");
