@@ -19,6 +19,21 @@ struct rs_h5 {
 
 /* ---------------------------------------------------------------- errors */
 
+/* RS_FAIL with control characters shown as '?': dataset and attribute names may come from the
+ * file and may hold a newline; the message must stay one line. */
+#define H5_FAIL(...) h5_fail_at(__FILE__, __LINE__, __VA_ARGS__)
+static int h5_fail_at(const char *src_file, int src_line, const char *fmt, ...) RS_PRINTF(3, 4);
+static int h5_fail_at(const char *src_file, int src_line, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    for (char *c = msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+    return rs_fail_at(src_file, src_line, "%s", msg);
+}
+
 static herr_t keep_innermost(unsigned n, const H5E_error2_t *err, void *buf) {
     if (n == 0 && err->desc) snprintf(buf, 200, "%s", err->desc);
     return 0;
@@ -35,7 +50,7 @@ static int h5_fail(const rs_h5 *h, const char *what, const char *fmt, ...) {
     va_end(ap);
     H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, keep_innermost, reason);
     H5Eclear2(H5E_DEFAULT);
-    return RS_FAIL("%s: %s%s%s%s%s%s", h->path, what ? what : "", what ? ": " : "", msg,
+    return H5_FAIL("%s: %s%s%s%s%s%s", h->path, what ? what : "", what ? ": " : "", msg,
                    reason[0] ? " (HDF5: " : "", reason, reason[0] ? ")" : "");
 }
 
@@ -141,7 +156,7 @@ int rs_h5_create(const char *path, rs_h5 **out) {
 
 int rs_h5_open(const char *path, rs_h5 **out) {
     silence_hdf5();
-    if (access(path, R_OK) != 0) return RS_FAIL("%s: cannot open: %s", path, strerror(errno));
+    if (access(path, R_OK) != 0) return H5_FAIL("%s: cannot open: %s", path, strerror(errno));
     rs_h5 *h = new_handle(path);
     hid_t fapl = file_access_list();
     if (fapl >= 0) h->file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
@@ -167,7 +182,7 @@ static int fsync_path(const char *path) {
 
 int rs_h5_commit(rs_h5 *h) {
     if (!h->tmp) {
-        RS_FAIL("%s: commit of a file opened for reading", h->path);
+        H5_FAIL("%s: commit of a file opened for reading", h->path);
         rs_h5_close(h);
         return -1;
     }
@@ -175,7 +190,7 @@ int rs_h5_commit(rs_h5 *h) {
     if (H5Fclose(h->file) < 0) rc = h5_fail(h, NULL, "cannot finish writing %s", h->tmp);
     h->file = H5I_INVALID_HID;
     if (rc == 0 && (fsync_path(h->tmp) != 0 || rename(h->tmp, h->path) != 0))
-        rc = RS_FAIL("%s: cannot move %s into place: %s", h->path, h->tmp, strerror(errno));
+        rc = H5_FAIL("%s: cannot move %s into place: %s", h->path, h->tmp, strerror(errno));
     if (rc != 0) remove(h->tmp);
     free_handle(h);
     return rc;
@@ -194,12 +209,12 @@ const char *rs_h5_path(const rs_h5 *h) { return h->path; }
 
 /* "a/b/c": no empty, "." or ".." components. The root is not a dataset or group to create. */
 static int check_path(const rs_h5 *h, const char *kind, const char *path) {
-    if (!path || !*path) return RS_FAIL("%s: empty %s name", h->path, kind);
+    if (!path || !*path) return H5_FAIL("%s: empty %s name", h->path, kind);
     for (const char *s = path;;) {
         const char *slash = strchr(s, '/');
         size_t len = slash ? (size_t)(slash - s) : strlen(s);
         if (len == 0 || (len == 1 && s[0] == '.') || (len == 2 && s[0] == '.' && s[1] == '.'))
-            return RS_FAIL("%s: %s name '%s' has an empty, '.' or '..' component", h->path, kind, path);
+            return H5_FAIL("%s: %s name '%s' has an empty, '.' or '..' component", h->path, kind, path);
         if (!slash) return 0;
         s = slash + 1;
     }
@@ -231,7 +246,7 @@ int rs_h5_exists(rs_h5 *h, const char *object) {
 }
 
 static int check_writing(const rs_h5 *h, const char *what) {
-    return h->tmp ? 0 : RS_FAIL("%s: %s: the file is open for reading only", h->path, what);
+    return h->tmp ? 0 : H5_FAIL("%s: %s: the file is open for reading only", h->path, what);
 }
 
 /* A link creation list that makes missing parent groups. */
@@ -254,7 +269,7 @@ int rs_h5_create_group(rs_h5 *h, const char *group) {
         int is_group = obj >= 0 && H5Iget_type(obj) == H5I_GROUP;
         if (obj >= 0) H5Oclose(obj);
         H5Eclear2(H5E_DEFAULT);
-        return is_group ? 0 : RS_FAIL("%s: %s exists and is not a group", h->path, what);
+        return is_group ? 0 : H5_FAIL("%s: %s exists and is not a group", h->path, what);
     }
     hid_t lcpl = parents_list(), g = H5I_INVALID_HID;
     if (lcpl >= 0) g = H5Gcreate2(h->file, group, lcpl, H5P_DEFAULT, H5P_DEFAULT);
@@ -277,7 +292,7 @@ static hid_t make_space(int ndim, const int64_t *shape) {
 /* Create dataset of file type ftype and space, write data (memory type mtype) unless empty. */
 static int create_and_write(rs_h5 *h, const char *what, const char *name, hid_t ftype, hid_t mtype,
                             hid_t space, const void *data, int has_data) {
-    if (path_exists(h->file, name)) return RS_FAIL("%s: %s already exists", h->path, what);
+    if (path_exists(h->file, name)) return H5_FAIL("%s: %s already exists", h->path, what);
     hid_t lcpl = parents_list(), ds = H5I_INVALID_HID;
     if (lcpl >= 0) ds = H5Dcreate2(h->file, name, ftype, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
     int rc = 0;
@@ -296,13 +311,13 @@ int rs_h5_write(rs_h5 *h, const char *dataset, rs_dtype dtype, int ndim, const i
     RS_TRY(check_writing(h, what));
     RS_TRY(check_path(h, "dataset", dataset));
     if (file_type_of(dtype) < 0)
-        return RS_FAIL("%s: %s: dtype %s is not stored in HDF5 files", h->path, what, rs_dtype_name(dtype));
-    if (ndim < 0 || ndim > RS_MAX_DIMS) return RS_FAIL("%s: %s: %d dimensions", h->path, what, ndim);
+        return H5_FAIL("%s: %s: dtype %s is not stored in HDF5 files", h->path, what, rs_dtype_name(dtype));
+    if (ndim < 0 || ndim > RS_MAX_DIMS) return H5_FAIL("%s: %s: %d dimensions", h->path, what, ndim);
     size_t numel = 1;
     for (int i = 0; i < ndim; i++)
         if (shape[i] < 0 || rs_mul_size(numel, (size_t)shape[i], &numel) != 0)
-            return RS_FAIL("%s: %s: bad shape entry %lld", h->path, what, (long long)shape[i]);
-    if (numel && !data) return RS_FAIL("%s: %s: no data", h->path, what);
+            return H5_FAIL("%s: %s: bad shape entry %lld", h->path, what, (long long)shape[i]);
+    if (numel && !data) return H5_FAIL("%s: %s: no data", h->path, what);
     hid_t space = make_space(ndim, shape);
     if (space < 0) return h5_fail(h, what, "cannot make a dataspace");
     int rc = create_and_write(h, what, dataset, file_type_of(dtype), memory_type_of(dtype), space, data,
@@ -326,9 +341,9 @@ int rs_h5_write_strings(rs_h5 *h, const char *dataset, const char *const *string
     named(what, sizeof what, "dataset", dataset);
     RS_TRY(check_writing(h, what));
     RS_TRY(check_path(h, "dataset", dataset));
-    if (n < 0) return RS_FAIL("%s: %s: negative string count", h->path, what);
+    if (n < 0) return H5_FAIL("%s: %s: negative string count", h->path, what);
     for (int64_t i = 0; i < n; i++)
-        if (!strings[i]) return RS_FAIL("%s: %s: string %lld is NULL", h->path, what, (long long)i);
+        if (!strings[i]) return H5_FAIL("%s: %s: string %lld is NULL", h->path, what, (long long)i);
     hid_t type = utf8_string_type(), space = make_space(1, &n);
     int rc = type < 0 || space < 0 ? h5_fail(h, what, "cannot make a string type")
                                    : create_and_write(h, what, dataset, type, type, space, strings, n > 0);
@@ -362,7 +377,7 @@ static void describe(hid_t ds, rs_h5_dataset *info) {
 static hid_t open_dataset(rs_h5 *h, const char *what, const char *dataset) {
     if (check_path(h, "dataset", dataset) != 0) return H5I_INVALID_HID;
     if (!path_exists(h->file, dataset)) {
-        RS_FAIL("%s: %s does not exist", h->path, what);
+        H5_FAIL("%s: %s does not exist", h->path, what);
         return H5I_INVALID_HID;
     }
     hid_t ds = H5Dopen2(h->file, dataset, H5P_DEFAULT);
@@ -433,15 +448,15 @@ static int check_layout(const rs_h5 *h, const char *what, const rs_h5_dataset *i
                         int ndim, const int64_t *shape) {
     char have[200], want[200];
     if (info->kind != RS_H5_NUMBERS)
-        return RS_FAIL("%s: %s holds %s, not numbers", h->path, what,
+        return H5_FAIL("%s: %s holds %s, not numbers", h->path, what,
                        info->kind == RS_H5_STRINGS ? "strings" : "a type resafe does not read");
     if (info->dtype != dtype)
-        return RS_FAIL("%s: %s holds %s, expected %s", h->path, what, rs_dtype_name(info->dtype),
+        return H5_FAIL("%s: %s holds %s, expected %s", h->path, what, rs_dtype_name(info->dtype),
                        rs_dtype_name(dtype));
     int same = info->ndim == ndim;
     for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
     if (!same)
-        return RS_FAIL("%s: %s has shape %s, expected %s", h->path, what,
+        return H5_FAIL("%s: %s has shape %s, expected %s", h->path, what,
                        shape_text(have, sizeof have, info->ndim, info->shape),
                        shape_text(want, sizeof want, ndim, shape));
     return 0;
@@ -478,7 +493,7 @@ static int read_vlen_strings(rs_h5 *h, const char *what, hid_t ds, hid_t mtype, 
 static int read_fixed_strings(rs_h5 *h, const char *what, hid_t ds, hid_t mtype, char **out, int64_t n) {
     size_t cell = H5Tget_size(mtype), total;
     if (cell == 0 || rs_mul_size(cell, (size_t)n, &total) != 0)
-        return RS_FAIL("%s: %s: bad string size", h->path, what);
+        return H5_FAIL("%s: %s: bad string size", h->path, what);
     char *buf = rs_malloc(total);
     int rc = H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0 ? h5_fail(h, what, "cannot read") : 0;
     for (int64_t i = 0; i < n && rc == 0; i++) {
@@ -497,7 +512,7 @@ int rs_h5_read_strings(rs_h5 *h, const char *dataset, char ***strings, int64_t *
     describe(ds, &info);
     if (info.kind != RS_H5_STRINGS) {
         H5Dclose(ds);
-        return RS_FAIL("%s: %s does not hold a list of strings", h->path, what);
+        return H5_FAIL("%s: %s does not hold a list of strings", h->path, what);
     }
     int64_t count = info.ndim == 0 ? 1 : info.shape[0];
     hid_t ftype = H5Dget_type(ds), mtype = ftype >= 0 ? H5Tget_native_type(ftype, H5T_DIR_ASCEND) : -1;
@@ -530,7 +545,7 @@ static hid_t open_object(rs_h5 *h, const char *object) {
     if (is_root(object)) return H5Oopen(h->file, "/", H5P_DEFAULT);
     if (check_path(h, "object", object) != 0) return H5I_INVALID_HID;
     if (!path_exists(h->file, object)) {
-        RS_FAIL("%s: object '%s' does not exist", h->path, object);
+        H5_FAIL("%s: object '%s' does not exist", h->path, object);
         return H5I_INVALID_HID;
     }
     hid_t obj = H5Oopen(h->file, object, H5P_DEFAULT);
@@ -550,7 +565,7 @@ static int set_attr(rs_h5 *h, const char *object, const char *name, hid_t ftype,
     char what[400];
     attr_what(what, sizeof what, object, name);
     RS_TRY(check_writing(h, what));
-    if (!name || !*name) return RS_FAIL("%s: %s: empty attribute name", h->path, what);
+    if (!name || !*name) return H5_FAIL("%s: %s: empty attribute name", h->path, what);
     hid_t obj = open_object(h, object);
     if (obj < 0) return -1;
     int rc = 0;
@@ -566,7 +581,7 @@ static int set_attr(rs_h5 *h, const char *object, const char *name, hid_t ftype,
 }
 
 int rs_h5_set_attr_str(rs_h5 *h, const char *object, const char *name, const char *value) {
-    if (!value) return RS_FAIL("%s: attribute '%s': NULL string", h->path, name ? name : "");
+    if (!value) return H5_FAIL("%s: attribute '%s': NULL string", h->path, name ? name : "");
     hid_t type = utf8_string_type();
     if (type < 0) return h5_fail(h, NULL, "cannot make a string type");
     int rc = set_attr(h, object, name, type, type, &value);
@@ -597,7 +612,7 @@ static int open_attr(rs_h5 *h, const char *object, const char *name, attr_handle
     if (!name || H5Aexists(a->obj, name) <= 0) {
         H5Oclose(a->obj);
         H5Eclear2(H5E_DEFAULT);
-        return RS_FAIL("%s: %s does not exist", h->path, a->what);
+        return H5_FAIL("%s: %s does not exist", h->path, a->what);
     }
     a->attr = H5Aopen(a->obj, name, H5P_DEFAULT);
     hid_t space = a->attr >= 0 ? H5Aget_space(a->attr) : H5I_INVALID_HID;
@@ -605,7 +620,7 @@ static int open_attr(rs_h5 *h, const char *object, const char *name, attr_handle
     hssize_t npoints = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
     if (space >= 0) H5Sclose(space);
     int rc = a->type < 0 ? h5_fail(h, a->what, "cannot open") : 0;
-    if (rc == 0 && npoints != 1) rc = RS_FAIL("%s: %s holds %lld values, not one", h->path, a->what, (long long)npoints);
+    if (rc == 0 && npoints != 1) rc = H5_FAIL("%s: %s holds %lld values, not one", h->path, a->what, (long long)npoints);
     a->cls = rc == 0 ? H5Tget_class(a->type) : H5T_NO_CLASS;
     if (rc != 0) {
         if (a->type >= 0) H5Tclose(a->type);
@@ -646,7 +661,7 @@ int rs_h5_get_attr_str(rs_h5 *h, const char *object, const char *name, char **va
     attr_handle a;
     RS_TRY(open_attr(h, object, name, &a));
     int rc = a.cls == H5T_STRING ? read_string_attr(h, &a, value)
-                                 : RS_FAIL("%s: %s is not a string", h->path, a.what);
+                                 : H5_FAIL("%s: %s is not a string", h->path, a.what);
     close_attr(&a);
     return rc;
 }
@@ -656,11 +671,11 @@ int rs_h5_get_attr_i64(rs_h5 *h, const char *object, const char *name, int64_t *
     RS_TRY(open_attr(h, object, name, &a));
     int rc = 0;
     if (a.cls != H5T_INTEGER) {
-        rc = RS_FAIL("%s: %s is not an integer", h->path, a.what);
+        rc = H5_FAIL("%s: %s is not an integer", h->path, a.what);
     } else if (H5Tget_sign(a.type) == H5T_SGN_NONE && H5Tget_size(a.type) >= 8) {
         uint64_t u; /* HDF5 would clip a value above INT64_MAX silently */
         if (H5Aread(a.attr, H5T_NATIVE_UINT64, &u) < 0) rc = h5_fail(h, a.what, "cannot read");
-        else if (u > (uint64_t)INT64_MAX) rc = RS_FAIL("%s: %s = %llu does not fit int64", h->path, a.what, (unsigned long long)u);
+        else if (u > (uint64_t)INT64_MAX) rc = H5_FAIL("%s: %s = %llu does not fit int64", h->path, a.what, (unsigned long long)u);
         else *value = (int64_t)u;
     } else if (H5Aread(a.attr, H5T_NATIVE_INT64, value) < 0) {
         rc = h5_fail(h, a.what, "cannot read");
@@ -673,7 +688,7 @@ int rs_h5_get_attr_f64(rs_h5 *h, const char *object, const char *name, double *v
     attr_handle a;
     RS_TRY(open_attr(h, object, name, &a));
     int rc = 0;
-    if (a.cls != H5T_FLOAT && a.cls != H5T_INTEGER) rc = RS_FAIL("%s: %s is not a number", h->path, a.what);
+    if (a.cls != H5T_FLOAT && a.cls != H5T_INTEGER) rc = H5_FAIL("%s: %s is not a number", h->path, a.what);
     else if (H5Aread(a.attr, H5T_NATIVE_DOUBLE, value) < 0) rc = h5_fail(h, a.what, "cannot read");
     close_attr(&a);
     return rc;

@@ -7,6 +7,8 @@
 
 #include <cJSON.h>
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdlib.h>
@@ -23,6 +25,21 @@
 #define SINGLE_NAME "model.safetensors"
 
 /* ---------------------------------------------------------------- small helpers */
+
+/* RS_FAIL with control characters shown as '?': names come from the file, and a JSON escape
+ * can put a newline in one; the message must stay one line. */
+#define ST_FAIL(...) st_fail_at(__FILE__, __LINE__, __VA_ARGS__)
+static int st_fail_at(const char *src_file, int src_line, const char *fmt, ...) RS_PRINTF(3, 4);
+static int st_fail_at(const char *src_file, int src_line, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    for (char *c = msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+    return rs_fail_at(src_file, src_line, "%s", msg);
+}
 
 static uint64_t read_le64(const uint8_t *p) {
     uint64_t v = 0;
@@ -83,40 +100,50 @@ static size_t utf8_sequence_length(const uint8_t *s, size_t n) {
 static int check_utf8(const char *label, const uint8_t *s, size_t n) {
     for (size_t i = 0; i < n;) {
         size_t len = utf8_sequence_length(s + i, n - i);
-        if (!len && !s[i]) return RS_FAIL("%s: header byte %zu is a NUL byte (padding must be spaces)", label, i);
-        if (!len) return RS_FAIL("%s: header byte %zu is not valid UTF-8 text", label, i);
+        if (!len && !s[i]) return ST_FAIL("%s: header byte %zu is a NUL byte (padding must be spaces)", label, i);
+        if (!len) return ST_FAIL("%s: header byte %zu is not valid UTF-8 text", label, i);
         i += len;
     }
     return 0;
 }
 
-/* Two checks cJSON cannot make, by a scan that skips strings:
- * - with check_numbers: cJSON keeps only a double per number, so "2.0" and "2" look alike;
- *   every number in a header is a shape entry or an offset, so a fraction or exponent anywhere
- *   is an error (run after the entries, whose checks give more precise messages);
- * - always: the escape \u0000, at which cJSON would silently cut a name short. */
+/* A number token s[0..len) in strict JSON integer form: -?(0|[1-9][0-9]*). */
+static int is_json_integer(const char *s, size_t len) {
+    size_t i = s[0] == '-';
+    if (i == len) return 0;
+    if (s[i] == '0' && len - i > 1) return 0; /* leading zero, which strict JSON forbids */
+    for (; i < len; i++)
+        if (s[i] < '0' || s[i] > '9') return 0;
+    return 1;
+}
+
+/* What cJSON is lenient about, found by a scan that tracks strings:
+ * - always: raw control characters (cJSON skips every byte below 0x20 as whitespace and keeps
+ *   them in strings; JSON allows only tab, newline and carriage return between tokens), and the
+ *   escape \u0000, at which cJSON would silently cut a name short;
+ * - with check_numbers: cJSON keeps only a double per number, so "2.0", "2e0" and "02" look
+ *   like "2"; every number in a header is a shape entry or an offset, so anything but a plain
+ *   integer is an error (run after the entries, whose checks give more precise messages). */
 static int check_header_tokens(const char *label, const char *s, size_t n, int check_numbers) {
     int in_string = 0;
     for (size_t i = 0; i < n; i++) {
-        char c = s[i];
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 && (in_string || (c != '\t' && c != '\n' && c != '\r')))
+            return ST_FAIL("%s: header byte %zu is a raw control character (0x%02x)", label, i, c);
         if (in_string) {
             if (c == '"') in_string = 0;
             else if (c == '\\' && i + 1 < n) {
                 if (n - i >= 6 && memcmp(s + i + 1, "u0000", 5) == 0)
-                    return RS_FAIL("%s: header contains a NUL character (\\u0000) in a string", label);
+                    return ST_FAIL("%s: header contains a NUL character (\\u0000) in a string", label);
                 i++;
             }
         } else if (c == '"') {
             in_string = 1;
         } else if (c == '-' || (c >= '0' && c <= '9')) {
             size_t j = i;
-            int integer = 1;
-            while (j < n && s[j] && strchr("0123456789+-.eE", s[j])) {
-                if (s[j] == '.' || s[j] == 'e' || s[j] == 'E') integer = 0;
-                j++;
-            }
-            if (!integer && check_numbers)
-                return RS_FAIL("%s: header number '%.*s' at byte %zu is not an integer", label,
+            while (j < n && s[j] && strchr("0123456789+-.eE", s[j])) j++;
+            if (check_numbers && !is_json_integer(s + i, j - i))
+                return ST_FAIL("%s: header number '%.*s' at byte %zu is not a plain integer", label,
                                (int)(j - i > 32 ? 32 : j - i), s + i, i);
             i = j - 1;
         }
@@ -127,7 +154,7 @@ static int check_header_tokens(const char *label, const char *s, size_t n, int c
 /* Parse the JSON header: must start with '{', be UTF-8, one object, only whitespace after. */
 static cJSON *parse_header_json(const char *label, const char *text, size_t n) {
     if (n == 0 || text[0] != '{') {
-        RS_FAIL("%s: header does not start with '{' (not a safetensors file?)", label);
+        ST_FAIL("%s: header does not start with '{' (not a safetensors file?)", label);
         return NULL;
     }
     if (check_utf8(label, (const uint8_t *)text, n) != 0) return NULL;
@@ -136,17 +163,17 @@ static cJSON *parse_header_json(const char *label, const char *text, size_t n) {
     if (!root) {
         const char *at = cJSON_GetErrorPtr();
         size_t off = at && at >= text && at <= text + n ? (size_t)(at - text) : 0;
-        RS_FAIL("%s: header is not valid JSON (error near header byte %zu)", label, off);
+        ST_FAIL("%s: header is not valid JSON (error near header byte %zu)", label, off);
         return NULL;
     }
     for (const char *p = end; p && p < text + n; p++)
         if (!*p || !strchr(" \t\r\n", *p)) {
-            RS_FAIL("%s: header has data after the JSON object at byte %zu", label, (size_t)(p - text));
+            ST_FAIL("%s: header has data after the JSON object at byte %zu", label, (size_t)(p - text));
             cJSON_Delete(root);
             return NULL;
         }
     if (!cJSON_IsObject(root)) {
-        RS_FAIL("%s: header is not a JSON object", label);
+        ST_FAIL("%s: header is not a JSON object", label);
         cJSON_Delete(root);
         return NULL;
     }
@@ -211,7 +238,7 @@ void rs_st_close(rs_st_set *set) {
 static int tensor_entry_fields(const char *label, const cJSON *entry, const cJSON **dtype,
                                const cJSON **shape, const cJSON **offsets) {
     const char *name = entry->string;
-    if (!cJSON_IsObject(entry)) return RS_FAIL("%s: tensor '%s': entry is not an object", label, name);
+    if (!cJSON_IsObject(entry)) return ST_FAIL("%s: tensor '%s': entry is not an object", label, name);
     *dtype = *shape = *offsets = NULL;
     for (const cJSON *f = entry->child; f; f = f->next) {
         const cJSON **slot = !f->string                          ? NULL
@@ -219,13 +246,13 @@ static int tensor_entry_fields(const char *label, const cJSON *entry, const cJSO
                              : strcmp(f->string, "shape") == 0        ? shape
                              : strcmp(f->string, "data_offsets") == 0 ? offsets
                                                                       : NULL;
-        if (!slot) return RS_FAIL("%s: tensor '%s': unknown key '%s'", label, name, f->string ? f->string : "");
-        if (*slot) return RS_FAIL("%s: tensor '%s': key '%s' appears twice", label, name, f->string);
+        if (!slot) return ST_FAIL("%s: tensor '%s': unknown key '%s'", label, name, f->string ? f->string : "");
+        if (*slot) return ST_FAIL("%s: tensor '%s': key '%s' appears twice", label, name, f->string);
         *slot = f;
     }
-    if (!*dtype) return RS_FAIL("%s: tensor '%s': missing 'dtype'", label, name);
-    if (!*shape) return RS_FAIL("%s: tensor '%s': missing 'shape'", label, name);
-    if (!*offsets) return RS_FAIL("%s: tensor '%s': missing 'data_offsets'", label, name);
+    if (!*dtype) return ST_FAIL("%s: tensor '%s': missing 'dtype'", label, name);
+    if (!*shape) return ST_FAIL("%s: tensor '%s': missing 'shape'", label, name);
+    if (!*offsets) return ST_FAIL("%s: tensor '%s': missing 'data_offsets'", label, name);
     return 0;
 }
 
@@ -233,27 +260,27 @@ static int tensor_entry_fields(const char *label, const cJSON *entry, const cJSO
 static int parse_dtype_and_shape(const char *label, const char *name, const cJSON *dtype,
                                  const cJSON *shape, rs_st_tensor *t) {
     if (!cJSON_IsString(dtype) || rs_dtype_from_name(dtype->valuestring, &t->dtype) != 0)
-        return RS_FAIL("%s: tensor '%s': unsupported dtype %s%s%s", label, name,
+        return ST_FAIL("%s: tensor '%s': unsupported dtype %s%s%s", label, name,
                        cJSON_IsString(dtype) ? "'" : "(not a string)",
                        cJSON_IsString(dtype) ? dtype->valuestring : "", cJSON_IsString(dtype) ? "'" : "");
-    if (!cJSON_IsArray(shape)) return RS_FAIL("%s: tensor '%s': shape is not an array", label, name);
+    if (!cJSON_IsArray(shape)) return ST_FAIL("%s: tensor '%s': shape is not an array", label, name);
     int ndim = cJSON_GetArraySize(shape);
     if (ndim > RS_MAX_DIMS)
-        return RS_FAIL("%s: tensor '%s': shape has %d dimensions, at most %d are supported", label, name,
+        return ST_FAIL("%s: tensor '%s': shape has %d dimensions, at most %d are supported", label, name,
                        ndim, RS_MAX_DIMS);
     t->ndim = 0;
     size_t numel = 1;
     for (const cJSON *d = shape->child; d; d = d->next) {
         uint64_t v;
         if (json_to_uint(d, &v) != 0)
-            return RS_FAIL("%s: tensor '%s': shape entry %d is not a non-negative integer", label, name,
+            return ST_FAIL("%s: tensor '%s': shape entry %d is not a non-negative integer", label, name,
                            t->ndim);
         t->shape[t->ndim++] = (int64_t)v;
         if (rs_mul_size(numel, (size_t)v, &numel) != 0)
-            return RS_FAIL("%s: tensor '%s': shape element count overflows", label, name);
+            return ST_FAIL("%s: tensor '%s': shape element count overflows", label, name);
     }
     if (rs_mul_size(numel, rs_dtype_size(t->dtype), &t->nbytes) != 0)
-        return RS_FAIL("%s: tensor '%s': shape byte size overflows", label, name);
+        return ST_FAIL("%s: tensor '%s': shape byte size overflows", label, name);
     return 0;
 }
 
@@ -263,17 +290,17 @@ static int parse_offsets(const char *label, const char *name, const cJSON *offse
     if (!cJSON_IsArray(offsets) || cJSON_GetArraySize(offsets) != 2 ||
         json_to_uint(offsets->child, &span->begin) != 0 ||
         json_to_uint(offsets->child->next, &span->end) != 0)
-        return RS_FAIL("%s: tensor '%s': data_offsets is not two non-negative integers", label, name);
+        return ST_FAIL("%s: tensor '%s': data_offsets is not two non-negative integers", label, name);
     if (span->begin > span->end)
-        return RS_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) end before they begin", label, name,
+        return ST_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) end before they begin", label, name,
                        (unsigned long long)span->begin, (unsigned long long)span->end);
     if (span->end > data_size)
-        return RS_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) exceed the %zu-byte data section",
+        return ST_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) exceed the %zu-byte data section",
                        label, name, (unsigned long long)span->begin, (unsigned long long)span->end,
                        data_size);
     if (span->end - span->begin != t->nbytes) {
         char shp[160];
-        return RS_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) hold %llu bytes but %s %s needs %zu",
+        return ST_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) hold %llu bytes but %s %s needs %zu",
                        label, name, (unsigned long long)span->begin, (unsigned long long)span->end,
                        (unsigned long long)(span->end - span->begin), rs_dtype_name(t->dtype),
                        shape_text(shp, sizeof shp, t->ndim, t->shape), t->nbytes);
@@ -299,12 +326,12 @@ static int parse_tensor_entry(rs_st_set *set, int file_index, const char *label,
 
 /* __metadata__: an object of strings. Kept only when keep is set (the set's first file). */
 static int parse_metadata(rs_st_set *set, const char *label, const cJSON *meta, int keep) {
-    if (!cJSON_IsObject(meta)) return RS_FAIL("%s: __metadata__ is not an object", label);
+    if (!cJSON_IsObject(meta)) return ST_FAIL("%s: __metadata__ is not an object", label);
     for (const cJSON *m = meta->child; m; m = m->next) {
-        if (!cJSON_IsString(m)) return RS_FAIL("%s: __metadata__ value of '%s' is not a string", label, m->string);
+        if (!cJSON_IsString(m)) return ST_FAIL("%s: __metadata__ value of '%s' is not a string", label, m->string);
         for (const cJSON *p = meta->child; p != m; p = p->next)
             if (strcmp(p->string, m->string) == 0)
-                return RS_FAIL("%s: __metadata__ key '%s' appears twice", label, m->string);
+                return ST_FAIL("%s: __metadata__ key '%s' appears twice", label, m->string);
     }
     if (!keep) return 0;
     int n = cJSON_GetArraySize(meta);
@@ -332,18 +359,20 @@ static int check_tiling(const char *label, st_span *spans, int n, size_t data_si
     qsort(spans, (size_t)n, sizeof *spans, compare_spans);
     uint64_t pos = 0;
     for (int i = 0; i < n; i++) {
+        if (spans[i].begin < pos && strcmp(spans[i].name, spans[i - 1].name) == 0)
+            return ST_FAIL("%s: tensor '%s' appears twice in the header", label, spans[i].name);
         if (spans[i].begin < pos)
-            return RS_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) overlap tensor '%s' [%llu, %llu)",
+            return ST_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) overlap tensor '%s' [%llu, %llu)",
                            label, spans[i].name, (unsigned long long)spans[i].begin,
                            (unsigned long long)spans[i].end, spans[i - 1].name,
                            (unsigned long long)spans[i - 1].begin, (unsigned long long)spans[i - 1].end);
         if (spans[i].begin > pos)
-            return RS_FAIL("%s: bytes [%llu, %llu) of the data section belong to no tensor", label,
+            return ST_FAIL("%s: bytes [%llu, %llu) of the data section belong to no tensor", label,
                            (unsigned long long)pos, (unsigned long long)spans[i].begin);
         pos = spans[i].end;
     }
     if (pos != data_size)
-        return RS_FAIL("%s: the data section has %zu bytes after the last tensor", label,
+        return ST_FAIL("%s: the data section has %zu bytes after the last tensor", label,
                        data_size - (size_t)pos);
     return 0;
 }
@@ -355,9 +384,9 @@ static int parse_entries(rs_st_set *set, int file_index, const char *label, cons
     st_span *spans = rs_calloc((size_t)n, sizeof *spans);
     for (const cJSON *e = root->child; e && rc == 0; e = e->next) {
         if (!e->string) {
-            rc = RS_FAIL("%s: header entry without a name", label);
+            rc = ST_FAIL("%s: header entry without a name", label);
         } else if (strcmp(e->string, "__metadata__") == 0) {
-            rc = have_meta++ ? RS_FAIL("%s: __metadata__ appears twice", label)
+            rc = have_meta++ ? ST_FAIL("%s: __metadata__ appears twice", label)
                              : parse_metadata(set, label, e, file_index == 0);
         } else {
             rc = parse_tensor_entry(set, file_index, label, e, data, data_size, &spans[n_spans]);
@@ -372,13 +401,13 @@ static int parse_entries(rs_st_set *set, int file_index, const char *label, cons
 /* Parse the file image buf (length field + header + data) as file file_index of set. */
 static int parse_file(rs_st_set *set, int file_index, const char *label, const uint8_t *buf, size_t size) {
     if (size < 8)
-        return RS_FAIL("%s: file is %zu bytes, too short for the 8-byte header length", label, size);
+        return ST_FAIL("%s: file is %zu bytes, too short for the 8-byte header length", label, size);
     uint64_t header_len = read_le64(buf);
     if (header_len > ST_MAX_HEADER)
-        return RS_FAIL("%s: header length %llu exceeds the %llu-byte limit", label,
+        return ST_FAIL("%s: header length %llu exceeds the %llu-byte limit", label,
                        (unsigned long long)header_len, ST_MAX_HEADER);
     if (header_len > size - 8)
-        return RS_FAIL("%s: header length %llu exceeds the %zu bytes after the length field", label,
+        return ST_FAIL("%s: header length %llu exceeds the %zu bytes after the length field", label,
                        (unsigned long long)header_len, size - 8);
     cJSON *root = parse_header_json(label, (const char *)buf + 8, (size_t)header_len);
     if (!root) return -1;
@@ -401,8 +430,8 @@ static int sort_and_check_names(rs_st_set *set) {
         const rs_st_tensor *a = &set->tensors[i - 1], *b = &set->tensors[i];
         if (strcmp(a->name, b->name) != 0) continue;
         if (a->file_index == b->file_index)
-            return RS_FAIL("%s: tensor '%s' appears twice in the header", set->paths[a->file_index], a->name);
-        return RS_FAIL("%s: tensor '%s' is also in %s", set->paths[b->file_index], b->name,
+            return ST_FAIL("%s: tensor '%s' appears twice in the header", set->paths[a->file_index], a->name);
+        return ST_FAIL("%s: tensor '%s' is also in %s", set->paths[b->file_index], b->name,
                        set->paths[a->file_index]);
     }
     return 0;
@@ -423,11 +452,11 @@ int rs_st_parse(const char *label, const void *buf, size_t size, rs_st_set *set)
 /* Map path read-only and parse it as the next file of set. */
 static int add_file(rs_st_set *set, const char *path) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return RS_FAIL("%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) return ST_FAIL("%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return RS_FAIL("%s: not a regular file", path);
+        return ST_FAIL("%s: not a regular file", path);
     }
     size_t size = (size_t)st.st_size;
     void *map = NULL;
@@ -436,7 +465,7 @@ static int add_file(rs_st_set *set, const char *path) {
         if (map == MAP_FAILED) {
             int err = errno;
             close(fd);
-            return RS_FAIL("%s: cannot map: %s", path, strerror(err));
+            return ST_FAIL("%s: cannot map: %s", path, strerror(err));
         }
     }
     close(fd);
@@ -452,10 +481,10 @@ static int compare_strings(const void *a, const void *b) {
 /* A shard name from weight_map: a plain file name in the model directory. */
 static int check_shard_name(const char *index_path, const cJSON *entry) {
     if (!cJSON_IsString(entry))
-        return RS_FAIL("%s: weight_map value of '%s' is not a string", index_path, entry->string);
+        return ST_FAIL("%s: weight_map value of '%s' is not a string", index_path, entry->string);
     const char *s = entry->valuestring;
     if (!*s || strchr(s, '/') || strstr(s, ".."))
-        return RS_FAIL("%s: weight_map names shard '%s' for '%s': not a plain file name", index_path,
+        return ST_FAIL("%s: weight_map names shard '%s' for '%s': not a plain file name", index_path,
                        s, entry->string);
     return 0;
 }
@@ -487,19 +516,19 @@ static int check_weight_map(const rs_st_set *set, const char *index_path, const 
     for (const cJSON *e = weight_map->child; e; e = e->next, n_listed++) {
         const rs_st_tensor *t = rs_st_find(set, e->string);
         if (!t)
-            return RS_FAIL("%s: weight_map lists tensor '%s' in %s, but no shard holds it", index_path,
+            return ST_FAIL("%s: weight_map lists tensor '%s' in %s, but no shard holds it", index_path,
                            e->string, e->valuestring);
         const char *holder = base_name(set->paths[t->file_index]);
         if (strcmp(holder, e->valuestring) != 0)
-            return RS_FAIL("%s: weight_map puts tensor '%s' in %s, but it is in %s", index_path,
+            return ST_FAIL("%s: weight_map puts tensor '%s' in %s, but it is in %s", index_path,
                            e->string, e->valuestring, holder);
     }
     if (n_listed == set->n_tensors) return 0;
     for (int i = 0; i < set->n_tensors; i++)
         if (!cJSON_GetObjectItemCaseSensitive(weight_map, set->tensors[i].name))
-            return RS_FAIL("%s: %s holds tensor '%s', which weight_map does not list", index_path,
+            return ST_FAIL("%s: %s holds tensor '%s', which weight_map does not list", index_path,
                            base_name(set->paths[set->tensors[i].file_index]), set->tensors[i].name);
-    return RS_FAIL("%s: weight_map lists a tensor twice", index_path);
+    return ST_FAIL("%s: weight_map lists a tensor twice", index_path);
 }
 
 /* A tensor listed twice in weight_map (cJSON keeps both entries); NULL when none. */
@@ -530,8 +559,8 @@ static cJSON *read_index(const char *index_path, cJSON **root_out) {
                           : !wm->child            ? "weight_map is empty"
                                                   : NULL;
     const char *dup = problem ? NULL : weight_map_duplicate(wm);
-    if (problem) RS_FAIL("%s: %s", index_path, problem);
-    else if (dup) RS_FAIL("%s: weight_map lists tensor '%s' twice", index_path, dup);
+    if (problem) ST_FAIL("%s: %s", index_path, problem);
+    else if (dup) ST_FAIL("%s: weight_map lists tensor '%s' twice", index_path, dup);
     if (problem || dup) {
         cJSON_Delete(root);
         return NULL;
@@ -551,7 +580,7 @@ static int open_index(rs_st_set *set, const char *index_path) {
     for (int i = 0; i < n_shards && rc == 0; i++) {
         char *shard = slash ? rs_path_join(dir, shards[i]) : rs_strdup(shards[i]);
         if (!rs_path_exists(shard))
-            rc = RS_FAIL("%s: weight_map names shard %s, which does not exist", index_path, shards[i]);
+            rc = ST_FAIL("%s: weight_map names shard %s, which does not exist", index_path, shards[i]);
         else
             rc = add_file(set, shard);
         free(shard);
@@ -579,7 +608,7 @@ static int open_dir(rs_st_set *set, const char *dir) {
     } else if (rs_path_exists(index)) {
         rc = open_index(set, index);
     } else {
-        rc = RS_FAIL("%s: directory has neither %s nor %s", dir, SINGLE_NAME, INDEX_NAME);
+        rc = ST_FAIL("%s: directory has neither %s nor %s", dir, SINGLE_NAME, INDEX_NAME);
     }
     free(single);
     free(index);
@@ -620,10 +649,10 @@ int64_t rs_st_numel(const rs_st_tensor *t) {
 
 int rs_st_read_f32(const rs_st_tensor *t, float *dst, size_t numel) {
     if ((size_t)rs_st_numel(t) != numel)
-        return RS_FAIL("tensor '%s' has %lld elements, the caller expected %zu", t->name,
+        return ST_FAIL("tensor '%s' has %lld elements, the caller expected %zu", t->name,
                        (long long)rs_st_numel(t), numel);
     if (rs_convert_to_f32(dst, t->data, t->dtype, numel) != 0)
-        return RS_FAIL("tensor '%s': dtype %s cannot be read as fp32", t->name, rs_dtype_name(t->dtype));
+        return ST_FAIL("tensor '%s': dtype %s cannot be read as fp32", t->name, rs_dtype_name(t->dtype));
     return 0;
 }
 
@@ -631,21 +660,21 @@ int rs_st_read_f32(const rs_st_tensor *t, float *dst, size_t numel) {
 
 /* What the writer will not put in a file: names the reader would refuse, bad shapes. */
 static int check_write_tensor(const char *path, const rs_st_write_tensor *t, size_t *nbytes) {
-    if (!t->name) return RS_FAIL("%s: a tensor has no name", path);
-    if (strcmp(t->name, "__metadata__") == 0) return RS_FAIL("%s: '__metadata__' is not a tensor name", path);
+    if (!t->name) return ST_FAIL("%s: a tensor has no name", path);
+    if (strcmp(t->name, "__metadata__") == 0) return ST_FAIL("%s: '__metadata__' is not a tensor name", path);
     if (check_utf8(path, (const uint8_t *)t->name, strlen(t->name)) != 0)
-        return RS_FAIL("%s: tensor name is not valid UTF-8", path);
-    if ((unsigned)t->dtype >= RS_DTYPE_COUNT) return RS_FAIL("%s: tensor '%s': bad dtype", path, t->name);
+        return ST_FAIL("%s: tensor name is not valid UTF-8", path);
+    if ((unsigned)t->dtype >= RS_DTYPE_COUNT) return ST_FAIL("%s: tensor '%s': bad dtype", path, t->name);
     if (t->ndim < 0 || t->ndim > RS_MAX_DIMS)
-        return RS_FAIL("%s: tensor '%s': %d dimensions", path, t->name, t->ndim);
+        return ST_FAIL("%s: tensor '%s': %d dimensions", path, t->name, t->ndim);
     size_t numel = 1;
     for (int d = 0; d < t->ndim; d++)
         if (t->shape[d] < 0 || (double)t->shape[d] >= ST_MAX_JSON_INT ||
             rs_mul_size(numel, (size_t)t->shape[d], &numel) != 0)
-            return RS_FAIL("%s: tensor '%s': bad shape entry %lld", path, t->name, (long long)t->shape[d]);
+            return ST_FAIL("%s: tensor '%s': bad shape entry %lld", path, t->name, (long long)t->shape[d]);
     if (rs_mul_size(numel, rs_dtype_size(t->dtype), nbytes) != 0)
-        return RS_FAIL("%s: tensor '%s': size overflows", path, t->name);
-    if (*nbytes && !t->data) return RS_FAIL("%s: tensor '%s': no data", path, t->name);
+        return ST_FAIL("%s: tensor '%s': size overflows", path, t->name);
+    if (*nbytes && !t->data) return ST_FAIL("%s: tensor '%s': no data", path, t->name);
     return 0;
 }
 
@@ -718,7 +747,7 @@ static int write_to_tmp_and_rename(const char *path, const char *header, size_t 
     char *tmp = rs_tmp_name(path);
     FILE *f = fopen(tmp, "wb");
     if (!f) {
-        RS_FAIL("%s: cannot create: %s", tmp, strerror(errno));
+        ST_FAIL("%s: cannot create: %s", tmp, strerror(errno));
         free(tmp);
         return -1;
     }
@@ -730,7 +759,7 @@ static int write_to_tmp_and_rename(const char *path, const char *header, size_t 
     ok = fsync(fileno(f)) == 0 && ok;
     ok = fclose(f) == 0 && ok;
     if (!ok || rename(tmp, path) != 0) {
-        RS_FAIL("%s: write failed: %s", path, strerror(errno));
+        ST_FAIL("%s: write failed: %s", path, strerror(errno));
         remove(tmp);
         free(tmp);
         return -1;
@@ -752,20 +781,20 @@ static int check_unique_names(const char *path, const st_out *out, int n, const 
     int rc = 0;
     for (int i = 1; i < n && rc == 0; i++)
         if (strcmp(by_name[i].t->name, by_name[i - 1].t->name) == 0)
-            rc = RS_FAIL("%s: tensor '%s' given twice", path, by_name[i].t->name);
+            rc = ST_FAIL("%s: tensor '%s' given twice", path, by_name[i].t->name);
     free(by_name);
     for (int i = 0; i < n_meta && rc == 0; i++) {
-        if (!meta_keys[i] || !meta_values[i]) return RS_FAIL("%s: metadata entry %d is NULL", path, i);
+        if (!meta_keys[i] || !meta_values[i]) return ST_FAIL("%s: metadata entry %d is NULL", path, i);
         for (int j = 0; j < i; j++)
             if (strcmp(meta_keys[i], meta_keys[j]) == 0)
-                return RS_FAIL("%s: metadata key '%s' given twice", path, meta_keys[i]);
+                return ST_FAIL("%s: metadata key '%s' given twice", path, meta_keys[i]);
     }
     return rc;
 }
 
 int rs_st_write(const char *path, const rs_st_write_tensor *tensors, int n, const char *const *meta_keys,
                 const char *const *meta_values, int n_meta) {
-    if (n < 0 || n_meta < 0) return RS_FAIL("%s: negative tensor or metadata count", path);
+    if (n < 0 || n_meta < 0) return ST_FAIL("%s: negative tensor or metadata count", path);
     st_out *out = rs_calloc((size_t)n, sizeof *out);
     int rc = 0;
     for (int i = 0; i < n && rc == 0; i++) {

@@ -57,6 +57,11 @@ CASES = {
     "trailing_data": image({"a": t()}, D8),
     "duplicate_name": image('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
                             '"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', D8),
+    "duplicate_name_identical": image('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                                      '"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', D4),
+    "leading_zero_number": image('{"a":{"dtype":"U8","shape":[01],"data_offsets":[0,1]}}', b"x"),
+    "control_char_between_tokens": image(b'{"a":{"dtype":"F32","shape":[\x12],"data_offsets":[0,4]}}', D4),
+    "control_char_in_string": image(b'{"a\x01":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', D4),
     "duplicate_key_in_entry": image('{"a":{"dtype":"F32","dtype":"F16","shape":[1],"data_offsets":[0,4]}}', D4),
     "entry_not_object": image({"a": [0, 4]}, D4),
     "missing_data_offsets": image({"a": {"dtype": "F32", "shape": [1]}}, D4),

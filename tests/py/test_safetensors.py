@@ -17,8 +17,9 @@ from conftest import BUILD, ROOT
 
 CORPUS = sorted(glob.glob(os.path.join(ROOT, "tests", "corpus", "safetensors", "*.safetensors")))
 # Files the reference reader accepts and resafe refuses on purpose: a NUL inside a tensor name,
-# more dimensions than RS_MAX_DIMS, keys other than dtype/shape/data_offsets in an entry.
-STRICTER_THAN_REFERENCE = {"nul_in_name", "too_many_dims", "unknown_key_in_entry"}
+# more dimensions than RS_MAX_DIMS, keys other than dtype/shape/data_offsets in an entry, a
+# name given twice (the reference silently keeps one entry).
+STRICTER_THAN_REFERENCE = {"nul_in_name", "too_many_dims", "unknown_key_in_entry", "duplicate_name_identical"}
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -147,6 +148,64 @@ def test_our_file_loads_identically_in_reference_library(tmp_path, rng_seed):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_len % 8 == 0, "header not padded to 8 bytes"
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f], "temporary left behind"
+
+
+# Messages of the refusals listed in STRICTER_THAN_REFERENCE: the only way resafe may refuse a
+# file the reference accepts.
+STRICTER_MESSAGES = ("appears twice", "unknown key", "NUL character", "dimensions, at most")
+
+
+def mutate(rng, data):
+    """One random edit of a valid file: a header byte replaced by a JSON-ish character, a byte
+    deleted or doubled, the length field nudged, or data bytes cut or added."""
+    n = int.from_bytes(data[:8], "little")
+    kind = rng.randrange(5)
+    if kind == 4:
+        return data[:-rng.randint(1, 3)] if rng.random() < 0.5 else data + b"\0" * rng.randint(1, 3)
+    if kind == 3:
+        return (n + rng.choice([-2, -1, 1, 2])).to_bytes(8, "little") + data[8:]
+    i = rng.randrange(8, 8 + n)
+    if kind == 0:
+        return data[:i] + bytes([rng.choice(b'0123456789-.e"{}[],: aFSIU8\\\x01')]) + data[i + 1:]
+    if kind == 1:
+        return (n - 1).to_bytes(8, "little") + data[8:i] + data[i + 1:]
+    return (n + 1).to_bytes(8, "little") + data[8:i] + data[i:i + 1] + data[i:]
+
+
+def reference_accepts(path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        return True
+    except Exception:  # the reference raises several exception types
+        return False
+
+
+def test_random_edits_are_judged_like_the_reference(tmp_path, rng_seed):
+    """Differential test: on random single edits of a valid file, resafe accepts exactly what the
+    reference accepts, except for the deliberate refusals above."""
+    rng = random.Random(rng_seed)
+    base = tmp_path / "base.safetensors"
+    save_file(random_tensors(rng_seed, list(TORCH_DTYPES), 4), str(base), metadata={"format": "pt"})
+    data = base.read_bytes()
+    paths = []
+    for k in range(300):
+        paths.append(tmp_path / f"m{k}.safetensors")
+        paths[-1].write_bytes(mutate(rng, data))
+    verdicts = st_tool("verdicts", *paths).stdout.splitlines()
+    assert len(verdicts) == len(paths)
+    n_refused = 0
+    for path, verdict in zip(paths, verdicts):
+        ref = reference_accepts(path)
+        if verdict == "ok":
+            assert ref, f"resafe accepts {path.name}, which the reference refuses: {path.read_bytes()[:300]!r}"
+        else:
+            n_refused += 1
+            assert verdict.startswith(f"error: {path}: "), verdict
+            assert not ref or any(m in verdict for m in STRICTER_MESSAGES), \
+                f"reference accepts {path.name}: {verdict}"
+    assert 0 < n_refused < len(paths), "edits should produce both valid and invalid files"
 
 
 def test_corpus_is_complete():

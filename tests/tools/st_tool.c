@@ -3,6 +3,7 @@
  *                            {"metadata": {..}, "files": [..], "tensors": [{"name", "dtype",
  *                             "shape", "file", "hex" (raw bytes), "f32" (float dtypes only)}]}
  *   st_tool parse FILE       read FILE into memory and check it with rs_st_parse (no output)
+ *   st_tool verdicts FILE..  for each FILE print one line: "ok", or "error: <message>"
  *   st_tool write OUT SPEC   write OUT from SPEC, a JSON file
  *                            {"metadata": {..}, "tensors": [{"name", "dtype", "shape", "hex"}]}
  * Errors: one line "resafe: error: ..." on stderr and exit status 1. */
@@ -116,6 +117,16 @@ static int parse(const char *path) {
     return 0;
 }
 
+static int verdicts(int n, char **paths) {
+    for (int i = 0; i < n; i++) {
+        rs_st_set set;
+        if (rs_st_open(paths[i], &set) == 0) puts("ok");
+        else printf("error: %s\n", rs_last_error());
+        rs_st_close(&set);
+    }
+    return 0;
+}
+
 static void spec_tensor(const cJSON *j, rs_st_write_tensor *t, uint8_t **data) {
     const cJSON *name = cJSON_GetObjectItem(j, "name"), *dtype = cJSON_GetObjectItem(j, "dtype");
     const cJSON *shape = cJSON_GetObjectItem(j, "shape"), *hex = cJSON_GetObjectItem(j, "hex");
@@ -164,7 +175,8 @@ static int write(const char *out, const char *spec_path) {
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "dump") == 0) return dump(argv[2]);
     if (argc == 3 && strcmp(argv[1], "parse") == 0) return parse(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "verdicts") == 0) return verdicts(argc - 2, argv + 2);
     if (argc == 4 && strcmp(argv[1], "write") == 0) return write(argv[2], argv[3]);
-    fprintf(stderr, "usage: st_tool dump PATH | parse FILE | write OUT SPEC.json\n");
+    fprintf(stderr, "usage: st_tool dump PATH | parse FILE | verdicts FILE... | write OUT SPEC.json\n");
     return 2;
 }

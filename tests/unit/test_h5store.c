@@ -90,16 +90,19 @@ TEST(test_h5_random_datasets_round_trip_through_a_committed_file) {
     free(path);
 }
 
+/* Up to 11 random pieces (ASCII, 2-, 3- and 4-byte UTF-8, quotes, newline); may be empty. */
 static void random_utf8_string(rs_rng *rng, char *buf, size_t cap) {
     static const char *pieces[] = {"a", "Z", " ", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x99\x82", "\\", "\"", "\n"};
     size_t len = 0, n = rs_rng_next(rng) % 12;
+    buf[0] = 0;
     for (size_t i = 0; i < n; i++) {
-        const char *p = pieces[rs_rng_next(rng) % 9];
-        if (len + strlen(p) + 1 > cap) break;
-        memcpy(buf + len, p, strlen(p));
-        len += strlen(p);
+        int added = snprintf(buf + len, cap - len, "%s", pieces[rs_rng_next(rng) % 9]);
+        if (added < 0 || (size_t)added >= cap - len) {
+            buf[len] = 0; /* the piece did not fit whole: drop it */
+            break;
+        }
+        len += (size_t)added;
     }
-    buf[len] = 0;
 }
 
 TEST(test_h5_strings_and_attributes_round_trip) {
