@@ -195,7 +195,7 @@ typedef struct {
 static rs_st_tensor *push_tensor(rs_st_set *set) {
     int n = set->n_tensors;
     if ((n & (n - 1)) == 0) /* grow at powers of two */
-        set->tensors = rs_realloc(set->tensors, (size_t)(n ? 2 * n : 8) * sizeof *set->tensors);
+        set->tensors = rs_realloc(set->tensors, (size_t)(n ? 2 * n : 1) * sizeof *set->tensors);
     rs_st_tensor *t = &set->tensors[set->n_tensors++];
     memset(t, 0, sizeof *t);
     return t;
