@@ -107,7 +107,7 @@ asan:
 
 # libFuzzer targets (clang), one per untrusted reader.
 FUZZ_TARGETS := safetensors hf_config tokenizer ini
-FUZZ_CFLAGS  := -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude -D_GNU_SOURCE \
+FUZZ_CFLAGS  := -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude -D_GNU_SOURCE \
                 $(HDF5_CFLAGS) -I/usr/include/cjson -fopenmp
 fuzz: $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_TARGETS))
 build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(LIB_SRCS)

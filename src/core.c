@@ -22,11 +22,19 @@ static const char *base_name(const char *path) {
     return s ? s + 1 : path;
 }
 
+/* Messages are one line: names read from files can hold escaped newlines or other control
+ * characters, shown as '?'. */
+static void one_line(char *s) {
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
+}
+
 int rs_fail_at(const char *src_file, int src_line, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(g_err, sizeof g_err, fmt, ap);
     va_end(ap);
+    one_line(g_err);
     snprintf(g_err_src, sizeof g_err_src, "%s:%d", base_name(src_file), src_line);
     return -1;
 }
@@ -47,6 +55,7 @@ int rs_fail_context(const char *fmt, ...) {
         buf[used + 2 + len] = 0;
     }
     memcpy(g_err, buf, sizeof g_err);
+    one_line(g_err);
     return -1;
 }
 
@@ -60,6 +69,7 @@ void rs_die_at(const char *src_file, int src_line, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    one_line(msg);
     fflush(stdout);
     fprintf(stderr, "resafe: error: %s [%s:%d]\n", msg, base_name(src_file), src_line);
     exit(1);
@@ -350,9 +360,10 @@ int rs_read_file(const char *path, char **data, size_t *size) {
 }
 
 char *rs_tmp_name(const char *path) {
-    size_t n = strlen(path) + 32;
+    static _Atomic unsigned counter; /* two writers in one process get different names */
+    size_t n = strlen(path) + 48;
     char *t = rs_malloc(n);
-    snprintf(t, n, "%s.tmp.%ld", path, (long)getpid());
+    snprintf(t, n, "%s.tmp.%ld.%u", path, (long)getpid(), counter++);
     return t;
 }
 

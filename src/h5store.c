@@ -19,20 +19,8 @@ struct rs_h5 {
 
 /* ---------------------------------------------------------------- errors */
 
-/* RS_FAIL with control characters shown as '?': dataset and attribute names may come from the
- * file and may hold a newline; the message must stay one line. */
-#define H5_FAIL(...) h5_fail_at(__FILE__, __LINE__, __VA_ARGS__)
-static int h5_fail_at(const char *src_file, int src_line, const char *fmt, ...) RS_PRINTF(3, 4);
-static int h5_fail_at(const char *src_file, int src_line, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    for (char *c = msg; *c; c++)
-        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
-    return rs_fail_at(src_file, src_line, "%s", msg);
-}
+/* Control characters in names read from a file are made one-line by rs_fail_at (core.c). */
+#define H5_FAIL(...) RS_FAIL(__VA_ARGS__)
 
 static herr_t keep_innermost(unsigned n, const H5E_error2_t *err, void *buf) {
     if (n == 0 && err->desc) snprintf(buf, 200, "%s", err->desc);

@@ -26,20 +26,9 @@
 
 /* ---------------------------------------------------------------- small helpers */
 
-/* RS_FAIL with control characters shown as '?': names come from the file, and a JSON escape
- * can put a newline in one; the message must stay one line. */
-#define ST_FAIL(...) st_fail_at(__FILE__, __LINE__, __VA_ARGS__)
-static int st_fail_at(const char *src_file, int src_line, const char *fmt, ...) RS_PRINTF(3, 4);
-static int st_fail_at(const char *src_file, int src_line, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    for (char *c = msg; *c; c++)
-        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
-    return rs_fail_at(src_file, src_line, "%s", msg);
-}
+/* Names come from the file and a JSON escape can put a newline in one: rs_fail_at (core.c)
+ * keeps every message on one line. */
+#define ST_FAIL(...) RS_FAIL(__VA_ARGS__)
 
 static uint64_t read_le64(const uint8_t *p) {
     uint64_t v = 0;
