@@ -117,7 +117,8 @@ FUZZ_SECONDS ?= 300
 fuzz-run: fuzz
 	@for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/corpus_$$t; \
 	  echo "fuzzing $$t for $(FUZZ_SECONDS) s"; \
-	  build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
+	  dict=; [ -f tests/fuzz/$$t.dict ] && dict=-dict=tests/fuzz/$$t.dict; \
+	  build/fuzz/fuzz_$$t $$dict -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
 	    build/fuzz/corpus_$$t tests/fuzz/seeds/$$t || exit 1; done
 
 demo: all

@@ -334,6 +334,7 @@ float rs_rng_normal(rs_rng *r) {
 /* ---------------------------------------------------------------- files */
 
 int rs_read_file(const char *path, char **data, size_t *size) {
+    if (rs_path_is_dir(path)) return RS_FAIL("%s: is a directory, not a file", path);
     FILE *f = fopen(path, "rb");
     if (!f) return RS_FAIL("%s: cannot open: %s", path, strerror(errno));
     if (fseek(f, 0, SEEK_END) != 0) {
