@@ -8,6 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Threads only pay off above some work: a fork/join costs microseconds, and on a loaded
+ * machine far more, which would dominate the tiny ops of a decode step. */
+#define PARALLEL(work) ((work) >= 32768)
+
 /* ---------------------------------------------------------------- memory */
 
 static void *cpu_alloc(size_t bytes) {
@@ -48,7 +52,7 @@ static void cpu_embedding_fwd(void *out_, const void *table_, const int32_t *ids
                               float scale) {
     float *out = out_;
     const float *table = table_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
     for (int i = 0; i < n; i++)
         for (int j = 0; j < dim; j++) out[(size_t)i * dim + j] = table[(size_t)ids[i] * dim + j] * scale;
 }
@@ -58,7 +62,7 @@ static void cpu_rmsnorm_fwd(void *out_, float *rstd, const void *x_, const void 
                             float eps, int add_one) {
     float *out = out_;
     const float *x = x_, *w = w_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
     for (int i = 0; i < n; i++) {
         const float *xi = x + (size_t)i * dim;
         double sum_sq = 0;
@@ -75,7 +79,7 @@ static void cpu_rope_fwd(void *x_, const int32_t *pos, const float *inv_freq, in
                          int n_heads, int head_dim) {
     float *x = x_;
     int half = head_dim / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n_tok * n_heads * head_dim))
     for (int t = 0; t < n_tok; t++) {
         if (pos[t] < 0) continue;
         for (int h = 0; h < n_heads; h++) {
@@ -104,27 +108,27 @@ static float activation(float g, rs_activation act) {
 static void cpu_glu_fwd(void *out_, const void *gate_, const void *up_, size_t n, rs_activation act) {
     float *out = out_;
     const float *gate = gate_, *up = up_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
     for (size_t i = 0; i < n; i++) out[i] = activation(gate[i], act) * up[i];
 }
 
 static void cpu_add_inplace(void *x_, const void *y_, size_t n) {
     float *x = x_;
     const float *y = y_;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
 static void cpu_scatter_rows(void *dst, const void *src, const int32_t *dst_rows, int n, int dim) {
     size_t row = (size_t)dim * sizeof(float);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
     for (int i = 0; i < n; i++)
         memcpy((char *)dst + (size_t)dst_rows[i] * row, (const char *)src + (size_t)i * row, row);
 }
 
 static void cpu_gather_rows(void *dst, const void *src, const int32_t *src_rows, int n, int dim) {
     size_t row = (size_t)dim * sizeof(float);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
     for (int i = 0; i < n; i++)
         memcpy((char *)dst + (size_t)i * row, (const char *)src + (size_t)src_rows[i] * row, row);
 }
@@ -175,7 +179,7 @@ static void cpu_linear_fwd(void *out_, const void *x_, const void *w_, const voi
     float *out = out_;
     const float *x = x_, *w = w_, *bias = bias_;
     int n_blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (PARALLEL((size_t)n * k * m))
     for (int blk = 0; blk < n_blocks; blk++)
         for (int j = 0; j < m; j++) {
             int r0 = blk * ROWS, rows = n - r0 < ROWS ? n - r0 : ROWS;
@@ -222,7 +226,7 @@ static void cpu_attention_fwd(void *out_, const void *q_, const void *k_, const 
     const float *q = q_, *k = k_, *v = v_;
     int group = n_heads / n_kv_heads; /* query heads sharing one kv head (GQA) */
     size_t kv_stride = (size_t)n_kv_heads * head_dim;
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
+#pragma omp parallel for collapse(3) schedule(dynamic, 4) if (PARALLEL((size_t)B * Tq * n_heads * head_dim * Tk))
     for (int b = 0; b < B; b++)
         for (int t = 0; t < Tq; t++)
             for (int h = 0; h < n_heads; h++) {

@@ -330,17 +330,17 @@ static void check_scatter_gather(const rs_backend *be) {
 
 /* ---------------------------------------------------------------- the cpu backend */
 
-TEST(test_cpu_linear_matches_f64_reference_with_bias_and_accumulate) { check_linear(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_rmsnorm_matches_f64_reference_plain_and_add_one) { check_rmsnorm(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_embedding_matches_scaled_table_rows) { check_embedding(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_rope_rotates_half_pairs_and_skips_padding) { check_rope(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_attention_matches_f64_with_padding) { check_attention(rs_backend_cpu(), TOL_F32, 0); }
-TEST(test_cpu_attention_matches_f64_with_padding_and_gqa) { check_attention(rs_backend_cpu(), TOL_F32, 1); }
-TEST(test_cpu_glu_matches_f64_for_silu_and_gelus) { check_glu(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_add_inplace_and_act_to_f32) { check_add_and_convert(rs_backend_cpu(), TOL_F32); }
-TEST(test_cpu_scatter_then_gather_rows_round_trips) { check_scatter_gather(rs_backend_cpu()); }
+TEST(test_backend_cpu_linear_matches_f64_reference_with_bias_and_accumulate) { check_linear(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_rmsnorm_matches_f64_reference_plain_and_add_one) { check_rmsnorm(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_embedding_matches_scaled_table_rows) { check_embedding(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_rope_rotates_half_pairs_and_skips_padding) { check_rope(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_attention_matches_f64_with_padding) { check_attention(rs_backend_cpu(), TOL_F32, 0); }
+TEST(test_backend_cpu_attention_matches_f64_with_padding_and_gqa) { check_attention(rs_backend_cpu(), TOL_F32, 1); }
+TEST(test_backend_cpu_glu_matches_f64_for_silu_and_gelus) { check_glu(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_add_inplace_and_act_to_f32) { check_add_and_convert(rs_backend_cpu(), TOL_F32); }
+TEST(test_backend_cpu_scatter_then_gather_rows_round_trips) { check_scatter_gather(rs_backend_cpu()); }
 
-TEST(test_cpu_upload_download_bf16_f16_round_to_nearest) {
+TEST(test_backend_cpu_upload_download_bf16_f16_round_to_nearest) {
     const rs_backend *be = rs_backend_cpu();
     ctx c = make_ctx(be, 10);
     size_t n = 257;
@@ -367,7 +367,7 @@ TEST(test_cpu_upload_download_bf16_f16_round_to_nearest) {
  * ragged last block, k not a multiple of the lane count) checked on sampled entries, with the
  * throughput printed. The bar, 0.1 GFLOP/s, only catches a pathological rewrite: the
  * measured value on an unloaded core is tens of GFLOP/s. */
-TEST(test_cpu_linear_large_is_correct_and_reports_throughput) {
+TEST(test_backend_cpu_linear_large_is_correct_and_reports_throughput) {
     const rs_backend *be = rs_backend_cpu();
     ctx c = make_ctx(be, 11);
     int n = 66, k = 515, m = 512;
