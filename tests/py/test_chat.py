@@ -93,7 +93,7 @@ def rand_conversation(rng, valid_only=False, words=WORDS):
                      "content": rand_text(rng, words)})
     if not valid_only and rng.random() < 0.2:
         op = rng.randrange(4)
-        roles = ["system", "user", "assistant", "tool"]
+        roles = ["system", "user", "assistant", "tool", "Système", ""]
         if op == 0:
             msgs[rng.randrange(len(msgs))]["role"] = rng.choice(roles)
         elif op == 1:
@@ -181,10 +181,17 @@ def test_render_equals_apply_chat_template_on_random_conversations(kind, tmp_pat
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
-def test_render_errors_where_the_template_raises(kind, tmp_path):
+def test_render_edge_cases_and_errors_where_the_template_raises(kind, tmp_path):
     template, specials = FAMILIES[kind]
     hf_tok = tiny_hf_tokenizer(specials)
-    convs = [
+    blanks = ["", " ", "\n\n", "\u3000 \t"]
+    convs = [[{"role": "system", "content": s}, {"role": "user", "content": u},
+              {"role": "assistant", "content": a}] for s in blanks for u in blanks for a in blanks]
+    convs += [[{"role": "user", "content": u}] for u in blanks]
+    convs += [
+        [{"role": "system", "content": "only a system message"}],
+        [{"role": "user", "content": "u"}, {"role": "", "content": "empty role"}],
+        [{"role": "user", "content": "u"}, {"role": "Système", "content": "ünïcode role"}],
         [],
         [{"role": "assistant", "content": "a"}],
         [{"role": "user", "content": "u"}, {"role": "user", "content": "u"}],
