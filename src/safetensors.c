@@ -83,16 +83,19 @@ static size_t utf8_sequence_length(const uint8_t *s, size_t n) {
 static int check_utf8(const char *label, const uint8_t *s, size_t n) {
     for (size_t i = 0; i < n;) {
         size_t len = utf8_sequence_length(s + i, n - i);
+        if (!len && !s[i]) return RS_FAIL("%s: header byte %zu is a NUL byte (padding must be spaces)", label, i);
         if (!len) return RS_FAIL("%s: header byte %zu is not valid UTF-8 text", label, i);
         i += len;
     }
     return 0;
 }
 
-/* cJSON keeps only a double per number, so "2.0" and "2" look alike; shapes and offsets must be
- * integers, and every number in a header is one of those, so a fraction or exponent anywhere is
- * an error. Also refuses the escape \u0000, which cJSON would silently cut a name at. */
-static int check_number_and_escape_syntax(const char *label, const char *s, size_t n) {
+/* Two checks cJSON cannot make, by a scan that skips strings:
+ * - with check_numbers: cJSON keeps only a double per number, so "2.0" and "2" look alike;
+ *   every number in a header is a shape entry or an offset, so a fraction or exponent anywhere
+ *   is an error (run after the entries, whose checks give more precise messages);
+ * - always: the escape \u0000, at which cJSON would silently cut a name short. */
+static int check_header_tokens(const char *label, const char *s, size_t n, int check_numbers) {
     int in_string = 0;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
@@ -112,7 +115,7 @@ static int check_number_and_escape_syntax(const char *label, const char *s, size
                 if (s[j] == '.' || s[j] == 'e' || s[j] == 'E') integer = 0;
                 j++;
             }
-            if (!integer)
+            if (!integer && check_numbers)
                 return RS_FAIL("%s: header number '%.*s' at byte %zu is not an integer", label,
                                (int)(j - i > 32 ? 32 : j - i), s + i, i);
             i = j - 1;
@@ -147,7 +150,7 @@ static cJSON *parse_header_json(const char *label, const char *text, size_t n) {
         cJSON_Delete(root);
         return NULL;
     }
-    if (check_number_and_escape_syntax(label, text, n) != 0) {
+    if (check_header_tokens(label, text, n, 0) != 0) {
         cJSON_Delete(root);
         return NULL;
     }
@@ -381,6 +384,7 @@ static int parse_file(rs_st_set *set, int file_index, const char *label, const u
     if (!root) return -1;
     const uint8_t *data = buf + 8 + header_len;
     int rc = parse_entries(set, file_index, label, root, data, size - 8 - (size_t)header_len);
+    if (rc == 0) rc = check_header_tokens(label, (const char *)buf + 8, (size_t)header_len, 1);
     cJSON_Delete(root);
     return rc;
 }

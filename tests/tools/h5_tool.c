@@ -93,7 +93,9 @@ static cJSON *attrs_json(rs_h5 *h, const char *object) {
             snprintf(buf, sizeof buf, "%lld", (long long)iv);
             cJSON_AddStringToObject(v, "i64", buf);
         } else if (rs_h5_get_attr_f64(h, object, names[i], &dv) == 0) {
-            cJSON_AddNumberToObject(v, "f64", dv);
+            char buf[40]; /* %.17g: cJSON's own printing may settle for a 15-digit neighbour */
+            snprintf(buf, sizeof buf, "%.17g", dv);
+            cJSON_AddRawToObject(v, "f64", buf);
         }
     }
     rs_h5_free_strings(names, n);

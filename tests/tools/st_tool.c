@@ -9,6 +9,7 @@
 #include "resafe/safetensors.h"
 
 #include <cJSON.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,6 +45,16 @@ static uint8_t *bytes_of_hex(const char *hex, size_t *n) {
     return out;
 }
 
+/* A number printed so that Python's json reads back the same double (cJSON's own printing may
+ * settle for a 15-digit neighbour); NaN and infinities in the spelling Python's json accepts. */
+static cJSON *exact_number(double v) {
+    char buf[40];
+    if (isnan(v)) snprintf(buf, sizeof buf, "NaN");
+    else if (isinf(v)) snprintf(buf, sizeof buf, "%sInfinity", v < 0 ? "-" : "");
+    else snprintf(buf, sizeof buf, "%.17g", v);
+    return cJSON_CreateRaw(buf);
+}
+
 static const char *base_name(const char *path) {
     const char *s = strrchr(path, '/');
     return s ? s + 1 : path;
@@ -63,7 +74,7 @@ static cJSON *tensor_json(const rs_st_set *set, const rs_st_tensor *t) {
         float *v = rs_malloc(n * sizeof *v);
         if (rs_st_read_f32(t, v, n) != 0) rs_die_last();
         cJSON *values = cJSON_AddArrayToObject(j, "f32");
-        for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(values, cJSON_CreateNumber(v[i]));
+        for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(values, exact_number(v[i]));
         free(v);
     }
     return j;
