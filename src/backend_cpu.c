@@ -179,7 +179,7 @@ static void cpu_linear_fwd(void *out_, const void *x_, const void *w_, const voi
     float *out = out_;
     const float *x = x_, *w = w_, *bias = bias_;
     int n_blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for collapse(2) schedule(static) if (PARALLEL((size_t)n * k * m))
+#pragma omp parallel for collapse(2) schedule(dynamic, 16) if (PARALLEL((size_t)n * k * m))
     for (int blk = 0; blk < n_blocks; blk++)
         for (int j = 0; j < m; j++) {
             int r0 = blk * ROWS, rows = n - r0 < ROWS ? n - r0 : ROWS;

@@ -164,6 +164,8 @@ ARCHS = {
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
+    "llama_all_biases_rope_linear": ("llama", dict(
+        attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.5})),
     "mistral": ("mistral", {}),
     "qwen2_bias": ("qwen2", {}),
     "gemma": ("gemma", {}),
