@@ -17,8 +17,9 @@ typedef struct {
     int intermediate_size;
     int n_layers;
     int n_heads;
-    int n_kv_heads;          /* = n_heads when absent (no GQA) */
-    int head_dim;            /* explicit head_dim, else hidden_size / n_heads */
+    int n_kv_heads;          /* absent: the family default (Llama: n_heads, Mistral 8, Qwen2 32,
+                                Gemma 16); null: n_heads */
+    int head_dim;            /* explicit head_dim, else hidden_size / n_heads (Gemma: 256) */
     int max_position_embeddings;
     float rms_norm_eps;
     float rope_theta;
@@ -34,21 +35,27 @@ typedef struct {
     rs_activation hidden_act;/* silu (Llama family) or gelu_tanh (Gemma) */
     int norm_add_one;        /* Gemma: x * (1 + w) */
     float embed_scale;       /* Gemma: sqrt(hidden_size); others 1 */
-    float attn_scale;        /* 1/sqrt(head_dim), or query_pre_attn_scalar^-0.5 when given */
-    int sliding_window;      /* 0 = none (Mistral/Qwen2 may set one; we refuse contexts past it) */
-    int bos_token_id;        /* -1 when absent */
-    int pad_token_id;        /* -1 when absent */
+    float attn_scale;        /* head_dim^-0.5 (Gemma 1 ignores query_pre_attn_scalar, like
+                                transformers) */
+    int sliding_window;      /* 0 = none (Mistral/Qwen2 may set one; we refuse contexts past it).
+                                Qwen2: only with use_sliding_window and a sliding layer */
+    int bos_token_id;        /* -1 when none (absent: the family default, e.g. Llama 1) */
+    int pad_token_id;        /* -1 when none */
     int n_eos;
     int eos_token_ids[RS_MAX_EOS];
 } rs_model_config;
 
 /* Parse config.json text; `label` names the file in messages. Unknown architectures, missing
  * required keys, wrong JSON types and inconsistent sizes (hidden_size % n_heads, n_heads %
- * n_kv_heads, non-positive sizes, absurd sizes) are errors naming the key. */
+ * n_kv_heads, non-positive sizes, absurd sizes) are errors naming the key. Absent optional keys
+ * take the defaults of the family's transformers config class. rope_scaling (4.x) and
+ * rope_parameters (5.x) are both read; rope types other than default/linear/llama3 are errors.
+ * On failure *cfg is zeroed and -1 returned with the message recorded. */
 int rs_hf_config_parse(const char *label, const char *json_text, rs_model_config *cfg);
 /* Read <dir>/config.json. */
 int rs_hf_config_load(const char *model_dir, rs_model_config *cfg);
-/* inv_freq[head_dim/2] with the configured rope scaling, as transformers computes it. */
+/* inv_freq[head_dim/2] with the configured rope scaling, as transformers computes it (in float32,
+ * op for op). */
 void rs_rope_inv_freq(const rs_model_config *cfg, float *inv_freq);
 const char *rs_arch_name(rs_arch arch);
 
