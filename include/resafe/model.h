@@ -1,0 +1,93 @@
+/* model: the Llama-family decoder (Llama-2/3, Mistral, Qwen2, Gemma), written once against the
+ * backend ops (backend.h) and loaded from a Hugging Face model directory.
+ *
+ * Forward, per layer (HF LlamaDecoderLayer):
+ *   h = x + W_o attn(rope(W_q n1(x) + b_q), rope(W_k n1(x) + b_k), W_v n1(x) + b_v)
+ *   x = h + W_down (act(W_gate n2(h)) * W_up n2(h))
+ * with n(x) = x / rms(x) * w  (Gemma: * (1 + w)), x0 = embed[ids] * embed_scale, and
+ * logits = W_lm norm(x_L) (W_lm = embed when tied).
+ *
+ * Batches: tokens[b*T + t] with positions pos[b*T + t]; pos = -1 marks padding (any token id;
+ * its output is unspecified). Sequence b of a call is sequence b of the KV cache; each token's
+ * k/v go to cache row pos, and a query at position p attends to cache rows 0..p, so prompts of
+ * different lengths are one right-padded prefill call, and a decode step is a call with T = 1.
+ * Within a sequence, the positions of one call must increase; rows below them must have been
+ * written by earlier calls (a sequence starts at position 0). */
+#ifndef RESAFE_MODEL_H
+#define RESAFE_MODEL_H
+
+#include "resafe/backend.h"
+#include "resafe/hf_config.h"
+
+/* One decoder layer's parameters (device pointers into rs_model.params). Linear weights are
+ * [out, in] as in HF; biases are NULL when the architecture has none. */
+typedef struct {
+    void *attn_norm, *mlp_norm; /* input_layernorm, post_attention_layernorm [hidden] */
+    void *wq, *wk, *wv, *wo;    /* [n_heads*hd, hidden], [n_kv*hd, hidden] x2, [hidden, n_heads*hd] */
+    void *bq, *bk, *bv, *bo;
+    void *w_gate, *w_up, *w_down; /* [inter, hidden] x2, [hidden, inter] */
+    void *b_gate, *b_up, *b_down;
+} rs_layer_weights;
+
+/* Activation buffers of one forward call, planned in one device allocation for up to
+ * max_tokens tokens (B*T) and max_logit_rows rows of logits. */
+typedef struct {
+    int max_tokens, max_logit_rows;
+    rs_arena plan;              /* the device block and what each buffer got (for printing) */
+    void *x, *xn;               /* residual stream and its normalised copy [tokens, hidden] */
+    void *q, *att;              /* [tokens, n_heads*hd] */
+    void *k, *v, *kv_packed;    /* [tokens, n_kv*hd]; kv_packed: real rows of a padded batch */
+    void *gate, *up, *mlp;      /* [tokens, intermediate] */
+    void *x_last;               /* [logit rows, hidden] the rows whose logits are wanted */
+    void *logits_act;           /* [logit rows, vocab] in act dtype */
+    float *logits;              /* [logit rows, vocab] fp32 */
+    int32_t *ids, *pos, *cache_rows, *real_rows, *last_rows; /* device index arrays */
+    int32_t *host_ints;         /* host staging for the five index arrays */
+} rs_activations;
+
+typedef struct {
+    rs_model_config cfg;
+    const rs_backend *be;
+    void *params;          /* the one device allocation holding every parameter */
+    size_t params_bytes;
+    size_t n_params;       /* parameter count (tied embeddings counted once) */
+    void *embed;           /* [vocab, hidden] */
+    void *final_norm;      /* [hidden] */
+    void *lm_head;         /* [vocab, hidden]; == embed when tied */
+    rs_layer_weights *layers; /* [n_layers] */
+    float *inv_freq;       /* [head_dim/2] fp32 on the device, rope scaling applied */
+    rs_activations act;    /* grown on demand by rs_model_reserve / rs_model_forward */
+} rs_model;
+
+/* KV cache: per layer, k and v of [batch, max_seq_len, n_kv_heads, head_dim] in act dtype
+ * (appending a token writes one row), all in one device allocation. */
+typedef struct {
+    int batch, max_seq_len, n_layers;
+    size_t layer_elems; /* batch * max_seq_len * n_kv_heads * head_dim */
+    void *data;
+    void **k, **v;      /* [n_layers] pointers into data */
+} rs_kv_cache;
+
+typedef enum {
+    RS_LOGITS_LAST = 0, /* logits[B, vocab]: the last real (pos >= 0) token of each sequence */
+    RS_LOGITS_ALL = 1,  /* logits[B*T, vocab]: every token (padded rows unspecified) */
+} rs_logits_mode;
+
+/* Load <dir>/config.json and the safetensors weights (F32/F16/BF16, converted to the backend's
+ * weight dtype). Errors name the missing or mis-shaped tensor. */
+int rs_model_load(const char *dir, const rs_backend *be, rs_model *m);
+void rs_model_free(rs_model *m);
+
+/* Plan the activation buffers up front (forward grows them when a call needs more). */
+int rs_model_reserve(rs_model *m, int max_tokens, int max_logit_rows);
+
+int rs_kv_cache_init(const rs_model *m, int batch, int max_seq_len, rs_kv_cache *cache);
+void rs_kv_cache_free(const rs_model *m, rs_kv_cache *cache);
+
+/* Run tokens[B*T] at positions pos[B*T] (host arrays) through the model, writing their k/v
+ * into the cache, and copy fp32 logits to the host array `logits` (see rs_logits_mode).
+ * Returns 0, or -1 with a message for bad ids, positions or sizes. */
+int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
+                     int B, int T, rs_logits_mode mode, float *logits);
+
+#endif
