@@ -57,6 +57,7 @@ all: $(BUILD)/resafe $(BUILD)/test_unit $(TOOL_BINS)
 
 $(BUILD)/libresafe.a: $(LIB_OBJS)
 	@mkdir -p $(@D)
+	@rm -f $@
 	ar rcs $@ $^
 
 $(BUILD)/resafe: $(CMD_OBJS) $(BUILD)/libresafe.a
