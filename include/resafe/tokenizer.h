@@ -25,7 +25,15 @@ int rs_tokenizer_encode(const rs_tokenizer *tok, const char *text, size_t len, i
 /* Decode ids to a malloc'ed NUL-terminated UTF-8 string (HF decode semantics;
  * skip_special drops special added tokens as skip_special_tokens=True). */
 char *rs_tokenizer_decode(const rs_tokenizer *tok, const int32_t *ids, int n_ids, int skip_special);
-int rs_tokenizer_vocab_size(const rs_tokenizer *tok); /* including added tokens */
+/* The same, also giving the length: the text can hold NUL bytes (e.g. from a <0x00> token). */
+char *rs_tokenizer_decode_n(const rs_tokenizer *tok, const int32_t *ids, int n_ids,
+                            int skip_special, size_t *len);
+/* The pre-tokenizer alone (no normalizer, no added tokens), as HF's
+ * pre_tokenizer.pre_tokenize_str: the n pieces, concatenated in *text (malloc'ed) with their
+ * byte lengths in *lens (malloc'ed). For inspecting and testing how text is split. */
+int rs_tokenizer_pre_tokenize(const rs_tokenizer *tok, const char *text, size_t len, char **pieces,
+                              size_t **lens, int *n);
+int rs_tokenizer_vocab_size(const rs_tokenizer *tok); /* including added tokens: ids are 0 .. size-1 */
 /* Token id of a piece/added token string, or -1. */
 int32_t rs_tokenizer_token_to_id(const rs_tokenizer *tok, const char *piece);
 /* The token's string as stored in the vocabulary (not decoded), or NULL. */
