@@ -3,6 +3,7 @@
  * tokenizer_added.c, tokenizer_pretok.c, tokenizer_bpe.c, decoding in tokenizer_decode.c. */
 #include "tokenizer_internal.h"
 
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,6 +52,35 @@ void tok_pieces_free(tok_pieces *p) {
     free(p->v);
     tok_buf_free(&p->text);
     memset(p, 0, sizeof *p);
+}
+
+/* ---------------------------------------------------------------- errors */
+
+static void put_escaped(tok_buf *out, const char *s) {
+    for (; *s; s++) {
+        char esc[8];
+        if ((unsigned char)*s < 0x20 || *s == 0x7F) {
+            snprintf(esc, sizeof esc, "\\x%02x", (unsigned char)*s);
+            tok_buf_put(out, esc, strlen(esc));
+        } else {
+            tok_buf_put(out, s, 1);
+        }
+    }
+}
+
+int tok_fail_at(const rs_tokenizer *tok, const char *src_file, int src_line, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    tok_buf line = {0};
+    put_escaped(&line, tok->label);
+    tok_buf_put(&line, ": ", 2);
+    put_escaped(&line, msg);
+    rs_fail_at(src_file, src_line, "%s", line.data);
+    tok_buf_free(&line);
+    return -1;
 }
 
 /* ---------------------------------------------------------------- load / free */
@@ -186,7 +216,8 @@ int rs_tokenizer_encode(const rs_tokenizer *tok, const char *text, size_t len, i
     size_t valid = tok_utf8_valid_prefix(text, len);
     if (valid != len)
         return RS_FAIL("tokenizer: the text is not valid UTF-8 (byte %zu of %zu)", valid, len);
-    if (len > (size_t)INT32_MAX / 8) return RS_FAIL("tokenizer: text of %zu bytes is too long", len);
+    if (len > (size_t)INT32_MAX / 8)
+        return RS_FAIL("tokenizer: text of %zu bytes is too long", len);
     tok_pieces a = {0};
     extract_and_normalize(tok, text, len, &a);
     run_pre_tokenizer(tok, &a);
@@ -213,7 +244,8 @@ int rs_tokenizer_pre_tokenize(const rs_tokenizer *tok, const char *text, size_t 
     *pieces = NULL;
     *lens = NULL;
     *n = 0;
-    if (tok_utf8_valid_prefix(text, len) != len) return RS_FAIL("tokenizer: the text is not valid UTF-8");
+    if (tok_utf8_valid_prefix(text, len) != len)
+        return RS_FAIL("tokenizer: the text is not valid UTF-8");
     tok_pieces a = {0};
     if (len > 0) tok_pieces_add(&a, text, len, -1, true);
     run_pre_tokenizer(tok, &a);
@@ -240,7 +272,8 @@ char *rs_tokenizer_decode_n(const rs_tokenizer *tok, const int32_t *ids, int n_i
     return s;
 }
 
-char *rs_tokenizer_decode(const rs_tokenizer *tok, const int32_t *ids, int n_ids, int skip_special) {
+char *rs_tokenizer_decode(const rs_tokenizer *tok, const int32_t *ids, int n_ids,
+                          int skip_special) {
     return rs_tokenizer_decode_n(tok, ids, n_ids, skip_special, NULL);
 }
 

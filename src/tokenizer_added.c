@@ -130,7 +130,8 @@ void tok_split_added(const rs_tokenizer *tok, const tok_trie *trie, const char *
         const tok_added *a = &tok->added[v];
         size_t start = ms, stop = me;
         from = me;
-        if (a->single_word && (last_char_is_word(s, start) || first_char_is_word(s + stop, n - stop)))
+        if (a->single_word &&
+            (last_char_is_word(s, start) || first_char_is_word(s + stop, n - stop)))
             continue;
         if (a->lstrip) {
             size_t lstart = trailing_space_start(s, start);

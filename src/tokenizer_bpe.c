@@ -32,7 +32,8 @@ static void strmap_grow(tok_strmap *m) {
     tok_strmap bigger;
     tok_strmap_init(&bigger, (m->mask + 1));
     for (size_t i = 0; i <= m->mask; i++)
-        if (m->slots[i].key) tok_strmap_put(&bigger, m->slots[i].key, m->slots[i].len, m->slots[i].value);
+        if (m->slots[i].key)
+            tok_strmap_put(&bigger, m->slots[i].key, m->slots[i].len, m->slots[i].value);
     free(m->slots);
     *m = bigger;
 }
@@ -77,7 +78,9 @@ void tok_strmap_free(tok_strmap *m) {
 
 #define EMPTY_PAIR UINT64_MAX /* ids are < 2^31, so no real pair has all bits set */
 
-static uint64_t pair_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b; }
+static uint64_t pair_key(int32_t a, int32_t b) {
+    return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+}
 
 static uint64_t hash_pair(uint64_t x) { /* splitmix64 finalizer */
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -234,7 +237,8 @@ static const char *char_piece(const rs_tokenizer *tok, const char *w, size_t i, 
     return s->piece.data;
 }
 
-static bool add_byte_fallback(const rs_tokenizer *tok, const char *p, size_t len, tok_bpe_scratch *s) {
+static bool add_byte_fallback(const rs_tokenizer *tok, const char *p, size_t len,
+                              tok_bpe_scratch *s) {
     for (size_t k = 0; k < len; k++)
         if (tok->byte_token[(uint8_t)p[k]] < 0) return false;
     for (size_t k = 0; k < len; k++) add_symbol(s, tok->byte_token[(uint8_t)p[k]]);
@@ -244,8 +248,8 @@ static bool add_byte_fallback(const rs_tokenizer *tok, const char *p, size_t len
 static int unk_id(const rs_tokenizer *tok, int32_t *id) {
     *id = tok_strmap_get(&tok->vocab, tok->unk_token, strlen(tok->unk_token));
     if (*id < 0)
-        return RS_FAIL("%s: model.unk_token '%s' is needed but is not in the vocabulary", tok->label,
-                       tok->unk_token);
+        return TOK_FAIL(tok, "model.unk_token '%s' is needed but is not in the vocabulary",
+                        tok->unk_token);
     return 0;
 }
 
@@ -276,7 +280,8 @@ static int initial_symbols(const rs_tokenizer *tok, const char *w, size_t n, tok
     return 0;
 }
 
-int tok_bpe_word(const rs_tokenizer *tok, const char *w, size_t n, tok_bpe_scratch *s, tok_ids *out) {
+int tok_bpe_word(const rs_tokenizer *tok, const char *w, size_t n, tok_bpe_scratch *s,
+                 tok_ids *out) {
     if (n == 0) return 0;
     if (tok->ignore_merges) {
         int32_t id = tok_strmap_get(&tok->vocab, w, n);

@@ -112,9 +112,11 @@ static void dec_fuse(const tok_pieces *in, tok_pieces *out) {
 static void dec_strip(const tok_dec *step, const char *s, size_t n, tok_pieces *out) {
     char c[4];
     size_t clen = (size_t)tok_utf8_encode(step->ch, c), begin = 0, end = n;
-    for (size_t k = 0; k < step->start && begin + clen <= end && memcmp(s + begin, c, clen) == 0; k++)
+    for (size_t k = 0; k < step->start && begin + clen <= end && memcmp(s + begin, c, clen) == 0;
+         k++)
         begin += clen;
-    for (size_t k = 0; k < step->stop && end >= begin + clen && memcmp(s + end - clen, c, clen) == 0; k++)
+    for (size_t k = 0;
+         k < step->stop && end >= begin + clen && memcmp(s + end - clen, c, clen) == 0; k++)
         end -= clen;
     tok_pieces_add(out, s + begin, end - begin, -1, false);
 }

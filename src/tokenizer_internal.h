@@ -15,7 +15,8 @@
 #define TOK_MAX_VOCAB (1 << 24)
 #define TOK_MAX_MERGES (1 << 26)
 #define TOK_MAX_ADDED (1 << 20)
-#define TOK_MAX_STEPS 64 /* normalizer / pre-tokenizer / decoder / template steps after flattening */
+#define TOK_MAX_STEPS                                                                              \
+    64 /* normalizer / pre-tokenizer / decoder / template steps after flattening */
 #define TOK_MAX_NESTING 8 /* Sequence inside Sequence */
 
 /* ---------------------------------------------------------------- unicode (tokenizer_unicode.c) */
@@ -32,7 +33,8 @@ size_t tok_utf8_valid_prefix(const char *s, size_t n);
 int tok_utf8_next(const char *s, size_t n, size_t pos, uint32_t *cp);
 int tok_utf8_encode(uint32_t cp, char out[4]);
 /* Length of the maximal ill-formed subpart at s[pos] that Rust's String::from_utf8_lossy (and the
- * Unicode standard's "best practice") replaces with one U+FFFD; 0 if a valid character starts there. */
+ * Unicode standard's "best practice") replaces with one U+FFFD; 0 if a valid character starts
+ * there. */
 int tok_utf8_invalid_len(const unsigned char *s, size_t n, size_t pos);
 
 bool tok_is_letter(uint32_t cp); /* \p{L} */
@@ -196,12 +198,12 @@ typedef struct {
 struct rs_tokenizer {
     char *label; /* the file, for messages */
     /* model: BPE */
-    int32_t n_vocab;   /* model ids are 0 .. n_vocab-1 */
-    char **pieces;     /* [n_vocab] model token strings (NUL-terminated, owned) */
+    int32_t n_vocab; /* model ids are 0 .. n_vocab-1 */
+    char **pieces;   /* [n_vocab] model token strings (NUL-terminated, owned) */
     uint32_t *piece_len;
-    tok_strmap vocab;  /* piece -> id */
+    tok_strmap vocab; /* piece -> id */
     tok_mergemap merges;
-    char *unk_token;   /* NULL: unknown characters are dropped (as HF does without unk) */
+    char *unk_token;       /* NULL: unknown characters are dropped (as HF does without unk) */
     char *prefix, *suffix; /* continuing_subword_prefix / end_of_word_suffix, or NULL */
     size_t prefix_len, suffix_len;
     bool fuse_unk, byte_fallback, ignore_merges;
@@ -209,10 +211,10 @@ struct rs_tokenizer {
     /* added tokens */
     tok_added *added;
     int n_added;
-    int32_t n_ids;         /* size of the id space: model and added tokens */
-    int32_t *added_of_id;  /* [n_ids] index into added, -1 */
-    tok_strmap added_map;  /* content -> index into added */
-    tok_strmap special_set; /* contents of special tokens -> 1 */
+    int32_t n_ids;                /* size of the id space: model and added tokens */
+    int32_t *added_of_id;         /* [n_ids] index into added, -1 */
+    tok_strmap added_map;         /* content -> index into added */
+    tok_strmap special_set;       /* contents of special tokens -> 1 */
     tok_trie raw_trie, norm_trie; /* patterns of non-normalized / normalized added tokens */
     /* pipeline */
     tok_norm *norm;
@@ -230,6 +232,12 @@ struct rs_tokenizer {
  * pieces (text and resolved added tokens) are appended to out. */
 void tok_split_added(const rs_tokenizer *tok, const tok_trie *trie, const char *s, size_t n,
                      bool first, tok_pieces *out);
+
+/* Record "<file>: <message>" (see rs_fail) with control characters escaped, so that names of
+ * tokens (which may hold newlines) keep the message on one line. Returns -1. */
+int tok_fail_at(const rs_tokenizer *tok, const char *src_file, int src_line, const char *fmt, ...)
+    RS_PRINTF(4, 5);
+#define TOK_FAIL(tok, ...) tok_fail_at((tok), __FILE__, __LINE__, __VA_ARGS__)
 
 /* tokenizer_load.c: fill tok from the parsed JSON text. -1 + message naming tok->label. */
 int tok_load_json(rs_tokenizer *tok, const char *json_text, size_t len);

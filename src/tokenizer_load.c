@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LFAIL(tok, ...) (rs_fail_at(__FILE__, __LINE__, __VA_ARGS__), rs_fail_context("%s", (tok)->label))
 
 /* ---------------------------------------------------------------- JSON accessors */
 
@@ -28,7 +27,7 @@ static int get_bool(const rs_tokenizer *tok, const cJSON *obj, const char *where
         *out = dflt;
         return 0;
     }
-    if (!cJSON_IsBool(v)) return LFAIL(tok, "%s.%s: expected true or false", where, key);
+    if (!cJSON_IsBool(v)) return TOK_FAIL(tok, "%s.%s: expected true or false", where, key);
     *out = cJSON_IsTrue(v);
     return 0;
 }
@@ -39,7 +38,7 @@ static int get_string(const rs_tokenizer *tok, const cJSON *obj, const char *whe
     const cJSON *v = field(obj, key);
     *out = NULL;
     if (is_absent(v)) return 0;
-    if (!cJSON_IsString(v)) return LFAIL(tok, "%s.%s: expected a string", where, key);
+    if (!cJSON_IsString(v)) return TOK_FAIL(tok, "%s.%s: expected a string", where, key);
     *out = v->valuestring;
     return 0;
 }
@@ -47,7 +46,7 @@ static int get_string(const rs_tokenizer *tok, const cJSON *obj, const char *whe
 static int require_string(const rs_tokenizer *tok, const cJSON *obj, const char *where,
                           const char *key, const char **out) {
     RS_TRY(get_string(tok, obj, where, key, out));
-    if (!*out) return LFAIL(tok, "%s.%s: missing", where, key);
+    if (!*out) return TOK_FAIL(tok, "%s.%s: missing", where, key);
     return 0;
 }
 
@@ -55,9 +54,9 @@ static int require_string(const rs_tokenizer *tok, const cJSON *obj, const char 
 static int as_index(const rs_tokenizer *tok, const cJSON *v, double limit, const char *what,
                     int64_t *out) {
     if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
-        return LFAIL(tok, "%s: expected an integer", what);
+        return TOK_FAIL(tok, "%s: expected an integer", what);
     if (v->valuedouble < 0 || v->valuedouble >= limit)
-        return LFAIL(tok, "%s: %g is out of range [0, %.0f)", what, v->valuedouble, limit);
+        return TOK_FAIL(tok, "%s: %g is out of range [0, %.0f)", what, v->valuedouble, limit);
     *out = (int64_t)v->valuedouble;
     return 0;
 }
@@ -69,7 +68,7 @@ static int get_char(const rs_tokenizer *tok, const cJSON *obj, const char *where
     RS_TRY(require_string(tok, obj, where, key, &s));
     size_t n = strlen(s);
     if (n == 0 || (size_t)tok_utf8_next(s, n, 0, cp) != n)
-        return LFAIL(tok, "%s.%s: expected a single character, got '%s'", where, key, s);
+        return TOK_FAIL(tok, "%s.%s: expected a single character, got '%s'", where, key, s);
     return 0;
 }
 
@@ -83,8 +82,9 @@ static int get_pattern(const rs_tokenizer *tok, const cJSON *obj, const char *wh
     else if (cJSON_IsObject(p) && cJSON_IsString(r))
         *regex = r->valuestring;
     else
-        return LFAIL(tok, "%s.pattern: expected {\"String\": ...} or {\"Regex\": ...}", where);
-    if (*literal && !**literal) return LFAIL(tok, "%s.pattern: an empty pattern is not supported", where);
+        return TOK_FAIL(tok, "%s.pattern: expected {\"String\": ...} or {\"Regex\": ...}", where);
+    if (*literal && !**literal)
+        return TOK_FAIL(tok, "%s.pattern: an empty pattern is not supported", where);
     return 0;
 }
 
@@ -101,24 +101,27 @@ static int get_prepend_scheme(const rs_tokenizer *tok, const cJSON *obj, const c
     else if (strcmp(s, "never") == 0)
         *out = TOK_PREPEND_NEVER;
     else
-        return LFAIL(tok, "%s.prepend_scheme: unknown value '%s' (first, always or never)", where, s);
+        return TOK_FAIL(tok, "%s.prepend_scheme: unknown value '%s' (first, always or never)", where,
+                     s);
     if (!add_prefix_space) { /* the legacy field; HF rejects a contradicting prepend_scheme */
         if (*out != TOK_PREPEND_NEVER && s)
-            return LFAIL(tok, "%s: add_prefix_space false contradicts prepend_scheme '%s'", where, s);
+            return TOK_FAIL(tok, "%s: add_prefix_space false contradicts prepend_scheme '%s'", where,
+                         s);
         *out = TOK_PREPEND_NEVER;
     }
     return 0;
 }
 
 /* The "type" of a component; `where` names it in messages. */
-static int get_type(const rs_tokenizer *tok, const cJSON *obj, const char *where, const char **type) {
-    if (!cJSON_IsObject(obj)) return LFAIL(tok, "%s: expected an object or null", where);
+static int get_type(const rs_tokenizer *tok, const cJSON *obj, const char *where,
+                    const char **type) {
+    if (!cJSON_IsObject(obj)) return TOK_FAIL(tok, "%s: expected an object or null", where);
     RS_TRY(require_string(tok, obj, where, "type", type));
     return 0;
 }
 
 static int unsupported(const rs_tokenizer *tok, const char *where, const char *type) {
-    return LFAIL(tok, "%s: type '%s' is not supported", where, type);
+    return TOK_FAIL(tok, "%s: type '%s' is not supported", where, type);
 }
 
 /* Grow a step array by one element, zeroed. */
@@ -130,7 +133,7 @@ static void *add_step(void *arr, int *n, size_t size) {
 }
 
 static int check_step_count(const rs_tokenizer *tok, const char *where, int n) {
-    if (n >= TOK_MAX_STEPS) return LFAIL(tok, "%s: more than %d steps", where, TOK_MAX_STEPS);
+    if (n >= TOK_MAX_STEPS) return TOK_FAIL(tok, "%s: more than %d steps", where, TOK_MAX_STEPS);
     return 0;
 }
 
@@ -138,8 +141,8 @@ static int check_step_count(const rs_tokenizer *tok, const char *where, int n) {
 static int sequence_items(const rs_tokenizer *tok, const cJSON *obj, const char *where,
                           const char *key, const cJSON **list, int depth) {
     *list = field(obj, key);
-    if (!cJSON_IsArray(*list)) return LFAIL(tok, "%s.%s: expected an array", where, key);
-    if (depth >= TOK_MAX_NESTING) return LFAIL(tok, "%s: Sequence nested too deeply", where);
+    if (!cJSON_IsArray(*list)) return TOK_FAIL(tok, "%s.%s: expected an array", where, key);
+    if (depth >= TOK_MAX_NESTING) return TOK_FAIL(tok, "%s: Sequence nested too deeply", where);
     return 0;
 }
 
@@ -164,7 +167,8 @@ static int load_normalizer(rs_tokenizer *tok, const cJSON *obj, int depth) {
     } else if (strcmp(type, "Replace") == 0) {
         kind = TOK_NORM_REPLACE;
         RS_TRY(get_pattern(tok, obj, "normalizer.Replace", &a, &regex));
-        if (regex) return LFAIL(tok, "normalizer.Replace: Regex patterns are not supported ('%s')", regex);
+        if (regex)
+            return TOK_FAIL(tok, "normalizer.Replace: Regex patterns are not supported ('%s')", regex);
         RS_TRY(require_string(tok, obj, "normalizer.Replace", "content", &b));
     } else {
         return unsupported(tok, where, type);
@@ -191,7 +195,7 @@ static int split_behavior(const rs_tokenizer *tok, const cJSON *obj, tok_split_b
             *out = (tok_split_behavior)i;
             return 0;
         }
-    return LFAIL(tok, "pre_tokenizer.Split.behavior: unknown value '%s'", s);
+    return TOK_FAIL(tok, "pre_tokenizer.Split.behavior: unknown value '%s'", s);
 }
 
 static int load_split(const rs_tokenizer *tok, const cJSON *obj, tok_pre *step) {
@@ -200,8 +204,10 @@ static int load_split(const rs_tokenizer *tok, const cJSON *obj, tok_pre *step) 
     if (regex) {
         step->regex = tok_regex_from_pattern(regex);
         if (step->regex == TOK_RE_NONE)
-            return LFAIL(tok, "pre_tokenizer.Split: regex '%.200s' is not supported (only the GPT-2, "
-                              "Llama-3 and Qwen2 split patterns)", regex);
+            return TOK_FAIL(tok,
+                         "pre_tokenizer.Split: regex '%.200s' is not supported (only the GPT-2, "
+                         "Llama-3 and Qwen2 split patterns)",
+                         regex);
     } else {
         step->literal = rs_strdup(literal);
         step->literal_len = strlen(literal);
@@ -233,8 +239,10 @@ static int load_pre_tokenizer(rs_tokenizer *tok, const cJSON *obj, int depth) {
     int rc = 0;
     if (strcmp(type, "ByteLevel") == 0) {
         step.kind = TOK_PRE_BYTELEVEL;
-        rc = get_bool(tok, obj, "pre_tokenizer.ByteLevel", "add_prefix_space", true, &step.add_prefix_space);
-        if (rc == 0) rc = get_bool(tok, obj, "pre_tokenizer.ByteLevel", "use_regex", true, &step.use_regex);
+        rc = get_bool(tok, obj, "pre_tokenizer.ByteLevel", "add_prefix_space", true,
+                      &step.add_prefix_space);
+        if (rc == 0)
+            rc = get_bool(tok, obj, "pre_tokenizer.ByteLevel", "use_regex", true, &step.use_regex);
     } else if (strcmp(type, "Split") == 0) {
         step.kind = TOK_PRE_SPLIT;
         rc = load_split(tok, obj, &step);
@@ -255,7 +263,8 @@ static int load_pre_tokenizer(rs_tokenizer *tok, const cJSON *obj, int depth) {
 
 /* ---------------------------------------------------------------- decoder */
 
-static int load_decoder_step(const rs_tokenizer *tok, const cJSON *obj, const char *type, tok_dec *step) {
+static int load_decoder_step(const rs_tokenizer *tok, const cJSON *obj, const char *type,
+                             tok_dec *step) {
     const char *a = NULL, *b = NULL, *regex = NULL;
     if (strcmp(type, "ByteLevel") == 0) {
         step->kind = TOK_DEC_BYTELEVEL;
@@ -266,7 +275,8 @@ static int load_decoder_step(const rs_tokenizer *tok, const cJSON *obj, const ch
     } else if (strcmp(type, "Replace") == 0) {
         step->kind = TOK_DEC_REPLACE;
         RS_TRY(get_pattern(tok, obj, "decoder.Replace", &a, &regex));
-        if (regex) return LFAIL(tok, "decoder.Replace: Regex patterns are not supported ('%s')", regex);
+        if (regex)
+            return TOK_FAIL(tok, "decoder.Replace: Regex patterns are not supported ('%s')", regex);
         RS_TRY(require_string(tok, obj, "decoder.Replace", "content", &b));
         step->a = rs_strdup(a);
         step->a_len = strlen(a);
@@ -317,10 +327,10 @@ static int load_decoder(rs_tokenizer *tok, const cJSON *obj, int depth) {
 
 /* vocab: {"piece": id, ...}; ids must be exactly 0 .. n-1, each once. */
 static int load_vocab(rs_tokenizer *tok, const cJSON *vocab) {
-    if (!cJSON_IsObject(vocab)) return LFAIL(tok, "model.vocab: expected an object {token: id}");
+    if (!cJSON_IsObject(vocab)) return TOK_FAIL(tok, "model.vocab: expected an object {token: id}");
     int n = cJSON_GetArraySize(vocab);
     if (n <= 0 || n > TOK_MAX_VOCAB)
-        return LFAIL(tok, "model.vocab: %d entries (expected 1 to %d)", n, TOK_MAX_VOCAB);
+        return TOK_FAIL(tok, "model.vocab: %d entries (expected 1 to %d)", n, TOK_MAX_VOCAB);
     tok->n_vocab = n;
     tok->pieces = rs_calloc((size_t)n, sizeof *tok->pieces);
     tok->piece_len = rs_calloc((size_t)n, sizeof *tok->piece_len);
@@ -331,12 +341,14 @@ static int load_vocab(rs_tokenizer *tok, const cJSON *vocab) {
         char what[96];
         snprintf(what, sizeof what, "model.vocab['%.40s']", item->string);
         RS_TRY(as_index(tok, item, n, what, &id));
-        if (tok->pieces[id]) return LFAIL(tok, "%s: id %lld is also used by '%.40s'", what, (long long)id, tok->pieces[id]);
+        if (tok->pieces[id])
+            return TOK_FAIL(tok, "%s: id %lld is also used by '%.40s'", what, (long long)id,
+                         tok->pieces[id]);
         size_t len = strlen(item->string);
         tok->pieces[id] = rs_strndup(item->string, len);
         tok->piece_len[id] = (uint32_t)len;
         if (tok_strmap_put(&tok->vocab, tok->pieces[id], len, (int32_t)id) >= 0)
-            return LFAIL(tok, "%s: the token appears twice", what);
+            return TOK_FAIL(tok, "%s: the token appears twice", what);
     }
     for (int b = 0; b < 256; b++) {
         char name[8];
@@ -348,7 +360,9 @@ static int load_vocab(rs_tokenizer *tok, const cJSON *vocab) {
 
 static int32_t vocab_id(const rs_tokenizer *tok, const char *s, size_t len, size_t rank) {
     int32_t id = tok_strmap_get(&tok->vocab, s, len);
-    if (id < 0) LFAIL(tok, "model.merges[%zu]: '%.*s' is not in the vocabulary", rank, (int)(len > 60 ? 60 : len), s);
+    if (id < 0)
+        TOK_FAIL(tok, "model.merges[%zu]: '%.*s' is not in the vocabulary", rank,
+              (int)(len > 60 ? 60 : len), s);
     return id;
 }
 
@@ -360,7 +374,8 @@ static int add_merge(rs_tokenizer *tok, const char *a, size_t a_len, const char 
     if (ia < 0) return -1;
     if ((ib = vocab_id(tok, b, b_len, index)) < 0) return -1;
     if (b_len < tok->prefix_len)
-        return LFAIL(tok, "model.merges[%zu]: '%.*s' is shorter than continuing_subword_prefix", index, (int)b_len, b);
+        return TOK_FAIL(tok, "model.merges[%zu]: '%.*s' is shorter than continuing_subword_prefix",
+                     index, (int)b_len, b);
     tmp->len = 0;
     tok_buf_put(tmp, a, a_len);
     tok_buf_put(tmp, b + tok->prefix_len, b_len - tok->prefix_len);
@@ -372,9 +387,10 @@ static int add_merge(rs_tokenizer *tok, const char *a, size_t a_len, const char 
 
 /* merges: ["a b", ...] (lines of merges.txt; "#version" lines skipped) or [["a", "b"], ...]. */
 static int load_merges(rs_tokenizer *tok, const cJSON *merges) {
-    if (!cJSON_IsArray(merges)) return LFAIL(tok, "model.merges: expected an array");
+    if (!cJSON_IsArray(merges)) return TOK_FAIL(tok, "model.merges: expected an array");
     int n = cJSON_GetArraySize(merges);
-    if (n > TOK_MAX_MERGES) return LFAIL(tok, "model.merges: %d entries (at most %d)", n, TOK_MAX_MERGES);
+    if (n > TOK_MAX_MERGES)
+        return TOK_FAIL(tok, "model.merges: %d entries (at most %d)", n, TOK_MAX_MERGES);
     tok_mergemap_init(&tok->merges, (size_t)n);
     bool as_pairs = n > 0 && cJSON_IsArray(merges->child);
     tok_buf tmp = {0};
@@ -384,8 +400,10 @@ static int load_merges(rs_tokenizer *tok, const cJSON *merges) {
     for (const cJSON *m = merges->child; m && rc == 0; m = m->next, index++) {
         if (as_pairs) {
             const cJSON *a = cJSON_GetArrayItem(m, 0), *b = cJSON_GetArrayItem(m, 1);
-            if (!cJSON_IsArray(m) || cJSON_GetArraySize(m) != 2 || !cJSON_IsString(a) || !cJSON_IsString(b)) {
-                rc = LFAIL(tok, "model.merges[%zu]: expected a pair of strings [\"a\", \"b\"]", index);
+            if (!cJSON_IsArray(m) || cJSON_GetArraySize(m) != 2 || !cJSON_IsString(a) ||
+                !cJSON_IsString(b)) {
+                rc = TOK_FAIL(tok, "model.merges[%zu]: expected a pair of strings [\"a\", \"b\"]",
+                           index);
                 break;
             }
             rc = add_merge(tok, a->valuestring, strlen(a->valuestring), b->valuestring,
@@ -393,16 +411,18 @@ static int load_merges(rs_tokenizer *tok, const cJSON *merges) {
             continue;
         }
         if (!cJSON_IsString(m)) {
-            rc = LFAIL(tok, "model.merges[%zu]: expected a string \"a b\"", index);
+            rc = TOK_FAIL(tok, "model.merges[%zu]: expected a string \"a b\"", index);
             break;
         }
         const char *line = m->valuestring, *space = strchr(line, ' ');
         if (strncmp(line, "#version", 8) == 0) continue;
         if (!space || strchr(space + 1, ' ')) {
-            rc = LFAIL(tok, "model.merges[%zu]: '%.60s' is not two tokens separated by one space", index, line);
+            rc = TOK_FAIL(tok, "model.merges[%zu]: '%.60s' is not two tokens separated by one space",
+                       index, line);
             break;
         }
-        rc = add_merge(tok, line, (size_t)(space - line), space + 1, strlen(space + 1), index, rank++, &tmp);
+        rc = add_merge(tok, line, (size_t)(space - line), space + 1, strlen(space + 1), index,
+                       rank++, &tmp);
     }
     tok_buf_free(&tmp);
     return rc;
@@ -413,9 +433,9 @@ static int load_bpe_options(rs_tokenizer *tok, const cJSON *model) {
     const cJSON *dropout = field(model, "dropout");
     if (!is_absent(dropout)) {
         if (!cJSON_IsNumber(dropout) || dropout->valuedouble < 0 || dropout->valuedouble > 1)
-            return LFAIL(tok, "model.dropout: expected null or a number in [0, 1]");
+            return TOK_FAIL(tok, "model.dropout: expected null or a number in [0, 1]");
         if (dropout->valuedouble > 0)
-            return LFAIL(tok, "model.dropout: BPE dropout (random merges) is not supported");
+            return TOK_FAIL(tok, "model.dropout: BPE dropout (random merges) is not supported");
     }
     RS_TRY(get_string(tok, model, "model", "unk_token", &unk));
     RS_TRY(get_string(tok, model, "model", "continuing_subword_prefix", &prefix));
@@ -431,13 +451,15 @@ static int load_bpe_options(rs_tokenizer *tok, const cJSON *model) {
 
 static int load_model(rs_tokenizer *tok, const cJSON *model) {
     const char *type;
-    if (!cJSON_IsObject(model)) return LFAIL(tok, "model: expected an object");
+    if (!cJSON_IsObject(model)) return TOK_FAIL(tok, "model: expected an object");
     RS_TRY(get_string(tok, model, "model", "type", &type));
-    if (!type && !field(model, "merges")) return LFAIL(tok, "model: no type and no merges: not a BPE model");
+    if (!type && !field(model, "merges"))
+        return TOK_FAIL(tok, "model: no type and no merges: not a BPE model");
     if (type && strcmp(type, "BPE") != 0) {
-        if (strcmp(type, "WordPiece") == 0 || strcmp(type, "WordLevel") == 0 || strcmp(type, "Unigram") == 0)
-            return LFAIL(tok, "model: type '%s' is not supported (only BPE)", type);
-        return LFAIL(tok, "model: unknown type '%s'", type);
+        if (strcmp(type, "WordPiece") == 0 || strcmp(type, "WordLevel") == 0 ||
+            strcmp(type, "Unigram") == 0)
+            return TOK_FAIL(tok, "model: type '%s' is not supported (only BPE)", type);
+        return TOK_FAIL(tok, "model: unknown type '%s'", type);
     }
     RS_TRY(load_bpe_options(tok, model));
     RS_TRY(load_vocab(tok, field(model, "vocab")));
@@ -451,7 +473,7 @@ static int parse_added(const rs_tokenizer *tok, const cJSON *obj, size_t index, 
     char where[48];
     const char *content;
     snprintf(where, sizeof where, "added_tokens[%zu]", index);
-    if (!cJSON_IsObject(obj)) return LFAIL(tok, "%s: expected an object", where);
+    if (!cJSON_IsObject(obj)) return TOK_FAIL(tok, "%s: expected an object", where);
     RS_TRY(require_string(tok, obj, where, "content", &content));
     char id_where[64];
     snprintf(id_where, sizeof id_where, "%s.id", where);
@@ -467,7 +489,8 @@ static int parse_added(const rs_tokenizer *tok, const cJSON *obj, size_t index, 
 }
 
 static bool same_added(const tok_added *x, const tok_added *y) {
-    return x->content_len == y->content_len && memcmp(x->content, y->content, x->content_len) == 0 &&
+    return x->content_len == y->content_len &&
+           memcmp(x->content, y->content, x->content_len) == 0 &&
            x->single_word == y->single_word && x->lstrip == y->lstrip && x->rstrip == y->rstrip &&
            x->normalized == y->normalized && x->special == y->special;
 }
@@ -477,11 +500,13 @@ static bool same_added(const tok_added *x, const tok_added *y) {
 static void add_token(rs_tokenizer *tok, tok_added a, int64_t file_id, int32_t *next_id) {
     int32_t known = tok_strmap_get(&tok->added_map, a.content, a.content_len);
     if (known >= 0 && same_added(&tok->added[known], &a)) return;
-    a.id = known >= 0 ? tok->added[known].id : tok_strmap_get(&tok->vocab, a.content, a.content_len);
+    a.id =
+        known >= 0 ? tok->added[known].id : tok_strmap_get(&tok->vocab, a.content, a.content_len);
     if (a.id < 0) a.id = (*next_id)++;
     if (a.id != file_id)
-        rs_warn("%s: added token '%.40s' has id %lld in the file but id %d as Hugging Face assigns it",
-                tok->label, a.content, (long long)file_id, a.id);
+        rs_warn(
+            "%s: added token '%.40s' has id %lld in the file but id %d as Hugging Face assigns it",
+            tok->label, a.content, (long long)file_id, a.id);
     a.content = rs_strndup(a.content, a.content_len);
     a.pattern = a.content;
     a.pattern_len = a.content_len;
@@ -511,11 +536,12 @@ static int index_added(rs_tokenizer *tok) {
         if (k < 0) continue;
         const tok_added *a = &tok->added[k];
         if (a->pattern_len == 0)
-            return LFAIL(tok, "added token '%.40s' normalizes to an empty string", a->content);
+            return TOK_FAIL(tok, "added token '%.40s' normalizes to an empty string", a->content);
         tok_trie *trie = a->normalized ? &tok->norm_trie : &tok->raw_trie;
         int32_t other = tok_trie_insert(trie, a->pattern, a->pattern_len, k);
         if (other >= 0)
-            return LFAIL(tok, "added tokens '%.40s' and '%.40s' match the same text", tok->added[other].content, a->content);
+            return TOK_FAIL(tok, "added tokens '%.40s' and '%.40s' match the same text",
+                         tok->added[other].content, a->content);
     }
     return 0;
 }
@@ -524,9 +550,9 @@ static int load_added_tokens(rs_tokenizer *tok, const cJSON *list) {
     tok_strmap_init(&tok->added_map, 16);
     tok_strmap_init(&tok->special_set, 16);
     if (!is_absent(list)) {
-        if (!cJSON_IsArray(list)) return LFAIL(tok, "added_tokens: expected an array");
+        if (!cJSON_IsArray(list)) return TOK_FAIL(tok, "added_tokens: expected an array");
         if (cJSON_GetArraySize(list) > TOK_MAX_ADDED)
-            return LFAIL(tok, "added_tokens: more than %d tokens", TOK_MAX_ADDED);
+            return TOK_FAIL(tok, "added_tokens: more than %d tokens", TOK_MAX_ADDED);
         int32_t next_id = tok->n_vocab;
         size_t index = 0;
         for (const cJSON *item = list->child; item; item = item->next, index++) {
@@ -544,13 +570,17 @@ static int load_added_tokens(rs_tokenizer *tok, const cJSON *list) {
 /* The ids of special token `name` of a TemplateProcessing, each a valid id. */
 static int template_special(rs_tokenizer *tok, const cJSON *specials, const char *name,
                             tok_template_item *item) {
-    const cJSON *entry = field(specials, name), *ids = field(entry, "ids"), *tokens = field(entry, "tokens");
+    const cJSON *entry = field(specials, name), *ids = field(entry, "ids"),
+                *tokens = field(entry, "tokens");
     if (!cJSON_IsObject(entry) || !cJSON_IsArray(ids))
-        return LFAIL(tok, "post_processor: special token '%.40s' of the template is not in special_tokens", name);
+        return TOK_FAIL(
+            tok, "post_processor: special token '%.40s' of the template is not in special_tokens",
+            name);
     if (cJSON_IsArray(tokens) && cJSON_GetArraySize(tokens) != cJSON_GetArraySize(ids))
-        return LFAIL(tok, "post_processor.special_tokens['%.40s']: ids and tokens differ in length", name);
+        return TOK_FAIL(tok, "post_processor.special_tokens['%.40s']: ids and tokens differ in length",
+                     name);
     int n = cJSON_GetArraySize(ids);
-    if (n > 1024) return LFAIL(tok, "post_processor.special_tokens['%.40s']: too many ids", name);
+    if (n > 1024) return TOK_FAIL(tok, "post_processor.special_tokens['%.40s']: too many ids", name);
     item->ids = rs_malloc((size_t)(n ? n : 1) * sizeof *item->ids);
     const cJSON *v;
     cJSON_ArrayForEach(v, ids) {
@@ -562,16 +592,18 @@ static int template_special(rs_tokenizer *tok, const cJSON *specials, const char
 }
 
 /* One element of a template: {"Sequence": {"id": "A"}} or {"SpecialToken": {"id": "<s>"}}. */
-static int template_item(rs_tokenizer *tok, const cJSON *piece, const cJSON *specials, bool single) {
+static int template_item(rs_tokenizer *tok, const cJSON *piece, const cJSON *specials,
+                         bool single) {
     const cJSON *seq = field(piece, "Sequence"), *special = field(piece, "SpecialToken");
     const cJSON *id = field(seq ? seq : special, "id");
     if (!cJSON_IsObject(piece) || !(seq || special) || !cJSON_IsString(id))
-        return LFAIL(tok, "post_processor: template pieces must be {\"Sequence\": {\"id\": ...}} or "
-                          "{\"SpecialToken\": {\"id\": ...}}");
+        return TOK_FAIL(tok,
+                     "post_processor: template pieces must be {\"Sequence\": {\"id\": ...}} or "
+                     "{\"SpecialToken\": {\"id\": ...}}");
     if (seq && strcmp(id->valuestring, "A") != 0 && strcmp(id->valuestring, "B") != 0)
-        return LFAIL(tok, "post_processor: unknown sequence '%.20s' (A or B)", id->valuestring);
+        return TOK_FAIL(tok, "post_processor: unknown sequence '%.20s' (A or B)", id->valuestring);
     if (seq && single && strcmp(id->valuestring, "B") == 0)
-        return LFAIL(tok, "post_processor: the single-sequence template uses $B");
+        return TOK_FAIL(tok, "post_processor: the single-sequence template uses $B");
     tok_template_item item = {.is_sequence = seq != NULL};
     if (special && template_special(tok, specials, id->valuestring, &item) != 0) {
         free(item.ids);
@@ -588,12 +620,13 @@ static int template_item(rs_tokenizer *tok, const cJSON *piece, const cJSON *spe
 }
 
 static int load_template(rs_tokenizer *tok, const cJSON *obj) {
-    const cJSON *single = field(obj, "single"), *pair = field(obj, "pair"), *specials = field(obj, "special_tokens"), *p;
-    if (tok->n_tmpl > 0) return LFAIL(tok, "post_processor: more than one TemplateProcessing");
+    const cJSON *single = field(obj, "single"), *pair = field(obj, "pair"),
+                *specials = field(obj, "special_tokens"), *p;
+    if (tok->n_tmpl > 0) return TOK_FAIL(tok, "post_processor: more than one TemplateProcessing");
     if (!cJSON_IsArray(single) || cJSON_GetArraySize(single) == 0)
-        return LFAIL(tok, "post_processor.single: expected a non-empty array");
+        return TOK_FAIL(tok, "post_processor.single: expected a non-empty array");
     if (!is_absent(specials) && !cJSON_IsObject(specials))
-        return LFAIL(tok, "post_processor.special_tokens: expected an object");
+        return TOK_FAIL(tok, "post_processor.special_tokens: expected an object");
     cJSON_ArrayForEach(p, single) RS_TRY(template_item(tok, p, specials, true));
     if (cJSON_IsArray(pair)) /* checked as HF's builder does; only single sequences are encoded */
         cJSON_ArrayForEach(p, pair) RS_TRY(template_item(tok, p, specials, false));
@@ -629,14 +662,15 @@ static bool has_nul_escape(const char *s, size_t n) {
 
 static int check_top_level(rs_tokenizer *tok, const cJSON *root) {
     const char *version;
-    if (!cJSON_IsObject(root)) return LFAIL(tok, "expected a JSON object at the top level");
+    if (!cJSON_IsObject(root)) return TOK_FAIL(tok, "expected a JSON object at the top level");
     RS_TRY(get_string(tok, root, "tokenizer", "version", &version));
-    if (version && strcmp(version, "1.0") != 0) return LFAIL(tok, "unknown tokenizer version '%.20s'", version);
+    if (version && strcmp(version, "1.0") != 0)
+        return TOK_FAIL(tok, "unknown tokenizer version '%.20s'", version);
     if (!is_absent(field(root, "truncation")))
         rs_warn("%s: truncation settings are ignored (resafe never truncates)", tok->label);
     if (!is_absent(field(root, "padding")))
         rs_warn("%s: padding settings are ignored (resafe never pads)", tok->label);
-    if (is_absent(field(root, "model"))) return LFAIL(tok, "no model");
+    if (is_absent(field(root, "model"))) return TOK_FAIL(tok, "no model");
     return 0;
 }
 
@@ -651,19 +685,22 @@ static int load_parts(rs_tokenizer *tok, const cJSON *root) {
 }
 
 int tok_load_json(rs_tokenizer *tok, const char *text, size_t len) {
-    if (!text) return LFAIL(tok, "no data");
+    if (!text) return TOK_FAIL(tok, "no data");
     size_t valid = tok_utf8_valid_prefix(text, len);
-    if (valid != len) return LFAIL(tok, "not valid UTF-8 (byte %zu)", valid);
-    if (has_nul_escape(text, len)) return LFAIL(tok, "strings containing \\u0000 are not supported");
+    if (valid != len) return TOK_FAIL(tok, "not valid UTF-8 (byte %zu)", valid);
+    if (has_nul_escape(text, len))
+        return TOK_FAIL(tok, "strings containing \\u0000 are not supported");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (!root) {
         size_t at = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
-        return LFAIL(tok, "not valid JSON (near byte %zu)", at);
+        return TOK_FAIL(tok, "not valid JSON (near byte %zu)", at);
     }
-    while (end && end < text + len && (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t' || *end == 0))
+    while (end && end < text + len &&
+           (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t' || *end == 0))
         end++;
-    int rc = end && end < text + len ? LFAIL(tok, "unexpected data after the JSON value (byte %zu)", (size_t)(end - text))
+    int rc = end && end < text + len ? TOK_FAIL(tok, "unexpected data after the JSON value (byte %zu)",
+                                             (size_t)(end - text))
                                      : load_parts(tok, root);
     cJSON_Delete(root);
     return rc;

@@ -13,9 +13,8 @@ static const char RE_GPT2[] =
 static const char RE_LLAMA3[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-static const char RE_QWEN2[] =
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
-    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char RE_QWEN2[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+                               "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
 tok_regex tok_regex_from_pattern(const char *pattern) {
     if (strcmp(pattern, RE_GPT2) == 0) return TOK_RE_GPT2;
@@ -24,9 +23,15 @@ tok_regex tok_regex_from_pattern(const char *pattern) {
     return TOK_RE_NONE;
 }
 
-/* ---------------------------------------------------------------- character classes at a position */
+/* ---------------------------------------------------------------- character classes at a position
+ */
 
-typedef enum { CLS_LETTER, CLS_NUMBER, CLS_SPACE, CLS_OTHER } char_class; /* OTHER: [^\s\p{L}\p{N}] */
+typedef enum {
+    CLS_LETTER,
+    CLS_NUMBER,
+    CLS_SPACE,
+    CLS_OTHER
+} char_class; /* OTHER: [^\s\p{L}\p{N}] */
 
 static char_class class_of(uint32_t cp) {
     if (tok_is_letter(cp)) return CLS_LETTER;
@@ -41,7 +46,8 @@ static uint32_t char_at(const char *s, size_t n, size_t pos, size_t *len) {
     return cp;
 }
 
-/* End of the run of characters of class c starting at pos, at most max_chars of them (0: no limit). */
+/* End of the run of characters of class c starting at pos, at most max_chars of them (0: no limit).
+ */
 static size_t run_end(const char *s, size_t n, size_t pos, char_class c, int max_chars) {
     int count = 0;
     while (pos < n && (max_chars == 0 || count < max_chars)) {
@@ -67,7 +73,8 @@ static size_t contraction_gpt2(const char *s, size_t n, size_t pos) {
     if (c == 's' || c == 't' || c == 'm' || c == 'd') return pos + 2;
     if (pos + 2 < n) {
         char d = s[pos + 2];
-        if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l')) return pos + 3;
+        if ((c == 'r' && d == 'e') || (c == 'v' && d == 'e') || (c == 'l' && d == 'l'))
+            return pos + 3;
     }
     return pos;
 }
@@ -184,7 +191,8 @@ static void spans_add(spans *sp, size_t start, size_t end, bool is_match) {
     sp->v[sp->n++] = (span){start, end, is_match};
 }
 
-static const char *find_literal(const char *s, size_t n, size_t from, const char *lit, size_t lit_len) {
+static const char *find_literal(const char *s, size_t n, size_t from, const char *lit,
+                                size_t lit_len) {
     if (lit_len == 0 || from > n || n - from < lit_len) return NULL;
     return memmem(s + from, n - from, lit, lit_len);
 }
@@ -208,7 +216,8 @@ static void find_matches(const tok_pre *step, const char *s, size_t n, spans *ou
         }
     } else {
         const char *lit = step->kind == TOK_PRE_METASPACE ? step->replacement : step->literal;
-        size_t lit_len = step->kind == TOK_PRE_METASPACE ? (size_t)step->replacement_len : step->literal_len;
+        size_t lit_len =
+            step->kind == TOK_PRE_METASPACE ? (size_t)step->replacement_len : step->literal_len;
         const char *hit;
         while ((hit = find_literal(s, n, pos, lit, lit_len)) != NULL) {
             size_t start = (size_t)(hit - s);
@@ -296,7 +305,8 @@ void tok_normalize(const rs_tokenizer *tok, const char *s, size_t n, tok_buf *ou
             if (cur.len > 0) tok_buf_put(&next, step->a, step->a_len); /* only non-empty strings */
             tok_buf_put(&next, cur.data, cur.len);
         } else {
-            tok_replace_literal(cur.data, cur.len, step->a, step->a_len, step->b, step->b_len, &next);
+            tok_replace_literal(cur.data, cur.len, step->a, step->a_len, step->b, step->b_len,
+                                &next);
         }
         tok_buf swap = cur;
         cur = next;
@@ -328,7 +338,8 @@ static void byte_level(const tok_pre *step, const char *s, size_t n, bool first,
         mapped.len = 0;
         for (size_t k = 0; k < split.v[i].len; k++) {
             char utf8[4];
-            tok_buf_put(&mapped, utf8, (size_t)tok_utf8_encode(tok_byte_to_char((uint8_t)p[k]), utf8));
+            tok_buf_put(&mapped, utf8,
+                        (size_t)tok_utf8_encode(tok_byte_to_char((uint8_t)p[k]), utf8));
         }
         tok_pieces_add(out, mapped.data, mapped.len, -1, split.v[i].first);
     }

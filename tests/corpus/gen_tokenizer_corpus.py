@@ -81,6 +81,7 @@ CASES = [
     ("missing_merges", variant(model__merges=DELETE), "model.merges: expected an array"),
     ("merges_not_array", variant(model__merges="a b"), "model.merges: expected an array"),
     ("merge_unknown_token", variant(model__merges=[["a", "z"]]), "'z' is not in the vocabulary"),
+    ("merge_unknown_token_newline", variant(model__merges=[["a", "z\nq"]]), "'z\\x0aq' is not in the vocabulary"),
     ("merge_result_unknown", variant(model__merges=[["b", "a"]]), "'ba' is not in the vocabulary"),
     ("merge_three_parts", variant(model__merges=["a b c"]), "is not two tokens separated by one space"),
     ("merge_pair_wrong_type", variant(model__merges=[["a", 1]]), "expected a pair of strings"),

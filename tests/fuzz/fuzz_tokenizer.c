@@ -12,7 +12,8 @@ static void exercise_text(const rs_tokenizer *tok, const char *text, size_t len)
         int n;
         if (rs_tokenizer_encode(tok, text, len, add_special, &ids, &n) != 0) continue;
         for (int i = 0; i < n; i++)
-            if (ids[i] < 0 || ids[i] >= rs_tokenizer_vocab_size(tok)) abort(); /* ids stay in range */
+            if (ids[i] < 0 || ids[i] >= rs_tokenizer_vocab_size(tok))
+                abort(); /* ids stay in range */
         size_t out_len;
         free(rs_tokenizer_decode_n(tok, ids, n, 0, &out_len));
         free(rs_tokenizer_decode_n(tok, ids, n, 1, &out_len));
@@ -28,13 +29,19 @@ static void exercise_text(const rs_tokenizer *tok, const char *text, size_t len)
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    static const char *texts[] = {"", "Hello world", " it's  I'M 12345 \n\n\t x", "<s>a</s><|eot_id|>",
-                                  "\xC3\xA9\xF0\x9F\x98\x80\xE4\xBD\xA0\xE5\xA5\xBD", "\xE2\x96\x81 a",
-                                  "\xFF bad", "'s'S'\xC5\xBF  \r\n"};
+    static const char *texts[] = {"",
+                                  "Hello world",
+                                  " it's  I'M 12345 \n\n\t x",
+                                  "<s>a</s><|eot_id|>",
+                                  "\xC3\xA9\xF0\x9F\x98\x80\xE4\xBD\xA0\xE5\xA5\xBD",
+                                  "\xE2\x96\x81 a",
+                                  "\xFF bad",
+                                  "'s'S'\xC5\xBF  \r\n"};
     rs_set_log_level(RS_LOG_ERROR);
     rs_tokenizer *tok = rs_tokenizer_parse("fuzz.json", (const char *)data, size);
     if (!tok) return 0;
-    for (size_t i = 0; i < sizeof texts / sizeof *texts; i++) exercise_text(tok, texts[i], strlen(texts[i]));
+    for (size_t i = 0; i < sizeof texts / sizeof *texts; i++)
+        exercise_text(tok, texts[i], strlen(texts[i]));
     size_t tail = size < 256 ? size : 256;
     exercise_text(tok, (const char *)data + size - tail, tail);
     int32_t ids[64];

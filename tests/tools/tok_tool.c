@@ -26,7 +26,8 @@ static void print_hex(const char *s, size_t n) {
     putchar('\n');
 }
 
-/* Split the file into lines in place; returns the number of lines (a trailing newline ends the last). */
+/* Split the file into lines in place; returns the number of lines (a trailing newline ends the
+ * last). */
 static size_t split_lines(char *data, size_t size, char ***lines) {
     size_t n = 0, cap = 1024;
     *lines = malloc(cap * sizeof **lines);
@@ -45,7 +46,8 @@ static size_t split_lines(char *data, size_t size, char ***lines) {
 static void encode_line(const rs_tokenizer *tok, const char *hex, int add_special) {
     size_t len = strlen(hex) / 2;
     char *text = malloc(len + 1);
-    for (size_t i = 0; i < len; i++) text[i] = (char)(hex_value(hex[2 * i]) * 16 + hex_value(hex[2 * i + 1]));
+    for (size_t i = 0; i < len; i++)
+        text[i] = (char)(hex_value(hex[2 * i]) * 16 + hex_value(hex[2 * i + 1]));
     int32_t *ids;
     int n;
     if (rs_tokenizer_encode(tok, text, len, add_special, &ids, &n) != 0) {
@@ -62,7 +64,8 @@ static void pretok_line(const rs_tokenizer *tok, const char *hex) {
     size_t len = strlen(hex) / 2, *lens;
     char *text = malloc(len + 1), *pieces;
     int n;
-    for (size_t i = 0; i < len; i++) text[i] = (char)(hex_value(hex[2 * i]) * 16 + hex_value(hex[2 * i + 1]));
+    for (size_t i = 0; i < len; i++)
+        text[i] = (char)(hex_value(hex[2 * i]) * 16 + hex_value(hex[2 * i + 1]));
     if (rs_tokenizer_pre_tokenize(tok, text, len, &pieces, &lens, &n) != 0) {
         printf("ERR %s\n", rs_last_error());
     } else {
@@ -115,7 +118,8 @@ int main(int argc, char **argv) {
         printf("vocab_size %d\n", rs_tokenizer_vocab_size(tok));
     } else if (strcmp(mode, "tokens") == 0) {
         print_tokens(tok);
-    } else if ((strcmp(mode, "encode") == 0 || strcmp(mode, "decode") == 0 || strcmp(mode, "pretok") == 0) &&
+    } else if ((strcmp(mode, "encode") == 0 || strcmp(mode, "decode") == 0 ||
+                strcmp(mode, "pretok") == 0) &&
                argc == 5) {
         char *data, **lines;
         size_t size;

@@ -19,20 +19,24 @@ static char *llama_like_json(void) {
         "{\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, \"content\": \"\\u2581\"}]},"
         "\"pre_tokenizer\": null,"
         "\"post_processor\": {\"type\": \"TemplateProcessing\","
-        " \"single\": [{\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}}, {\"Sequence\": {\"id\": \"A\", \"type_id\": 0}}],"
+        " \"single\": [{\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}}, {\"Sequence\": "
+        "{\"id\": \"A\", \"type_id\": 0}}],"
         " \"special_tokens\": {\"<s>\": {\"id\": \"<s>\", \"ids\": [1], \"tokens\": [\"<s>\"]}}},"
         "\"decoder\": {\"type\": \"Sequence\", \"decoders\": ["
         "{\"type\": \"Replace\", \"pattern\": {\"String\": \"\\u2581\"}, \"content\": \" \"},"
         "{\"type\": \"ByteFallback\"}, {\"type\": \"Fuse\"},"
         "{\"type\": \"Strip\", \"content\": \" \", \"start\": 1, \"stop\": 0}]},"
-        "\"model\": {\"type\": \"BPE\", \"unk_token\": \"<unk>\", \"fuse_unk\": true, \"byte_fallback\": true,"
-        " \"merges\": [\"\\u2581 h\", \"\\u2581h i\"], \"vocab\": {\"<unk>\": 0, \"<s>\": 1, \"</s>\": 2";
+        "\"model\": {\"type\": \"BPE\", \"unk_token\": \"<unk>\", \"fuse_unk\": true, "
+        "\"byte_fallback\": true,"
+        " \"merges\": [\"\\u2581 h\", \"\\u2581h i\"], \"vocab\": {\"<unk>\": 0, \"<s>\": 1, "
+        "\"</s>\": 2";
     static const char tail[] =
         ", \"\\u2581\": 259, \"h\": 260, \"i\": 261, \"\\u2581h\": 262, \"\\u2581hi\": 263}}}";
     size_t cap = sizeof head + sizeof tail + 256 * 24;
     char *json = malloc(cap);
     size_t n = (size_t)snprintf(json, cap, "%s", head);
-    for (int b = 0; b < 256; b++) n += (size_t)snprintf(json + n, cap - n, ", \"<0x%02X>\": %d", b, BYTE_ID(b));
+    for (int b = 0; b < 256; b++)
+        n += (size_t)snprintf(json + n, cap - n, ", \"<0x%02X>\": %d", b, BYTE_ID(b));
     snprintf(json + n, cap - n, "%s", tail);
     return json;
 }
@@ -47,14 +51,16 @@ static rs_tokenizer *llama_like(void) {
 /* A bare BPE over single letters (no normalizer, pre-tokenizer or decoder). */
 static rs_tokenizer *letters(const char *merges, const char *added) {
     char json[2048];
-    snprintf(json, sizeof json,
-             "{\"added_tokens\": [%s], \"model\": {\"type\": \"BPE\", \"merges\": [%s], \"vocab\": "
-             "{\"a\": 0, \"b\": 1, \"c\": 2, \"ab\": 3, \"bc\": 4, \"abc\": 5, \" \": 6, \"x\": 7}}}",
-             added, merges);
+    snprintf(
+        json, sizeof json,
+        "{\"added_tokens\": [%s], \"model\": {\"type\": \"BPE\", \"merges\": [%s], \"vocab\": "
+        "{\"a\": 0, \"b\": 1, \"c\": 2, \"ab\": 3, \"bc\": 4, \"abc\": 5, \" \": 6, \"x\": 7}}}",
+        added, merges);
     return rs_tokenizer_parse("letters.json", json, strlen(json));
 }
 
-static int encode(const rs_tokenizer *tok, const char *text, int add_special, int32_t *out, int cap) {
+static int encode(const rs_tokenizer *tok, const char *text, int add_special, int32_t *out,
+                  int cap) {
     int32_t *ids;
     int n;
     if (rs_tokenizer_encode(tok, text, strlen(text), add_special, &ids, &n) != 0) return -1;
@@ -104,10 +110,11 @@ TEST(test_tokenizer_bpe_applies_lowest_rank_merge_first) {
 }
 
 TEST(test_tokenizer_added_tokens_match_longest_then_strip_spaces) {
-    const char *added = "{\"id\": 8, \"content\": \"<a>\", \"special\": true, \"normalized\": false},"
-                        "{\"id\": 9, \"content\": \"<a><b>\", \"special\": true, \"normalized\": false},"
-                        "{\"id\": 10, \"content\": \"<m>\", \"lstrip\": true, \"rstrip\": true, "
-                        "\"special\": false, \"normalized\": false}";
+    const char *added =
+        "{\"id\": 8, \"content\": \"<a>\", \"special\": true, \"normalized\": false},"
+        "{\"id\": 9, \"content\": \"<a><b>\", \"special\": true, \"normalized\": false},"
+        "{\"id\": 10, \"content\": \"<m>\", \"lstrip\": true, \"rstrip\": true, "
+        "\"special\": false, \"normalized\": false}";
     rs_tokenizer *tok = letters("", added);
     REQUIRE(tok, "%s", rs_last_error());
     int32_t ids[16];
@@ -118,7 +125,8 @@ TEST(test_tokenizer_added_tokens_match_longest_then_strip_spaces) {
     n = encode(tok, "a  <m>  b", 0, ids, 16);
     CHECK(same_ids(ids, n, want_strip, 3), "lstrip/rstrip: got %d ids", n);
     CHECK(rs_tokenizer_is_special(tok, 9) && !rs_tokenizer_is_special(tok, 10), "special flags");
-    CHECK(rs_tokenizer_token_to_id(tok, "<a><b>") == 9 && rs_tokenizer_vocab_size(tok) == 11, "lookups");
+    CHECK(rs_tokenizer_token_to_id(tok, "<a><b>") == 9 && rs_tokenizer_vocab_size(tok) == 11,
+          "lookups");
     rs_tokenizer_free(tok);
 }
 
@@ -126,13 +134,15 @@ TEST(test_tokenizer_decode_skips_special_and_unknown_ids) {
     rs_tokenizer *tok = llama_like();
     REQUIRE(tok, "%s", rs_last_error());
     const int32_t ids[] = {1, 263, 999999, -5, 2};
-    char *with = rs_tokenizer_decode(tok, ids, 5, 0), *without = rs_tokenizer_decode(tok, ids, 5, 1);
+    char *with = rs_tokenizer_decode(tok, ids, 5, 0),
+         *without = rs_tokenizer_decode(tok, ids, 5, 1);
     CHECK(strcmp(with, "<s> hi</s>") == 0, "with specials: '%s'", with);
     CHECK(strcmp(without, "hi") == 0, "skip_special: '%s'", without);
     free(with);
     free(without);
     CHECK(strcmp(rs_tokenizer_id_to_token(tok, 263), "\xE2\x96\x81hi") == 0, "id_to_token");
-    CHECK(rs_tokenizer_id_to_token(tok, 264) == NULL && rs_tokenizer_token_to_id(tok, "zz") == -1, "unknown");
+    CHECK(rs_tokenizer_id_to_token(tok, 264) == NULL && rs_tokenizer_token_to_id(tok, "zz") == -1,
+          "unknown");
     rs_tokenizer_free(tok);
 }
 
@@ -172,7 +182,7 @@ TEST(test_tokenizer_round_trips_random_text) {
         int chars = (int)(rs_rng_next(&r) % 40);
         for (int i = 0; i < chars; i++) {
             uint32_t cp = (uint32_t)(rs_rng_next(&r) % 3 == 0 ? rs_rng_next(&r) % 0x110000
-                                                               : rs_rng_next(&r) % 0x80);
+                                                              : rs_rng_next(&r) % 0x80);
             if ((cp >= 0xD800 && cp <= 0xDFFF) || cp == 0x2581 || cp == 0) continue;
             n += put_utf8(text + n, cp);
         }
@@ -201,11 +211,14 @@ TEST(test_tokenizer_rejects_invalid_utf8) {
 }
 
 TEST(test_tokenizer_errors_name_the_file) {
-    CHECK(rs_tokenizer_parse("some/dir/my_tok.json", "{\"model\": ", 10) == NULL, "bad JSON accepted");
-    CHECK(strstr(rs_last_error(), "some/dir/my_tok.json") && strstr(rs_last_error(), "JSON"), "%s", rs_last_error());
+    CHECK(rs_tokenizer_parse("some/dir/my_tok.json", "{\"model\": ", 10) == NULL,
+          "bad JSON accepted");
+    CHECK(strstr(rs_last_error(), "some/dir/my_tok.json") && strstr(rs_last_error(), "JSON"), "%s",
+          rs_last_error());
     const char *unigram = "{\"model\": {\"type\": \"Unigram\", \"vocab\": [[\"a\", 0.0]]}}";
     CHECK(rs_tokenizer_parse("u.json", unigram, strlen(unigram)) == NULL, "Unigram accepted");
-    CHECK(strstr(rs_last_error(), "u.json") && strstr(rs_last_error(), "Unigram"), "%s", rs_last_error());
+    CHECK(strstr(rs_last_error(), "u.json") && strstr(rs_last_error(), "Unigram"), "%s",
+          rs_last_error());
     CHECK(rs_tokenizer_load("/nonexistent/tokenizer.json") == NULL, "missing file accepted");
     CHECK(strstr(rs_last_error(), "/nonexistent/tokenizer.json") != NULL, "%s", rs_last_error());
 }
