@@ -1,11 +1,13 @@
 /* resafe generate: text from a model directory, greedy or sampled, batched over prompts. */
 #include <cJSON.h>
 #include <errno.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "resafe/chat.h"
 #include "resafe/cli.h"
+#include "resafe/config.h"
 #include "resafe/generate.h"
 #include "resafe/tokenizer.h"
 
@@ -27,6 +29,11 @@ static const char *g_usage =
     "  --backend NAME         cpu, cuda or auto (default auto)\n"
     "  --format FMT           text (default) or jsonl: one object per prompt with prompt_ids,\n"
     "                         ids (generated, the stop id included) and text\n"
+    "  --config FILE.ini      take [model] and [generate] keys from a run config; the\n"
+    "                         options above override it (README: config keys)\n"
+    "  --set section.key=V    override one config key (repeatable; implies the defaults\n"
+    "                         of every other key when no --config is given)\n"
+    "  --no-chat              plain prompts even when the config says chat = true\n"
     "  -v, --verbose          debug log (memory plans)\n";
 
 typedef struct {
@@ -36,6 +43,9 @@ typedef struct {
     int32_t **ids; /* --ids prompts */
     int *id_lens, n_ids;
     int chat, verbose;
+    int chat_kind_set;      /* chat_kind given by the config, not detected */
+    rs_chat_kind chat_kind;
+    char *backend_owned, *model_owned, *system_owned;
     rs_gen_params gen; /* the numeric options; the rest filled from the model */
 } options;
 
@@ -126,6 +136,42 @@ static int parse_number(options *o, const char *flag, const char *v) {
     return 0;
 }
 
+/* --config FILE and --set s.k=v: the run config's [model] and [generate] keys become the
+ * defaults that the other options override. Returns 0, 1 (input error, message recorded). */
+static int apply_config(options *o, int argc, char **argv) {
+    const char *path = NULL;
+    int n_sets = 0;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--config") == 0) path = argv[i + 1];
+        n_sets += strcmp(argv[i], "--set") == 0;
+    }
+    if (!path && !n_sets) return 0;
+    rs_config *cfg = path ? rs_config_load(path) : rs_config_new();
+    if (!cfg) return 1;
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[i + 1]) != 0) {
+            rs_config_free(cfg);
+            return 1;
+        }
+    const char *model = rs_config_get_str(cfg, "model", "path"), *tmpl;
+    if (model[0]) o->model_dir = o->model_owned = rs_strdup(model);
+    o->backend = o->backend_owned = rs_strdup(rs_config_get_str(cfg, "model", "backend"));
+    int threads = (int)rs_config_get_int(cfg, "model", "threads");
+    if (threads > 0) omp_set_num_threads(threads);
+    tmpl = rs_config_get_str(cfg, "model", "chat_template");
+    if (strcmp(tmpl, "auto") != 0) o->chat_kind_set = rs_chat_kind_from_name(tmpl, &o->chat_kind) == 0;
+    o->chat = rs_config_get_bool(cfg, "generate", "chat");
+    const char *system = rs_config_get_str(cfg, "generate", "system_prompt");
+    if (system[0]) o->system = o->system_owned = rs_strdup(system);
+    o->gen.max_new_tokens = (int)rs_config_get_int(cfg, "generate", "max_new_tokens");
+    o->gen.temperature = (float)rs_config_get_float(cfg, "generate", "temperature");
+    o->gen.top_k = (int)rs_config_get_int(cfg, "generate", "top_k");
+    o->gen.top_p = (float)rs_config_get_float(cfg, "generate", "top_p");
+    o->gen.seed = (unsigned long long)rs_config_get_int(cfg, "generate", "seed");
+    rs_config_free(cfg);
+    return 0;
+}
+
 static int parse_args(options *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
     o->backend = "auto";
@@ -133,10 +179,16 @@ static int parse_args(options *o, int argc, char **argv) {
     o->gen.max_new_tokens = -1; /* -1: not given (model defaults fill in later) */
     o->gen.batch_size = 8;
     o->gen.top_p = 1.0f;
+    if (apply_config(o, argc, argv) != 0) {
+        fprintf(stderr, "resafe: error: %s\n", rs_last_error());
+        return 1;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return printf("%s", g_usage), -1;
         if (strcmp(a, "--chat") == 0) { o->chat = 1; continue; }
+        if (strcmp(a, "--no-chat") == 0) { o->chat = 0; continue; }
+        if ((strcmp(a, "--config") == 0 || strcmp(a, "--set") == 0) && i + 1 < argc) { i++; continue; }
         if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) { o->verbose = 1; continue; }
         if (i + 1 >= argc) return usage_error("option '%s' needs a value (or is unknown)", a);
         const char *v = argv[++i];
@@ -156,8 +208,9 @@ static int parse_args(options *o, int argc, char **argv) {
     if (!o->model_dir) return usage_error("%s", "--model is required");
     int n_sources = (o->n_texts > 0) + (o->prompts_file != NULL) + (o->n_ids > 0);
     if (n_sources != 1) return usage_error("%s", "give prompts with exactly one of --prompt, --prompts-file, --ids");
-    if (o->chat && o->n_ids) return usage_error("%s", "--chat needs text prompts, not --ids");
-    if (o->system && !o->chat) return usage_error("%s", "--system needs --chat");
+    if (o->chat && o->n_ids && !o->model_owned) return usage_error("%s", "--chat needs text prompts, not --ids");
+    if (o->n_ids) o->chat = 0; /* ids are sent as they are */
+    if (o->system && !o->chat && !o->system_owned) return usage_error("%s", "--system needs --chat");
     if (strcmp(o->format, "text") != 0 && strcmp(o->format, "jsonl") != 0)
         return usage_error("--format: '%s' is not text or jsonl", o->format);
     return 0;
@@ -183,7 +236,8 @@ static int read_prompts_file(options *o) {
  * encoding with the tokenizer's special tokens (BOS) as HF's add_special_tokens=True. */
 static int encode_texts(options *o, const rs_tokenizer *tok) {
     rs_chat_kind kind = RS_CHAT_NONE;
-    if (o->chat) RS_TRY(rs_chat_detect(o->model_dir, &kind));
+    if (o->chat && o->chat_kind_set) kind = o->chat_kind;
+    else if (o->chat) RS_TRY(rs_chat_detect(o->model_dir, &kind));
     o->ids = rs_calloc((size_t)o->n_texts, sizeof *o->ids);
     o->id_lens = rs_calloc((size_t)o->n_texts, sizeof *o->id_lens);
     for (int i = 0; i < o->n_texts; i++, o->n_ids++) {
@@ -259,6 +313,7 @@ static void free_options(options *o) {
     for (int i = 0; i < o->n_texts; i++) free(o->texts[i]);
     for (int i = 0; i < o->n_ids; i++) free(o->ids[i]);
     free(o->texts), free(o->ids), free(o->id_lens);
+    free(o->backend_owned), free(o->model_owned), free(o->system_owned);
 }
 
 /* Everything after parsing; returns 0 or -1 with the message recorded. */

@@ -103,3 +103,25 @@ def test_chat_without_template_is_one_line_error(chat_model, tmp_path):
     p = run_resafe("generate", "--model", bare, "--chat", "--prompt", "hi", check=False)
     assert p.returncode == 1 and "chat template" in p.stderr
     assert len([l for l in p.stderr.splitlines() if "error" in l]) == 1
+
+
+def test_config_file_sets_generation_and_flags_override_it(chat_model, tmp_path):
+    """--config takes [model] and [generate] from the INI; the same run given as flags gives the
+    same ids; a flag overrides the file; a bad key is one error line naming file and key."""
+    path, tok, model, rnd = chat_model
+    temp, top_p, seed, n_new = round(rnd.uniform(0.5, 1.5), 3), round(rnd.uniform(0.5, 1), 3), rnd.randint(0, 10**6), rnd.randint(3, 9)
+    ini = tmp_path / "run.ini"
+    ini.write_text(f"[model]\npath = {path}\nbackend = cpu\n[generate]\nchat = false\n"
+                   f"max_new_tokens = {n_new}\ntemperature = {temp}\ntop_p = {top_p}\nseed = {seed}\n")
+    prompt = sentence(rnd)
+    by_file = jsonl(run_resafe("generate", "--config", ini, "--prompt", prompt, "--format", "jsonl"))
+    by_flags = jsonl(run_resafe("generate", "--model", path, "--backend", "cpu", "--prompt", prompt,
+                                "--format", "jsonl", "--max-new-tokens", n_new, "--temperature", temp,
+                                "--top-p", top_p, "--seed", seed))
+    assert by_file[0]["ids"] == by_flags[0]["ids"] and by_file[0]["prompt_ids"] == tok(prompt).input_ids
+    greedy = jsonl(run_resafe("generate", "--config", ini, "--prompt", prompt, "--format", "jsonl",
+                              "--temperature", 0, "--set", "generate.max_new_tokens=4"))
+    assert greedy[0]["ids"] == hf_greedy(model, greedy[0]["prompt_ids"], 4)
+    ini.write_text(ini.read_text() + "beam_width = 3\n")
+    p = run_resafe("generate", "--config", ini, "--prompt", prompt, check=False)
+    assert p.returncode == 1 and "run.ini" in p.stderr and "beam_width" in p.stderr, p.stderr
