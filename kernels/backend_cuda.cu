@@ -1,0 +1,244 @@
+/* backend_cuda: the CUDA op table. Memory, copies and dtype conversions here; each op's kernel in
+ * its own kernels/<op>.cu. One device (the current one, 0 unless the caller chose another), one
+ * stream, one cuBLAS handle with a workspace allocated once: ops never allocate. */
+#include "resafe/cuda_common.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20) /* cuBLAS's recommendation for Hopper */
+#define STAGING_FLOATS ((size_t)1 << 21)          /* 8 MiB: upload_f32/download_f32 chunks */
+
+/* The backend context: the one piece of state behind the op table (its signatures carry none). */
+static struct {
+    int tried; /* rs_backend_cuda() ran its probe */
+    int usable;
+    int device;
+    int sync_after_launch; /* RESAFE_CUDA_SYNC=1 */
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    void *cublas_workspace;
+    float *staging; /* device fp32 buffer of STAGING_FLOATS */
+    rs_backend table;
+} g_cuda;
+
+void rs_cuda_check_launch(cudaStream_t stream, const char *kernel, const char *file, int line) {
+    cudaError_t err = cudaGetLastError();
+    if (err == cudaSuccess && g_cuda.sync_after_launch) err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess)
+        rs_die_at(file, line, "CUDA kernel %s failed: %s (%s)", kernel, cudaGetErrorString(err),
+                  cudaGetErrorName(err));
+}
+
+/* ---------------------------------------------------------------- memory */
+/* Never NULL: a zero-byte request gets a real (1-byte) allocation, as malloc may. */
+static void *cuda_alloc(size_t bytes) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
+    if (err != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&free_b, &total_b);
+        RS_DIE("cannot allocate %.1f MiB of GPU memory (%.1f MiB free of %.1f MiB): %s",
+               bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0,
+               cudaGetErrorString(err));
+    }
+    return p;
+}
+
+static void cuda_free(void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+
+/* Copies return when complete, like memcpy: the host buffer may be reused at once. */
+static void cuda_to_device(void *dst, const void *host_src, size_t bytes) {
+    if (bytes == 0) return;
+    CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_cuda.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+}
+
+static void cuda_to_host(void *host_dst, const void *src, size_t bytes) {
+    if (bytes == 0) return;
+    CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_cuda.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+}
+
+static void cuda_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes == 0) return;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_cuda.stream));
+}
+
+static void cuda_synchronize(void) { CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream)); }
+
+static void check_storage_dtype(rs_dtype t, const char *what) {
+    RS_CHECK(t == RS_F32 || t == RS_BF16 || t == RS_F16,
+             "cuda backend: %s of dtype %s is not supported (F32, BF16, F16 are)", what,
+             (unsigned)t < RS_DTYPE_COUNT ? rs_dtype_name(t) : "?");
+}
+
+/* fp32 host values -> device dtype, converted on the device chunk by chunk through the staging
+ * buffer (stream order keeps a chunk's copy behind the previous chunk's conversion). */
+static void cuda_upload_f32(void *dst, rs_dtype dst_dtype, const float *host_src, size_t n) {
+    check_storage_dtype(dst_dtype, "upload_f32 destination");
+    if (dst_dtype == RS_F32) {
+        cuda_to_device(dst, host_src, n * sizeof(float));
+        return;
+    }
+    size_t elem = rs_dtype_size(dst_dtype);
+    for (size_t off = 0; off < n; off += STAGING_FLOATS) {
+        size_t chunk = n - off < STAGING_FLOATS ? n - off : STAGING_FLOATS;
+        CUDA_CHECK(cudaMemcpyAsync(g_cuda.staging, host_src + off, chunk * sizeof(float),
+                                   cudaMemcpyHostToDevice, g_cuda.stream));
+        rs_cuda_convert_from_f32(g_cuda.stream, (char *)dst + off * elem, dst_dtype,
+                                 g_cuda.staging, chunk);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+}
+
+static void cuda_download_f32(float *host_dst, const void *src, rs_dtype src_dtype, size_t n) {
+    check_storage_dtype(src_dtype, "download_f32 source");
+    if (src_dtype == RS_F32) {
+        cuda_to_host(host_dst, src, n * sizeof(float));
+        return;
+    }
+    size_t elem = rs_dtype_size(src_dtype);
+    for (size_t off = 0; off < n; off += STAGING_FLOATS) {
+        size_t chunk = n - off < STAGING_FLOATS ? n - off : STAGING_FLOATS;
+        rs_cuda_convert_to_f32(g_cuda.stream, g_cuda.staging, (const char *)src + off * elem,
+                               src_dtype, chunk);
+        CUDA_CHECK(cudaMemcpyAsync(host_dst + off, g_cuda.staging, chunk * sizeof(float),
+                                   cudaMemcpyDeviceToHost, g_cuda.stream));
+    }
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+}
+
+/* ---------------------------------------------------------------- forward ops: bf16 act and w */
+static void cuda_embedding_fwd(void *out, const void *table, const int32_t *ids, int n, int dim,
+                               float scale) {
+    rs_cuda_embedding_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)table, ids, n, dim, scale);
+}
+
+static void cuda_rmsnorm_fwd(void *out, float *rstd, const void *x, const void *w, int n, int dim,
+                             float eps, int add_one) {
+    rs_cuda_rmsnorm_fwd(g_cuda.stream, (bf16 *)out, rstd, (const bf16 *)x, (const bf16 *)w, n, dim,
+                        eps, add_one);
+}
+
+static void cuda_linear_fwd(void *out, const void *x, const void *w, const void *bias, int n,
+                            int k, int m, float beta) {
+    rs_cuda_linear_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)x,
+                       (const bf16 *)w, (const bf16 *)bias, n, k, m, beta);
+}
+
+static void cuda_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, int n_tok,
+                          int n_heads, int head_dim) {
+    rs_cuda_rope_fwd(g_cuda.stream, (bf16 *)x, pos, inv_freq, n_tok, n_heads, head_dim);
+}
+
+static void cuda_attention_fwd(void *out, const void *q, const void *k, const void *v,
+                               const int32_t *q_pos, int B, int Tq, int Tk, int n_heads,
+                               int n_kv_heads, int head_dim, float scale) {
+    rs_cuda_attention_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)q, (const bf16 *)k,
+                          (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim, scale);
+}
+
+static void cuda_glu_fwd(void *out, const void *gate, const void *up, size_t n,
+                         rs_activation act) {
+    rs_cuda_glu_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act);
+}
+
+static void cuda_add_inplace(void *x, const void *y, size_t n) {
+    rs_cuda_add_inplace(g_cuda.stream, (bf16 *)x, (const bf16 *)y, n);
+}
+
+static void cuda_scatter_rows(void *dst, const void *src, const int32_t *dst_rows, int n,
+                              int dim) {
+    rs_cuda_scatter_rows(g_cuda.stream, (bf16 *)dst, (const bf16 *)src, dst_rows, n, dim);
+}
+
+static void cuda_gather_rows(void *dst, const void *src, const int32_t *src_rows, int n, int dim) {
+    rs_cuda_gather_rows(g_cuda.stream, (bf16 *)dst, (const bf16 *)src, src_rows, n, dim);
+}
+
+static void cuda_act_to_f32(float *out, const void *x, size_t n) {
+    rs_cuda_convert_to_f32(g_cuda.stream, out, x, RS_BF16, n);
+}
+
+/* ---------------------------------------------------------------- set-up */
+/* 0 when a usable device is present (compute capability 8.0+ for bf16), else -1 with a debug log:
+ * a machine without a GPU is normal, not an error. */
+static int cuda_probe(void) {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        cudaGetLastError(); /* clear it: the CPU backend carries on */
+        rs_debug("cuda backend: no CUDA device (%s)",
+                 err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0");
+        return -1;
+    }
+    if (cudaGetDevice(&g_cuda.device) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, g_cuda.device) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    if (prop.major < 8) {
+        rs_info("cuda backend: %s has compute capability %d.%d; bf16 kernels need 8.0 or newer",
+                prop.name, prop.major, prop.minor);
+        return -1;
+    }
+    rs_info("cuda backend: device %d, %s (sm_%d%d, %d SMs, %.1f GiB)", g_cuda.device, prop.name,
+            prop.major, prop.minor, prop.multiProcessorCount,
+            prop.totalGlobalMem / 1073741824.0);
+    return 0;
+}
+
+static void cuda_init(void) {
+    const char *sync = getenv("RESAFE_CUDA_SYNC");
+    g_cuda.sync_after_launch = sync && strcmp(sync, "1") == 0;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g_cuda.stream, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&g_cuda.cublas));
+    CUBLAS_CHECK(cublasSetStream(g_cuda.cublas, g_cuda.stream));
+    g_cuda.cublas_workspace = cuda_alloc(CUBLAS_WORKSPACE_BYTES);
+    CUBLAS_CHECK(cublasSetWorkspace(g_cuda.cublas, g_cuda.cublas_workspace,
+                                    CUBLAS_WORKSPACE_BYTES));
+    g_cuda.staging = (float *)cuda_alloc(STAGING_FLOATS * sizeof(float));
+
+    rs_backend *b = &g_cuda.table;
+    memset(b, 0, sizeof *b);
+    b->name = "cuda";
+    b->act_dtype = RS_BF16;
+    b->weight_dtype = RS_BF16;
+    b->alloc = cuda_alloc;
+    b->free = cuda_free;
+    b->to_device = cuda_to_device;
+    b->to_host = cuda_to_host;
+    b->copy = cuda_copy;
+    b->synchronize = cuda_synchronize;
+    b->upload_f32 = cuda_upload_f32;
+    b->download_f32 = cuda_download_f32;
+    b->embedding_fwd = cuda_embedding_fwd;
+    b->rmsnorm_fwd = cuda_rmsnorm_fwd;
+    b->linear_fwd = cuda_linear_fwd;
+    b->rope_fwd = cuda_rope_fwd;
+    b->attention_fwd = cuda_attention_fwd;
+    b->glu_fwd = cuda_glu_fwd;
+    b->add_inplace = cuda_add_inplace;
+    b->scatter_rows = cuda_scatter_rows;
+    b->gather_rows = cuda_gather_rows;
+    b->act_to_f32 = cuda_act_to_f32;
+}
+
+extern "C" const rs_backend *rs_backend_cuda(void) {
+    if (!g_cuda.tried) {
+        g_cuda.tried = 1;
+        if (cuda_probe() == 0) {
+            cuda_init();
+            g_cuda.usable = 1;
+        }
+    }
+    return g_cuda.usable ? &g_cuda.table : NULL;
+}

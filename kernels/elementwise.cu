@@ -1,0 +1,115 @@
+/* elementwise: residual add, row gather/scatter (KV cache writes, batch compaction), and dtype
+ * conversions between fp32 and the bf16/f16 storage types. */
+#include "resafe/cuda_common.h"
+
+#define GRID_STRIDE(i, n)                                                                          \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n);                        \
+         i += (size_t)gridDim.x * blockDim.x)
+
+/* ---------------------------------------------------------------- add */
+__global__ void add_inplace_kernel(bf16 *x, const bf16 *y, size_t n) {
+    GRID_STRIDE(i, n) x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
+}
+
+void rs_cuda_add_inplace(cudaStream_t s, bf16 *x, const bf16 *y, size_t n) {
+    if (n == 0) return;
+    add_inplace_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(x, y, n);
+    CUDA_CHECK_LAUNCH(s, "add_inplace_kernel");
+}
+
+/* ---------------------------------------------------------------- rows
+ * Plain 2-byte copies, no arithmetic: results are bit-exact. A negative row index (a padded
+ * token) writes nothing (scatter) or a zero row (gather). Row indices are trusted to be inside
+ * the buffers; the op table passes no row counts to check them against. */
+__global__ void scatter_rows_kernel(bf16 *dst, const bf16 *src, const int32_t *dst_rows, int n,
+                                    int dim) {
+    size_t total = (size_t)n * (size_t)dim;
+    GRID_STRIDE(idx, total) {
+        size_t i = idx / (size_t)dim, d = idx % (size_t)dim;
+        int32_t r = dst_rows[i];
+        if (r >= 0) dst[(size_t)r * (size_t)dim + d] = src[idx];
+    }
+}
+
+__global__ void gather_rows_kernel(bf16 *dst, const bf16 *src, const int32_t *src_rows, int n,
+                                   int dim) {
+    size_t total = (size_t)n * (size_t)dim;
+    GRID_STRIDE(idx, total) {
+        size_t i = idx / (size_t)dim, d = idx % (size_t)dim;
+        int32_t r = src_rows[i];
+        dst[idx] = r >= 0 ? src[(size_t)r * (size_t)dim + d] : __float2bfloat16(0.0f);
+    }
+}
+
+void rs_cuda_scatter_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32_t *dst_rows,
+                          int n, int dim) {
+    if (n <= 0 || dim <= 0) return;
+    size_t total = (size_t)n * (size_t)dim;
+    scatter_rows_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+        dst, src, dst_rows, n, dim);
+    CUDA_CHECK_LAUNCH(s, "scatter_rows_kernel");
+}
+
+void rs_cuda_gather_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32_t *src_rows,
+                         int n, int dim) {
+    if (n <= 0 || dim <= 0) return;
+    size_t total = (size_t)n * (size_t)dim;
+    gather_rows_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+        dst, src, src_rows, n, dim);
+    CUDA_CHECK_LAUNCH(s, "gather_rows_kernel");
+}
+
+/* ---------------------------------------------------------------- conversions
+ * To bf16/f16: round to nearest even (NaN stays NaN), as rs_f32_to_bf16 on the host. */
+__global__ void f32_to_bf16_kernel(bf16 *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2bfloat16_rn(src[i]);
+}
+__global__ void f32_to_f16_kernel(__half *dst, const float *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __float2half_rn(src[i]);
+}
+__global__ void bf16_to_f32_kernel(float *dst, const bf16 *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __bfloat162float(src[i]);
+}
+__global__ void f16_to_f32_kernel(float *dst, const __half *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = __half2float(src[i]);
+}
+
+void rs_cuda_convert_from_f32(cudaStream_t s, void *dst, rs_dtype dst_dtype, const float *src,
+                              size_t n) {
+    if (n == 0) return;
+    unsigned blocks = rs_cuda_blocks(n, RS_CUDA_THREADS);
+    switch (dst_dtype) {
+    case RS_F32:
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        return;
+    case RS_BF16:
+        f32_to_bf16_kernel<<<blocks, RS_CUDA_THREADS, 0, s>>>((bf16 *)dst, src, n);
+        break;
+    case RS_F16:
+        f32_to_f16_kernel<<<blocks, RS_CUDA_THREADS, 0, s>>>((__half *)dst, src, n);
+        break;
+    default:
+        RS_DIE("cuda backend: cannot convert fp32 to %s on the device", rs_dtype_name(dst_dtype));
+    }
+    CUDA_CHECK_LAUNCH(s, "f32_to_*_kernel");
+}
+
+void rs_cuda_convert_to_f32(cudaStream_t s, float *dst, const void *src, rs_dtype src_dtype,
+                            size_t n) {
+    if (n == 0) return;
+    unsigned blocks = rs_cuda_blocks(n, RS_CUDA_THREADS);
+    switch (src_dtype) {
+    case RS_F32:
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, s));
+        return;
+    case RS_BF16:
+        bf16_to_f32_kernel<<<blocks, RS_CUDA_THREADS, 0, s>>>(dst, (const bf16 *)src, n);
+        break;
+    case RS_F16:
+        f16_to_f32_kernel<<<blocks, RS_CUDA_THREADS, 0, s>>>(dst, (const __half *)src, n);
+        break;
+    default:
+        RS_DIE("cuda backend: cannot convert %s to fp32 on the device", rs_dtype_name(src_dtype));
+    }
+    CUDA_CHECK_LAUNCH(s, "*_to_f32_kernel");
+}
