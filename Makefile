@@ -52,6 +52,11 @@ UNIT_OBJS := $(patsubst tests/unit/%.c,$(BUILD)/obj/tests/%.o,$(UNIT_SRCS))
 TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tools/%,$(TOOL_SRCS))
 
+# Objects depend on the flags they were built with: switching CUDA=0/1, OPT or SAN rebuilds.
+FLAGS_STAMP := $(BUILD)/.flags
+FLAGS_NOW := $(RS_CFLAGS) $(CFLAGS) | $(NVCCFLAGS) | $(CUDA)
+$(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = "$(FLAGS_NOW)" ] || echo "$(FLAGS_NOW)" > $(FLAGS_STAMP))
+
 .PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench
 all: $(BUILD)/resafe $(BUILD)/test_unit $(TOOL_BINS)
 
@@ -70,15 +75,15 @@ $(BUILD)/tools/%: tests/tools/%.c $(BUILD)/libresafe.a
 	@mkdir -p $(@D)
 	$(CC) $(RS_CFLAGS) $(CFLAGS) $(RS_LDFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libresafe.a $(LDLIBS)
 
-$(BUILD)/obj/src/%.o: src/%.c
+$(BUILD)/obj/src/%.o: src/%.c $(FLAGS_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(RS_CFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
 
-$(BUILD)/obj/tests/%.o: tests/unit/%.c
+$(BUILD)/obj/tests/%.o: tests/unit/%.c $(FLAGS_STAMP)
 	@mkdir -p $(@D)
 	$(CC) $(RS_CFLAGS) $(CFLAGS) -Itests/unit -MMD -MP -c $< -o $@
 
-$(BUILD)/obj/kernels/%.o: kernels/%.cu
+$(BUILD)/obj/kernels/%.o: kernels/%.cu $(FLAGS_STAMP)
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
 
