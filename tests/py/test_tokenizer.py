@@ -568,6 +568,18 @@ def test_every_code_point_splits_as_hf(byte_level_tokenizers):
         compare(name, 0, texts, ours_pre_tokenize(path, texts), hf_pre_tokenize(hf, texts),
                 "pre-tokenize all code points")
 
+def test_unicode_tables_are_generated_from_unicodedata():
+    """src/tokenizer_unicode_data.c is exactly what its generator writes (no hand edits)."""
+    with open(os.path.join(ROOT, "src", "tokenizer_unicode_data.c")) as f:
+        committed = f.read()
+    if f'(Unicode {unicodedata.unidata_version})' not in committed.split("\n")[0]:
+        pytest.skip(f"this Python has Unicode {unicodedata.unidata_version}, the tables another")
+    p = subprocess.run(["python3", os.path.join(ROOT, "scripts", "gen_tokenizer_unicode.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == committed
+
+
 # ---------------------------------------------------------------- errors
 
 
