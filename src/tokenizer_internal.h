@@ -139,7 +139,14 @@ typedef struct {
 } tok_norm;
 
 /* The split regexes we implement by hand (HF compiles them with Oniguruma). */
-typedef enum { TOK_RE_NONE = 0, TOK_RE_GPT2, TOK_RE_LLAMA3, TOK_RE_QWEN2 } tok_regex;
+typedef enum {
+    TOK_RE_NONE = 0,
+    TOK_RE_GPT2,
+    TOK_RE_LLAMA3,
+    TOK_RE_QWEN2,
+    TOK_RE_LLAMA3_ASCII_CASE, /* contractions spelled '[sS]|...: no Unicode case folding */
+    TOK_RE_QWEN2_ASCII_CASE
+} tok_regex;
 typedef enum {
     TOK_SPLIT_REMOVED,
     TOK_SPLIT_ISOLATED,

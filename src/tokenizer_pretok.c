@@ -16,10 +16,24 @@ static const char RE_LLAMA3[] =
 static const char RE_QWEN2[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
                                "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
+/* The same two with the contractions spelled out per case (some converted tokenizers). */
+static const char CONTRACTIONS_ASCII_CASE[] =
+    "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])";
+static const char CONTRACTIONS_FOLDED[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)";
+
+/* pattern == CONTRACTIONS_ASCII_CASE followed by the rest of `folded` after its contractions. */
+static bool is_ascii_case_spelling(const char *pattern, const char *folded) {
+    size_t head = strlen(CONTRACTIONS_ASCII_CASE);
+    return strncmp(pattern, CONTRACTIONS_ASCII_CASE, head) == 0 &&
+           strcmp(pattern + head, folded + strlen(CONTRACTIONS_FOLDED)) == 0;
+}
+
 tok_regex tok_regex_from_pattern(const char *pattern) {
     if (strcmp(pattern, RE_GPT2) == 0) return TOK_RE_GPT2;
     if (strcmp(pattern, RE_LLAMA3) == 0) return TOK_RE_LLAMA3;
     if (strcmp(pattern, RE_QWEN2) == 0) return TOK_RE_QWEN2;
+    if (is_ascii_case_spelling(pattern, RE_LLAMA3)) return TOK_RE_LLAMA3_ASCII_CASE;
+    if (is_ascii_case_spelling(pattern, RE_QWEN2)) return TOK_RE_QWEN2_ASCII_CASE;
     return TOK_RE_NONE;
 }
 
@@ -80,23 +94,23 @@ static size_t contraction_gpt2(const char *s, size_t n, size_t pos) {
 }
 
 /* Oniguruma's case folding for the letters of the contractions: ASCII case, plus U+017F LATIN
- * SMALL LETTER LONG S, which folds to 's'. */
-static char fold_letter(const char *s, size_t n, size_t pos, size_t *len) {
+ * SMALL LETTER LONG S, which folds to 's' (unless the pattern spells the cases out). */
+static char fold_letter(const char *s, size_t n, size_t pos, size_t *len, bool unicode_fold) {
     uint32_t cp = char_at(s, n, pos, len);
-    if (cp == 0x17F) return 's';
+    if (cp == 0x17F && unicode_fold) return 's';
     if (cp >= 'A' && cp <= 'Z') return (char)(cp + 32);
     return cp < 0x80 ? (char)cp : 0;
 }
 
 /* Llama-3 / Qwen2: (?i:'s|'t|'re|'ve|'m|'ll|'d) */
-static size_t contraction_folded(const char *s, size_t n, size_t pos) {
+static size_t contraction_folded(const char *s, size_t n, size_t pos, bool unicode_fold) {
     if (s[pos] != '\'' || pos + 1 >= n) return pos;
     size_t l1, l2;
-    char c = fold_letter(s, n, pos + 1, &l1);
+    char c = fold_letter(s, n, pos + 1, &l1, unicode_fold);
     size_t after = pos + 1 + l1;
     if (c == 's' || c == 't' || c == 'm' || c == 'd') return after;
     if ((c == 'r' || c == 'v' || c == 'l') && after < n) {
-        char d = fold_letter(s, n, after, &l2);
+        char d = fold_letter(s, n, after, &l2, unicode_fold);
         if ((c == 'l' && d == 'l') || (c != 'l' && d == 'e')) return after + l2;
     }
     return pos;
@@ -139,8 +153,8 @@ static size_t match_gpt2(const char *s, size_t n, size_t pos) {
 
 /* (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,max_digits}|
  *  ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
-static size_t match_llama3(const char *s, size_t n, size_t pos, int max_digits) {
-    size_t end = contraction_folded(s, n, pos), len, len1;
+static size_t match_llama3(const char *s, size_t n, size_t pos, int max_digits, bool unicode_fold) {
+    size_t end = contraction_folded(s, n, pos, unicode_fold), len, len1;
     if (end > pos) return end;
     uint32_t cp0 = char_at(s, n, pos, &len);
     char_class c0 = class_of(cp0);
@@ -165,8 +179,10 @@ size_t tok_regex_match_at(tok_regex re, const char *s, size_t n, size_t pos) {
     if (pos >= n) return pos;
     switch (re) {
     case TOK_RE_GPT2: return match_gpt2(s, n, pos);
-    case TOK_RE_LLAMA3: return match_llama3(s, n, pos, 3);
-    case TOK_RE_QWEN2: return match_llama3(s, n, pos, 1);
+    case TOK_RE_LLAMA3: return match_llama3(s, n, pos, 3, true);
+    case TOK_RE_QWEN2: return match_llama3(s, n, pos, 1, true);
+    case TOK_RE_LLAMA3_ASCII_CASE: return match_llama3(s, n, pos, 3, false);
+    case TOK_RE_QWEN2_ASCII_CASE: return match_llama3(s, n, pos, 1, false);
     default: return pos;
     }
 }

@@ -11,8 +11,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "py"))
-from test_tokenizer import (QWEN2_SPLIT, LLAMA3_SPLIT, sp_json, train_byte_level,  # noqa: E402
-                            train_sentencepiece_like)
+from test_tokenizer import (LLAMA3_SPLIT, QWEN2_SPLIT, SPLIT_REGEXES, sp_json,  # noqa: E402
+                            train_byte_level, train_sentencepiece_like)
 from tokenizers import AddedToken, Regex, pre_tokenizers, processors  # noqa: E402
 
 OUT = os.path.join(HERE, "seeds", "tokenizer")
@@ -41,6 +41,8 @@ def main():
     write("llama3_split", j)
     j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_SPLIT
     write("qwen2_split", j)
+    j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = SPLIT_REGEXES["llama3_ascii_case"]
+    write("llama3_ascii_case_split", j)
     gpt2 = train_byte_level(pre_tokenizers.ByteLevel(add_prefix_space=True), ["<|endoftext|>"], vocab_size=400)
     j = json.loads(gpt2.to_str())
     j["model"]["merges"] = [" ".join(m) for m in j["model"]["merges"]]

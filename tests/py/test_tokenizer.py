@@ -24,6 +24,11 @@ N_STRINGS = 2000
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+ASCII_CASE_CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+SPLIT_REGEXES = {"gpt2": GPT2_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
+                 "llama3_ascii_case": LLAMA3_SPLIT.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", ASCII_CASE_CONTRACTIONS),
+                 "qwen2_ascii_case": QWEN2_SPLIT.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", ASCII_CASE_CONTRACTIONS)}
 CORPUS_DIR = os.path.join(ROOT, "tests", "corpus", "tokenizer")
 
 # ---------------------------------------------------------------- random text
@@ -453,6 +458,17 @@ def test_subword_prefix_and_suffix_match_hf(tmp_path, rng_seed):
     check_encode_decode("prefix_suffix", path, hf, rng_seed, n=400)
 
 
+@pytest.mark.parametrize("regex", list(SPLIT_REGEXES))
+def test_split_regexes_match_hf(byte_level_tokenizers, tmp_path, regex, rng_seed):
+    """Every split regex we recognise, as a Split pre-tokenizer, cuts text as Oniguruma does."""
+    j = _json(byte_level_tokenizers["gpt2"][1])
+    j["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": SPLIT_REGEXES[regex]},
+                          "behavior": "Isolated", "invert": False}
+    path, hf = save(j, str(tmp_path), "split_" + regex)
+    texts = random_texts(rng_seed, 1000)
+    compare(regex, rng_seed, texts, ours_pre_tokenize(path, texts), hf_pre_tokenize(hf, texts), "pre-tokenize")
+
+
 SPLIT_BEHAVIORS = ["Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"]
 
 
@@ -551,6 +567,18 @@ def test_every_code_point_splits_as_hf(byte_level_tokenizers):
         path, hf = byte_level_tokenizers[name]
         compare(name, 0, texts, ours_pre_tokenize(path, texts), hf_pre_tokenize(hf, texts),
                 "pre-tokenize all code points")
+
+def test_unicode_tables_are_generated_from_unicodedata():
+    """src/tokenizer_unicode_data.c is exactly what its generator writes (no hand edits)."""
+    with open(os.path.join(ROOT, "src", "tokenizer_unicode_data.c")) as f:
+        committed = f.read()
+    if f'(Unicode {unicodedata.unidata_version})' not in committed.split("\n")[0]:
+        pytest.skip(f"this Python has Unicode {unicodedata.unidata_version}, the tables another")
+    p = subprocess.run(["python3", os.path.join(ROOT, "scripts", "gen_tokenizer_unicode.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == committed
+
 
 # ---------------------------------------------------------------- errors
 
