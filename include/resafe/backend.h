@@ -72,6 +72,88 @@ typedef struct rs_backend {
     void (*gather_rows)(void *dst, const void *src, const int32_t *src_rows, int n, int dim);
     /* act -> fp32 logits for the sampler (may just copy on cpu). */
     void (*act_to_f32)(float *out, const void *x, size_t n);
+
+    /* ---- backward ops (training). Each mirrors its forward op. Activation gradients are in
+     * act dtype; gradients of parameters are fp32 and ACCUMULATED (+=) so that gradient
+     * accumulation over micro-batches and tied embeddings need no extra buffers. An output
+     * pointer that is NULL is not computed. "beta" on an activation gradient: 0 overwrites,
+     * 1 accumulates (residual branches). Ops with backward support being NULL in a backend
+     * means that backend cannot train yet. */
+
+    /* dtable[ids[i], :] += dout[i, :] * scale  (fp32 [vocab, dim]) */
+    void (*embedding_bwd)(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
+                          float scale);
+    /* From out = x * rstd * (w or 1 + w): dx = beta*dx + d/dx, dw += d/dw (fp32, may be NULL).
+     * rstd as saved by rmsnorm_fwd. */
+    void (*rmsnorm_bwd)(void *dx, float *dw, const void *dout, const void *x, const void *w,
+                        const float *rstd, int n, int dim, int add_one, float beta);
+    /* From out[n, m] = x W^T + b: dx[n, k] = beta*dx + dout W (may be NULL),
+     * dw[m, k] += dout^T x (fp32, may be NULL), dbias[m] += sum_rows dout (fp32, may be NULL). */
+    void (*linear_bwd)(void *dx, float *dw, float *dbias, const void *dout, const void *x,
+                       const void *w, int n, int k, int m, float beta);
+    /* Rotary backward in place on dx[n_tok, n_heads, head_dim]: the inverse rotation;
+     * padded positions (-1) untouched. */
+    void (*rope_bwd)(void *dx, const int32_t *pos, const float *inv_freq, int n_tok, int n_heads,
+                     int head_dim);
+    /* Causal GQA attention backward (recomputes the probabilities from q, k): dq overwritten
+     * [B,Tq,H,D]; dk, dv overwritten [B,Tk,Hkv,D] (summed over the heads sharing a kv head;
+     * keys no query attends get 0). Padded queries (q_pos -1) contribute nothing. */
+    void (*attention_bwd)(void *dq, void *dk, void *dv, const void *dout, const void *q,
+                          const void *k, const void *v, const int32_t *q_pos, int B, int Tq,
+                          int Tk, int n_heads, int n_kv_heads, int head_dim, float scale);
+    /* From out = act(gate) * up: dgate, dup overwritten. */
+    void (*glu_bwd)(void *dgate, void *dup, const void *dout, const void *gate, const void *up,
+                    size_t n, rs_activation act);
+    /* Token log-probabilities from logits[n, vocab] (act dtype): logp[i] =
+     * log_softmax(logits[i])[targets[i]] and lse[i] = logsumexp(logits[i]) (fp32, device);
+     * targets[i] < 0 gives logp[i] = 0 (prompt tokens, padding). */
+    void (*logprob_fwd)(float *logp, float *lse, const void *logits, const int32_t *targets,
+                        int n, int vocab);
+    /* dlogits[i, :] = dlogp[i] * (onehot(targets[i]) - softmax(logits[i])) (overwritten; rows
+     * with targets < 0 are zero). */
+    void (*logprob_bwd)(void *dlogits, const float *dlogp, const void *logits, const float *lse,
+                        const int32_t *targets, int n, int vocab);
+
+    /* ---- LoRA (trainable A [r, k], B [m, r] in fp32; W frozen)
+     * y[n, m] += scale * (x A^T) B^T; xa[n, r] (fp32) keeps x A^T for backward. */
+    void (*lora_fwd)(void *y, float *xa, const void *x, const float *A, const float *B, int n,
+                     int k, int m, int r, float scale);
+    /* dx = beta*dx + scale * (dy B) A (may be NULL); dA += scale * (dy B)^T x;
+     * dB += scale * dy^T xa. */
+    void (*lora_bwd)(void *dx, float *dA, float *dB, const void *dy, const void *x,
+                     const float *xa, const float *A, const float *B, int n, int k, int m, int r,
+                     float scale, float beta);
+    /* Elementwise mode: w_eff[m, k] = w + scale * (mask ⊙ (B A)) in weight dtype
+     * (mask uint8 [m, k]; NULL = all ones). */
+    void (*lora_merge)(void *w_eff, const void *w, const float *A, const float *B,
+                       const uint8_t *mask, int m, int k, int r, float scale);
+    /* Elementwise mode backward from the full weight gradient dw[m, k] (fp32):
+     * G = scale * (mask ⊙ dw); dA += B^T G; dB += G A^T. */
+    void (*lora_masked_grad)(float *dA, float *dB, const float *dw, const uint8_t *mask,
+                             const float *A, const float *B, int m, int k, int r, float scale);
+
+    /* ---- optimizer and scores (fp32) */
+    /* AdamW with decoupled weight decay and bias correction (step >= 1):
+     *   m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     *   p -= lr * ( (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps) + wd * p )
+     * Entries with mask[i] == 0 are not touched at all (p, m, v unchanged); mask NULL = all.
+     * grad_scale multiplies g first (gradient clipping / accumulation averaging). */
+    void (*adamw)(float *p, const float *g, float *m, float *v, const uint8_t *mask, size_t n,
+                  float lr, float beta1, float beta2, float eps, float weight_decay, int step,
+                  float grad_scale);
+    /* Sum of squares of x[n] (fp32) into *out (host), for gradient norms. */
+    void (*sum_squares)(double *out, const float *x, size_t n);
+    /* SNIP: score[i] += weight * |w[i] * dw[i]| (w in weight dtype, dw fp32). */
+    void (*snip_accumulate)(float *score, const void *w, const float *dw, size_t n, float weight);
+    /* Zero n fp32 values (gradient buffers). */
+    void (*zero_f32)(float *x, size_t n);
+    /* QAT (LLM-QAT style straight-through fake quantization): w_q[rows, cols] (weight dtype) =
+     * dequant(quant(w)) per row, `bits` in 2..8; symmetric: scale = max|w| / (2^(bits-1) - 1),
+     * q in [-(2^(bits-1)-1), 2^(bits-1)-1]; asymmetric: scale = (max-min) / (2^bits - 1),
+     * zero = round(-min/scale), q in [0, 2^bits-1]. Round half to even. A row of equal values
+     * is reproduced exactly. */
+    void (*fake_quant_rows)(void *w_q, const float *w, int rows, int cols, int bits,
+                            int symmetric);
 } rs_backend;
 
 /* The backends compiled into this binary. */
