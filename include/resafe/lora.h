@@ -1,0 +1,66 @@
+/* lora: low-rank adapters on the model's linear layers, with masks.
+ *
+ * W_eff = W + scale * (B A) for every targeted linear (scale = alpha / rank), A [rank, in]
+ * Kaiming-uniform initialised, B [out, rank] zero: the adapter starts as the identity.
+ * Masks (DESIGN.md section 4):
+ *   RS_MASK_NONE        every entry of A and B trains.
+ *   RS_MASK_FACTOR      the paper's update rule: entries of A and B whose mask byte is 0 are not
+ *                       updated and their optimizer moments do not move (the optimizer honours
+ *                       mask_A / mask_B). The weight mask M is decomposed into LoRA masks by the
+ *                       train layer (snip.h documents the rule).
+ *   RS_MASK_ELEMENTWISE the exact constraint W_eff = W + scale * (M ⊙ B A): the forward uses the
+ *                       merged weight (backend lora_merge), the backward needs the full weight
+ *                       gradient dW (which also gives SNIP scores) and turns it into dA, dB with
+ *                       lora_masked_grad.
+ * All buffers are fp32 device memory of the model's backend, in one allocation. */
+#ifndef RESAFE_LORA_H
+#define RESAFE_LORA_H
+
+#include "resafe/backend.h"
+
+typedef enum {
+    RS_LORA_Q = 0,
+    RS_LORA_K,
+    RS_LORA_V,
+    RS_LORA_O,
+    RS_LORA_GATE,
+    RS_LORA_UP,
+    RS_LORA_DOWN,
+    RS_LORA_N_TARGETS
+} rs_lora_target;
+
+typedef enum { RS_MASK_NONE = 0, RS_MASK_FACTOR, RS_MASK_ELEMENTWISE } rs_mask_mode;
+
+typedef struct {
+    int in, out;        /* the linear's shape: W [out, in] */
+    float *A, *B;       /* [rank, in], [out, rank] */
+    float *dA, *dB;     /* gradients, accumulated by the backward */
+    uint8_t *mask_A;    /* [rank, in] factor mode (NULL otherwise) */
+    uint8_t *mask_B;    /* [out, rank] factor mode */
+    uint8_t *mask_W;    /* [out, in] elementwise mode */
+    float *dW;          /* [out, in] full weight gradient, when want_weight_grad or elementwise */
+} rs_lora_linear;
+
+typedef struct {
+    int rank;
+    float alpha, scale;     /* scale = alpha / rank */
+    float dropout;          /* on the adapter's input, training only (0 = none) */
+    unsigned targets;       /* bit (1u << rs_lora_target) per targeted projection */
+    rs_mask_mode mask_mode;
+    int want_weight_grad;   /* also accumulate dW of every targeted linear (SNIP scores) */
+    int enabled;            /* 0: the model runs without the adapter (reference log-probs) */
+    int n_layers;
+    rs_lora_linear *lin;    /* [n_layers * RS_LORA_N_TARGETS]; in == 0 for untargeted ones */
+    const rs_backend *be;
+    void *block;            /* the one device allocation */
+    size_t block_bytes;
+} rs_lora;
+
+/* "q,k,v,o,gate,up,down" (any subset, or "all") -> target bits; -1 + message when unknown. */
+int rs_lora_parse_targets(const char *list, unsigned *targets);
+const char *rs_lora_target_name(rs_lora_target t); /* "q_proj", ..., "down_proj" */
+static inline rs_lora_linear *rs_lora_at(rs_lora *l, int layer, rs_lora_target t) {
+    return &l->lin[layer * RS_LORA_N_TARGETS + (int)t];
+}
+
+#endif

@@ -1,0 +1,71 @@
+/* model_train: the training forward and backward of the Llama-family model (model.h), written
+ * once against the backend ops and mirroring rs_model_forward in reverse order.
+ *
+ * A batch is B sequences of T tokens (right-padded): tokens[b*T + t], pos[b*T + t] (-1 =
+ * padding), and targets[b*T + t] = the token to predict at position t (normally
+ * tokens[b*T + t + 1]) or -1 where no loss is taken (prompt tokens, the last token, padding).
+ * The forward returns each sequence's summed log-probability of its targets,
+ *   seq_logp[b] = sum_t log p(targets[b,t] | tokens[b, 0..t]),
+ * which is what both losses need: SFT (mean NLL over target tokens) and DPO (differences of
+ * sequence log-probs). The backward takes dL/d seq_logp[b] and accumulates gradients into
+ * either the full parameter gradients (SFT) or the adapter (LoRA A/B, and dW of targeted
+ * linears when asked), never both.
+ *
+ * Activations are kept per layer in one planned arena (rs_train_plan); with recompute = 1 only
+ * each layer's input is kept and the layer is recomputed during backward. */
+#ifndef RESAFE_MODEL_TRAIN_H
+#define RESAFE_MODEL_TRAIN_H
+
+#include "resafe/lora.h"
+#include "resafe/model.h"
+
+typedef struct {
+    int B, T;
+    const int32_t *tokens;  /* host [B*T] */
+    const int32_t *pos;     /* host [B*T], -1 = padding */
+    const int32_t *targets; /* host [B*T], -1 = no loss */
+} rs_train_batch;
+
+/* Full-parameter gradients (fp32, same layout/order as the model's parameters). */
+typedef struct {
+    float *block;           /* one device allocation, n_params floats */
+    size_t n;
+    float *embed, *final_norm, *lm_head; /* lm_head == embed when tied */
+    struct {
+        float *attn_norm, *mlp_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+        float *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
+    } *layers;              /* [n_layers] */
+} rs_model_grads;
+
+typedef struct rs_train_state rs_train_state; /* opaque: the activation arena and plan */
+
+/* Plan activation memory for batches of up to max_B x max_T tokens (prints the plan at debug
+ * level). recompute: keep only layer inputs, recompute each layer in backward. */
+rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
+                                   int recompute);
+void rs_train_state_free(rs_train_state *s);
+size_t rs_train_state_bytes(const rs_train_state *s);
+
+/* Forward for training: seq_logp[B] (host). lora may be NULL (or lora->enabled == 0): the plain
+ * model (reference log-probs). Keeps what backward needs. */
+int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
+                     const rs_train_batch *batch, float *seq_logp);
+/* Backward of the last rs_train_forward: d_seq_logp[B] (host) = dL/d seq_logp.
+ * grads != NULL: full-parameter gradients accumulated into grads (lora must be NULL).
+ * lora != NULL: dA, dB (and dW where requested) accumulated; base weights frozen. */
+int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
+                      const rs_train_batch *batch, const float *d_seq_logp,
+                      rs_model_grads *grads);
+
+int rs_model_grads_init(const rs_model *m, rs_model_grads *g); /* zeroed */
+void rs_model_grads_zero(const rs_model *m, rs_model_grads *g);
+void rs_model_grads_free(const rs_model *m, rs_model_grads *g);
+
+/* Adapter lifetime: allocate A, B (A Kaiming-uniform from rng as PEFT does: U(-1/sqrt(in),
+ * 1/sqrt(in)); B zero), their gradients, and masks for mask_mode. */
+int rs_lora_init(rs_lora *l, const rs_model *m, int rank, float alpha, unsigned targets,
+                 rs_mask_mode mask_mode, int want_weight_grad, rs_rng *rng);
+void rs_lora_free(rs_lora *l);
+void rs_lora_zero_grads(rs_lora *l);
+
+#endif
