@@ -8,7 +8,7 @@
  * position (padded rows zero), or [B, vocab] with --last (the last token of each sequence).
  * --prefill K: prefill only the first K tokens of each sequence, then feed the rest one decode
  * step at a time (sequences already complete are padding in those steps), so the output also
- * checks the KV cache path. Prints "B T vocab" on stdout. */
+ * checks the KV cache path. Prints "B T vocab" on stdout. RESAFE_BACKEND=cuda runs it on the GPU. */
 #include "resafe/model.h"
 
 #include <stdlib.h>
@@ -97,7 +97,10 @@ int main(int argc, char **argv) {
     if (getenv("RESAFE_DEBUG")) rs_set_log_level(RS_LOG_DEBUG);
     rs_model m;
     batch bt;
-    if (rs_model_load(argv[1], rs_backend_cpu(), &m) != 0 || read_batch(argv[2], &bt) != 0) rs_die_last();
+    /* RESAFE_BACKEND selects the backend (default cpu): the GPU tests run the same tool on cuda. */
+    const char *be_name = getenv("RESAFE_BACKEND");
+    const rs_backend *be = rs_backend_by_name(be_name ? be_name : "cpu");
+    if (!be || rs_model_load(argv[1], be, &m) != 0 || read_batch(argv[2], &bt) != 0) rs_die_last();
     int T = 0, V = m.cfg.vocab_size, B = bt.n;
     for (int b = 0; b < B; b++) T = bt.lens[b] > T ? bt.lens[b] : T;
     rs_kv_cache cache;
