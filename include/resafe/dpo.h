@@ -1,0 +1,88 @@
+/* dpo: Direct Preference Optimization of a LoRA adapter (DESIGN.md section 4).
+ *
+ * Per pair i: z_i = (pi_w - ref_w) - (pi_l - ref_l) with pi = the sequence log-prob summed over
+ * response tokens (rs_train_forward), ref = the same with the adapter switched off (computed
+ * once, or read with the data), and
+ *     L = mean_i [ -log sigmoid(beta z_i) ]  (+ sft_weight * mean_i [ -pi_w,i / |winner_i| ])
+ * dL/dpi_w = -beta sigmoid(-beta z) / n  (- sft_weight / (n |winner|)),  dL/dpi_l = -dL/dpi_w's
+ * DPO part: the backward of rs_train_forward turns these into dA, dB.
+ *
+ * Preference data: any source fills an rs_pref_set (token ids, optional reference log-probs).
+ * Today that is a JSONL file; the patch-set HDF5 (a later stage) fills the same struct. */
+#ifndef RESAFE_DPO_H
+#define RESAFE_DPO_H
+
+#include "resafe/train.h"
+
+/* ---------------------------------------------------------------- data */
+typedef struct {
+    int n;
+    rs_seq *chosen, *rejected;      /* [n] prompt + response tokens */
+    float *ref_chosen, *ref_rejected; /* [n] reference log-probs (allocated; valid once has_ref) */
+    int has_ref;
+    int max_len;                    /* longest sequence */
+    int n_truncated;                /* responses cut to max_seq_len */
+} rs_pref_set;
+
+/* JSONL, one object per line: {"prompt": str, "chosen": str, "rejected": str} and optionally
+ * both "ref_chosen" and "ref_rejected" (numbers: precomputed reference log-probs; then every
+ * line must have them). Blank lines are skipped. Errors name the file and line. */
+int rs_pref_load_jsonl(const char *path, const rs_encoder *enc, rs_pref_set *set);
+void rs_pref_free(rs_pref_set *set);
+/* An empty set of n pairs, for callers that fill the ids themselves (tests, patch sets). */
+void rs_pref_alloc(rs_pref_set *set, int n);
+
+/* ---------------------------------------------------------------- loss */
+typedef struct {
+    double loss;                /* -log sigmoid(beta z) */
+    double d_chosen, d_rejected;/* dloss/dpi_w, dloss/dpi_l */
+    double reward_chosen;       /* beta (pi_w - ref_w) */
+    double reward_rejected;     /* beta (pi_l - ref_l) */
+} rs_dpo_pair;
+/* Numerically stable for any z (softplus form; no overflow for |beta z| up to the double range). */
+void rs_dpo_pair_loss(double beta, double pi_w, double pi_l, double ref_w, double ref_l,
+                      rs_dpo_pair *out);
+
+/* ---------------------------------------------------------------- trainer */
+typedef struct {
+    float beta;
+    float sft_weight;
+    int micro_pairs; /* pairs per forward (2 sequences each) */
+    int recompute;
+} rs_dpo_params;
+
+/* Means over the pairs of one batch (what the metrics log shows). */
+typedef struct {
+    int n_pairs;
+    double loss, reward_chosen, reward_rejected, margin, accuracy, logp_chosen, logp_rejected;
+} rs_dpo_stats;
+
+typedef struct {
+    rs_model *m;
+    rs_lora *lora;
+    rs_pref_set *data;
+    rs_dpo_params p;
+    rs_train_state *state;
+    rs_batch_buf bb;
+    float *logp, *d_logp; /* host [2 * micro_pairs] */
+    const rs_seq **seqs;  /* [2 * micro_pairs] the sequences of a forward */
+} rs_dpo_trainer;
+
+int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_set *data,
+                        const rs_dpo_params *p);
+void rs_dpo_trainer_free(rs_dpo_trainer *t);
+/* Reference log-probs of every pair with the adapter switched off (data->has_ref set). */
+int rs_dpo_reference(rs_dpo_trainer *t);
+/* DPO loss of pairs idx[0..n) (mean over them) and its gradient ACCUMULATED into the adapter's
+ * dA, dB (and dW where the adapter asks for it); the caller zeroes them. stats may be NULL. */
+int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats *stats);
+/* NLL of the chosen responses of pairs idx[0..n), mean over their response tokens, gradient
+ * accumulated the same way (the SNIP option `loss = nll`). *loss may be NULL. */
+int rs_dpo_nll_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, double *loss);
+
+/* `resafe dpo`: masked-LoRA DPO of [model] path on [dpo] data_file with SNIP masks, outputs in
+ * <[run] out_dir>/dpo. Returns 0, -1 + message, or the number of the signal that interrupted
+ * it (after writing a checkpoint). */
+int rs_dpo_run(const rs_config *cfg, int resume, int force);
+
+#endif
