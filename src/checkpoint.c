@@ -59,6 +59,10 @@ static int write_body(rs_h5 *h, const rs_checkpoint *c) {
     memcpy(rng, c->order->rng.s, sizeof rng);
     RS_TRY(rs_h5_write(h, "order/perm", RS_I32, 1, n_order, c->order->perm));
     RS_TRY(rs_h5_write(h, "order/rng", RS_I64, 1, four, rng));
+    if (c->dropout_rng) {
+        memcpy(rng, c->dropout_rng->s, sizeof rng);
+        RS_TRY(rs_h5_write(h, "dropout_rng", RS_I64, 1, four, rng));
+    }
     for (int i = 0; i < o->n_params; i++) {
         const rs_optim_param *q = &o->params[i];
         RS_TRY(write_f32(h, o->be, "params", q->name, q->p, q->n));
@@ -154,6 +158,10 @@ static int read_body(rs_h5 *h, const char *path, rs_checkpoint *c) {
     RS_TRY(check_perm(path, c->order->perm, c->order->n));
     RS_TRY(rs_h5_read(h, "order/rng", RS_I64, 1, four, rng));
     memcpy(c->order->rng.s, rng, sizeof rng);
+    if (c->dropout_rng) {
+        RS_TRY(rs_h5_read(h, "dropout_rng", RS_I64, 1, four, rng));
+        memcpy(c->dropout_rng->s, rng, sizeof rng);
+    }
     for (int i = 0; i < o->n_params; i++) {
         rs_optim_param *q = &o->params[i];
         RS_TRY(read_f32(h, o->be, "params", q->name, q->p, q->n));

@@ -13,6 +13,8 @@ static const struct {
     {"generate", cmd_generate, "generate text from a model directory (greedy or sampled)"},
     {"inspect", cmd_inspect, "summarise a safetensors file, model directory or HDF5 file"},
     {"config", cmd_config, "check an INI run config, or print every key (--doc)"},
+    {"sft", cmd_sft, "supervised fine-tuning of every parameter (optionally QAT)"},
+    {"dpo", cmd_dpo, "masked-LoRA DPO with SNIP masks: the Q-resafe patch"},
 };
 
 static void usage(FILE *f) {

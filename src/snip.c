@@ -106,8 +106,10 @@ int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora) {
     s->lin_layer = rs_malloc((size_t)max_lin * sizeof *s->lin_layer);
     s->lin_target = rs_malloc((size_t)max_lin * sizeof *s->lin_target);
     s->score = rs_malloc((size_t)max_lin * sizeof *s->score);
+    s->dW = rs_malloc((size_t)max_lin * sizeof *s->dW);
     s->offset = rs_malloc((size_t)(max_lin + 1) * sizeof *s->offset);
     size_t bytes = 0, max_w = 0;
+    s->offset[0] = 0;
     for (int l = 0; l < lora->n_layers; l++)
         for (int t = 0; t < RS_LORA_N_TARGETS; t++) {
             rs_lora_linear *lin = rs_lora_at(lora, l, (rs_lora_target)t);
@@ -119,11 +121,14 @@ int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora) {
             bytes += rs_align64(n * sizeof(float));
             max_w = n > max_w ? n : max_w;
         }
-    s->offset[0] = 0;
     if (s->n_lin == 0) return RS_FAIL("SNIP: the adapter targets no linear layer");
-    for (int i = 0; i < s->n_lin; i++)
-        RS_CHECK(rs_lora_at(lora, s->lin_layer[i], s->lin_target[i])->dW,
-                 "bug: SNIP needs an adapter made with want_weight_grad (no dW buffers)");
+    for (int i = 0; i < s->n_lin; i++) {
+        rs_lora_linear *lin = rs_lora_at(lora, s->lin_layer[i], s->lin_target[i]);
+        RS_CHECK(lin->dW, "bug: SNIP needs an adapter made with want_weight_grad (no dW buffers)");
+        s->dW[i] = lin->dW;
+        lin->dW = NULL;
+    }
+    lora->want_weight_grad = 0;
     const rs_backend *be = m->be;
     s->block = be->alloc(bytes);
     s->w_eff = be->alloc(max_w * rs_dtype_size(be->weight_dtype));
@@ -137,10 +142,17 @@ int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora) {
     return 0;
 }
 
+static void attach_dW(rs_snip *s, int on) {
+    for (int i = 0; i < s->n_lin; i++)
+        rs_lora_at(s->lora, s->lin_layer[i], s->lin_target[i])->dW = on ? s->dW[i] : NULL;
+    s->lora->want_weight_grad = on;
+}
+
 void rs_snip_free(rs_snip *s) {
+    if (s->lora && s->dW) attach_dW(s, 1);
     if (s->block) s->m->be->free(s->block);
     if (s->w_eff) s->m->be->free(s->w_eff);
-    free(s->lin_layer), free(s->lin_target), free(s->score), free(s->offset);
+    free(s->lin_layer), free(s->lin_target), free(s->score), free(s->dW), free(s->offset);
     memset(s, 0, sizeof *s);
 }
 
@@ -164,10 +176,8 @@ static void accumulate_batch(rs_snip *s, float weight) {
 int rs_snip_score(rs_snip *s, rs_snip_grad_fn fn, void *user, int32_t *const *idx, const int *n,
                   int n_batches) {
     const rs_backend *be = s->m->be;
-    rs_lora *l = s->lora;
     for (int i = 0; i < s->n_lin; i++) be->zero_f32(s->score[i], s->offset[i + 1] - s->offset[i]);
-    int want = l->want_weight_grad;
-    l->want_weight_grad = 1;
+    attach_dW(s, 1);
     int rc = 0;
     for (int b = 0; b < n_batches && rc == 0; b++) {
         for (int i = 0; i < s->n_lin; i++) {
@@ -177,7 +187,7 @@ int rs_snip_score(rs_snip *s, rs_snip_grad_fn fn, void *user, int32_t *const *id
         rc = fn(user, idx[b], n[b]);
         if (rc == 0) accumulate_batch(s, 1.0f / (float)n_batches);
     }
-    l->want_weight_grad = want;
+    attach_dW(s, 0);
     be->synchronize();
     return rc;
 }

@@ -119,6 +119,14 @@ int rs_encode_example(const rs_encoder *e, const char *prompt, const char *respo
     return 0;
 }
 
+int rs_chat_kind_of_config(const rs_config *cfg, const char *model_dir, rs_chat_kind *kind) {
+    const char *name = rs_config_get_str(cfg, "model", "chat_template");
+    if (strcmp(name, "auto") == 0) return rs_chat_detect(model_dir, kind);
+    if (rs_chat_kind_from_name(name, kind) != 0)
+        return RS_FAIL("[model] chat_template: unknown template '%s'", name);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- data order */
 
 static void shuffle(rs_data_order *d) {

@@ -6,6 +6,7 @@
  *            data_hash (hex strings), metrics_bytes, optim_step, epoch, cursor
  *   order/perm        I32 [n]  the current epoch's data order
  *   order/rng         I64 [4]  the data order's xoshiro state (bit pattern)
+ *   dropout_rng       I64 [4]  the train state's rng (LoRA dropout masks), when given
  *   params/<name>     F32 [n]  every optimizer tensor, by its optimizer name
  *   adam_m/<name>, adam_v/<name>   its moments
  *   masks/<layer.target>/mask_A|mask_B|mask_W   U8, the adapter's masks (DPO)
@@ -28,6 +29,7 @@ typedef struct {
     int64_t step, total_steps;  /* optimizer steps done, of the run's total */
     int64_t metrics_bytes;      /* size of the metrics log after step `step` */
     rs_data_order *order;
+    rs_rng *dropout_rng;        /* rs_train_state_rng, or NULL */
     rs_optim *opt;
     rs_lora *lora;              /* masks; NULL for SFT */
     float *ref_chosen, *ref_rejected; /* [n_ref] or NULL */

@@ -3,8 +3,16 @@
 #ifndef RESAFE_CLI_H
 #define RESAFE_CLI_H
 
+#include "resafe/config.h"
+
 int cmd_generate(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_config(int argc, char **argv);
+int cmd_sft(int argc, char **argv);
+int cmd_dpo(int argc, char **argv);
+
+/* The training commands' shared command line (src/cmd_training.c). */
+int cli_run_training(int argc, char **argv, const char *name, const char *usage,
+                     int (*run)(const rs_config *cfg, int resume, int force));
 
 #endif

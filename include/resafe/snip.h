@@ -25,6 +25,9 @@
  *     Why rows of B and columns of A: dW[i, j] = sum_r dB[i, r] A[r, j] + B[i, r] dA[r, j], so a
  *     frozen row i of B keeps row i of B A from moving through B, and a frozen column j of A
  *     keeps column j from moving through A.
+ * dW costs a full weight-gradient matmul per linear and backward: rs_snip_init takes the
+ * adapter's dW buffers (made with want_weight_grad) and detaches them (lin->dW = NULL, so the
+ * backward skips them), and only rs_snip_score attaches them while it scores.
  * Re-identification (every K steps) recomputes the scores with the current adapter and replaces
  * the masks in place; entries that become trainable resume with whatever moments they had. */
 #ifndef RESAFE_SNIP_H
@@ -62,12 +65,13 @@ typedef struct {
     int *lin_layer;       /* [n_lin] */
     rs_lora_target *lin_target;
     float **score;        /* [n_lin] device [out * in] */
+    float **dW;           /* [n_lin] the adapter's dW buffers, attached only while scoring */
     size_t *offset;       /* [n_lin + 1] global index of each linear's first entry */
     void *block, *w_eff;
 } rs_snip;
 
 int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora);
-void rs_snip_free(rs_snip *s);
+void rs_snip_free(rs_snip *s); /* re-attaches the dW buffers */
 /* The model's frozen weight of a targeted linear (device, weight dtype). */
 void *rs_snip_weight(rs_model *m, int layer, rs_lora_target t);
 /* Scores from n_batches batches (batch b = idx[b][0..n[b])): zeroed first, then

@@ -116,6 +116,8 @@ typedef struct {
 int rs_encode_example(const rs_encoder *e, const char *prompt, const char *response, rs_seq *out,
                       int *truncated);
 void rs_seq_free(rs_seq *s);
+/* The template of [model] chat_template, detected from model_dir when it is auto. */
+int rs_chat_kind_of_config(const rs_config *cfg, const char *model_dir, rs_chat_kind *kind);
 
 /* ---------------------------------------------------------------- data order
  * Each epoch is a fresh permutation of 0..n-1 drawn from the order's own rng; a batch takes the

@@ -1,0 +1,16 @@
+/* resafe dpo: masked-LoRA DPO with SNIP masks (the Q-resafe patch) from a run config. */
+#include "resafe/cli.h"
+#include "resafe/dpo.h"
+
+static const char *g_usage =
+    "usage: resafe dpo --config FILE.ini [--set section.key=value]... [--resume | --force] [-v]\n"
+    "  Trains a LoRA adapter ([lora]) on [model] path with DPO ([dpo]) on the preference pairs\n"
+    "  of [dpo] data_file (JSONL {prompt, chosen, rejected}, optionally ref_chosen and\n"
+    "  ref_rejected), updating only the SNIP-selected entries ([snip]). Writes, in\n"
+    "  <[run] out_dir>/dpo: adapter.h5, adapter_peft/ (PEFT format), metrics.jsonl (one line\n"
+    "  per step), checkpoint.h5.\n"
+    "  --resume   continue from the checkpoint (bit-identical)\n"
+    "  --force    start over although a checkpoint exists\n"
+    "  SIGINT/SIGTERM write a checkpoint at the next step boundary and exit 128 + signal.\n";
+
+int cmd_dpo(int argc, char **argv) { return cli_run_training(argc, argv, "dpo", g_usage, rs_dpo_run); }

@@ -1,0 +1,58 @@
+/* The command line shared by the training commands (resafe sft, resafe dpo):
+ *   --config FILE [--set section.key=value]... [--resume | --force] [-v] */
+#include <stdio.h>
+#include <string.h>
+
+#include "resafe/cli.h"
+#include "resafe/core.h"
+
+static int usage_error(const char *name, const char *usage, const char *fmt, const char *arg) {
+    fprintf(stderr, "resafe %s: ", name);
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n%s", usage);
+    return 2;
+}
+
+/* Parse, load the config, apply --set, run. Exit codes: 0 done, 1 error, 2 usage,
+ * 128 + signal when interrupted (a checkpoint was written). */
+int cli_run_training(int argc, char **argv, const char *name, const char *usage,
+                     int (*run)(const rs_config *cfg, int resume, int force)) {
+    const char *path = NULL;
+    int resume = 0, force = 0, verbose = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return fputs(usage, stdout), 0;
+        if (strcmp(a, "--resume") == 0) resume = 1;
+        else if (strcmp(a, "--force") == 0) force = 1;
+        else if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) verbose = 1;
+        else if (strcmp(a, "--config") == 0 || strcmp(a, "--set") == 0) {
+            if (i + 1 >= argc) return usage_error(name, usage, "%s needs a value", a);
+            if (a[2] == 'c') path = argv[i + 1];
+            i++;
+        } else {
+            return usage_error(name, usage, "unknown argument '%s'", a);
+        }
+    }
+    if (!path) return usage_error(name, usage, "%s", "--config FILE is required");
+    if (resume && force) return usage_error(name, usage, "%s", "--resume and --force exclude each other");
+    rs_config *cfg = rs_config_load(path);
+    int rc = cfg ? 0 : -1;
+    for (int i = 1; rc == 0 && i + 1 < argc; i++)
+        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[++i]) != 0)
+            rc = rs_fail_context("--set");
+    if (rc == 0) {
+        static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
+        const char *names[] = {"error", "warn", "info", "debug"};
+        const char *level = rs_config_get_str(cfg, "run", "log_level");
+        for (int i = 0; i < 4; i++)
+            if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
+        if (verbose) rs_set_log_level(RS_LOG_DEBUG);
+        rc = run(cfg, resume, force);
+    }
+    rs_config_free(cfg);
+    if (rc < 0) {
+        fprintf(stderr, "resafe: error: %s\n", rs_last_error());
+        return 1;
+    }
+    return rc > 0 ? 128 + rc : 0;
+}

@@ -1,0 +1,324 @@
+/* dpo_run: the `resafe dpo` training loop: masked-LoRA DPO with SNIP masks re-identified every
+ * K steps, checkpoints, the metrics log, and the adapter outputs.
+ *
+ * Per step s (0-based): masks are (re-)identified first when s % K == 0 (from score_batches
+ * batches drawn by an rng seeded with (seed, s), so a resumed run draws the same ones), then the
+ * batch's gradient is accumulated in micro-batches, clipped by its global norm and applied by
+ * AdamW honouring the masks. Outputs in <[run] out_dir>/dpo: adapter.h5, adapter_peft/ (not for
+ * elementwise masks), metrics.jsonl, checkpoint.h5. */
+#include "resafe/checkpoint.h"
+#include "resafe/dpo.h"
+#include "resafe/snip.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const char *model_dir, *data_file;
+    char *stage_dir, *ckpt_path, *metrics_path, *adapter_path, *peft_dir;
+    rs_dpo_params dp;
+    rs_lr_schedule sched;
+    int batch_size, epochs, max_steps, max_seq_len, checkpoint_every;
+    double weight_decay, grad_clip;
+    int rank;
+    float alpha, dropout;
+    unsigned targets;
+    rs_mask_mode mask_mode;
+    rs_snip_params snip;
+    int reidentify_every, score_batches, snip_nll;
+    uint64_t seed, config_hash, data_hash;
+} dpo_options;
+
+static const char *const g_dpo_sections[] = {"dpo", "snip", "lora", NULL};
+
+static int read_options(const rs_config *cfg, dpo_options *o) {
+    memset(o, 0, sizeof *o);
+    o->model_dir = rs_config_get_str(cfg, "model", "path");
+    o->data_file = rs_config_get_str(cfg, "dpo", "data_file");
+    if (!o->model_dir[0]) return RS_FAIL("resafe dpo: [model] path is not set");
+    if (!o->data_file[0]) return RS_FAIL("resafe dpo: [dpo] data_file is not set");
+    o->stage_dir = rs_path_join(rs_config_get_str(cfg, "run", "out_dir"), "dpo");
+    o->ckpt_path = rs_path_join(o->stage_dir, "checkpoint.h5");
+    o->metrics_path = rs_path_join(o->stage_dir, "metrics.jsonl");
+    o->adapter_path = rs_path_join(o->stage_dir, "adapter.h5");
+    o->peft_dir = rs_path_join(o->stage_dir, "adapter_peft");
+    o->dp.beta = (float)rs_config_get_float(cfg, "dpo", "beta");
+    o->dp.sft_weight = (float)rs_config_get_float(cfg, "dpo", "sft_weight");
+    o->dp.recompute = rs_config_get_bool(cfg, "model", "recompute");
+    o->batch_size = (int)rs_config_get_int(cfg, "dpo", "batch_size");
+    o->dp.micro_pairs = (int)rs_config_get_int(cfg, "dpo", "micro_batch_size");
+    if (o->dp.micro_pairs == 0 || o->dp.micro_pairs > o->batch_size) o->dp.micro_pairs = o->batch_size;
+    rs_sched_kind_from_name(rs_config_get_str(cfg, "dpo", "schedule"), &o->sched.kind);
+    o->sched.lr = rs_config_get_float(cfg, "dpo", "lr");
+    o->sched.warmup_steps = (int)rs_config_get_int(cfg, "dpo", "warmup_steps");
+    o->epochs = (int)rs_config_get_int(cfg, "dpo", "epochs");
+    o->max_steps = (int)rs_config_get_int(cfg, "dpo", "max_steps");
+    o->max_seq_len = (int)rs_config_get_int(cfg, "dpo", "max_seq_len");
+    o->weight_decay = rs_config_get_float(cfg, "dpo", "weight_decay");
+    o->grad_clip = rs_config_get_float(cfg, "dpo", "grad_clip");
+    o->rank = (int)rs_config_get_int(cfg, "lora", "rank");
+    o->alpha = (float)rs_config_get_float(cfg, "lora", "alpha");
+    o->dropout = (float)rs_config_get_float(cfg, "lora", "dropout");
+    if (rs_lora_parse_targets(rs_config_get_str(cfg, "lora", "targets"), &o->targets) != 0)
+        return rs_fail_context("[lora] targets");
+    const char *mask = rs_config_get_str(cfg, "snip", "mask");
+    o->mask_mode = strcmp(mask, "factor") == 0        ? RS_MASK_FACTOR
+                   : strcmp(mask, "elementwise") == 0 ? RS_MASK_ELEMENTWISE
+                                                      : RS_MASK_NONE;
+    if (o->dropout > 0 && o->mask_mode == RS_MASK_ELEMENTWISE)
+        return RS_FAIL("[lora] dropout: not defined with [snip] mask = elementwise (the adapter is "
+                       "merged into the weight); set it to 0");
+    o->snip.tau = rs_config_get_float(cfg, "snip", "tau");
+    o->snip.scope = strcmp(rs_config_get_str(cfg, "snip", "scope"), "per_layer") == 0
+                        ? RS_SNIP_PER_LAYER
+                        : RS_SNIP_GLOBAL;
+    o->snip.factor_threshold = rs_config_get_float(cfg, "snip", "factor_threshold");
+    o->reidentify_every = (int)rs_config_get_int(cfg, "snip", "reidentify_every");
+    o->score_batches = (int)rs_config_get_int(cfg, "snip", "score_batches");
+    o->snip_nll = strcmp(rs_config_get_str(cfg, "snip", "loss"), "nll") == 0;
+    o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
+    o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
+    o->config_hash = rs_config_hash(cfg, g_dpo_sections);
+    return rs_file_hash(o->data_file, &o->data_hash);
+}
+
+static void free_options(dpo_options *o) {
+    free(o->stage_dir), free(o->ckpt_path), free(o->metrics_path), free(o->adapter_path);
+    free(o->peft_dir);
+}
+
+/* ---------------------------------------------------------------- the run */
+
+typedef struct {
+    dpo_options o;
+    rs_model m;
+    rs_tokenizer *tok;
+    rs_pref_set data;
+    rs_lora lora;
+    rs_snip snip;
+    int have_snip;
+    rs_dpo_trainer t;
+    rs_optim opt;
+    rs_data_order order;
+    rs_metrics_log log;
+    rs_checkpoint ckpt;
+    int64_t step;
+    double last_print;
+    int32_t *batch_idx;
+} dpo_run;
+
+static int load_inputs(dpo_run *r, const rs_config *cfg) {
+    const dpo_options *o = &r->o;
+    const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
+    if (!be) return -1;
+    RS_TRY(rs_model_load(o->model_dir, be, &r->m));
+    r->tok = rs_tokenizer_load(o->model_dir);
+    if (!r->tok) return -1;
+    rs_encoder enc = {r->tok, RS_CHAT_NONE, NULL, -1, o->max_seq_len};
+    RS_TRY(rs_chat_kind_of_config(cfg, o->model_dir, &enc.kind));
+    if (r->m.cfg.n_eos > 0) enc.eos_id = r->m.cfg.eos_token_ids[0];
+    return rs_pref_load_jsonl(o->data_file, &enc, &r->data);
+}
+
+static int setup(dpo_run *r) {
+    dpo_options *o = &r->o;
+    rs_rng init;
+    rs_rng_seed(&init, o->seed);
+    RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
+                        o->mask_mode != RS_MASK_NONE, &init));
+    r->lora.dropout = o->dropout;
+    if (o->mask_mode != RS_MASK_NONE) {
+        RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
+        r->have_snip = 1;
+    }
+    RS_TRY(rs_dpo_trainer_init(&r->t, &r->m, &r->lora, &r->data, &o->dp));
+    rs_rng_seed(rs_train_state_rng(r->t.state), o->seed ^ 0xd0d0d0d0d0d0d0d0ull);
+    rs_optim_init(&r->opt, r->m.be, 0.9f, 0.999f, 1e-8f, (float)o->weight_decay);
+    rs_optim_add(&r->opt, "lora", r->lora.flat_params, r->lora.flat_grads, r->lora.flat_mask,
+                 r->lora.n_flat, 1);
+    rs_optim_alloc(&r->opt);
+    rs_data_order_init(&r->order, r->data.n, o->seed);
+    int per_epoch = rs_batches_per_epoch(r->data.n, o->batch_size);
+    o->sched.total_steps = o->max_steps > 0 ? o->max_steps : o->epochs * per_epoch;
+    r->batch_idx = rs_malloc((size_t)o->batch_size * sizeof *r->batch_idx);
+    r->ckpt = (rs_checkpoint){.kind = "dpo", .config_hash = o->config_hash,
+                              .data_hash = o->data_hash, .total_steps = o->sched.total_steps,
+                              .order = &r->order, .dropout_rng = rs_train_state_rng(r->t.state),
+                              .opt = &r->opt, .lora = &r->lora, .ref_chosen = r->data.ref_chosen,
+                              .ref_rejected = r->data.ref_rejected, .n_ref = r->data.n};
+    rs_info("dpo: %d pairs (longest %d tokens), %d steps of %d, LoRA rank %d on %zu values, "
+            "%s masks",
+            r->data.n, r->data.max_len, o->sched.total_steps, o->batch_size, o->rank,
+            r->lora.n_flat, rs_mask_mode_name(o->mask_mode));
+    return 0;
+}
+
+static void free_run(dpo_run *r) {
+    rs_dpo_trainer_free(&r->t);
+    if (r->have_snip) rs_snip_free(&r->snip);
+    if (r->lora.block) rs_lora_free(&r->lora);
+    rs_pref_free(&r->data);
+    if (r->tok) rs_tokenizer_free(r->tok);
+    rs_data_order_free(&r->order);
+    rs_metrics_close(&r->log);
+    rs_optim_free(&r->opt);
+    if (r->m.be) rs_model_free(&r->m);
+    free(r->batch_idx);
+    free_options(&r->o);
+}
+
+/* ---------------------------------------------------------------- SNIP */
+
+static int snip_grad(void *user, const int32_t *idx, int n) {
+    dpo_run *r = user;
+    if (r->o.snip_nll) return rs_dpo_nll_accumulate(&r->t, idx, n, NULL);
+    return rs_dpo_accumulate(&r->t, idx, n, NULL);
+}
+
+/* Scores from score_batches batches drawn with an rng of (seed, step), then the masks. */
+static int identify_masks(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    int n_b = o->score_batches, bs = r->data.n < o->batch_size ? r->data.n : o->batch_size;
+    rs_data_order pick;
+    rs_data_order_init(&pick, r->data.n, o->seed ^ (0x5a1f0000ull + (uint64_t)r->step));
+    int32_t **idx = rs_malloc((size_t)n_b * sizeof *idx);
+    int *ns = rs_malloc((size_t)n_b * sizeof *ns);
+    for (int b = 0; b < n_b; b++) {
+        idx[b] = rs_malloc((size_t)bs * sizeof **idx);
+        ns[b] = rs_data_order_next(&pick, bs, idx[b]);
+    }
+    double t0 = rs_now();
+    int rc = rs_snip_score(&r->snip, snip_grad, r, idx, ns, n_b);
+    rs_snip_report rep;
+    if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
+    if (rc == 0 && o->mask_mode == RS_MASK_FACTOR)
+        rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
+                "(threshold %.3g); B rows trainable %.1f%%, A columns %.1f%%",
+                (long long)r->step, rs_now() - t0, rep.n_selected, rep.n_total,
+                (double)rep.threshold, 100 * rep.rows_B_trainable, 100 * rep.cols_A_trainable);
+    else if (rc == 0)
+        rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
+                "(threshold %.3g)",
+                (long long)r->step, rs_now() - t0, rep.n_selected, rep.n_total,
+                (double)rep.threshold);
+    for (int b = 0; b < n_b; b++) free(idx[b]);
+    free(idx), free(ns);
+    rs_data_order_free(&pick);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- steps */
+
+static int save_checkpoint(dpo_run *r) {
+    r->ckpt.step = r->step;
+    r->ckpt.metrics_bytes = r->log.bytes;
+    return rs_checkpoint_save(r->o.ckpt_path, &r->ckpt);
+}
+
+static int write_metrics(dpo_run *r, const rs_dpo_stats *s, double lr, double norm) {
+    char line[768];
+    snprintf(line, sizeof line,
+             "{\"step\":%lld,\"epoch\":%lld,\"loss\":%.9g,\"reward_chosen\":%.9g,"
+             "\"reward_rejected\":%.9g,\"margin\":%.9g,\"accuracy\":%.9g,\"logp_chosen\":%.9g,"
+             "\"logp_rejected\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g}",
+             (long long)r->step, (long long)r->order.epoch, s->loss, s->reward_chosen,
+             s->reward_rejected, s->margin, s->accuracy, s->logp_chosen, s->logp_rejected, lr,
+             norm);
+    return rs_metrics_write(&r->log, line);
+}
+
+static int one_step(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    if (r->have_snip && r->step % o->reidentify_every == 0) RS_TRY(identify_masks(r));
+    int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
+    rs_optim_zero_grads(&r->opt);
+    rs_dpo_stats st;
+    RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx, n, &st));
+    if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
+    double norm = rs_optim_grad_norm(&r->opt);
+    if (!isfinite(st.loss) || !isfinite(norm))
+        return RS_FAIL("dpo: step %lld: the loss is %g and the gradient norm %g: stopped without "
+                       "updating; the last checkpoint (%s) is intact",
+                       (long long)r->step + 1, st.loss, norm, o->ckpt_path);
+    double lr = rs_lr_at(&o->sched, (int)r->step);
+    rs_optim_step(&r->opt, lr, rs_clip_factor(norm, o->grad_clip));
+    r->step++;
+    RS_TRY(write_metrics(r, &st, lr, norm));
+    if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
+        r->last_print = rs_now();
+        rs_info("dpo: step %lld/%d loss %.4f acc %.2f margin %.4g lr %.3g |g| %.3g",
+                (long long)r->step, o->sched.total_steps, st.loss, st.accuracy, st.margin, lr, norm);
+    }
+    return 0;
+}
+
+static int train(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    while (r->step < o->sched.total_steps) {
+        int sig = rs_train_stop_signal();
+        if (sig) {
+            RS_TRY(save_checkpoint(r));
+            rs_warn("dpo: interrupted by signal %d after step %lld; checkpoint %s (continue with "
+                    "--resume)",
+                    sig, (long long)r->step, o->ckpt_path);
+            return sig;
+        }
+        RS_TRY(one_step(r));
+        if (o->checkpoint_every > 0 && r->step % o->checkpoint_every == 0)
+            RS_TRY(save_checkpoint(r));
+    }
+    return 0;
+}
+
+static int start_or_resume(dpo_run *r, int resume, int force) {
+    const dpo_options *o = &r->o;
+    RS_TRY(rs_mkdir_p(o->stage_dir));
+    int have = rs_path_exists(o->ckpt_path);
+    if (resume && !have) return RS_FAIL("%s: no checkpoint to resume from", o->ckpt_path);
+    if (!resume && have && !force)
+        return RS_FAIL("%s exists (an earlier run): --resume continues it, --force starts over",
+                       o->ckpt_path);
+    if (resume) {
+        RS_TRY(rs_checkpoint_load(o->ckpt_path, &r->ckpt));
+        r->data.has_ref = 1;
+        r->step = r->ckpt.step;
+        rs_info("dpo: resuming %s at step %lld", o->ckpt_path, (long long)r->step);
+    } else if (!r->data.has_ref) {
+        double t0 = rs_now();
+        RS_TRY(rs_dpo_reference(&r->t));
+        rs_info("dpo: reference log-probs of %d pairs (adapter off) in %.1f s", r->data.n,
+                rs_now() - t0);
+    }
+    return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);
+}
+
+static int write_outputs(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    RS_TRY(rs_adapter_save(o->adapter_path, &r->lora, o->config_hash, o->model_dir));
+    if (o->mask_mode != RS_MASK_ELEMENTWISE)
+        RS_TRY(rs_adapter_export_peft(o->peft_dir, &r->lora, o->model_dir));
+    rs_info("dpo: wrote %s%s%s", o->adapter_path, o->mask_mode != RS_MASK_ELEMENTWISE ? " and " : "",
+            o->mask_mode != RS_MASK_ELEMENTWISE ? o->peft_dir : "");
+    return 0;
+}
+
+int rs_dpo_run(const rs_config *cfg, int resume, int force) {
+    dpo_run r;
+    memset(&r, 0, sizeof r);
+    int threads = (int)rs_config_get_int(cfg, "model", "threads");
+    if (threads > 0) omp_set_num_threads(threads);
+    int rc = read_options(cfg, &r.o);
+    if (rc == 0) rc = load_inputs(&r, cfg);
+    if (rc == 0) rc = setup(&r);
+    if (rc == 0) rc = start_or_resume(&r, resume, force);
+    if (rc == 0) {
+        rs_train_catch_signals();
+        rc = train(&r);
+    }
+    if (rc == 0) rc = save_checkpoint(&r);
+    if (rc == 0) rc = write_outputs(&r);
+    free_run(&r);
+    return rc;
+}

@@ -1,0 +1,444 @@
+/* sft: full-parameter supervised fine-tuning (`resafe sft`), optionally quantization-aware.
+ *
+ * Loss: mean NLL over the response tokens of a batch (prompt tokens carry no loss), i.e. each
+ * sequence's d loss / d seq_logp = -1 / (response tokens in the whole batch), so gradient
+ * accumulation over micro-batches gives exactly the full batch's gradient.
+ * QAT (LLM-QAT style, straight-through): the optimizer owns fp32 master copies of the linear
+ * weights; before every step the model's weights are fake_quant_rows(master), the forward and
+ * backward run on them, and the gradient (taken w.r.t. the quantized weight) updates the master.
+ * Output: a Hugging Face directory with the master weights (config and tokenizer files copied
+ * from the input model), written at a temporary name and renamed. */
+#include "resafe/checkpoint.h"
+#include "resafe/train.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <omp.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "resafe/safetensors.h"
+
+/* ---------------------------------------------------------------- options */
+
+typedef struct {
+    const char *model_dir, *data_file, *prompt_key, *response_key, *system;
+    char *stage_dir, *output_dir, *ckpt_path, *metrics_path;
+    rs_lr_schedule sched;
+    int batch_size, micro, epochs, max_steps, max_seq_len, checkpoint_every, recompute;
+    double weight_decay, beta2, grad_clip;
+    int qat, qat_bits, qat_symmetric;
+    uint64_t seed, config_hash, data_hash;
+} sft_options;
+
+static const char *const g_sft_sections[] = {"sft", NULL};
+
+static void free_options(sft_options *o) {
+    free(o->stage_dir), free(o->output_dir), free(o->ckpt_path), free(o->metrics_path);
+}
+
+static int read_options(const rs_config *cfg, sft_options *o) {
+    memset(o, 0, sizeof *o);
+    o->model_dir = rs_config_get_str(cfg, "model", "path");
+    o->data_file = rs_config_get_str(cfg, "sft", "data_file");
+    if (!o->model_dir[0]) return RS_FAIL("resafe sft: [model] path is not set");
+    if (!o->data_file[0]) return RS_FAIL("resafe sft: [sft] data_file is not set");
+    o->prompt_key = rs_config_get_str(cfg, "sft", "prompt_key");
+    o->response_key = rs_config_get_str(cfg, "sft", "response_key");
+    o->system = rs_config_get_str(cfg, "sft", "system_prompt");
+    if (!o->system[0]) o->system = NULL;
+    o->stage_dir = rs_path_join(rs_config_get_str(cfg, "run", "out_dir"), "sft");
+    const char *out = rs_config_get_str(cfg, "sft", "output_dir");
+    o->output_dir = out[0] ? rs_strdup(out) : rs_path_join(o->stage_dir, "model");
+    o->ckpt_path = rs_path_join(o->stage_dir, "checkpoint.h5");
+    o->metrics_path = rs_path_join(o->stage_dir, "metrics.jsonl");
+    rs_sched_kind_from_name(rs_config_get_str(cfg, "sft", "schedule"), &o->sched.kind);
+    o->sched.lr = rs_config_get_float(cfg, "sft", "lr");
+    o->sched.warmup_steps = (int)rs_config_get_int(cfg, "sft", "warmup_steps");
+    o->batch_size = (int)rs_config_get_int(cfg, "sft", "batch_size");
+    o->micro = (int)rs_config_get_int(cfg, "sft", "micro_batch_size");
+    if (o->micro == 0 || o->micro > o->batch_size) o->micro = o->batch_size;
+    o->epochs = (int)rs_config_get_int(cfg, "sft", "epochs");
+    o->max_steps = (int)rs_config_get_int(cfg, "sft", "max_steps");
+    o->max_seq_len = (int)rs_config_get_int(cfg, "sft", "max_seq_len");
+    o->weight_decay = rs_config_get_float(cfg, "sft", "weight_decay");
+    o->beta2 = rs_config_get_float(cfg, "sft", "adam_beta2");
+    o->grad_clip = rs_config_get_float(cfg, "sft", "grad_clip");
+    o->qat = rs_config_get_bool(cfg, "sft", "qat");
+    o->qat_bits = (int)rs_config_get_int(cfg, "sft", "qat_bits");
+    o->qat_symmetric = rs_config_get_bool(cfg, "sft", "qat_symmetric");
+    o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
+    o->recompute = rs_config_get_bool(cfg, "model", "recompute");
+    o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
+    o->config_hash = rs_config_hash(cfg, g_sft_sections);
+    return rs_file_hash(o->data_file, &o->data_hash);
+}
+
+/* ---------------------------------------------------------------- data */
+
+typedef struct {
+    const sft_options *o;
+    const rs_encoder *enc;
+    rs_seq *seqs;
+    int n, cap, n_truncated, max_len;
+} sft_loader;
+
+static int add_example(void *user, const cJSON *obj, const char *path, int line) {
+    sft_loader *L = user;
+    const char *prompt, *response;
+    RS_TRY(rs_json_get_string(obj, L->o->prompt_key, path, line, &prompt));
+    RS_TRY(rs_json_get_string(obj, L->o->response_key, path, line, &response));
+    if (L->n == L->cap) {
+        L->cap = L->cap ? 2 * L->cap : 64;
+        L->seqs = rs_realloc(L->seqs, (size_t)L->cap * sizeof *L->seqs);
+    }
+    int cut;
+    if (rs_encode_example(L->enc, prompt, response, &L->seqs[L->n], &cut) != 0)
+        return rs_fail_context("%s:%d", path, line);
+    L->n_truncated += cut;
+    if (L->seqs[L->n].n > L->max_len) L->max_len = L->seqs[L->n].n;
+    L->n++;
+    return 0;
+}
+
+static void free_seqs(rs_seq *seqs, int n) {
+    for (int i = 0; i < n; i++) rs_seq_free(&seqs[i]);
+    free(seqs);
+}
+
+/* ---------------------------------------------------------------- parameters */
+
+/* One trainable tensor: its HF name, the model's weight, its gradient, and (QAT) its master. */
+typedef struct {
+    char name[96];
+    float *w, *g, *master;
+    int rows, cols; /* cols 0: a vector */
+    int linear;     /* one of the seven projections (QAT quantizes these) */
+} sft_tensor;
+
+typedef struct {
+    sft_tensor *t;
+    int n, cap;
+} tensor_list;
+
+RS_PRINTF(6, 7)
+static void add_tensor(tensor_list *l, void *w, float *g, int rows, int cols, const char *fmt, ...) {
+    if (!w) return; /* absent bias */
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->t = rs_realloc(l->t, (size_t)l->cap * sizeof *l->t);
+    }
+    sft_tensor *t = &l->t[l->n++];
+    memset(t, 0, sizeof *t);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->w = w, t->g = g, t->rows = rows, t->cols = cols;
+    t->linear = strstr(t->name, "_proj.weight") != NULL;
+}
+
+/* Every parameter of the model with its gradient, named as in the checkpoint it came from. */
+static void list_tensors(rs_model *m, rs_model_grads *g, tensor_list *l) {
+    const rs_model_config *c = &m->cfg;
+    int D = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
+    add_tensor(l, m->embed, g->embed, V, D, "model.embed_tokens.weight");
+    for (int i = 0; i < c->n_layers; i++) {
+        rs_layer_weights *w = &m->layers[i];
+        rs_layer_grads *d = &g->layers[i];
+        const char *p = "model.layers";
+        add_tensor(l, w->attn_norm, d->attn_norm, D, 0, "%s.%d.input_layernorm.weight", p, i);
+        add_tensor(l, w->wq, d->wq, Q, D, "%s.%d.self_attn.q_proj.weight", p, i);
+        add_tensor(l, w->wk, d->wk, KV, D, "%s.%d.self_attn.k_proj.weight", p, i);
+        add_tensor(l, w->wv, d->wv, KV, D, "%s.%d.self_attn.v_proj.weight", p, i);
+        add_tensor(l, w->wo, d->wo, D, Q, "%s.%d.self_attn.o_proj.weight", p, i);
+        add_tensor(l, w->bq, d->bq, Q, 0, "%s.%d.self_attn.q_proj.bias", p, i);
+        add_tensor(l, w->bk, d->bk, KV, 0, "%s.%d.self_attn.k_proj.bias", p, i);
+        add_tensor(l, w->bv, d->bv, KV, 0, "%s.%d.self_attn.v_proj.bias", p, i);
+        add_tensor(l, w->bo, d->bo, D, 0, "%s.%d.self_attn.o_proj.bias", p, i);
+        add_tensor(l, w->mlp_norm, d->mlp_norm, D, 0, "%s.%d.post_attention_layernorm.weight", p, i);
+        add_tensor(l, w->w_gate, d->w_gate, F, D, "%s.%d.mlp.gate_proj.weight", p, i);
+        add_tensor(l, w->w_up, d->w_up, F, D, "%s.%d.mlp.up_proj.weight", p, i);
+        add_tensor(l, w->w_down, d->w_down, D, F, "%s.%d.mlp.down_proj.weight", p, i);
+        add_tensor(l, w->b_gate, d->b_gate, F, 0, "%s.%d.mlp.gate_proj.bias", p, i);
+        add_tensor(l, w->b_up, d->b_up, F, 0, "%s.%d.mlp.up_proj.bias", p, i);
+        add_tensor(l, w->b_down, d->b_down, D, 0, "%s.%d.mlp.down_proj.bias", p, i);
+    }
+    add_tensor(l, m->final_norm, g->final_norm, D, 0, "model.norm.weight");
+    if (!c->tie_word_embeddings) add_tensor(l, m->lm_head, g->lm_head, V, D, "lm_head.weight");
+}
+
+static size_t numel(const sft_tensor *t) { return (size_t)t->rows * (size_t)(t->cols ? t->cols : 1); }
+
+/* The optimizer over every tensor (QAT: over the masters of the linears, copied from the
+ * model). Matrices decay, vectors (norms, biases) do not, as transformers' Trainer does. */
+static void build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs_optim *opt,
+                            void **master_block) {
+    const rs_backend *be = m->be;
+    rs_optim_init(opt, be, 0.9f, (float)o->beta2, 1e-8f, (float)o->weight_decay);
+    size_t bytes = 0;
+    for (int i = 0; i < l->n && o->qat; i++)
+        if (l->t[i].linear) bytes += rs_align64(numel(&l->t[i]) * sizeof(float));
+    *master_block = bytes ? be->alloc(bytes) : NULL;
+    char *at = *master_block;
+    for (int i = 0; i < l->n; i++) {
+        sft_tensor *t = &l->t[i];
+        float *p = t->w;
+        if (o->qat && t->linear) {
+            t->master = (float *)at, at += rs_align64(numel(t) * sizeof(float));
+            be->copy(t->master, t->w, numel(t) * sizeof(float));
+            p = t->master;
+        }
+        rs_optim_add(opt, t->name, p, t->g, NULL, numel(t), t->cols > 0);
+    }
+    rs_optim_alloc(opt);
+}
+
+static void fake_quantize(rs_model *m, const tensor_list *l, const sft_options *o) {
+    for (int i = 0; i < l->n; i++)
+        if (l->t[i].master)
+            m->be->fake_quant_rows(l->t[i].w, l->t[i].master, l->t[i].rows, l->t[i].cols,
+                                   o->qat_bits, o->qat_symmetric);
+}
+
+/* ---------------------------------------------------------------- output directory */
+
+static int copy_file(const char *from_dir, const char *to_dir, const char *name) {
+    char *src = rs_path_join(from_dir, name), *dst = rs_path_join(to_dir, name), *data = NULL;
+    size_t size;
+    int rc = 0;
+    if (rs_path_exists(src)) {
+        rc = rs_read_file(src, &data, &size);
+        if (rc == 0) rc = rs_write_file_atomic(dst, data, size);
+    }
+    free(src), free(dst), free(data);
+    return rc;
+}
+
+static int write_model_dir(rs_model *m, const tensor_list *l, const sft_options *o) {
+    static const char *const files[] = {"config.json", "generation_config.json", "tokenizer.json",
+                                        "tokenizer_config.json", "special_tokens_map.json",
+                                        "chat_template.jinja", "tokenizer.model"};
+    char *tmp = rs_tmp_name(o->output_dir);
+    int rc = rs_mkdir_p(tmp);
+    for (size_t i = 0; rc == 0 && i < sizeof files / sizeof *files; i++)
+        rc = copy_file(o->model_dir, tmp, files[i]);
+    rs_st_write_tensor *ts = rs_calloc((size_t)l->n, sizeof *ts);
+    for (int i = 0; i < l->n; i++) {
+        const sft_tensor *t = &l->t[i];
+        float *host = rs_malloc(numel(t) * sizeof *host);
+        m->be->to_host(host, t->master ? t->master : t->w, numel(t) * sizeof *host);
+        ts[i] = (rs_st_write_tensor){t->name, RS_F32, t->cols ? 2 : 1, {t->rows, t->cols}, host};
+    }
+    char *st = rs_path_join(tmp, "model.safetensors");
+    const char *keys[] = {"format"}, *values[] = {"pt"};
+    if (rc == 0) rc = rs_st_write(st, ts, l->n, keys, values, 1);
+    if (rc == 0) rc = rs_replace_dir(tmp, o->output_dir);
+    if (rc != 0) rs_remove_tree(tmp);
+    for (int i = 0; i < l->n; i++) free((void *)ts[i].data);
+    free(ts), free(st), free(tmp);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- the run */
+
+typedef struct {
+    sft_options o;
+    rs_model m;
+    rs_tokenizer *tok;
+    rs_seq *seqs;
+    int n_seqs, max_len;
+    rs_model_grads grads;
+    tensor_list tensors;
+    void *master_block;
+    rs_optim opt;
+    rs_train_state *state;
+    rs_batch_buf bb;
+    rs_data_order order;
+    rs_metrics_log log;
+    rs_checkpoint ckpt;
+    int64_t step;
+    double last_print;
+    int32_t *batch_idx;
+    const rs_seq **batch_seqs;
+    float *d_logp, *logp;
+} sft_run;
+
+static int load_inputs(sft_run *r, const rs_config *cfg) {
+    const sft_options *o = &r->o;
+    const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
+    if (!be) return -1;
+    if (be->weight_dtype != RS_F32)
+        return RS_FAIL("resafe sft: full-parameter training needs fp32 weights, and the %s backend "
+                       "keeps them in %s (set [model] backend = cpu)",
+                       be->name, rs_dtype_name(be->weight_dtype));
+    RS_TRY(rs_model_load(o->model_dir, be, &r->m));
+    r->tok = rs_tokenizer_load(o->model_dir);
+    if (!r->tok) return -1;
+    rs_encoder enc = {r->tok, RS_CHAT_NONE, o->system, -1, o->max_seq_len};
+    RS_TRY(rs_chat_kind_of_config(cfg, o->model_dir, &enc.kind));
+    if (r->m.cfg.n_eos > 0) enc.eos_id = r->m.cfg.eos_token_ids[0];
+    sft_loader L = {o, &enc, NULL, 0, 0, 0, 0};
+    int rc = rs_jsonl_each(o->data_file, add_example, &L);
+    r->seqs = L.seqs, r->n_seqs = L.n, r->max_len = L.max_len;
+    RS_TRY(rc);
+    if (L.n == 0) return RS_FAIL("%s: no examples", o->data_file);
+    if (L.n_truncated) rs_warn("%s: %d responses cut to max_seq_len %d tokens", o->data_file,
+                               L.n_truncated, o->max_seq_len);
+    return 0;
+}
+
+static int setup(sft_run *r) {
+    sft_options *o = &r->o;
+    RS_TRY(rs_model_grads_init(&r->m, &r->grads));
+    list_tensors(&r->m, &r->grads, &r->tensors);
+    build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block);
+    r->state = rs_train_state_new(&r->m, NULL, o->micro, r->max_len, o->recompute);
+    if (!r->state) return -1;
+    rs_batch_buf_init(&r->bb, o->micro, r->max_len);
+    rs_data_order_init(&r->order, r->n_seqs, o->seed);
+    int per_epoch = rs_batches_per_epoch(r->n_seqs, o->batch_size);
+    o->sched.total_steps = o->max_steps > 0 ? o->max_steps : o->epochs * per_epoch;
+    r->batch_idx = rs_malloc((size_t)o->batch_size * sizeof *r->batch_idx);
+    r->batch_seqs = rs_malloc((size_t)o->micro * sizeof *r->batch_seqs);
+    r->d_logp = rs_malloc((size_t)o->micro * sizeof *r->d_logp);
+    r->logp = rs_malloc((size_t)o->micro * sizeof *r->logp);
+    r->ckpt = (rs_checkpoint){.kind = "sft", .config_hash = o->config_hash,
+                              .data_hash = o->data_hash, .total_steps = o->sched.total_steps,
+                              .order = &r->order, .opt = &r->opt};
+    rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s", r->n_seqs,
+            r->max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
+            o->qat ? ", QAT" : "");
+    return 0;
+}
+
+static void free_run(sft_run *r) {
+    free_seqs(r->seqs, r->n_seqs);
+    if (r->tok) rs_tokenizer_free(r->tok);
+    if (r->state) rs_train_state_free(r->state);
+    rs_batch_buf_free(&r->bb);
+    rs_data_order_free(&r->order);
+    rs_metrics_close(&r->log);
+    rs_optim_free(&r->opt);
+    if (r->master_block) r->m.be->free(r->master_block);
+    free(r->tensors.t);
+    if (r->grads.block) rs_model_grads_free(&r->m, &r->grads);
+    if (r->m.be) rs_model_free(&r->m);
+    free(r->batch_idx), free(r->batch_seqs), free(r->d_logp), free(r->logp);
+    free_options(&r->o);
+}
+
+/* Forward and backward of one batch (in micro-batches); the mean NLL into *loss. */
+static int batch_grad(sft_run *r, const int32_t *idx, int n, double *loss, long *n_tokens) {
+    long total = 0;
+    for (int i = 0; i < n; i++) total += r->seqs[idx[i]].n - r->seqs[idx[i]].n_prompt;
+    double nll = 0;
+    for (int a = 0; a < n; a += r->o.micro) {
+        int k = n - a < r->o.micro ? n - a : r->o.micro;
+        for (int i = 0; i < k; i++) r->batch_seqs[i] = &r->seqs[idx[a + i]];
+        const rs_train_batch *b = rs_batch_fill(&r->bb, r->batch_seqs, k, NULL);
+        RS_TRY(rs_train_forward(&r->m, NULL, r->state, b, r->logp));
+        for (int i = 0; i < k; i++) {
+            nll -= r->logp[i];
+            r->d_logp[i] = (float)(-1.0 / (double)total);
+        }
+        RS_TRY(rs_train_backward(&r->m, NULL, r->state, b, r->d_logp, &r->grads));
+    }
+    *loss = nll / (double)total;
+    *n_tokens = total;
+    return 0;
+}
+
+static int save_checkpoint(sft_run *r) {
+    r->ckpt.step = r->step;
+    r->ckpt.metrics_bytes = r->log.bytes;
+    return rs_checkpoint_save(r->o.ckpt_path, &r->ckpt);
+}
+
+static int one_step(sft_run *r) {
+    const sft_options *o = &r->o;
+    int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
+    if (o->qat) fake_quantize(&r->m, &r->tensors, o);
+    rs_optim_zero_grads(&r->opt);
+    double loss;
+    long tokens;
+    RS_TRY(batch_grad(r, r->batch_idx, n, &loss, &tokens));
+    if (rs_train_nan_injected((int)r->step)) loss = NAN;
+    double norm = rs_optim_grad_norm(&r->opt);
+    if (!isfinite(loss) || !isfinite(norm))
+        return RS_FAIL("sft: step %lld: the loss is %g and the gradient norm %g: stopped without "
+                       "updating; the last checkpoint (%s) is intact",
+                       (long long)r->step + 1, loss, norm, o->ckpt_path);
+    double lr = rs_lr_at(&o->sched, (int)r->step);
+    rs_optim_step(&r->opt, lr, rs_clip_factor(norm, o->grad_clip));
+    r->step++;
+    char line[512];
+    snprintf(line, sizeof line,
+             "{\"step\":%lld,\"epoch\":%lld,\"loss\":%.9g,\"tokens\":%ld,\"lr\":%.9g,"
+             "\"grad_norm\":%.9g}",
+             (long long)r->step, (long long)r->order.epoch, loss, tokens, lr, norm);
+    RS_TRY(rs_metrics_write(&r->log, line));
+    if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
+        r->last_print = rs_now();
+        rs_info("sft: step %lld/%d loss %.4f lr %.3g |g| %.3g", (long long)r->step,
+                o->sched.total_steps, loss, lr, norm);
+    }
+    return 0;
+}
+
+/* Steps until the end or a signal; returns 0, -1, or the signal number. */
+static int train(sft_run *r) {
+    const sft_options *o = &r->o;
+    while (r->step < o->sched.total_steps) {
+        int sig = rs_train_stop_signal();
+        if (sig) {
+            RS_TRY(save_checkpoint(r));
+            rs_warn("sft: interrupted by signal %d after step %lld; checkpoint %s (continue with "
+                    "--resume)",
+                    sig, (long long)r->step, o->ckpt_path);
+            return sig;
+        }
+        RS_TRY(one_step(r));
+        if (o->checkpoint_every > 0 && r->step % o->checkpoint_every == 0)
+            RS_TRY(save_checkpoint(r));
+    }
+    return 0;
+}
+
+static int start_or_resume(sft_run *r, int resume, int force) {
+    const sft_options *o = &r->o;
+    RS_TRY(rs_mkdir_p(o->stage_dir));
+    int have = rs_path_exists(o->ckpt_path);
+    if (resume && !have) return RS_FAIL("%s: no checkpoint to resume from", o->ckpt_path);
+    if (!resume && have && !force)
+        return RS_FAIL("%s exists (an earlier run): --resume continues it, --force starts over",
+                       o->ckpt_path);
+    if (resume) {
+        RS_TRY(rs_checkpoint_load(o->ckpt_path, &r->ckpt));
+        r->step = r->ckpt.step;
+        rs_info("sft: resuming %s at step %lld", o->ckpt_path, (long long)r->step);
+    }
+    return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);
+}
+
+int rs_sft_run(const rs_config *cfg, int resume, int force) {
+    sft_run r;
+    memset(&r, 0, sizeof r);
+    int threads = (int)rs_config_get_int(cfg, "model", "threads");
+    if (threads > 0) omp_set_num_threads(threads);
+    int rc = read_options(cfg, &r.o);
+    if (rc == 0) rc = load_inputs(&r, cfg);
+    if (rc == 0) rc = setup(&r);
+    if (rc == 0) rc = start_or_resume(&r, resume, force);
+    if (rc == 0) {
+        rs_train_catch_signals();
+        rc = train(&r);
+    }
+    if (rc == 0) rc = save_checkpoint(&r);
+    if (rc == 0) rc = write_model_dir(&r.m, &r.tensors, &r.o);
+    if (rc == 0) rs_info("sft: wrote %s", r.o.output_dir);
+    free_run(&r);
+    return rc;
+}
