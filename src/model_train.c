@@ -544,31 +544,35 @@ uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_targe
 /* ---------------------------------------------------------------- batches */
 
 /* Right-padded sequences: sequence b's real tokens are t < len_b at positions t, then padding
- * (pos -1, no target). The attention below relies on it: key j of a sequence is its row j. */
+ * (pos -1, no target). The attention relies on it: key j of a sequence is its row j. */
+static int check_sequence(const rs_model_config *c, const rs_train_batch *bt, int b) {
+    const int32_t *pos = bt->pos + (size_t)b * bt->T, *tokens = bt->tokens + (size_t)b * bt->T;
+    const int32_t *targets = bt->targets + (size_t)b * bt->T;
+    int len = 0;
+    while (len < bt->T && pos[len] == len) len++;
+    for (int t = len; t < bt->T; t++)
+        if (pos[t] != -1)
+            return RS_FAIL("train batch: sequence %d: position %d at token %d (training needs right "
+                           "padding: positions 0, 1, ... then -1)", b, pos[t], t);
+    for (int t = 0; t < bt->T; t++) {
+        if (t < len && (tokens[t] < 0 || tokens[t] >= c->vocab_size))
+            return RS_FAIL("train batch: sequence %d: token id %d outside the vocabulary [0, %d)", b,
+                           tokens[t], c->vocab_size);
+        if (targets[t] < -1 || targets[t] >= c->vocab_size || (t >= len && targets[t] != -1))
+            return RS_FAIL("train batch: sequence %d: target %d at token %d (ids in [0, %d) on real "
+                           "tokens, -1 elsewhere)", b, targets[t], t, c->vocab_size);
+    }
+    if (c->sliding_window > 0 && len > c->sliding_window)
+        return RS_FAIL("train batch: sequence %d: %d tokens exceed the sliding window (%d), which "
+                       "is not supported", b, len, c->sliding_window);
+    return 0;
+}
+
 static int check_batch(const rs_model *m, const rs_train_state *s, const rs_train_batch *bt) {
-    const rs_model_config *c = &m->cfg;
     if (bt->B < 1 || bt->T < 1 || (int64_t)bt->B * bt->T > s->max_tokens)
         return RS_FAIL("train batch: %d x %d tokens (the state was planned for %d tokens)", bt->B,
                        bt->T, s->max_tokens);
-    for (int b = 0; b < bt->B; b++) {
-        int len = 0;
-        while (len < bt->T && bt->pos[b * bt->T + len] == len) len++;
-        for (int t = 0; t < bt->T; t++) {
-            int i = b * bt->T + t;
-            if (t >= len && bt->pos[i] != -1)
-                return RS_FAIL("train batch: sequence %d: position %d at token %d (training needs "
-                               "right padding: positions 0, 1, ... then -1)", b, bt->pos[i], t);
-            if (t < len && (bt->tokens[i] < 0 || bt->tokens[i] >= c->vocab_size))
-                return RS_FAIL("train batch: sequence %d: token id %d outside the vocabulary [0, %d)",
-                               b, bt->tokens[i], c->vocab_size);
-            if (bt->targets[i] < -1 || bt->targets[i] >= c->vocab_size || (t >= len && bt->targets[i] != -1))
-                return RS_FAIL("train batch: sequence %d: target %d at token %d (ids in [0, %d) on "
-                               "real tokens, -1 elsewhere)", b, bt->targets[i], t, c->vocab_size);
-        }
-        if (c->sliding_window > 0 && len > c->sliding_window)
-            return RS_FAIL("train batch: sequence %d: %d tokens exceed the sliding window (%d), "
-                           "which is not supported", b, len, c->sliding_window);
-    }
+    for (int b = 0; b < bt->B; b++) RS_TRY(check_sequence(&m->cfg, bt, b));
     return 0;
 }
 
