@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, resafe_bin, run_resafe
+from conftest import BUILD, ROOT, resafe_bin, run_resafe
 
 transformers = pytest.importorskip("transformers")
 
@@ -259,6 +259,7 @@ def test_peft_loads_the_exported_adapter_and_it_equals_the_hdf5_one(uninterrupte
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), float((got - want).abs().max())
 
 
+@pytest.mark.skipif("asan" in BUILD, reason="timing means nothing under the sanitizers")
 def test_tiny_dpo_step_is_well_under_a_second(tmp_path):
     """2 layers, width 128, a batch of 4 pairs of ~40 tokens, rank 8 on every linear."""
     model = make_model(tmp_path / "m128", "--hidden", "128", "--layers", "2")
