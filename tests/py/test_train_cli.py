@@ -365,3 +365,26 @@ def test_sft_bad_data_is_one_clear_error_and_writes_nothing(tmp_path, tiny_model
     p = run_resafe("sft", "--config", cfg, check=False, env=ENV)
     assert p.returncode == 1 and 'd.jsonl:2: no "response" member' in p.stderr, p.stderr
     assert not os.path.exists(os.path.join(out, "sft"))
+
+
+@pytest.mark.parametrize("over", [
+    {"snip__mask": "elementwise", "snip__scope": "per_layer", "snip__loss": "nll", "lora__dropout": 0},
+    {"snip__mask": "none", "lora__targets": "q,v,down", "dpo__schedule": "cosine"},
+])
+def test_dpo_other_modes_resume_identically(tmp_path, tiny_model, over):
+    """Stopped by a NaN after the step-4 checkpoint, then resumed: the same as one run."""
+    over = dict(over, dpo__max_steps=8, run__checkpoint_every=2, snip__reidentify_every=3)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_resafe("dpo", "--config", dpo_config(tmp_path, tiny_model, a, **over), env=ENV)
+    cfg = dpo_config(tmp_path, tiny_model, b, **over)
+    p = run_resafe("dpo", "--config", cfg, check=False, env=dict(ENV, RESAFE_TEST_NAN_STEP="5"))
+    assert p.returncode == 1
+    run_resafe("dpo", "--config", cfg, "--resume", env=ENV)
+    assert read(f"{a}/dpo/metrics.jsonl") == read(f"{b}/dpo/metrics.jsonl")
+    assert h5_contents(f"{a}/dpo/adapter.h5") == h5_contents(f"{b}/dpo/adapter.h5")
+    with h5py.File(f"{b}/dpo/adapter.h5") as f:
+        assert f.attrs["mask_mode"] == over["snip__mask"]
+        if over["snip__mask"] == "elementwise":
+            m = f["lora/layers.0.q_proj/mask_W"][...]
+            assert m.shape == (64, 64) and 0 < m.mean() < 1
+    assert os.path.exists(f"{b}/dpo/adapter_peft") == (over["snip__mask"] != "elementwise")
