@@ -147,7 +147,8 @@ static int read_info(rs_h5 *h, const char *path, rs_adapter_info *info) {
     if (rc == 0 && rs_lora_parse_targets(targets, &info->targets) != 0)
         rc = rs_fail_context("%s: attribute targets", path);
     if (rc == 0 && mask_mode_from_name(mode, &info->mask_mode) != 0)
-        rc = RS_FAIL("%s: attribute mask_mode = '%s' is not none, factor or elementwise", path, mode);
+        rc = RS_FAIL("%s: attribute mask_mode = '%s' is not none, factor or elementwise", path,
+                     mode);
     if (rc == 0) info->rank = (int)rank, info->alpha = (float)alpha, info->dropout = (float)dropout;
     free(targets), free(mode);
     return rc;
@@ -249,9 +250,9 @@ static int peft_tensors(const rs_lora *l, rs_st_write_tensor **out, int *n_out) 
             for (int f = 0; f < 2; f++) {
                 rs_st_write_tensor *x = &ts[n++];
                 char name[160];
+                rs_lora_target tt = (rs_lora_target)t;
                 snprintf(name, sizeof name, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight",
-                         layer, module_of((rs_lora_target)t), rs_lora_target_name((rs_lora_target)t),
-                         f ? 'B' : 'A');
+                         layer, module_of(tt), rs_lora_target_name(tt), f ? 'B' : 'A');
                 x->name = rs_strdup(name);
                 x->dtype = RS_F32, x->ndim = 2;
                 x->shape[0] = f ? lin->out : l->rank;

@@ -13,4 +13,6 @@ static const char *g_usage =
     "  --force    start over although a checkpoint exists\n"
     "  SIGINT/SIGTERM write a checkpoint at the next step boundary and exit 128 + signal.\n";
 
-int cmd_dpo(int argc, char **argv) { return cli_run_training(argc, argv, "dpo", g_usage, rs_dpo_run); }
+int cmd_dpo(int argc, char **argv) {
+    return cli_run_training(argc, argv, "dpo", g_usage, rs_dpo_run);
+}

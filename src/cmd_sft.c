@@ -12,4 +12,6 @@ static const char *g_usage =
     "  --force    start over although a checkpoint exists\n"
     "  SIGINT/SIGTERM write a checkpoint at the next step boundary and exit 128 + signal.\n";
 
-int cmd_sft(int argc, char **argv) { return cli_run_training(argc, argv, "sft", g_usage, rs_sft_run); }
+int cmd_sft(int argc, char **argv) {
+    return cli_run_training(argc, argv, "sft", g_usage, rs_sft_run);
+}

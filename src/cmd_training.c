@@ -34,7 +34,8 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
         }
     }
     if (!path) return usage_error(name, usage, "%s", "--config FILE is required");
-    if (resume && force) return usage_error(name, usage, "%s", "--resume and --force exclude each other");
+    if (resume && force)
+        return usage_error(name, usage, "%s", "--resume and --force exclude each other");
     rs_config *cfg = rs_config_load(path);
     int rc = cfg ? 0 : -1;
     for (int i = 1; rc == 0 && i + 1 < argc; i++)

@@ -49,7 +49,8 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     o->dp.recompute = rs_config_get_bool(cfg, "model", "recompute");
     o->batch_size = (int)rs_config_get_int(cfg, "dpo", "batch_size");
     o->dp.micro_pairs = (int)rs_config_get_int(cfg, "dpo", "micro_batch_size");
-    if (o->dp.micro_pairs == 0 || o->dp.micro_pairs > o->batch_size) o->dp.micro_pairs = o->batch_size;
+    if (o->dp.micro_pairs == 0 || o->dp.micro_pairs > o->batch_size)
+        o->dp.micro_pairs = o->batch_size;
     rs_sched_kind_from_name(rs_config_get_str(cfg, "dpo", "schedule"), &o->sched.kind);
     o->sched.lr = rs_config_get_float(cfg, "dpo", "lr");
     o->sched.warmup_steps = (int)rs_config_get_int(cfg, "dpo", "warmup_steps");
@@ -249,7 +250,8 @@ static int one_step(dpo_run *r) {
     if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
         r->last_print = rs_now();
         rs_info("dpo: step %lld/%d loss %.4f acc %.2f margin %.4g lr %.3g |g| %.3g",
-                (long long)r->step, o->sched.total_steps, st.loss, st.accuracy, st.margin, lr, norm);
+                (long long)r->step, o->sched.total_steps, st.loss, st.accuracy, st.margin, lr,
+                norm);
     }
     return 0;
 }
@@ -299,8 +301,8 @@ static int write_outputs(dpo_run *r) {
     RS_TRY(rs_adapter_save(o->adapter_path, &r->lora, o->config_hash, o->model_dir));
     if (o->mask_mode != RS_MASK_ELEMENTWISE)
         RS_TRY(rs_adapter_export_peft(o->peft_dir, &r->lora, o->model_dir));
-    rs_info("dpo: wrote %s%s%s", o->adapter_path, o->mask_mode != RS_MASK_ELEMENTWISE ? " and " : "",
-            o->mask_mode != RS_MASK_ELEMENTWISE ? o->peft_dir : "");
+    int peft = o->mask_mode != RS_MASK_ELEMENTWISE;
+    rs_info("dpo: wrote %s%s%s", o->adapter_path, peft ? " and " : "", peft ? o->peft_dir : "");
     return 0;
 }
 

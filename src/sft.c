@@ -123,7 +123,8 @@ typedef struct {
 } tensor_list;
 
 RS_PRINTF(6, 7)
-static void add_tensor(tensor_list *l, void *w, float *g, int rows, int cols, const char *fmt, ...) {
+static void add_tensor(tensor_list *l, void *w, float *g, int rows, int cols, const char *fmt,
+                       ...) {
     if (!w) return; /* absent bias */
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 64;
@@ -158,7 +159,8 @@ static void list_tensors(rs_model *m, rs_model_grads *g, tensor_list *l) {
         add_tensor(l, w->bk, d->bk, KV, 0, "%s.%d.self_attn.k_proj.bias", p, i);
         add_tensor(l, w->bv, d->bv, KV, 0, "%s.%d.self_attn.v_proj.bias", p, i);
         add_tensor(l, w->bo, d->bo, D, 0, "%s.%d.self_attn.o_proj.bias", p, i);
-        add_tensor(l, w->mlp_norm, d->mlp_norm, D, 0, "%s.%d.post_attention_layernorm.weight", p, i);
+        add_tensor(l, w->mlp_norm, d->mlp_norm, D, 0, "%s.%d.post_attention_layernorm.weight", p,
+                   i);
         add_tensor(l, w->w_gate, d->w_gate, F, D, "%s.%d.mlp.gate_proj.weight", p, i);
         add_tensor(l, w->w_up, d->w_up, F, D, "%s.%d.mlp.up_proj.weight", p, i);
         add_tensor(l, w->w_down, d->w_down, D, F, "%s.%d.mlp.down_proj.weight", p, i);
@@ -170,7 +172,9 @@ static void list_tensors(rs_model *m, rs_model_grads *g, tensor_list *l) {
     if (!c->tie_word_embeddings) add_tensor(l, m->lm_head, g->lm_head, V, D, "lm_head.weight");
 }
 
-static size_t numel(const sft_tensor *t) { return (size_t)t->rows * (size_t)(t->cols ? t->cols : 1); }
+static size_t numel(const sft_tensor *t) {
+    return (size_t)t->rows * (size_t)(t->cols ? t->cols : 1);
+}
 
 /* The optimizer over every tensor (QAT: over the masters of the linears, copied from the
  * model). Matrices decay, vectors (norms, biases) do not, as transformers' Trainer does. */

@@ -235,12 +235,15 @@ uint64_t rs_config_hash(const rs_config *cfg, const char *const *sections) {
                      (strcmp(k->section, "run") == 0 && strcmp(k->key, "seed") == 0);
         if (!wanted) continue;
         char value[64];
+        const char *s = k->section, *key = k->key;
         switch (k->type) {
         case RS_CFG_INT:
-            snprintf(value, sizeof value, "%lld", (long long)rs_config_get_int(cfg, k->section, k->key));
+            snprintf(value, sizeof value, "%lld", (long long)rs_config_get_int(cfg, s, key));
             break;
-        case RS_CFG_FLOAT: snprintf(value, sizeof value, "%.17g", rs_config_get_float(cfg, k->section, k->key)); break;
-        case RS_CFG_BOOL: snprintf(value, sizeof value, "%d", rs_config_get_bool(cfg, k->section, k->key)); break;
+        case RS_CFG_FLOAT:
+            snprintf(value, sizeof value, "%.17g", rs_config_get_float(cfg, s, key));
+            break;
+        case RS_CFG_BOOL: snprintf(value, sizeof value, "%d", rs_config_get_bool(cfg, s, key)); break;
         default: value[0] = 0;
         }
         const char *v = value[0] ? value : rs_config_get_str(cfg, k->section, k->key);

@@ -7,7 +7,8 @@
  *   order/perm        I32 [n]  the current epoch's data order
  *   order/rng         I64 [4]  the data order's xoshiro state (bit pattern)
  *   dropout_rng       I64 [4]  the train state's rng (LoRA dropout masks), when given
- *   params/<name>     F32 [n]  every optimizer tensor, by its optimizer name
+ *   params/<name>     F32 [n]  every optimizer tensor, by its optimizer name (SFT: the HF
+ *                              tensor names; DPO: "lora", the adapter's flat view)
  *   adam_m/<name>, adam_v/<name>   its moments
  *   masks/<layer.target>/mask_A|mask_B|mask_W   U8, the adapter's masks (DPO)
  *   ref/chosen, ref/rejected       F32 [pairs] reference log-probs (DPO)

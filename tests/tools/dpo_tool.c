@@ -61,7 +61,8 @@ static int read_pairs(const char *path, rs_pref_set *set, rs_dpo_params *p) {
         double kc = 0, kr = 0, rw, rl;
         num(q, "chosen_prompt", &kc), num(q, "rejected_prompt", &kr);
         rc = ids_of(cJSON_GetObjectItemCaseSensitive(q, "chosen"), &set->chosen[i], (int)kc);
-        if (rc == 0) rc = ids_of(cJSON_GetObjectItemCaseSensitive(q, "rejected"), &set->rejected[i], (int)kr);
+        if (rc == 0)
+            rc = ids_of(cJSON_GetObjectItemCaseSensitive(q, "rejected"), &set->rejected[i], (int)kr);
         if (rc == 0 && num(q, "ref_chosen", &rw) && num(q, "ref_rejected", &rl)) {
             set->ref_chosen[i] = (float)rw, set->ref_rejected[i] = (float)rl;
             n_ref++;
