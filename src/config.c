@@ -469,10 +469,10 @@ static int continue_value(parse_state *st, int idx, const char *value) {
         return handler_fail(st);
     }
     /* inih strips " ;comment" from key lines but not from continuation lines: strip it here
-     * too, so a comment means the same on every line */
+     * too, so a comment means the same on every line (inih's rule: ';' after any isspace) */
     size_t b = strlen(value);
     for (size_t i = 1; i < b; i++)
-        if (value[i] == ';' && (value[i - 1] == ' ' || value[i - 1] == '\t')) {
+        if (value[i] == ';' && isspace((unsigned char)value[i - 1])) {
             b = i;
             break;
         }
