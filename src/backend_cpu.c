@@ -74,10 +74,11 @@ static void cpu_rmsnorm_fwd(void *out_, float *rstd, const void *x_, const void 
 }
 
 /* HF rotate_half layout: (x[i], x[i + half]) rotate by angle pos * inv_freq[i]. The angle is
- * formed in fp32 as transformers does (inv_freq @ position_ids in fp32). */
-static void cpu_rope_fwd(void *x_, const int32_t *pos, const float *inv_freq, int n_tok,
-                         int n_heads, int head_dim) {
-    float *x = x_;
+ * formed in fp32 as transformers does (inv_freq @ position_ids in fp32). direction -1 rotates
+ * by the opposite angle with the same cos/sin values: the exact inverse, which is also the
+ * adjoint (a rotation is orthogonal), i.e. rope's backward. */
+static void rope_rotate(float *x, const int32_t *pos, const float *inv_freq, int n_tok,
+                        int n_heads, int head_dim, float direction) {
     int half = head_dim / 2;
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n_tok * n_heads * head_dim))
     for (int t = 0; t < n_tok; t++) {
@@ -86,13 +87,18 @@ static void cpu_rope_fwd(void *x_, const int32_t *pos, const float *inv_freq, in
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
             for (int i = 0; i < half; i++) {
                 float angle = (float)pos[t] * inv_freq[i];
-                float c = cosf(angle), s = sinf(angle);
+                float c = cosf(angle), s = direction * sinf(angle);
                 float a = v[i], b = v[i + half];
                 v[i] = a * c - b * s;
                 v[i + half] = b * c + a * s;
             }
         }
     }
+}
+
+static void cpu_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, int n_tok,
+                         int n_heads, int head_dim) {
+    rope_rotate(x, pos, inv_freq, n_tok, n_heads, head_dim, 1.0f);
 }
 
 static float activation(float g, rs_activation act) {
@@ -243,6 +249,435 @@ static void cpu_attention_fwd(void *out_, const void *q_, const void *k_, const 
             }
 }
 
+/* ---------------------------------------------------------------- backward: helpers */
+
+/* y += a * x over n values (vectorisable: no reassociation involved). */
+static void axpy(float *y, float a, const float *x, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* The activation-gradient convention: beta = 0 overwrites (never reads dst, which may be NaN),
+ * otherwise dst = beta * dst + v. */
+static void store_beta(float *dst, float v, float beta) { *dst = beta != 0.0f ? beta * *dst + v : v; }
+
+/* Prepare a row that gradient terms are then added into: 0 for beta = 0, beta * row otherwise. */
+static void start_row_beta(float *row, int n, float beta) {
+    if (beta == 0.0f)
+        memset(row, 0, (size_t)n * sizeof *row);
+    else if (beta != 1.0f)
+        for (int i = 0; i < n; i++) row[i] *= beta;
+}
+
+/* ---------------------------------------------------------------- backward: row ops */
+
+/* Repeated ids add up, so rows of dtable are not independent: one thread walks the tokens and
+ * each token's row update is vectorised. */
+static void cpu_embedding_bwd(float *dtable, const void *dout_, const int32_t *ids, int n, int dim,
+                              float scale) {
+    const float *dout = dout_;
+    for (int i = 0; i < n; i++) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
+}
+
+/* g_j: the norm's weight, or 1 + weight (Gemma) */
+static float norm_gain(const float *w, int j, int add_one) { return add_one ? 1.0f + w[j] : w[j]; }
+
+/* One row of y_j = x_j r g_j, r = (mean(x^2) + eps)^-1/2, so dr/dx_j = -r^3 x_j / dim:
+ *   dx_j = r g_j dy_j - x_j r^3 / dim * sum_l dy_l g_l x_l */
+static void rmsnorm_bwd_row(float *dx, const float *dy, const float *x, const float *w, float r,
+                            int dim, int add_one, float beta) {
+    double dot_dy_g_x = 0;
+    for (int j = 0; j < dim; j++) dot_dy_g_x += (double)dy[j] * norm_gain(w, j, add_one) * x[j];
+    float coef = (float)(dot_dy_g_x * r * r * r / dim);
+    for (int j = 0; j < dim; j++) store_beta(&dx[j], r * norm_gain(w, j, add_one) * dy[j] - coef * x[j], beta);
+}
+
+/* dg_j = sum_rows dy_j x_j r, and d(1 + w) = dw, so add_one changes nothing here. */
+static void cpu_rmsnorm_bwd(void *dx_, float *dw, const void *dout_, const void *x_, const void *w_,
+                            const float *rstd, int n, int dim, int add_one, float beta) {
+    float *dx = dx_;
+    const float *dout = dout_, *x = x_, *w = w_;
+    if (dx) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
+        for (int i = 0; i < n; i++)
+            rmsnorm_bwd_row(dx + (size_t)i * dim, dout + (size_t)i * dim, x + (size_t)i * dim, w,
+                            rstd[i], dim, add_one, beta);
+    }
+    if (dw) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
+        for (int j = 0; j < dim; j++) {
+            double s = 0;
+            for (int i = 0; i < n; i++)
+                s += (double)dout[(size_t)i * dim + j] * x[(size_t)i * dim + j] * rstd[i];
+            dw[j] += (float)s;
+        }
+    }
+}
+
+static void cpu_rope_bwd(void *dx, const int32_t *pos, const float *inv_freq, int n_tok,
+                         int n_heads, int head_dim) {
+    rope_rotate(dx, pos, inv_freq, n_tok, n_heads, head_dim, -1.0f);
+}
+
+/* d act(g) / dg, for the three activations of `activation`. */
+static float activation_grad(float g, rs_activation act) {
+    switch (act) {
+    case RS_ACT_SILU: { /* silu = g sigma(g): sigma (1 + g (1 - sigma)) */
+        float sigma = 1.0f / (1.0f + expf(-g));
+        return sigma * (1.0f + g * (1.0f - sigma));
+    }
+    case RS_ACT_GELU_TANH: { /* 0.5 (1 + tanh u) + 0.5 g (1 - tanh^2 u) du/dg */
+        const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+        float t = tanhf(c * (g + 0.044715f * g * g * g));
+        return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * g * g);
+    }
+    case RS_ACT_GELU: /* Phi(g) + g phi(g) */
+        return 0.5f * (1.0f + erff(g * 0.7071067811865476f)) + g * 0.3989422804014327f * expf(-0.5f * g * g);
+    }
+    return NAN;
+}
+
+static void cpu_glu_bwd(void *dgate_, void *dup_, const void *dout_, const void *gate_,
+                        const void *up_, size_t n, rs_activation act) {
+    float *dgate = dgate_, *dup = dup_;
+    const float *dout = dout_, *gate = gate_, *up = up_;
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t i = 0; i < n; i++) {
+        if (dgate) dgate[i] = dout[i] * up[i] * activation_grad(gate[i], act);
+        if (dup) dup[i] = dout[i] * activation(gate[i], act);
+    }
+}
+
+/* ---------------------------------------------------------------- backward: linear */
+
+/* dx[i, :] = beta dx[i, :] + sum_j dout[i, j] W[j, :]: rows of W added in, one row of dx per
+ * thread at a time. */
+static void linear_bwd_dx(float *dx, const float *dout, const float *w, int n, int k, int m,
+                          float beta) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * m))
+    for (int i = 0; i < n; i++) {
+        float *dxi = dx + (size_t)i * k;
+        start_row_beta(dxi, k, beta);
+        for (int j = 0; j < m; j++) axpy(dxi, dout[(size_t)i * m + j], w + (size_t)j * k, k);
+    }
+}
+
+/* dw[j, :] += sum_i dout[i, j] x[i, :]: each thread owns rows of dw, so no two write one value. */
+static void linear_bwd_dw(float *dw, const float *dout, const float *x, int n, int k, int m) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * m))
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < n; i++) axpy(dw + (size_t)j * k, dout[(size_t)i * m + j], x + (size_t)i * k, k);
+}
+
+static void cpu_linear_bwd(void *dx, float *dw, float *dbias, const void *dout_, const void *x,
+                           const void *w, int n, int k, int m, float beta) {
+    const float *dout = dout_;
+    if (dx) linear_bwd_dx(dx, dout, w, n, k, m, beta);
+    if (dw) linear_bwd_dw(dw, dout, x, n, k, m);
+    if (dbias)
+        for (int j = 0; j < m; j++) {
+            double s = 0;
+            for (int i = 0; i < n; i++) s += dout[(size_t)i * m + j];
+            dbias[j] += (float)s;
+        }
+}
+
+/* ---------------------------------------------------------------- backward: attention */
+
+/* Gradients of one query row, recomputing its probabilities (as FlashAttention's backward):
+ *   P_j = softmax_j(scale q.k_j), dP_j = dout.v_j, dS_j = P_j (dP_j - sum_l P_l dP_l),
+ *   dq = scale sum_j dS_j k_j,  dk_j += scale dS_j q,  dv_j += P_j dout.
+ * prob and dprob are scratch rows of at least p + 1 values. dq may be NULL, dk and dv too. */
+static void attend_one_bwd(float *dq, float *dk, float *dv, float *prob, float *dprob,
+                           const float *dout, const float *q, const float *k, const float *v, int p,
+                           size_t kv_stride, int head_dim, float scale) {
+    float max_score = -INFINITY;
+    for (int j = 0; j <= p; j++) {
+        prob[j] = scale * dot(q, k + (size_t)j * kv_stride, head_dim);
+        if (prob[j] > max_score) max_score = prob[j];
+    }
+    double sum = 0, sum_p_dp = 0;
+    for (int j = 0; j <= p; j++) sum += (prob[j] = expf(prob[j] - max_score));
+    for (int j = 0; j <= p; j++) {
+        prob[j] = (float)(prob[j] / sum);
+        dprob[j] = dot(dout, v + (size_t)j * kv_stride, head_dim);
+        sum_p_dp += (double)prob[j] * dprob[j];
+    }
+    if (dq) memset(dq, 0, (size_t)head_dim * sizeof *dq);
+    for (int j = 0; j <= p; j++) {
+        float ds = prob[j] * (dprob[j] - (float)sum_p_dp);
+        if (dq) axpy(dq, scale * ds, k + (size_t)j * kv_stride, head_dim);
+        if (dk) axpy(dk + (size_t)j * kv_stride, scale * ds, q, head_dim);
+        if (dv) axpy(dv + (size_t)j * kv_stride, prob[j], dout, head_dim);
+    }
+}
+
+/* zero rows 0..Tk-1 of one kv head of one sequence (a strided slice of dk or dv) */
+static void zero_kv_slice(float *x, int Tk, size_t kv_stride, int head_dim) {
+    if (!x) return;
+    for (int j = 0; j < Tk; j++) memset(x + (size_t)j * kv_stride, 0, (size_t)head_dim * sizeof *x);
+}
+
+/* Threads split (sequence, kv head) pairs: all the queries that add into one slice of dk/dv
+ * (every query of the sequence, every head of the group) run on the same thread. */
+static void cpu_attention_bwd(void *dq_, void *dk_, void *dv_, const void *dout_, const void *q_,
+                              const void *k_, const void *v_, const int32_t *q_pos, int B, int Tq,
+                              int Tk, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    float *dq = dq_, *dk = dk_, *dv = dv_;
+    const float *dout = dout_, *q = q_, *k = k_, *v = v_;
+    int group = n_heads / n_kv_heads;
+    size_t kv_stride = (size_t)n_kv_heads * head_dim;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (PARALLEL((size_t)B * Tq * n_heads * head_dim * Tk))
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < n_kv_heads; g++) {
+            size_t kv_off = (size_t)b * Tk * kv_stride + (size_t)g * head_dim;
+            float *scratch = rs_malloc(2 * (size_t)(Tk ? Tk : 1) * sizeof *scratch);
+            zero_kv_slice(dk ? dk + kv_off : NULL, Tk, kv_stride, head_dim);
+            zero_kv_slice(dv ? dv + kv_off : NULL, Tk, kv_stride, head_dim);
+            for (int t = 0; t < Tq; t++)
+                for (int h = g * group; h < (g + 1) * group; h++) {
+                    size_t row = (((size_t)b * Tq + t) * n_heads + h) * head_dim;
+                    int p = q_pos[b * Tq + t];
+                    RS_CHECK(p < Tk, "attention_bwd: query position %d outside the %d keys", p, Tk);
+                    if (p < 0) {
+                        if (dq) memset(dq + row, 0, (size_t)head_dim * sizeof *dq);
+                        continue;
+                    }
+                    attend_one_bwd(dq ? dq + row : NULL, dk ? dk + kv_off : NULL,
+                                   dv ? dv + kv_off : NULL, scratch, scratch + Tk, dout + row,
+                                   q + row, k + kv_off, v + kv_off, p, kv_stride, head_dim, scale);
+                }
+            free(scratch);
+        }
+}
+
+/* ---------------------------------------------------------------- log-probabilities */
+
+static float logsumexp_row(const float *x, int n) {
+    float max = -INFINITY;
+    for (int j = 0; j < n; j++) max = x[j] > max ? x[j] : max;
+    double sum = 0;
+    for (int j = 0; j < n; j++) sum += expf(x[j] - max);
+    return max + (float)log(sum);
+}
+
+static void cpu_logprob_fwd(float *logp, float *lse, const void *logits_, const int32_t *targets,
+                            int n, int vocab) {
+    const float *logits = logits_;
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * vocab))
+    for (int i = 0; i < n; i++) {
+        const float *row = logits + (size_t)i * vocab;
+        RS_CHECK(targets[i] < vocab, "logprob: target %d outside the vocabulary of %d", targets[i], vocab);
+        float l = logsumexp_row(row, vocab);
+        if (lse) lse[i] = l;
+        if (logp) logp[i] = targets[i] >= 0 ? row[targets[i]] - l : 0.0f;
+    }
+}
+
+/* d log_softmax(z)_t / dz_j = onehot_t(j) - softmax(z)_j, softmax from the saved lse. */
+static void cpu_logprob_bwd(void *dlogits_, const float *dlogp, const void *logits_,
+                            const float *lse, const int32_t *targets, int n, int vocab) {
+    float *dlogits = dlogits_;
+    const float *logits = logits_;
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * vocab))
+    for (int i = 0; i < n; i++) {
+        float *d = dlogits + (size_t)i * vocab;
+        const float *row = logits + (size_t)i * vocab;
+        if (targets[i] < 0) {
+            memset(d, 0, (size_t)vocab * sizeof *d);
+            continue;
+        }
+        for (int j = 0; j < vocab; j++) d[j] = -dlogp[i] * expf(row[j] - lse[i]);
+        d[targets[i]] += dlogp[i];
+    }
+}
+
+/* ---------------------------------------------------------------- LoRA */
+
+/* y[i, :] += scale * B xa[i, :] with xa[i, :] = A x[i, :] (A [r, k], B [m, r]). */
+static void cpu_lora_fwd(void *y_, float *xa, const void *x_, const float *A, const float *B, int n,
+                         int k, int m, int r, float scale) {
+    float *y = y_;
+    const float *x = x_;
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * r * (k + m)))
+    for (int i = 0; i < n; i++) {
+        float *xai = xa + (size_t)i * r;
+        for (int a = 0; a < r; a++) xai[a] = dot(x + (size_t)i * k, A + (size_t)a * k, k);
+        for (int j = 0; j < m; j++) y[(size_t)i * m + j] += scale * dot(B + (size_t)j * r, xai, r);
+    }
+}
+
+/* dyB[i, :] = dy[i, :] B  ([n, r]): the gradient flowing into xa, before the scale. */
+static float *lora_dy_times_b(const float *dy, const float *B, int n, int m, int r) {
+    size_t count = (size_t)n * r;
+    float *dyB = rs_calloc(count ? count : 1, sizeof *dyB);
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * m * r))
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < m; j++) axpy(dyB + (size_t)i * r, dy[(size_t)i * m + j], B + (size_t)j * r, r);
+    return dyB;
+}
+
+static void cpu_lora_bwd(void *dx_, float *dA, float *dB, const void *dy_, const void *x_,
+                         const float *xa, const float *A, const float *B, int n, int k, int m, int r,
+                         float scale, float beta) {
+    float *dx = dx_;
+    const float *dy = dy_, *x = x_;
+    float *dyB = lora_dy_times_b(dy, B, n, m, r);
+    if (dx) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * r))
+        for (int i = 0; i < n; i++) {
+            float *dxi = dx + (size_t)i * k;
+            start_row_beta(dxi, k, beta);
+            for (int a = 0; a < r; a++) axpy(dxi, scale * dyB[(size_t)i * r + a], A + (size_t)a * k, k);
+        }
+    }
+    if (dA) { /* dA[a, :] += scale sum_i dyB[i, a] x[i, :] */
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * r))
+        for (int a = 0; a < r; a++)
+            for (int i = 0; i < n; i++)
+                axpy(dA + (size_t)a * k, scale * dyB[(size_t)i * r + a], x + (size_t)i * k, k);
+    }
+    if (dB) { /* dB[j, :] += scale sum_i dy[i, j] xa[i, :] */
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * m * r))
+        for (int j = 0; j < m; j++)
+            for (int i = 0; i < n; i++)
+                axpy(dB + (size_t)j * r, scale * dy[(size_t)i * m + j], xa + (size_t)i * r, r);
+    }
+    free(dyB);
+}
+
+/* One row of B A (B [m, r], A [r, k]) into ba[k]. */
+static void lora_product_row(float *ba, const float *A, const float *B, int j, int k, int r) {
+    memset(ba, 0, (size_t)k * sizeof *ba);
+    for (int a = 0; a < r; a++) axpy(ba, B[(size_t)j * r + a], A + (size_t)a * k, k);
+}
+
+/* Row by row through a per-thread buffer, so w_eff may also be w (merge in place). */
+static void cpu_lora_merge(void *w_eff_, const void *w_, const float *A, const float *B,
+                           const uint8_t *mask, int m, int k, int r, float scale) {
+    float *w_eff = w_eff_;
+    const float *w = w_;
+#pragma omp parallel if (PARALLEL((size_t)m * k * r))
+    {
+        float *ba = rs_malloc((size_t)(k ? k : 1) * sizeof *ba);
+#pragma omp for schedule(static)
+        for (int j = 0; j < m; j++) {
+            lora_product_row(ba, A, B, j, k, r);
+            for (int l = 0; l < k; l++) {
+                size_t i = (size_t)j * k + l;
+                w_eff[i] = w[i] + (!mask || mask[i] ? scale * ba[l] : 0.0f);
+            }
+        }
+        free(ba);
+    }
+}
+
+/* (mask ⊙ dw)[i]: masked-out entries are selected away, not multiplied by 0, so a non-finite
+ * gradient outside the mask cannot leak in. */
+static float masked(const float *dw, const uint8_t *mask, size_t i) {
+    return !mask || mask[i] ? dw[i] : 0.0f;
+}
+
+/* G = scale (mask ⊙ dw) is never formed: dB[j, a] += G[j, :] . A[a, :] row by row, and
+ * dA[a, :] += sum_j B[j, a] G[j, :]. */
+static void cpu_lora_masked_grad(float *dA, float *dB, const float *dw, const uint8_t *mask,
+                                 const float *A, const float *B, int m, int k, int r, float scale) {
+    if (dB) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)m * k * r))
+        for (int j = 0; j < m; j++)
+            for (int a = 0; a < r; a++) {
+                double s = 0;
+                for (int l = 0; l < k; l++) s += masked(dw, mask, (size_t)j * k + l) * A[(size_t)a * k + l];
+                dB[(size_t)j * r + a] += scale * (float)s;
+            }
+    }
+    if (dA) {
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)m * k * r))
+        for (int a = 0; a < r; a++) {
+            float *dAa = dA + (size_t)a * k;
+            for (int j = 0; j < m; j++) {
+                float coef = scale * B[(size_t)j * r + a];
+                for (int l = 0; l < k; l++) dAa[l] += coef * masked(dw, mask, (size_t)j * k + l);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- optimizer and scores */
+
+/* AdamW (Loshchilov & Hutter 2019) in the form of torch.optim.AdamW: decoupled decay, bias
+ * corrections 1 - beta^step formed once in double. */
+static void cpu_adamw(float *p, const float *g, float *m, float *v, const uint8_t *mask, size_t n,
+                      float lr, float beta1, float beta2, float eps, float weight_decay, int step,
+                      float grad_scale) {
+    RS_CHECK(step >= 1, "adamw: step %d (steps count from 1)", step);
+    float bias1 = (float)(1.0 - pow(beta1, step)), bias2 = (float)(1.0 - pow(beta2, step));
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t i = 0; i < n; i++) {
+        if (mask && !mask[i]) continue;
+        float gi = g[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        float m_hat = m[i] / bias1, v_hat = v[i] / bias2;
+        p[i] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p[i]);
+    }
+}
+
+/* Partial sums over fixed chunks, added in order: the result does not depend on the thread
+ * count, so a resumed run clips its gradients bit-identically. */
+#define SUM_CHUNK 4096
+static void cpu_sum_squares(double *out, const float *x, size_t n) {
+    size_t n_chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
+    double *partial = rs_calloc(n_chunks ? n_chunks : 1, sizeof *partial);
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t c = 0; c < n_chunks; c++) {
+        size_t end = (c + 1) * SUM_CHUNK < n ? (c + 1) * SUM_CHUNK : n;
+        double s = 0;
+        for (size_t i = c * SUM_CHUNK; i < end; i++) s += (double)x[i] * x[i];
+        partial[c] = s;
+    }
+    double total = 0;
+    for (size_t c = 0; c < n_chunks; c++) total += partial[c];
+    free(partial);
+    *out = total;
+}
+
+static void cpu_snip_accumulate(float *score, const void *w_, const float *dw, size_t n, float weight) {
+    const float *w = w_;
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t i = 0; i < n; i++) score[i] += weight * fabsf(w[i] * dw[i]);
+}
+
+static void cpu_zero_f32(float *x, size_t n) { memset(x, 0, n * sizeof *x); }
+
+/* One row onto its grid. Asymmetric rounds w/scale and then adds the integer zero point (the
+ * GPTQ/AutoGPTQ order; round(w/scale + zero) would break ties differently). A constant row
+ * (including all zeros) is copied: scale would be 0, or q*scale off by an ulp. */
+static void fake_quant_row(float *out, const float *w, int cols, int bits, int symmetric) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int l = 0; l < cols; l++) lo = w[l] < lo ? w[l] : lo, hi = w[l] > hi ? w[l] : hi;
+    if (lo == hi) {
+        memcpy(out, w, (size_t)cols * sizeof *out);
+        return;
+    }
+    if (symmetric) {
+        float q_max = (float)((1 << (bits - 1)) - 1), amax = fmaxf(-lo, hi), scale = amax / q_max;
+        for (int l = 0; l < cols; l++) out[l] = fminf(fmaxf(rintf(w[l] / scale), -q_max), q_max) * scale;
+    } else {
+        float q_max = (float)((1 << bits) - 1), scale = (hi - lo) / q_max, zero = rintf(-lo / scale);
+        for (int l = 0; l < cols; l++)
+            out[l] = (fminf(fmaxf(rintf(w[l] / scale) + zero, 0.0f), q_max) - zero) * scale;
+    }
+}
+
+/* rintf rounds half to even under the default rounding mode, which we never change. */
+static void cpu_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits, int symmetric) {
+    RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_rows: %d bits (allowed 2..8)", bits);
+#pragma omp parallel for schedule(static) if (PARALLEL((size_t)rows * cols))
+    for (int i = 0; i < rows; i++)
+        fake_quant_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
+}
+
 /* ---------------------------------------------------------------- the table */
 
 static const rs_backend g_cpu = {
@@ -267,6 +702,23 @@ static const rs_backend g_cpu = {
     .scatter_rows = cpu_scatter_rows,
     .gather_rows = cpu_gather_rows,
     .act_to_f32 = cpu_act_to_f32,
+    .embedding_bwd = cpu_embedding_bwd,
+    .rmsnorm_bwd = cpu_rmsnorm_bwd,
+    .linear_bwd = cpu_linear_bwd,
+    .rope_bwd = cpu_rope_bwd,
+    .attention_bwd = cpu_attention_bwd,
+    .glu_bwd = cpu_glu_bwd,
+    .logprob_fwd = cpu_logprob_fwd,
+    .logprob_bwd = cpu_logprob_bwd,
+    .lora_fwd = cpu_lora_fwd,
+    .lora_bwd = cpu_lora_bwd,
+    .lora_merge = cpu_lora_merge,
+    .lora_masked_grad = cpu_lora_masked_grad,
+    .adamw = cpu_adamw,
+    .sum_squares = cpu_sum_squares,
+    .snip_accumulate = cpu_snip_accumulate,
+    .zero_f32 = cpu_zero_f32,
+    .fake_quant_rows = cpu_fake_quant_rows,
 };
 
 const rs_backend *rs_backend_cpu(void) { return &g_cpu; }
