@@ -125,6 +125,26 @@ static void cpu_add_inplace(void *x_, const void *y_, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* splitmix64's output function: z = seed + (i+1) * golden gamma, then the two xor-multiply
+ * rounds. A pure function of (seed, i), so no mask is stored between forward and backward. */
+static uint64_t splitmix64_at(uint64_t seed, uint64_t i) {
+    uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void cpu_dropout(void *out_, const void *x_, size_t n, float p, uint64_t seed) {
+    float *out = out_;
+    const float *x = x_;
+    float keep_scale = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t i = 0; i < n; i++) {
+        float u = (float)(splitmix64_at(seed, i) >> 40) * (1.0f / 16777216.0f);
+        out[i] = u >= p ? x[i] * keep_scale : 0.0f;
+    }
+}
+
 static void cpu_scatter_rows(void *dst, const void *src, const int32_t *dst_rows, int n, int dim) {
     size_t row = (size_t)dim * sizeof(float);
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
@@ -699,6 +719,7 @@ static const rs_backend g_cpu = {
     .attention_fwd = cpu_attention_fwd,
     .glu_fwd = cpu_glu_fwd,
     .add_inplace = cpu_add_inplace,
+    .dropout = cpu_dropout,
     .scatter_rows = cpu_scatter_rows,
     .gather_rows = cpu_gather_rows,
     .act_to_f32 = cpu_act_to_f32,

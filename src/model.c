@@ -260,7 +260,9 @@ static void logits_block(rs_model *m, int B, int T, rs_logits_mode mode, float *
 }
 
 /* Gemma multiplies by sqrt(hidden) rounded to the activation dtype, as HF does. */
-static float in_act_dtype(float v, rs_dtype t) {
+float rs_model_embed_scale(const rs_model *m) {
+    float v = m->cfg.embed_scale;
+    rs_dtype t = m->be->act_dtype;
     if (t == RS_BF16) return rs_bf16_to_f32(rs_f32_to_bf16(v));
     if (t == RS_F16) return rs_f16_to_f32(rs_f32_to_f16(v));
     return v;
@@ -274,7 +276,7 @@ int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, con
     int n_real = stage_indices(m, cache, tokens, pos, B, T);
     const rs_model_config *c = &m->cfg;
     m->be->embedding_fwd(m->act.x, m->embed, m->act.ids, n, c->hidden_size,
-                         in_act_dtype(c->embed_scale, m->be->act_dtype));
+                         rs_model_embed_scale(m));
     for (int l = 0; l < c->n_layers; l++) {
         attention_block(m, cache, l, B, T, n_real);
         mlp_block(m, l, n);

@@ -65,6 +65,12 @@ typedef struct rs_backend {
     void (*glu_fwd)(void *out, const void *gate, const void *up, size_t n, rs_activation act);
     /* x += y (residual) */
     void (*add_inplace)(void *x, const void *y, size_t n);
+    /* Dropout with a counter-based random stream, identical on every backend:
+     *   out[i] = keep(i) ? x[i] / (1 - p) : 0,  keep(i) = (z_i >> 40) * 2^-24 >= p,
+     * z_i = the (i+1)-th output of splitmix64 started from state `seed` (mix of seed + (i+1) *
+     * 0x9e3779b97f4a7c15). No state is kept: the backward is the same call with the same seed
+     * on the gradient. out may equal x. p in [0, 1). */
+    void (*dropout)(void *out, const void *x, size_t n, float p, uint64_t seed);
     /* Copy rows of token activations: dst[dst_rows[i], :] = src[i, :] for i < n (used to write
      * new k/v rows into the cache); dst_rows on device as int32. */
     void (*scatter_rows)(void *dst, const void *src, const int32_t *dst_rows, int n, int dim);

@@ -38,13 +38,21 @@ typedef struct {
     uint8_t *mask_A;    /* [rank, in] factor mode (NULL otherwise) */
     uint8_t *mask_B;    /* [out, rank] factor mode */
     uint8_t *mask_W;    /* [out, in] elementwise mode */
-    float *dW;          /* [out, in] full weight gradient, when want_weight_grad or elementwise */
+    float *dW;          /* [out, in] full weight gradient dL/dW (= dL/dW_eff), accumulated, when
+                         * want_weight_grad (elementwise mode turns each backward's dW into dA, dB
+                         * in a scratch buffer of the train state, so it needs no dW here) */
 } rs_lora_linear;
 
 typedef struct {
     int rank;
     float alpha, scale;     /* scale = alpha / rank */
-    float dropout;          /* on the adapter's input, training only (0 = none) */
+    float dropout;          /* PEFT's lora_dropout, y = W x + scale * B A drop(x): the adapter's
+                             * input elements are zeroed with this probability (kept ones scaled
+                             * by 1/(1-p)) in rs_train_forward only; 0 = none. Masks come from the
+                             * train state's rng (one seed per forward call, layer and target) and
+                             * are regenerated in backward, not stored. Set it before
+                             * rs_train_state_new, which plans the buffers. Not defined for
+                             * elementwise masks (the adapter is merged into W): refused. */
     unsigned targets;       /* bit (1u << rs_lora_target) per targeted projection */
     rs_mask_mode mask_mode;
     int want_weight_grad;   /* also accumulate dW of every targeted linear (SNIP scores) */
@@ -54,6 +62,13 @@ typedef struct {
     const rs_backend *be;
     void *block;            /* the one device allocation */
     size_t block_bytes;
+    /* Flat views for the optimizer (one adamw call for the whole adapter): every A and B lies in
+     * flat_params[0, n_flat), its gradient at the same offset in flat_grads and, in factor mode,
+     * its mask at the same offset in flat_mask (NULL otherwise). The gaps left by 64-byte
+     * alignment are zero in all three, so AdamW leaves them zero. */
+    float *flat_params, *flat_grads;
+    uint8_t *flat_mask;
+    size_t n_flat;
 } rs_lora;
 
 /* "q,k,v,o,gate,up,down" (any subset, or "all") -> target bits; -1 + message when unknown. */

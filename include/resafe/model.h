@@ -90,4 +90,8 @@ void rs_kv_cache_free(const rs_model *m, rs_kv_cache *cache);
 int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
                      int B, int T, rs_logits_mode mode, float *logits);
 
+/* The factor the embedding rows are multiplied by (Gemma: sqrt(hidden) rounded to the
+ * activation dtype, as HF does; others 1). Shared by the training forward and backward. */
+float rs_model_embed_scale(const rs_model *m);
+
 #endif

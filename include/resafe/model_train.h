@@ -26,15 +26,19 @@ typedef struct {
     const int32_t *targets; /* host [B*T], -1 = no loss */
 } rs_train_batch;
 
-/* Full-parameter gradients (fp32, same layout/order as the model's parameters). */
+/* One layer's parameter gradients (NULL where the layer has no such bias). */
 typedef struct {
-    float *block;           /* one device allocation, n_params floats */
+    float *attn_norm, *mlp_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
+    float *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
+} rs_layer_grads;
+
+/* Full-parameter gradients (fp32, in the checkpoint order of the model's parameters, each
+ * tensor 64-byte aligned; the gaps are zero). */
+typedef struct {
+    float *block;           /* one device allocation of n floats (n_params plus alignment gaps) */
     size_t n;
     float *embed, *final_norm, *lm_head; /* lm_head == embed when tied */
-    struct {
-        float *attn_norm, *mlp_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
-        float *w_gate, *w_up, *w_down, *b_gate, *b_up, *b_down;
-    } *layers;              /* [n_layers] */
+    rs_layer_grads *layers; /* [n_layers] */
 } rs_model_grads;
 
 typedef struct rs_train_state rs_train_state; /* opaque: the activation arena and plan */
@@ -45,6 +49,12 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
                                    int recompute);
 void rs_train_state_free(rs_train_state *s);
 size_t rs_train_state_bytes(const rs_train_state *s);
+/* The rng the LoRA dropout masks are drawn from (seeded with 0 by rs_train_state_new): seed it,
+ * or save and restore it with a checkpoint to resume bit-identically. */
+rs_rng *rs_train_state_rng(rs_train_state *s);
+/* The dropout seed the last rs_train_forward used for one adapter (0 when dropout was off):
+ * the backend dropout op's mask is a function of this seed alone (tests reproduce it). */
+uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_target t);
 
 /* Forward for training: seq_logp[B] (host). lora may be NULL (or lora->enabled == 0): the plain
  * model (reference log-probs). Keeps what backward needs. */
@@ -52,7 +62,10 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
                      const rs_train_batch *batch, float *seq_logp);
 /* Backward of the last rs_train_forward: d_seq_logp[B] (host) = dL/d seq_logp.
  * grads != NULL: full-parameter gradients accumulated into grads (lora must be NULL).
- * lora != NULL: dA, dB (and dW where requested) accumulated; base weights frozen. */
+ * lora != NULL: dA, dB (and dW where requested) accumulated; base weights frozen. When the
+ * forward ran without it (NULL or disabled), only dW is accumulated (SNIP on the base model).
+ * The batch must be the forward's (its arrays were staged then; only B and T are checked).
+ * The forward's activations stay valid: backward may run again with another d_seq_logp. */
 int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
                       const rs_train_batch *batch, const float *d_seq_logp,
                       rs_model_grads *grads);

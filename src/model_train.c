@@ -1,0 +1,754 @@
+/* model_train: the training forward and backward of the Llama family (model_train.h).
+ *
+ * The forward reads like rs_model_forward (model.c) with Tq = Tk = T (no KV cache: the keys of
+ * a right-padded sequence are its own rows) and keeps what the backward needs in one planned
+ * arena; the backward walks the same ops in reverse:
+ *   logprob_bwd <- lm_head <- final norm <- per layer, last to first:
+ *     MLP:       down, glu, gate/up, mlp_norm (into the residual gradient)
+ *     attention: o, attention, rope on dq/dk, q/k/v, attn_norm (into the residual gradient)
+ *   <- embedding (Gemma's scale; tied: lm_head's gradient lands in the embedding's).
+ * The adapter lives inside the linears: project() / project_bwd() add scale * B A drop(x), or
+ * swap in the merged weight W + scale * (M ⊙ B A) in elementwise mode.
+ * The logits, the largest activation, are never kept: forward and backward compute them in
+ * chunks of rows (one extra lm_head matmul buys [tokens, vocab] of memory twice over). */
+#include "resafe/model_train.h"
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LOGIT_CHUNK_ELEMS ((size_t)1 << 24) /* rows of logits per chunk: this / vocab */
+
+/* What one layer's forward keeps for its backward. */
+typedef struct {
+    void *h;                      /* residual after attention [n, hidden] */
+    void *xn1, *xn2;              /* normed inputs of attention and MLP [n, hidden] */
+    float *rstd1, *rstd2;         /* their 1/rms [n] */
+    void *q, *k, *v;              /* projections, q and k rotated [n, heads*hd], [n, kv*hd] */
+    void *att;                    /* attention output [n, heads*hd] */
+    void *gate, *up, *mlp;        /* [n, inter] */
+    float *xa[RS_LORA_N_TARGETS]; /* adapter x A^T [n, rank] */
+} layer_acts;
+
+struct rs_train_state {
+    const rs_backend *be;
+    int n_layers, max_tokens, recompute, chunk_rows;
+    rs_arena plan;            /* the one device allocation */
+    void **x;                 /* [n_layers + 1] each layer's input; x[n_layers] the final one */
+    layer_acts *layer;        /* [n_layers], or [1] when recomputing */
+    void *xnf;                /* final norm output [n, hidden] */
+    float *rstdf;             /* [n] */
+    void *logits, *dlogits;   /* [chunk_rows, vocab] */
+    float *logp, *lse, *dlogp; /* [n] */
+    void *dres, *dxn;         /* residual-stream gradient, normed-input gradient [n, hidden] */
+    void *datt, *dq, *dk, *dv; /* [n, heads*hd] x2, [n, kv*hd] x2 */
+    void *dmlp, *dgate, *dup; /* [n, inter] */
+    void *drop_x, *drop_dx;   /* adapter dropout: the dropped input and its gradient [n, max in] */
+    void *w_eff;              /* elementwise: the merged weight [max out*in] (weight dtype) */
+    float *dw_tmp;            /* elementwise: one backward's dW [max out*in] */
+    int32_t *ids, *pos, *targets;             /* device [n] */
+    int32_t *host_ids, *host_targets;         /* host staging [n] */
+    float *host_f;                            /* host staging [n] */
+    /* the adapter shape the plan has room for */
+    int lora_rank, lora_elementwise, lora_dropout;
+    unsigned lora_targets;
+    rs_rng rng;
+    uint64_t *dropout_seed;   /* [n_layers * RS_LORA_N_TARGETS] of the last forward */
+    /* the last forward */
+    int B, T, forward_done;
+    const rs_lora *fwd_lora;  /* the adapter it ran with (NULL: none or disabled) */
+    float fwd_dropout;        /* and its dropout (0: none) */
+};
+
+/* One forward or backward call: what every op helper needs. */
+typedef struct {
+    rs_model *m;
+    const rs_backend *be;
+    const rs_model_config *c;
+    rs_train_state *s;
+    const rs_lora *lora;   /* NULL: no adapter in this pass */
+    int adapter_on;        /* the adapter is in the graph (lora->enabled during the forward) */
+    int dropout_on;
+    float dropout;         /* its probability, as the forward drew its masks */
+    rs_model_grads *grads; /* backward, full-parameter mode */
+    int n, B, T;
+} pass;
+
+static size_t act_size(const pass *p) { return rs_dtype_size(p->be->act_dtype); }
+
+/* Row r of a [rows, width] act buffer. */
+static void *act_row(const pass *p, void *buf, size_t r, size_t width) {
+    return (char *)buf + r * width * act_size(p);
+}
+
+/* ---------------------------------------------------------------- the linears */
+
+typedef struct {
+    const void *w, *b; /* W [out, in], bias [out] or NULL */
+    float *dw, *db;    /* where this pass accumulates their gradients (NULL: not wanted) */
+    int in, out;
+} linear_ref;
+
+/* The adapter of target t in layer l, NULL when there is none. */
+static rs_lora_linear *adapter(const pass *p, int l, rs_lora_target t) {
+    if (!p->lora) return NULL;
+    rs_lora_linear *a = &p->lora->lin[l * RS_LORA_N_TARGETS + (int)t];
+    return a->in > 0 ? a : NULL;
+}
+
+/* Weights of target t in layer l, and the gradients this pass wants for them: all of them in
+ * full-parameter mode; with an adapter the base is frozen and only a targeted linear's dW is
+ * accumulated, when want_weight_grad. */
+static linear_ref linear_at(const pass *p, int l, rs_lora_target t) {
+    const rs_model_config *c = p->c;
+    const rs_layer_weights *w = &p->m->layers[l];
+    rs_layer_grads g = p->grads ? p->grads->layers[l] : (rs_layer_grads){0};
+    int D = c->hidden_size, F = c->intermediate_size;
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
+    linear_ref r;
+    switch (t) {
+    case RS_LORA_Q: r = (linear_ref){w->wq, w->bq, g.wq, g.bq, D, Q}; break;
+    case RS_LORA_K: r = (linear_ref){w->wk, w->bk, g.wk, g.bk, D, KV}; break;
+    case RS_LORA_V: r = (linear_ref){w->wv, w->bv, g.wv, g.bv, D, KV}; break;
+    case RS_LORA_O: r = (linear_ref){w->wo, w->bo, g.wo, g.bo, Q, D}; break;
+    case RS_LORA_GATE: r = (linear_ref){w->w_gate, w->b_gate, g.w_gate, g.b_gate, D, F}; break;
+    case RS_LORA_UP: r = (linear_ref){w->w_up, w->b_up, g.w_up, g.b_up, D, F}; break;
+    default: r = (linear_ref){w->w_down, w->b_down, g.w_down, g.b_down, F, D}; break;
+    }
+    if (!p->grads) {
+        rs_lora_linear *a = adapter(p, l, t);
+        r.dw = a ? a->dW : NULL;
+        r.db = NULL;
+    }
+    return r;
+}
+
+static uint64_t dropout_seed(const pass *p, int l, rs_lora_target t) {
+    return p->s->dropout_seed[l * RS_LORA_N_TARGETS + (int)t];
+}
+
+/* The adapter's input: x, or drop(x) in the scratch buffer. */
+static const void *adapter_input(const pass *p, int l, rs_lora_target t, const void *x, int in) {
+    if (!p->dropout_on) return x;
+    p->be->dropout(p->s->drop_x, x, (size_t)p->n * in, p->dropout, dropout_seed(p, l, t));
+    return p->s->drop_x;
+}
+
+/* W + scale * (M ⊙ B A) into the state's scratch weight. */
+static const void *merged_weight(const pass *p, const rs_lora_linear *a, const linear_ref *r) {
+    p->be->lora_merge(p->s->w_eff, r->w, a->A, a->B, a->mask_W, r->out, r->in, p->lora->rank,
+                      p->lora->scale);
+    return p->s->w_eff;
+}
+
+/* out = beta * out + x W^T + b, plus the adapter of (l, t) when it is on. */
+static void project(const pass *p, int l, rs_lora_target t, void *out, const void *x, float beta,
+                    float *xa) {
+    linear_ref r = linear_at(p, l, t);
+    rs_lora_linear *a = p->adapter_on ? adapter(p, l, t) : NULL;
+    if (a && p->lora->mask_mode == RS_MASK_ELEMENTWISE) {
+        p->be->linear_fwd(out, x, merged_weight(p, a, &r), r.b, p->n, r.in, r.out, beta);
+        return;
+    }
+    p->be->linear_fwd(out, x, r.w, r.b, p->n, r.in, r.out, beta);
+    if (a)
+        p->be->lora_fwd(out, xa, adapter_input(p, l, t, x, r.in), a->A, a->B, p->n, r.in, r.out,
+                        p->lora->rank, p->lora->scale);
+}
+
+/* Elementwise mode: the full weight gradient of this backward (scratch), turned into dA, dB;
+ * dW for SNIP takes a second weight-gradient product (no fp32 add op to reuse the scratch). */
+static void elementwise_bwd(const pass *p, const rs_lora_linear *a, const linear_ref *r, void *dx,
+                            float beta, const void *dout, const void *x) {
+    const rs_backend *be = p->be;
+    const void *w_eff = merged_weight(p, a, r);
+    be->zero_f32(p->s->dw_tmp, (size_t)r->out * r->in);
+    be->linear_bwd(dx, p->s->dw_tmp, r->db, dout, x, w_eff, p->n, r->in, r->out, beta);
+    be->lora_masked_grad(a->dA, a->dB, p->s->dw_tmp, a->mask_W, a->A, a->B, r->out, r->in,
+                         p->lora->rank, p->lora->scale);
+    if (r->dw) be->linear_bwd(NULL, r->dw, NULL, dout, x, w_eff, p->n, r->in, r->out, 0.0f);
+}
+
+/* dA, dB of scale * B A drop(x), and dx += its input gradient (dx may be NULL). The dropout
+ * mask is regenerated from the forward's seed. */
+static void adapter_bwd(const pass *p, int l, rs_lora_target t, const rs_lora_linear *a,
+                        const linear_ref *r, void *dx, const void *dout, const void *x,
+                        const float *xa) {
+    const rs_backend *be = p->be;
+    const rs_lora *lo = p->lora;
+    if (!p->dropout_on) {
+        be->lora_bwd(dx, a->dA, a->dB, dout, x, xa, a->A, a->B, p->n, r->in, r->out, lo->rank,
+                     lo->scale, 1.0f);
+        return;
+    }
+    size_t n_in = (size_t)p->n * r->in;
+    void *dxd = dx ? p->s->drop_dx : NULL;
+    const void *xd = adapter_input(p, l, t, x, r->in);
+    be->lora_bwd(dxd, a->dA, a->dB, dout, xd, xa, a->A, a->B, p->n, r->in, r->out, lo->rank,
+                 lo->scale, 0.0f);
+    if (!dx) return;
+    be->dropout(dxd, dxd, n_in, p->dropout, dropout_seed(p, l, t));
+    be->add_inplace(dx, dxd, n_in);
+}
+
+/* Backward of project(): dx = beta * dx + dout W_eff (dx NULL: not wanted) and the gradients
+ * this pass wants. */
+static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float beta,
+                        const void *dout, const void *x, const float *xa) {
+    linear_ref r = linear_at(p, l, t);
+    rs_lora_linear *a = p->adapter_on ? adapter(p, l, t) : NULL;
+    if (a && p->lora->mask_mode == RS_MASK_ELEMENTWISE) {
+        elementwise_bwd(p, a, &r, dx, beta, dout, x);
+        return;
+    }
+    p->be->linear_bwd(dx, r.dw, r.db, dout, x, r.w, p->n, r.in, r.out, beta);
+    if (a) adapter_bwd(p, l, t, a, &r, dx, dout, x, xa);
+}
+
+/* ---------------------------------------------------------------- forward */
+
+/* h = x + W_o attention(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x)) */
+static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    const rs_layer_weights *w = &p->m->layers[l];
+    rs_train_state *s = p->s;
+    int n = p->n, D = c->hidden_size;
+    be->rmsnorm_fwd(a->xn1, a->rstd1, x, w->attn_norm, n, D, c->rms_norm_eps, c->norm_add_one);
+    project(p, l, RS_LORA_Q, a->q, a->xn1, 0.0f, a->xa[RS_LORA_Q]);
+    project(p, l, RS_LORA_K, a->k, a->xn1, 0.0f, a->xa[RS_LORA_K]);
+    project(p, l, RS_LORA_V, a->v, a->xn1, 0.0f, a->xa[RS_LORA_V]);
+    be->rope_fwd(a->q, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
+    be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
+    be->attention_fwd(a->att, a->q, a->k, a->v, s->pos, p->B, p->T, p->T, c->n_heads,
+                      c->n_kv_heads, c->head_dim, c->attn_scale);
+    be->copy(a->h, x, (size_t)n * D * act_size(p));
+    project(p, l, RS_LORA_O, a->h, a->att, 1.0f, a->xa[RS_LORA_O]); /* beta 1: the residual */
+}
+
+/* x_out = h + W_down (act(W_gate n2(h)) * W_up n2(h)) */
+static void mlp_fwd(const pass *p, int l, layer_acts *a, void *x_out) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    int n = p->n, D = c->hidden_size, F = c->intermediate_size;
+    be->rmsnorm_fwd(a->xn2, a->rstd2, a->h, p->m->layers[l].mlp_norm, n, D, c->rms_norm_eps,
+                    c->norm_add_one);
+    project(p, l, RS_LORA_GATE, a->gate, a->xn2, 0.0f, a->xa[RS_LORA_GATE]);
+    project(p, l, RS_LORA_UP, a->up, a->xn2, 0.0f, a->xa[RS_LORA_UP]);
+    be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
+    be->copy(x_out, a->h, (size_t)n * D * act_size(p));
+    project(p, l, RS_LORA_DOWN, x_out, a->mlp, 1.0f, a->xa[RS_LORA_DOWN]);
+}
+
+static layer_acts *acts_of(const pass *p, int l) {
+    return p->s->recompute ? &p->s->layer[0] : &p->s->layer[l];
+}
+
+static void layer_fwd(const pass *p, int l) {
+    layer_acts *a = acts_of(p, l);
+    attention_fwd(p, l, a, p->s->x[l]);
+    mlp_fwd(p, l, a, p->s->x[l + 1]);
+}
+
+/* logp[i] = log softmax(W_lm norm(x_L))[targets[i]], chunk by chunk of rows. */
+static void logprob_fwd(const pass *p) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    rs_train_state *s = p->s;
+    int D = c->hidden_size, V = c->vocab_size;
+    be->rmsnorm_fwd(s->xnf, s->rstdf, s->x[c->n_layers], p->m->final_norm, p->n, D,
+                    c->rms_norm_eps, c->norm_add_one);
+    for (int r0 = 0; r0 < p->n; r0 += s->chunk_rows) {
+        int rows = p->n - r0 < s->chunk_rows ? p->n - r0 : s->chunk_rows;
+        be->linear_fwd(s->logits, act_row(p, s->xnf, (size_t)r0, (size_t)D), p->m->lm_head, NULL,
+                       rows, D, V, 0.0f);
+        be->logprob_fwd(s->logp + r0, s->lse + r0, s->logits, s->targets + r0, rows, V);
+    }
+}
+
+/* ---------------------------------------------------------------- backward */
+
+/* From the log-prob gradients to dres = d/dx_L, through lm_head and the final norm. */
+static void logprob_bwd(const pass *p) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    rs_train_state *s = p->s;
+    rs_model_grads *g = p->grads;
+    int D = c->hidden_size, V = c->vocab_size;
+    for (int r0 = 0; r0 < p->n; r0 += s->chunk_rows) {
+        int rows = p->n - r0 < s->chunk_rows ? p->n - r0 : s->chunk_rows;
+        const void *xnf = act_row(p, s->xnf, (size_t)r0, (size_t)D);
+        be->linear_fwd(s->logits, xnf, p->m->lm_head, NULL, rows, D, V, 0.0f); /* recomputed */
+        be->logprob_bwd(s->dlogits, s->dlogp + r0, s->logits, s->lse + r0, s->targets + r0, rows, V);
+        be->linear_bwd(act_row(p, s->dxn, (size_t)r0, (size_t)D), g ? g->lm_head : NULL, NULL,
+                       s->dlogits, xnf, p->m->lm_head, rows, D, V, 0.0f);
+    }
+    be->rmsnorm_bwd(s->dres, g ? g->final_norm : NULL, s->dxn, s->x[c->n_layers], p->m->final_norm,
+                    s->rstdf, p->n, D, c->norm_add_one, 0.0f);
+}
+
+/* dres: d/dx_out in, d/dh out (the residual passes straight through, norm_bwd adds to it). */
+static void mlp_bwd(const pass *p, int l, const layer_acts *a) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    rs_train_state *s = p->s;
+    int n = p->n, D = c->hidden_size, F = c->intermediate_size;
+    project_bwd(p, l, RS_LORA_DOWN, s->dmlp, 0.0f, s->dres, a->mlp, a->xa[RS_LORA_DOWN]);
+    be->glu_bwd(s->dgate, s->dup, s->dmlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
+    project_bwd(p, l, RS_LORA_GATE, s->dxn, 0.0f, s->dgate, a->xn2, a->xa[RS_LORA_GATE]);
+    project_bwd(p, l, RS_LORA_UP, s->dxn, 1.0f, s->dup, a->xn2, a->xa[RS_LORA_UP]);
+    be->rmsnorm_bwd(s->dres, p->grads ? p->grads->layers[l].mlp_norm : NULL, s->dxn, a->h,
+                    p->m->layers[l].mlp_norm, a->rstd2, n, D, c->norm_add_one, 1.0f);
+}
+
+/* dres: d/dh in, d/dx out. need_dx = 0 (the first layer under an adapter, whose input
+ * gradient nobody needs) skips the input gradient. */
+static void attention_bwd(const pass *p, int l, const layer_acts *a, const void *x, int need_dx) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    rs_train_state *s = p->s;
+    int n = p->n, D = c->hidden_size;
+    project_bwd(p, l, RS_LORA_O, s->datt, 0.0f, s->dres, a->att, a->xa[RS_LORA_O]);
+    be->attention_bwd(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, s->pos, p->B, p->T, p->T,
+                      c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
+    be->rope_bwd(s->dq, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
+    be->rope_bwd(s->dk, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
+    void *dxn = need_dx ? s->dxn : NULL;
+    project_bwd(p, l, RS_LORA_Q, dxn, 0.0f, s->dq, a->xn1, a->xa[RS_LORA_Q]);
+    project_bwd(p, l, RS_LORA_K, dxn, 1.0f, s->dk, a->xn1, a->xa[RS_LORA_K]);
+    project_bwd(p, l, RS_LORA_V, dxn, 1.0f, s->dv, a->xn1, a->xa[RS_LORA_V]);
+    if (need_dx)
+        be->rmsnorm_bwd(s->dres, p->grads ? p->grads->layers[l].attn_norm : NULL, s->dxn, x,
+                        p->m->layers[l].attn_norm, a->rstd1, n, D, c->norm_add_one, 1.0f);
+}
+
+static void layer_bwd(const pass *p, int l) {
+    if (p->s->recompute) layer_fwd(p, l); /* bit-identical to the forward's values */
+    const layer_acts *a = acts_of(p, l);
+    mlp_bwd(p, l, a);
+    attention_bwd(p, l, a, p->s->x[l], l > 0 || p->grads != NULL);
+}
+
+/* ---------------------------------------------------------------- the memory plan */
+
+typedef struct {
+    const char *name;
+    size_t elems, elem_size;
+    int count;          /* copies (one per layer) */
+    void **slot;        /* where copy i's pointer goes: (char *)slot + i * slot_stride */
+    size_t slot_stride;
+} buf_spec;
+
+typedef struct {
+    buf_spec items[48];
+    int n;
+} spec_list;
+
+static void add(spec_list *l, const char *name, size_t elems, size_t elem_size, int count,
+                void **slot, size_t slot_stride) {
+    RS_CHECK(l->n < (int)(sizeof l->items / sizeof l->items[0]), "train plan: too many buffers");
+    l->items[l->n++] = (buf_spec){name, elems, elem_size, count, slot, slot_stride};
+}
+
+/* Overflow-checked product (SIZE_MAX on overflow, which the total then rejects). */
+static size_t mul(size_t a, size_t b) {
+    size_t out;
+    return rs_mul_size(a, b, &out) == 0 ? out : SIZE_MAX;
+}
+
+/* A per-layer buffer: copy i goes to layer[i].<field at offset>. */
+static void add_layer(spec_list *l, rs_train_state *s, const char *name, size_t elems,
+                      size_t elem_size, size_t field_offset) {
+    int count = s->recompute ? 1 : s->n_layers;
+    add(l, name, elems, elem_size, count, (void **)((char *)s->layer + field_offset),
+        sizeof(layer_acts));
+}
+
+#define LAYER_FIELD(f) offsetof(layer_acts, f)
+
+static void list_layer_buffers(spec_list *l, rs_train_state *s, const rs_model_config *c,
+                               size_t act) {
+    size_t n = (size_t)s->max_tokens, D = c->hidden_size, F = c->intermediate_size;
+    size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    add(l, "x layer inputs [n,hidden]", mul(n, D), act, s->n_layers + 1, (void **)s->x,
+        sizeof(void *));
+    add_layer(l, s, "h [n,hidden]", mul(n, D), act, LAYER_FIELD(h));
+    add_layer(l, s, "xn1 [n,hidden]", mul(n, D), act, LAYER_FIELD(xn1));
+    add_layer(l, s, "xn2 [n,hidden]", mul(n, D), act, LAYER_FIELD(xn2));
+    add_layer(l, s, "rstd1 [n]", n, sizeof(float), LAYER_FIELD(rstd1));
+    add_layer(l, s, "rstd2 [n]", n, sizeof(float), LAYER_FIELD(rstd2));
+    add_layer(l, s, "q [n,heads*hd]", mul(n, Q), act, LAYER_FIELD(q));
+    add_layer(l, s, "k [n,kv*hd]", mul(n, KV), act, LAYER_FIELD(k));
+    add_layer(l, s, "v [n,kv*hd]", mul(n, KV), act, LAYER_FIELD(v));
+    add_layer(l, s, "att [n,heads*hd]", mul(n, Q), act, LAYER_FIELD(att));
+    add_layer(l, s, "gate [n,inter]", mul(n, F), act, LAYER_FIELD(gate));
+    add_layer(l, s, "up [n,inter]", mul(n, F), act, LAYER_FIELD(up));
+    add_layer(l, s, "mlp [n,inter]", mul(n, F), act, LAYER_FIELD(mlp));
+    static const char *const xa_names[RS_LORA_N_TARGETS] = {
+        "xa q [n,rank]", "xa k [n,rank]", "xa v [n,rank]", "xa o [n,rank]",
+        "xa gate [n,rank]", "xa up [n,rank]", "xa down [n,rank]"};
+    for (int t = 0; t < RS_LORA_N_TARGETS; t++)
+        if (!s->lora_elementwise && (s->lora_targets & (1u << t)))
+            add_layer(l, s, xa_names[t], mul(n, (size_t)s->lora_rank), sizeof(float),
+                      LAYER_FIELD(xa) + (size_t)t * sizeof(float *));
+}
+
+#define ONE(l, name, elems, size, field) add(l, name, elems, size, 1, (void **)&(field), 0)
+
+static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model *m, size_t act) {
+    const rs_model_config *c = &m->cfg;
+    size_t n = (size_t)s->max_tokens, D = c->hidden_size, F = c->intermediate_size;
+    size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    size_t V = c->vocab_size, C = (size_t)s->chunk_rows, f = sizeof(float), i32 = sizeof(int32_t);
+    ONE(l, "xnf final norm [n,hidden]", mul(n, D), act, s->xnf);
+    ONE(l, "rstdf [n]", n, f, s->rstdf);
+    ONE(l, "logits chunk [rows,vocab]", mul(C, V), act, s->logits);
+    ONE(l, "dlogits chunk [rows,vocab]", mul(C, V), act, s->dlogits);
+    ONE(l, "logp [n]", n, f, s->logp);
+    ONE(l, "lse [n]", n, f, s->lse);
+    ONE(l, "dlogp [n]", n, f, s->dlogp);
+    ONE(l, "dres [n,hidden]", mul(n, D), act, s->dres);
+    ONE(l, "dxn [n,hidden]", mul(n, D), act, s->dxn);
+    ONE(l, "datt [n,heads*hd]", mul(n, Q), act, s->datt);
+    ONE(l, "dq [n,heads*hd]", mul(n, Q), act, s->dq);
+    ONE(l, "dk [n,kv*hd]", mul(n, KV), act, s->dk);
+    ONE(l, "dv [n,kv*hd]", mul(n, KV), act, s->dv);
+    ONE(l, "dmlp [n,inter]", mul(n, F), act, s->dmlp);
+    ONE(l, "dgate [n,inter]", mul(n, F), act, s->dgate);
+    ONE(l, "dup [n,inter]", mul(n, F), act, s->dup);
+    size_t max_in = D > Q ? D : Q, max_w = mul(D, Q > F ? Q : F);
+    max_in = max_in > F ? max_in : F;
+    if (s->lora_dropout) {
+        ONE(l, "dropout x [n,max in]", mul(n, max_in), act, s->drop_x);
+        ONE(l, "dropout dx [n,max in]", mul(n, max_in), act, s->drop_dx);
+    }
+    if (s->lora_elementwise) {
+        ONE(l, "merged weight [max out*in]", max_w, rs_dtype_size(m->be->weight_dtype), s->w_eff);
+        ONE(l, "dW scratch [max out*in]", max_w, f, s->dw_tmp);
+    }
+    ONE(l, "ids [n]", n, i32, s->ids);
+    ONE(l, "pos [n]", n, i32, s->pos);
+    ONE(l, "targets [n]", n, i32, s->targets);
+}
+
+/* Sizes, then one allocation carved in list order. */
+static int allocate_plan(rs_train_state *s, const rs_backend *be, const spec_list *l) {
+    size_t total = 0;
+    for (int i = 0; i < l->n; i++) {
+        size_t one = rs_align64(mul(l->items[i].elems, l->items[i].elem_size));
+        if (l->items[i].elems == SIZE_MAX || one < l->items[i].elems ||
+            rs_add_size(total, mul(one, (size_t)l->items[i].count), &total) != 0 || total == SIZE_MAX)
+            return RS_FAIL("training activations for %d tokens overflow the address space",
+                           s->max_tokens);
+    }
+    s->plan.base = be->alloc(total);
+    s->plan.capacity = total;
+    for (int i = 0; i < l->n; i++) {
+        const buf_spec *b = &l->items[i];
+        size_t one = rs_align64(b->elems * b->elem_size);
+        char name[48];
+        snprintf(name, sizeof name, b->count > 1 ? "%s x%d" : "%s", b->name, b->count);
+        char *base = rs_arena_alloc(&s->plan, name, one * (size_t)b->count);
+        for (int j = 0; j < b->count; j++)
+            *(void **)((char *)b->slot + (size_t)j * b->slot_stride) = base + (size_t)j * one;
+    }
+    return 0;
+}
+
+static int check_backend(const rs_backend *be) {
+    if (!be->embedding_bwd || !be->rmsnorm_bwd || !be->linear_bwd || !be->rope_bwd ||
+        !be->attention_bwd || !be->glu_bwd || !be->logprob_fwd || !be->logprob_bwd ||
+        !be->zero_f32)
+        return RS_FAIL("the %s backend cannot train yet (backward ops missing)", be->name);
+    return 0;
+}
+
+static int check_adapter_plan(const rs_model *m, const rs_lora *lora) {
+    const rs_backend *be = m->be;
+    if (lora->be != be || lora->n_layers != m->cfg.n_layers)
+        return RS_FAIL("LoRA adapter was made for another model (%d layers, backend %s)",
+                       lora->n_layers, lora->be ? lora->be->name : "none");
+    if (lora->dropout < 0.0f || !(lora->dropout < 1.0f))
+        return RS_FAIL("LoRA dropout %g outside [0, 1)", lora->dropout);
+    if (lora->dropout > 0.0f && lora->mask_mode == RS_MASK_ELEMENTWISE)
+        return RS_FAIL("LoRA dropout is not defined with elementwise masks (the adapter is merged "
+                       "into the weight): set dropout 0");
+    if (lora->dropout > 0.0f && !be->dropout)
+        return RS_FAIL("the %s backend has no dropout op: set LoRA dropout 0", be->name);
+    if (!be->lora_fwd || !be->lora_bwd || !be->lora_merge || !be->lora_masked_grad)
+        return RS_FAIL("the %s backend has no LoRA ops yet", be->name);
+    return 0;
+}
+
+rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
+                                   int recompute) {
+    const rs_backend *be = m->be;
+    if (max_B < 1 || max_T < 1 || (int64_t)max_B * max_T > INT32_MAX) {
+        RS_FAIL("train state: batch %d x %d tokens must be positive and below 2^31", max_B, max_T);
+        return NULL;
+    }
+    if (check_backend(be) != 0 || (lora && check_adapter_plan(m, lora) != 0)) return NULL;
+    const rs_model_config *c = &m->cfg;
+    rs_train_state *s = rs_calloc(1, sizeof *s);
+    s->be = be;
+    s->n_layers = c->n_layers;
+    s->max_tokens = max_B * max_T;
+    s->recompute = recompute != 0;
+    size_t rows = LOGIT_CHUNK_ELEMS / (size_t)c->vocab_size;
+    s->chunk_rows = rows < 1 ? 1 : rows > (size_t)s->max_tokens ? s->max_tokens : (int)rows;
+    if (lora) {
+        s->lora_rank = lora->rank;
+        s->lora_targets = lora->targets;
+        s->lora_elementwise = lora->mask_mode == RS_MASK_ELEMENTWISE;
+        s->lora_dropout = lora->dropout > 0.0f;
+    }
+    s->x = rs_calloc((size_t)c->n_layers + 1, sizeof *s->x);
+    s->layer = rs_calloc(s->recompute ? 1 : (size_t)c->n_layers, sizeof *s->layer);
+    s->dropout_seed = rs_calloc((size_t)c->n_layers * RS_LORA_N_TARGETS, sizeof *s->dropout_seed);
+    spec_list specs = {.n = 0};
+    size_t act = rs_dtype_size(be->act_dtype);
+    list_layer_buffers(&specs, s, c, act);
+    list_step_buffers(&specs, s, m, act);
+    if (allocate_plan(s, be, &specs) != 0) {
+        rs_train_state_free(s);
+        return NULL;
+    }
+    s->host_ids = rs_malloc(2 * (size_t)s->max_tokens * sizeof *s->host_ids);
+    s->host_targets = s->host_ids + s->max_tokens;
+    s->host_f = rs_malloc((size_t)s->max_tokens * sizeof *s->host_f);
+    rs_rng_seed(&s->rng, 0);
+    rs_debug("training activations for %d x %d tokens%s (%s on %s):", max_B, max_T,
+             s->recompute ? ", layers recomputed in backward" : "", rs_dtype_name(be->act_dtype),
+             be->name);
+    if (rs_get_log_level() >= RS_LOG_DEBUG) rs_arena_print_plan(&s->plan, stderr);
+    return s;
+}
+
+void rs_train_state_free(rs_train_state *s) {
+    if (!s) return;
+    if (s->plan.base) s->be->free(s->plan.base);
+    free(s->x);
+    free(s->layer);
+    free(s->dropout_seed);
+    free(s->host_ids);
+    free(s->host_f);
+    free(s);
+}
+
+size_t rs_train_state_bytes(const rs_train_state *s) { return s->plan.capacity; }
+rs_rng *rs_train_state_rng(rs_train_state *s) { return &s->rng; }
+
+uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_target t) {
+    if (layer < 0 || layer >= s->n_layers || (unsigned)t >= RS_LORA_N_TARGETS) return 0;
+    return s->dropout_seed[layer * RS_LORA_N_TARGETS + (int)t];
+}
+
+/* ---------------------------------------------------------------- batches */
+
+/* Right-padded sequences: sequence b's real tokens are t < len_b at positions t, then padding
+ * (pos -1, no target). The attention relies on it: key j of a sequence is its row j. */
+static int check_sequence(const rs_model_config *c, const rs_train_batch *bt, int b) {
+    const int32_t *pos = bt->pos + (size_t)b * bt->T, *tokens = bt->tokens + (size_t)b * bt->T;
+    const int32_t *targets = bt->targets + (size_t)b * bt->T;
+    int len = 0;
+    while (len < bt->T && pos[len] == len) len++;
+    for (int t = len; t < bt->T; t++)
+        if (pos[t] != -1)
+            return RS_FAIL("train batch: sequence %d: position %d at token %d (training needs right "
+                           "padding: positions 0, 1, ... then -1)", b, pos[t], t);
+    for (int t = 0; t < bt->T; t++) {
+        if (t < len && (tokens[t] < 0 || tokens[t] >= c->vocab_size))
+            return RS_FAIL("train batch: sequence %d: token id %d outside the vocabulary [0, %d)", b,
+                           tokens[t], c->vocab_size);
+        if (targets[t] < -1 || targets[t] >= c->vocab_size || (t >= len && targets[t] != -1))
+            return RS_FAIL("train batch: sequence %d: target %d at token %d (ids in [0, %d) on real "
+                           "tokens, -1 elsewhere)", b, targets[t], t, c->vocab_size);
+    }
+    if (c->sliding_window > 0 && len > c->sliding_window)
+        return RS_FAIL("train batch: sequence %d: %d tokens exceed the sliding window (%d), which "
+                       "is not supported", b, len, c->sliding_window);
+    return 0;
+}
+
+static int check_batch(const rs_model *m, const rs_train_state *s, const rs_train_batch *bt) {
+    if (bt->B < 1 || bt->T < 1 || (int64_t)bt->B * bt->T > s->max_tokens)
+        return RS_FAIL("train batch: %d x %d tokens (the state was planned for %d tokens)", bt->B,
+                       bt->T, s->max_tokens);
+    for (int b = 0; b < bt->B; b++) RS_TRY(check_sequence(&m->cfg, bt, b));
+    return 0;
+}
+
+static void stage_batch(rs_train_state *s, const rs_train_batch *bt) {
+    int n = bt->B * bt->T;
+    for (int i = 0; i < n; i++) {
+        s->host_ids[i] = bt->pos[i] >= 0 ? bt->tokens[i] : 0;
+        s->host_targets[i] = bt->targets[i];
+    }
+    const rs_backend *be = s->be;
+    be->to_device(s->ids, s->host_ids, (size_t)n * sizeof(int32_t));
+    be->to_device(s->pos, bt->pos, (size_t)n * sizeof(int32_t));
+    be->to_device(s->targets, s->host_targets, (size_t)n * sizeof(int32_t));
+}
+
+/* The adapter of a forward call: checked against what the plan has room for. */
+static int check_adapter_fits(const rs_train_state *s, const rs_lora *lora) {
+    if (!s->lora_rank)
+        return RS_FAIL("train forward: the state was planned without an adapter (pass it to "
+                       "rs_train_state_new)");
+    if (lora->rank > s->lora_rank || (lora->targets & ~s->lora_targets) ||
+        (lora->mask_mode == RS_MASK_ELEMENTWISE) != s->lora_elementwise ||
+        (lora->dropout > 0.0f && !s->lora_dropout))
+        return RS_FAIL("train forward: the adapter (rank %d, targets 0x%x, mask mode %d, dropout "
+                       "%g) differs from the one the state was planned for", lora->rank,
+                       lora->targets, (int)lora->mask_mode, lora->dropout);
+    return 0;
+}
+
+/* One seed per layer and target for this call, from the state's rng. */
+static void draw_dropout_seeds(rs_train_state *s) {
+    uint64_t base = rs_rng_next(&s->rng);
+    for (int i = 0; i < s->n_layers * RS_LORA_N_TARGETS; i++) {
+        uint64_t z = base + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ull; /* splitmix64 */
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        s->dropout_seed[i] = z ^ (z >> 31);
+    }
+}
+
+static pass make_pass(rs_model *m, rs_train_state *s, const rs_lora *lora, int B, int T) {
+    return (pass){.m = m, .be = m->be, .c = &m->cfg, .s = s, .lora = lora, .n = B * T, .B = B,
+                  .T = T};
+}
+
+/* ---------------------------------------------------------------- forward and backward */
+
+int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
+                     const rs_train_batch *batch, float *seq_logp) {
+    s->forward_done = 0;
+    if (lora && !lora->enabled) lora = NULL;
+    RS_TRY(check_batch(m, s, batch));
+    if (lora) RS_TRY(check_adapter_fits(s, lora));
+    int B = batch->B, T = batch->T, n = B * T;
+    stage_batch(s, batch);
+    pass p = make_pass(m, s, lora, B, T);
+    p.adapter_on = lora != NULL;
+    p.dropout_on = lora && lora->dropout > 0.0f;
+    p.dropout = p.dropout_on ? lora->dropout : 0.0f;
+    memset(s->dropout_seed, 0, (size_t)s->n_layers * RS_LORA_N_TARGETS * sizeof *s->dropout_seed);
+    if (p.dropout_on) draw_dropout_seeds(s);
+    m->be->embedding_fwd(s->x[0], m->embed, s->ids, n, m->cfg.hidden_size, rs_model_embed_scale(m));
+    for (int l = 0; l < m->cfg.n_layers; l++) layer_fwd(&p, l);
+    logprob_fwd(&p);
+    m->be->synchronize();
+    m->be->to_host(s->host_f, s->logp, (size_t)n * sizeof(float));
+    for (int b = 0; b < B; b++) {
+        double sum = 0;
+        for (int t = 0; t < T; t++)
+            if (batch->targets[b * T + t] >= 0) sum += s->host_f[b * T + t];
+        seq_logp[b] = (float)sum;
+    }
+    s->B = B, s->T = T, s->forward_done = 1, s->fwd_lora = lora, s->fwd_dropout = p.dropout;
+    return 0;
+}
+
+static int check_backward_args(const rs_train_state *s, const rs_lora *lora,
+                               const rs_train_batch *batch, const rs_model_grads *grads) {
+    if (!s->forward_done) return RS_FAIL("train backward: no forward to go back through");
+    if (batch->B != s->B || batch->T != s->T)
+        return RS_FAIL("train backward: batch %d x %d, but the forward ran %d x %d", batch->B,
+                       batch->T, s->B, s->T);
+    if ((grads != NULL) == (lora != NULL))
+        return RS_FAIL("train backward: pass either full-parameter gradients or an adapter");
+    if (s->fwd_lora && s->fwd_lora != lora)
+        return RS_FAIL("train backward: the forward ran with an adapter: its gradients need the "
+                       "same adapter");
+    return 0;
+}
+
+int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
+                      const rs_train_batch *batch, const float *d_seq_logp,
+                      rs_model_grads *grads) {
+    RS_TRY(check_backward_args(s, lora, batch, grads));
+    int B = s->B, T = s->T, n = B * T;
+    for (int i = 0; i < n; i++) s->host_f[i] = s->host_targets[i] >= 0 ? d_seq_logp[i / T] : 0.0f;
+    m->be->to_device(s->dlogp, s->host_f, (size_t)n * sizeof(float));
+    pass p = make_pass(m, s, lora, B, T);
+    p.grads = grads;
+    p.adapter_on = s->fwd_lora != NULL;
+    p.dropout = s->fwd_dropout;
+    p.dropout_on = p.dropout > 0.0f;
+    logprob_bwd(&p);
+    for (int l = m->cfg.n_layers - 1; l >= 0; l--) layer_bwd(&p, l);
+    if (grads)
+        m->be->embedding_bwd(grads->embed, s->dres, s->ids, n, m->cfg.hidden_size,
+                             rs_model_embed_scale(m));
+    m->be->synchronize();
+    return 0;
+}
+
+/* ---------------------------------------------------------------- full-parameter gradients */
+
+typedef struct {
+    float *base; /* NULL: only count */
+    size_t used;
+} grad_cursor;
+
+/* The next tensor of numel floats (64-byte aligned), or NULL when the parameter is absent. */
+static float *take(grad_cursor *g, const void *param, size_t numel) {
+    if (!param) return NULL;
+    float *p = g->base ? g->base + g->used : NULL;
+    g->used += (numel + 15) & ~(size_t)15;
+    return p;
+}
+
+/* Checkpoint order, as model_load.c lists the parameters. */
+static void lay_out_grads(const rs_model *m, rs_model_grads *g, grad_cursor *cur) {
+    const rs_model_config *c = &m->cfg;
+    size_t D = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
+    size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    g->embed = take(cur, m->embed, V * D);
+    for (int l = 0; l < c->n_layers; l++) {
+        const rs_layer_weights *w = &m->layers[l];
+        rs_layer_grads *d = &g->layers[l];
+        d->attn_norm = take(cur, w->attn_norm, D);
+        d->wq = take(cur, w->wq, Q * D);
+        d->wk = take(cur, w->wk, KV * D);
+        d->wv = take(cur, w->wv, KV * D);
+        d->wo = take(cur, w->wo, D * Q);
+        d->bq = take(cur, w->bq, Q);
+        d->bk = take(cur, w->bk, KV);
+        d->bv = take(cur, w->bv, KV);
+        d->bo = take(cur, w->bo, D);
+        d->mlp_norm = take(cur, w->mlp_norm, D);
+        d->w_gate = take(cur, w->w_gate, F * D);
+        d->w_up = take(cur, w->w_up, F * D);
+        d->w_down = take(cur, w->w_down, D * F);
+        d->b_gate = take(cur, w->b_gate, F);
+        d->b_up = take(cur, w->b_up, F);
+        d->b_down = take(cur, w->b_down, D);
+    }
+    g->final_norm = take(cur, m->final_norm, D);
+    g->lm_head = c->tie_word_embeddings ? g->embed : take(cur, m->lm_head, V * D);
+}
+
+int rs_model_grads_init(const rs_model *m, rs_model_grads *g) {
+    memset(g, 0, sizeof *g);
+    if (!m->be->zero_f32) return RS_FAIL("the %s backend has no zero_f32 op", m->be->name);
+    g->layers = rs_calloc((size_t)m->cfg.n_layers, sizeof *g->layers);
+    grad_cursor cur = {NULL, 0};
+    lay_out_grads(m, g, &cur);
+    g->n = cur.used;
+    g->block = m->be->alloc(g->n * sizeof(float));
+    cur = (grad_cursor){g->block, 0};
+    lay_out_grads(m, g, &cur);
+    rs_model_grads_zero(m, g);
+    return 0;
+}
+
+void rs_model_grads_zero(const rs_model *m, rs_model_grads *g) { m->be->zero_f32(g->block, g->n); }
+
+void rs_model_grads_free(const rs_model *m, rs_model_grads *g) {
+    if (g->block) m->be->free(g->block);
+    free(g->layers);
+    memset(g, 0, sizeof *g);
+}
