@@ -299,14 +299,17 @@ static void cpu_embedding_bwd(float *dtable, const void *dout_, const int32_t *i
     for (int i = 0; i < n; i++) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
 }
 
+/* g_j: the norm's weight, or 1 + weight (Gemma) */
+static float norm_gain(const float *w, int j, int add_one) { return add_one ? 1.0f + w[j] : w[j]; }
+
 /* One row of y_j = x_j r g_j, r = (mean(x^2) + eps)^-1/2, so dr/dx_j = -r^3 x_j / dim:
  *   dx_j = r g_j dy_j - x_j r^3 / dim * sum_l dy_l g_l x_l */
 static void rmsnorm_bwd_row(float *dx, const float *dy, const float *x, const float *w, float r,
                             int dim, int add_one, float beta) {
     double dot_dy_g_x = 0;
-    for (int j = 0; j < dim; j++) dot_dy_g_x += (double)dy[j] * (add_one ? 1.0f + w[j] : w[j]) * x[j];
+    for (int j = 0; j < dim; j++) dot_dy_g_x += (double)dy[j] * norm_gain(w, j, add_one) * x[j];
     float coef = (float)(dot_dy_g_x * r * r * r / dim);
-    for (int j = 0; j < dim; j++) store_beta(&dx[j], r * (add_one ? 1.0f + w[j] : w[j]) * dy[j] - coef * x[j], beta);
+    for (int j = 0; j < dim; j++) store_beta(&dx[j], r * norm_gain(w, j, add_one) * dy[j] - coef * x[j], beta);
 }
 
 /* dg_j = sum_rows dy_j x_j r, and d(1 + w) = dw, so add_one changes nothing here. */
@@ -324,7 +327,8 @@ static void cpu_rmsnorm_bwd(void *dx_, float *dw, const void *dout_, const void 
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * dim))
         for (int j = 0; j < dim; j++) {
             double s = 0;
-            for (int i = 0; i < n; i++) s += (double)dout[(size_t)i * dim + j] * x[(size_t)i * dim + j] * rstd[i];
+            for (int i = 0; i < n; i++)
+                s += (double)dout[(size_t)i * dim + j] * x[(size_t)i * dim + j] * rstd[i];
             dw[j] += (float)s;
         }
     }
@@ -542,19 +546,22 @@ static void cpu_lora_bwd(void *dx_, float *dA, float *dB, const void *dy_, const
     if (dx) {
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * r))
         for (int i = 0; i < n; i++) {
-            start_row_beta(dx + (size_t)i * k, k, beta);
-            for (int a = 0; a < r; a++) axpy(dx + (size_t)i * k, scale * dyB[(size_t)i * r + a], A + (size_t)a * k, k);
+            float *dxi = dx + (size_t)i * k;
+            start_row_beta(dxi, k, beta);
+            for (int a = 0; a < r; a++) axpy(dxi, scale * dyB[(size_t)i * r + a], A + (size_t)a * k, k);
         }
     }
     if (dA) { /* dA[a, :] += scale sum_i dyB[i, a] x[i, :] */
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * k * r))
         for (int a = 0; a < r; a++)
-            for (int i = 0; i < n; i++) axpy(dA + (size_t)a * k, scale * dyB[(size_t)i * r + a], x + (size_t)i * k, k);
+            for (int i = 0; i < n; i++)
+                axpy(dA + (size_t)a * k, scale * dyB[(size_t)i * r + a], x + (size_t)i * k, k);
     }
     if (dB) { /* dB[j, :] += scale sum_i dy[i, j] xa[i, :] */
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * m * r))
         for (int j = 0; j < m; j++)
-            for (int i = 0; i < n; i++) axpy(dB + (size_t)j * r, scale * dy[(size_t)i * m + j], xa + (size_t)i * r, r);
+            for (int i = 0; i < n; i++)
+                axpy(dB + (size_t)j * r, scale * dy[(size_t)i * m + j], xa + (size_t)i * r, r);
     }
     free(dyB);
 }
@@ -587,7 +594,9 @@ static void cpu_lora_merge(void *w_eff_, const void *w_, const float *A, const f
 
 /* (mask ⊙ dw)[i]: masked-out entries are selected away, not multiplied by 0, so a non-finite
  * gradient outside the mask cannot leak in. */
-static float masked(const float *dw, const uint8_t *mask, size_t i) { return !mask || mask[i] ? dw[i] : 0.0f; }
+static float masked(const float *dw, const uint8_t *mask, size_t i) {
+    return !mask || mask[i] ? dw[i] : 0.0f;
+}
 
 /* G = scale (mask ⊙ dw) is never formed: dB[j, a] += G[j, :] . A[a, :] row by row, and
  * dA[a, :] += sum_j B[j, a] G[j, :]. */

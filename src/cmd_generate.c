@@ -263,6 +263,24 @@ static int check_ids(const options *o, int vocab) {
 
 /* ---------------------------------------------------------------- output */
 
+/* A JSON string of len bytes that may hold NUL (cJSON strings end at the first NUL): valid UTF-8
+ * in, quotes, backslashes and control bytes escaped. */
+static cJSON *json_string_n(const char *s, size_t len) {
+    char *out = rs_malloc(6 * len + 3), *o = out;
+    *o++ = '"';
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') *o++ = '\\', *o++ = (char)c;
+        else if (c < 0x20) o += sprintf(o, "\\u%04x", c);
+        else *o++ = (char)c;
+    }
+    *o++ = '"';
+    *o = 0;
+    cJSON *item = cJSON_CreateRaw(out);
+    free(out);
+    return item;
+}
+
 static cJSON *ids_array(const int32_t *ids, int n) {
     cJSON *a = cJSON_CreateArray();
     for (int i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
@@ -270,14 +288,15 @@ static cJSON *ids_array(const int32_t *ids, int n) {
 }
 
 static void print_result(const options *o, const rs_tokenizer *tok, int i, const rs_gen_output *r) {
-    char *text = tok ? rs_tokenizer_decode(tok, r->ids, r->n_ids, 1) : NULL;
+    size_t text_len = 0; /* decoded text may hold NUL bytes (a <0x00> byte-fallback token) */
+    char *text = tok ? rs_tokenizer_decode_n(tok, r->ids, r->n_ids, 1, &text_len) : NULL;
     if (strcmp(o->format, "jsonl") == 0) {
         cJSON *obj = cJSON_CreateObject();
         cJSON_AddNumberToObject(obj, "index", i);
         if (o->n_texts) cJSON_AddStringToObject(obj, "prompt", o->texts[i]);
         cJSON_AddItemToObject(obj, "prompt_ids", ids_array(o->ids[i], o->id_lens[i]));
         cJSON_AddItemToObject(obj, "ids", ids_array(r->ids, r->n_ids));
-        if (text) cJSON_AddStringToObject(obj, "text", text);
+        if (text) cJSON_AddItemToObject(obj, "text", json_string_n(text, text_len));
         else cJSON_AddNullToObject(obj, "text");
         cJSON_AddStringToObject(obj, "stop", r->hit_eos ? "eos" : "length");
         char *line = cJSON_PrintUnformatted(obj);
@@ -287,7 +306,8 @@ static void print_result(const options *o, const rs_tokenizer *tok, int i, const
     } else {
         if (o->n_ids > 1) printf("### %d\n", i + 1);
         if (text) {
-            printf("%s\n", text);
+            fwrite(text, 1, text_len, stdout);
+            putchar('\n');
         } else { /* no tokenizer in the model directory: the ids */
             for (int t = 0; t < r->n_ids; t++) printf("%s%d", t ? " " : "", r->ids[t]);
             printf("\n");

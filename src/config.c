@@ -219,16 +219,6 @@ struct rs_config {
     cfg_value v[N_KEYS];
 };
 
-/* The user's text as quoted in a message: control bytes become '?', long text is cut. */
-static const char *shown(const char *text, char *buf, size_t n) {
-    size_t j = 0;
-    for (const unsigned char *p = (const unsigned char *)text; *p && j + 4 < n; p++)
-        buf[j++] = *p < 0x20 || *p == 0x7f ? '?' : (char)*p;
-    if (text[j] && j + 4 >= n) memcpy(buf + j, "...", 3), j += 3;
-    buf[j] = 0;
-    return buf;
-}
-
 static int find_key(const char *section, const char *key) {
     for (int i = 0; i < N_KEYS; i++)
         if (strcmp(g_schema[i].section, section) == 0 && strcmp(g_schema[i].key, key) == 0) return i;
@@ -382,10 +372,10 @@ static int convert(const rs_config_key *k, const char *text, cfg_value *v) {
         errno = 0;
         long long x = strtoll(text, &end, 10);
         if (end == text || *end)
-            return RS_FAIL("'%s' is not an integer%s", shown(text, t, sizeof t), hash_hint(text));
+            return RS_FAIL("'%s' is not an integer%s", rs_shown_text(text, t, sizeof t), hash_hint(text));
         if (errno == ERANGE || (double)x < k->min || (double)x > k->max) {
             format_range(k, range, sizeof range);
-            return RS_FAIL("%s is out of range %s", shown(text, t, sizeof t), range);
+            return RS_FAIL("%s is out of range %s", rs_shown_text(text, t, sizeof t), range);
         }
         v->i = x;
         break;
@@ -394,11 +384,11 @@ static int convert(const rs_config_key *k, const char *text, cfg_value *v) {
         char *end;
         double x = strtod(text, &end);
         if (end == text || *end || !isfinite(x))
-            return RS_FAIL("'%s' is not a finite number%s", shown(text, t, sizeof t),
+            return RS_FAIL("'%s' is not a finite number%s", rs_shown_text(text, t, sizeof t),
                            hash_hint(text));
         if (x < k->min || x > k->max || (k->min_open && x == k->min)) {
             format_range(k, range, sizeof range);
-            return RS_FAIL("%s is out of range %s", shown(text, t, sizeof t), range);
+            return RS_FAIL("%s is out of range %s", rs_shown_text(text, t, sizeof t), range);
         }
         v->f = x;
         break;
@@ -407,7 +397,7 @@ static int convert(const rs_config_key *k, const char *text, cfg_value *v) {
         int b;
         if (parse_bool(text, &b) != 0)
             return RS_FAIL("'%s' is not a boolean (true/false, yes/no, on/off, 1/0)%s",
-                           shown(text, t, sizeof t), hash_hint(text));
+                           rs_shown_text(text, t, sizeof t), hash_hint(text));
         v->i = b;
         break;
     }
@@ -415,7 +405,7 @@ static int convert(const rs_config_key *k, const char *text, cfg_value *v) {
         int idx = enum_index(k->allowed, text);
         if (idx < 0) {
             enum_list(k->allowed, range, sizeof range);
-            return RS_FAIL("'%s' is not one of: %s%s", shown(text, t, sizeof t), range,
+            return RS_FAIL("'%s' is not one of: %s%s", rs_shown_text(text, t, sizeof t), range,
                            hash_hint(text));
         }
         v->i = idx;
@@ -519,10 +509,10 @@ static int continue_value(parse_state *st, int idx, const char *value) {
         return handler_fail(st);
     }
     /* inih strips " ;comment" from key lines but not from continuation lines: strip it here
-     * too, so a comment means the same on every line */
+     * too, so a comment means the same on every line (inih's rule: ';' after any isspace) */
     size_t b = strlen(value);
     for (size_t i = 1; i < b; i++)
-        if (value[i] == ';' && (value[i - 1] == ' ' || value[i - 1] == '\t')) {
+        if (value[i] == ';' && isspace((unsigned char)value[i - 1])) {
             b = i;
             break;
         }
@@ -550,12 +540,12 @@ static int on_key(void *user, const char *section, const char *name, const char 
     char hint[256], t[72];
     if (!section[0]) {
         RS_FAIL("%s:%d: key '%s' comes before any [section]", st->label, st->lineno,
-                shown(name, t, sizeof t));
+                rs_shown_text(name, t, sizeof t));
         return handler_fail(st);
     }
     if (!section_known(section)) {
         suggest_section(section, hint, sizeof hint);
-        RS_FAIL("%s:%d: unknown section [%s]%s", st->label, st->lineno, shown(section, t, sizeof t),
+        RS_FAIL("%s:%d: unknown section [%s]%s", st->label, st->lineno, rs_shown_text(section, t, sizeof t),
                 hint);
         return handler_fail(st);
     }
@@ -569,7 +559,7 @@ static int on_key(void *user, const char *section, const char *name, const char 
     if (idx < 0) {
         suggest_key(section, name, hint, sizeof hint);
         RS_FAIL("%s:%d: [%s] unknown key '%s'%s", st->label, st->lineno, section,
-                shown(name, t, sizeof t), hint);
+                rs_shown_text(name, t, sizeof t), hint);
         return handler_fail(st);
     }
     cfg_value *v = &st->cfg->v[idx];
@@ -627,12 +617,12 @@ int rs_config_set(rs_config *cfg, const char *section, const char *key, const ch
     char hint[256], t[72];
     if (!section_known(section)) {
         suggest_section(section, hint, sizeof hint);
-        return RS_FAIL("unknown section [%s]%s", shown(section, t, sizeof t), hint);
+        return RS_FAIL("unknown section [%s]%s", rs_shown_text(section, t, sizeof t), hint);
     }
     int idx = find_key(section, key);
     if (idx < 0) {
         suggest_key(section, key, hint, sizeof hint);
-        return RS_FAIL("[%s] unknown key '%s'%s", section, shown(key, t, sizeof t), hint);
+        return RS_FAIL("[%s] unknown key '%s'%s", section, rs_shown_text(key, t, sizeof t), hint);
     }
     /* convert into a scratch value so a rejected override leaves the config unchanged */
     cfg_value tmp = {0};
@@ -652,7 +642,7 @@ int rs_config_set_arg(rs_config *cfg, const char *assignment) {
     const char *dot = strchr(assignment, '.'), *eq = strchr(assignment, '=');
     char t[72];
     if (!dot || !eq || dot > eq || dot == assignment || eq == dot + 1)
-        return RS_FAIL("'%s': expected section.key=value", shown(assignment, t, sizeof t));
+        return RS_FAIL("'%s': expected section.key=value", rs_shown_text(assignment, t, sizeof t));
     char *section = rs_strndup(assignment, (size_t)(dot - assignment));
     char *key = rs_strndup(dot + 1, (size_t)(eq - dot - 1));
     int rc = rs_config_set(cfg, section, key, eq + 1);

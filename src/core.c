@@ -75,6 +75,23 @@ void rs_die_at(const char *src_file, int src_line, const char *fmt, ...) {
     exit(1);
 }
 
+const char *rs_shown_text(const char *text, char *buf, size_t n) {
+    size_t j = 0;
+    for (const unsigned char *p = (const unsigned char *)text; *p && j + 4 < n; p++)
+        buf[j++] = *p < 0x20 || *p == 0x7f ? '?' : (char)*p;
+    if (text[j] && j + 4 >= n) memcpy(buf + j, "...", 3), j += 3;
+    buf[j] = 0;
+    return buf;
+}
+
+const char *rs_shape_text(char *buf, size_t cap, int ndim, const int64_t *shape) {
+    size_t used = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < ndim && used < cap; i++)
+        used += (size_t)snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (used < cap) snprintf(buf + used, cap - used, "]");
+    return buf;
+}
+
 void rs_die_last(void) {
     fflush(stdout);
     fprintf(stderr, "resafe: error: %s [%s]\n", g_err[0] ? g_err : "unknown error",

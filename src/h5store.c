@@ -423,14 +423,6 @@ void rs_h5_free_list(rs_h5_dataset *datasets, int n) {
 
 /* ---------------------------------------------------------------- reading datasets */
 
-static const char *shape_text(char *buf, size_t cap, int ndim, const int64_t *shape) {
-    size_t used = (size_t)snprintf(buf, cap, "[");
-    for (int i = 0; i < ndim && used < cap; i++)
-        used += (size_t)snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-    return buf;
-}
-
 /* The dataset must be numbers of exactly this dtype and shape. */
 static int check_layout(const rs_h5 *h, const char *what, const rs_h5_dataset *info, rs_dtype dtype,
                         int ndim, const int64_t *shape) {
@@ -445,8 +437,8 @@ static int check_layout(const rs_h5 *h, const char *what, const rs_h5_dataset *i
     for (int i = 0; same && i < ndim; i++) same = info->shape[i] == shape[i];
     if (!same)
         return H5_FAIL("%s: %s has shape %s, expected %s", h->path, what,
-                       shape_text(have, sizeof have, info->ndim, info->shape),
-                       shape_text(want, sizeof want, ndim, shape));
+                       rs_shape_text(have, sizeof have, info->ndim, info->shape),
+                       rs_shape_text(want, sizeof want, ndim, shape));
     return 0;
 }
 

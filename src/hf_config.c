@@ -54,17 +54,6 @@ const char *rs_arch_name(rs_arch arch) {
 
 /* ---------------------------------------------------------------- typed JSON access */
 
-/* A string from the file as quoted in a one-line message: control bytes become '?', long
- * strings are cut. */
-static const char *shown(const char *text, char *buf, size_t n) {
-    size_t j = 0;
-    for (const unsigned char *p = (const unsigned char *)text; *p && j + 4 < n; p++)
-        buf[j++] = *p < 0x20 || *p == 0x7f ? '?' : (char)*p;
-    if (text[j] && j + 4 >= n) memcpy(buf + j, "...", 3), j += 3;
-    buf[j] = 0;
-    return buf;
-}
-
 static const char *json_type_name(const cJSON *v) {
     if (cJSON_IsNull(v)) return "null";
     if (cJSON_IsBool(v)) return "a boolean";
@@ -195,7 +184,7 @@ static int parse_family(const char *label, const cJSON *root, const hf_family **
             if (!by_arch)
                 return RS_FAIL("%s: unsupported architecture '%s' (supported: LlamaForCausalLM, "
                                "MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM)",
-                               label, shown(first->valuestring, t, sizeof t));
+                               label, rs_shown_text(first->valuestring, t, sizeof t));
         }
     }
     if (model_type) {
@@ -203,11 +192,11 @@ static int parse_family(const char *label, const cJSON *root, const hf_family **
         if (!by_type && !by_arch)
             return RS_FAIL("%s: unsupported model_type '%s' (supported: llama, mistral, qwen2, "
                            "gemma)",
-                           label, shown(model_type, t, sizeof t));
+                           label, rs_shown_text(model_type, t, sizeof t));
     }
     if (by_arch && model_type && by_type != by_arch)
         return RS_FAIL("%s: 'architectures'[0] is '%s' but 'model_type' is '%s'", label,
-                       by_arch->architecture, shown(model_type, t, sizeof t));
+                       by_arch->architecture, rs_shown_text(model_type, t, sizeof t));
     *out = by_arch ? by_arch : by_type;
     if (!*out) return RS_FAIL("%s: neither 'architectures' nor 'model_type' is given", label);
     return 0;
@@ -295,7 +284,7 @@ static int find_rope_dict(const char *label, const cJSON *root, const cJSON **di
         for (const cJSON *c = (*dict)->child; c; c = c->next)
             if (cJSON_IsObject(c))
                 return RS_FAIL("%s: per-layer-type rope parameters ('%s%s') are not supported",
-                               label, *where, shown(c->string ? c->string : "", t, sizeof t));
+                               label, *where, rs_shown_text(c->string ? c->string : "", t, sizeof t));
     return 0;
 }
 
@@ -331,7 +320,7 @@ static int parse_rope(const char *label, const cJSON *root, rs_model_config *cfg
     }
     if (strcmp(type, "linear") != 0 && strcmp(type, "llama3") != 0)
         return RS_FAIL("%s: rope type '%s' is not supported (supported: default, linear, llama3)",
-                       label, shown(type, t, sizeof t));
+                       label, rs_shown_text(type, t, sizeof t));
     cfg->rope_type = strcmp(type, "linear") == 0 ? RS_ROPE_LINEAR : RS_ROPE_LLAMA3;
     double factor;
     int have;
@@ -383,7 +372,7 @@ static int parse_activation(const char *label, const cJSON *root, const hf_famil
     else
         return RS_FAIL("%s: hidden_act '%s' is not supported (supported: silu, swish, gelu, "
                        "gelu_pytorch_tanh, gelu_new)",
-                       label, shown(act, t, sizeof t));
+                       label, rs_shown_text(act, t, sizeof t));
     return 0;
 }
 

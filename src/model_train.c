@@ -57,6 +57,7 @@ struct rs_train_state {
     /* the last forward */
     int B, T, forward_done;
     const rs_lora *fwd_lora;  /* the adapter it ran with (NULL: none or disabled) */
+    float fwd_dropout;        /* and its dropout (0: none) */
 };
 
 /* One forward or backward call: what every op helper needs. */
@@ -68,6 +69,7 @@ typedef struct {
     const rs_lora *lora;   /* NULL: no adapter in this pass */
     int adapter_on;        /* the adapter is in the graph (lora->enabled during the forward) */
     int dropout_on;
+    float dropout;         /* its probability, as the forward drew its masks */
     rs_model_grads *grads; /* backward, full-parameter mode */
     int n, B, T;
 } pass;
@@ -128,7 +130,7 @@ static uint64_t dropout_seed(const pass *p, int l, rs_lora_target t) {
 /* The adapter's input: x, or drop(x) in the scratch buffer. */
 static const void *adapter_input(const pass *p, int l, rs_lora_target t, const void *x, int in) {
     if (!p->dropout_on) return x;
-    p->be->dropout(p->s->drop_x, x, (size_t)p->n * in, p->lora->dropout, dropout_seed(p, l, t));
+    p->be->dropout(p->s->drop_x, x, (size_t)p->n * in, p->dropout, dropout_seed(p, l, t));
     return p->s->drop_x;
 }
 
@@ -185,7 +187,7 @@ static void adapter_bwd(const pass *p, int l, rs_lora_target t, const rs_lora_li
     be->lora_bwd(dxd, a->dA, a->dB, dout, xd, xa, a->A, a->B, p->n, r->in, r->out, lo->rank,
                  lo->scale, 0.0f);
     if (!dx) return;
-    be->dropout(dxd, dxd, n_in, lo->dropout, dropout_seed(p, l, t));
+    be->dropout(dxd, dxd, n_in, p->dropout, dropout_seed(p, l, t));
     be->add_inplace(dx, dxd, n_in);
 }
 
@@ -631,6 +633,7 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
     pass p = make_pass(m, s, lora, B, T);
     p.adapter_on = lora != NULL;
     p.dropout_on = lora && lora->dropout > 0.0f;
+    p.dropout = p.dropout_on ? lora->dropout : 0.0f;
     memset(s->dropout_seed, 0, (size_t)s->n_layers * RS_LORA_N_TARGETS * sizeof *s->dropout_seed);
     if (p.dropout_on) draw_dropout_seeds(s);
     m->be->embedding_fwd(s->x[0], m->embed, s->ids, n, m->cfg.hidden_size, rs_model_embed_scale(m));
@@ -644,7 +647,7 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
             if (batch->targets[b * T + t] >= 0) sum += s->host_f[b * T + t];
         seq_logp[b] = (float)sum;
     }
-    s->B = B, s->T = T, s->forward_done = 1, s->fwd_lora = lora;
+    s->B = B, s->T = T, s->forward_done = 1, s->fwd_lora = lora, s->fwd_dropout = p.dropout;
     return 0;
 }
 
@@ -672,7 +675,8 @@ int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
     pass p = make_pass(m, s, lora, B, T);
     p.grads = grads;
     p.adapter_on = s->fwd_lora != NULL;
-    p.dropout_on = p.adapter_on && lora->dropout > 0.0f;
+    p.dropout = s->fwd_dropout;
+    p.dropout_on = p.dropout > 0.0f;
     logprob_bwd(&p);
     for (int l = m->cfg.n_layers - 1; l >= 0; l--) layer_bwd(&p, l);
     if (grads)

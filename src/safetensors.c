@@ -45,15 +45,6 @@ static const char *base_name(const char *path) {
     return s ? s + 1 : path;
 }
 
-/* "[2, 3, 4]" into buf, for messages. */
-static const char *shape_text(char *buf, size_t cap, int ndim, const int64_t *shape) {
-    size_t used = (size_t)snprintf(buf, cap, "[");
-    for (int i = 0; i < ndim && used < cap; i++)
-        used += (size_t)snprintf(buf + used, cap - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-    return buf;
-}
-
 /* A JSON number that is a non-negative integer small enough to have survived the double. */
 static int json_to_uint(const cJSON *item, uint64_t *out) {
     if (!cJSON_IsNumber(item)) return -1;
@@ -292,7 +283,7 @@ static int parse_offsets(const char *label, const char *name, const cJSON *offse
         return ST_FAIL("%s: tensor '%s': data_offsets [%llu, %llu) hold %llu bytes but %s %s needs %zu",
                        label, name, (unsigned long long)span->begin, (unsigned long long)span->end,
                        (unsigned long long)(span->end - span->begin), rs_dtype_name(t->dtype),
-                       shape_text(shp, sizeof shp, t->ndim, t->shape), t->nbytes);
+                       rs_shape_text(shp, sizeof shp, t->ndim, t->shape), t->nbytes);
     }
     span->name = name;
     return 0;

@@ -38,6 +38,11 @@ void rs_die_at(const char *src_file, int src_line, const char *fmt, ...) RS_PRIN
     do {                                                                                           \
         if (!(cond)) rs_die_at(__FILE__, __LINE__, __VA_ARGS__);                                   \
     } while (0)
+/* Text from a user's file as quoted in a one-line message: control bytes become '?', text
+ * longer than the buffer is cut with "...". Returns buf. */
+const char *rs_shown_text(const char *text, char *buf, size_t n);
+/* "[2, 3, 4]" into buf, for messages. Returns buf. */
+const char *rs_shape_text(char *buf, size_t cap, int ndim, const int64_t *shape);
 /* Print the recorded error (rs_last_error) and exit(1). */
 void rs_die_last(void);
 /* Propagate failure of a call returning int (0 ok, -1 failed). */

@@ -62,7 +62,10 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
                      const rs_train_batch *batch, float *seq_logp);
 /* Backward of the last rs_train_forward: d_seq_logp[B] (host) = dL/d seq_logp.
  * grads != NULL: full-parameter gradients accumulated into grads (lora must be NULL).
- * lora != NULL: dA, dB (and dW where requested) accumulated; base weights frozen. */
+ * lora != NULL: dA, dB (and dW where requested) accumulated; base weights frozen. When the
+ * forward ran without it (NULL or disabled), only dW is accumulated (SNIP on the base model).
+ * The batch must be the forward's (its arrays were staged then; only B and T are checked).
+ * The forward's activations stay valid: backward may run again with another d_seq_logp. */
 int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
                       const rs_train_batch *batch, const float *d_seq_logp,
                       rs_model_grads *grads);

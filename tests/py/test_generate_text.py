@@ -86,7 +86,9 @@ def test_text_format_prints_the_decoded_response(chat_model):
     p = run_resafe("generate", "--model", path, "--backend", "cpu", "--prompt", prompt,
                    "--max-new-tokens", 6)
     ids = hf_greedy(model, tok(prompt).input_ids, 6)
-    assert p.stdout == tok.decode(ids, skip_special_tokens=True) + "\n"
+    want = tok.decode(ids, skip_special_tokens=True) + "\n"
+    # run_resafe reads stdout in text mode, whose universal newlines turn "\r" into "\n"
+    assert p.stdout == want.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def test_chat_without_template_is_one_line_error(chat_model, tmp_path):
@@ -125,3 +127,16 @@ def test_config_file_sets_generation_and_flags_override_it(chat_model, tmp_path)
     ini.write_text(ini.read_text() + "beam_width = 3\n")
     p = run_resafe("generate", "--config", ini, "--prompt", prompt, check=False)
     assert p.returncode == 1 and "run.ini" in p.stderr and "beam_width" in p.stderr, p.stderr
+
+
+def test_jsonl_text_is_the_exact_decode_even_with_nul_and_control_bytes(chat_model):
+    """Sampled junk from a random model decodes to every byte, NUL and control bytes included
+    (byte-fallback tokens): the jsonl text field must hold all of it, as tok.decode does."""
+    path, tok, model, rnd = chat_model
+    prompts = [sentence(rnd) for _ in range(4)]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    rows = jsonl(run_resafe("generate", "--model", path, "--backend", "cpu", "--format", "jsonl",
+                            "--max-new-tokens", 48, "--temperature", 2.0, "--seed", rnd.randint(0, 999),
+                            *args))
+    for r in rows:
+        assert r["text"] == tok.decode(r["ids"], skip_special_tokens=True)
