@@ -125,12 +125,25 @@ static void free_handle(rs_h5 *h) {
     free(h);
 }
 
+/* A creation list of class cls (file, group or dataset) that records no modification times:
+ * without it two runs writing the same content give files that differ in their timestamps,
+ * and resumed runs must be byte-identical to uninterrupted ones. */
+static hid_t untimed_list(hid_t cls) {
+    hid_t list = H5Pcreate(cls);
+    if (list >= 0 && H5Pset_obj_track_times(list, 0) < 0) {
+        H5Pclose(list);
+        return H5I_INVALID_HID;
+    }
+    return list;
+}
+
 int rs_h5_create(const char *path, rs_h5 **out) {
     silence_hdf5();
     rs_h5 *h = new_handle(path);
     h->tmp = rs_tmp_name(path);
-    hid_t fapl = file_access_list();
-    if (fapl >= 0) h->file = H5Fcreate(h->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    hid_t fapl = file_access_list(), fcpl = untimed_list(H5P_FILE_CREATE);
+    if (fapl >= 0 && fcpl >= 0) h->file = H5Fcreate(h->tmp, H5F_ACC_TRUNC, fcpl, fapl);
+    if (fcpl >= 0) H5Pclose(fcpl);
     if (h->file < 0) {
         h5_fail(h, NULL, "cannot create %s", h->tmp);
         if (fapl >= 0) H5Pclose(fapl);
@@ -237,14 +250,25 @@ static int check_writing(const rs_h5 *h, const char *what) {
     return h->tmp ? 0 : H5_FAIL("%s: %s: the file is open for reading only", h->path, what);
 }
 
-/* A link creation list that makes missing parent groups. */
-static hid_t parents_list(void) {
-    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
-    if (lcpl >= 0 && H5Pset_create_intermediate_group(lcpl, 1) < 0) {
-        H5Pclose(lcpl);
-        return H5I_INVALID_HID;
+/* Create the missing parent groups of path ("a/b/c" -> "a", "a/b"), untimed (HDF5's own
+ * intermediate-group creation would record times). */
+static int make_parents(rs_h5 *h, const char *what, const char *path) {
+    char *p = rs_strdup(path);
+    int rc = 0;
+    hid_t gcpl = untimed_list(H5P_GROUP_CREATE);
+    if (gcpl < 0) rc = h5_fail(h, what, "cannot create a property list");
+    for (char *s = p + (p[0] == '/'); rc == 0 && (s = strchr(s, '/')) != NULL; s++) {
+        *s = 0;
+        if (!path_exists(h->file, p)) {
+            hid_t g = H5Gcreate2(h->file, p, H5P_DEFAULT, gcpl, H5P_DEFAULT);
+            if (g < 0) rc = h5_fail(h, what, "cannot create parent group '%s'", p);
+            else H5Gclose(g);
+        }
+        *s = '/';
     }
-    return lcpl;
+    if (gcpl >= 0) H5Pclose(gcpl);
+    free(p);
+    return rc;
 }
 
 int rs_h5_create_group(rs_h5 *h, const char *group) {
@@ -259,11 +283,12 @@ int rs_h5_create_group(rs_h5 *h, const char *group) {
         H5Eclear2(H5E_DEFAULT);
         return is_group ? 0 : H5_FAIL("%s: %s exists and is not a group", h->path, what);
     }
-    hid_t lcpl = parents_list(), g = H5I_INVALID_HID;
-    if (lcpl >= 0) g = H5Gcreate2(h->file, group, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    RS_TRY(make_parents(h, what, group));
+    hid_t gcpl = untimed_list(H5P_GROUP_CREATE), g = H5I_INVALID_HID;
+    if (gcpl >= 0) g = H5Gcreate2(h->file, group, H5P_DEFAULT, gcpl, H5P_DEFAULT);
     int rc = g < 0 ? h5_fail(h, what, "cannot create") : 0;
     if (g >= 0) H5Gclose(g);
-    if (lcpl >= 0) H5Pclose(lcpl);
+    if (gcpl >= 0) H5Pclose(gcpl);
     return rc;
 }
 
@@ -281,14 +306,15 @@ static hid_t make_space(int ndim, const int64_t *shape) {
 static int create_and_write(rs_h5 *h, const char *what, const char *name, hid_t ftype, hid_t mtype,
                             hid_t space, const void *data, int has_data) {
     if (path_exists(h->file, name)) return H5_FAIL("%s: %s already exists", h->path, what);
-    hid_t lcpl = parents_list(), ds = H5I_INVALID_HID;
-    if (lcpl >= 0) ds = H5Dcreate2(h->file, name, ftype, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    RS_TRY(make_parents(h, what, name));
+    hid_t dcpl = untimed_list(H5P_DATASET_CREATE), ds = H5I_INVALID_HID;
+    if (dcpl >= 0) ds = H5Dcreate2(h->file, name, ftype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
     int rc = 0;
     if (ds < 0) rc = h5_fail(h, what, "cannot create");
     else if (has_data && H5Dwrite(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
         rc = h5_fail(h, what, "cannot write");
     if (ds >= 0) H5Dclose(ds);
-    if (lcpl >= 0) H5Pclose(lcpl);
+    if (dcpl >= 0) H5Pclose(dcpl);
     return rc;
 }
 
