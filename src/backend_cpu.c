@@ -646,14 +646,15 @@ static void cpu_adamw(float *p, const float *g, float *m, float *v, const uint8_
 /* Partial sums over fixed chunks, added in order: the result does not depend on the thread
  * count, so a resumed run clips its gradients bit-identically. */
 #define SUM_CHUNK 4096
-static void cpu_sum_squares(double *out, const float *x, size_t n) {
+static void cpu_sum_squares(double *out, const float *x, const uint8_t *mask, size_t n) {
     size_t n_chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
     double *partial = rs_calloc(n_chunks ? n_chunks : 1, sizeof *partial);
 #pragma omp parallel for schedule(static) if (PARALLEL(n))
     for (size_t c = 0; c < n_chunks; c++) {
         size_t end = (c + 1) * SUM_CHUNK < n ? (c + 1) * SUM_CHUNK : n;
         double s = 0;
-        for (size_t i = c * SUM_CHUNK; i < end; i++) s += (double)x[i] * x[i];
+        for (size_t i = c * SUM_CHUNK; i < end; i++)
+            if (!mask || mask[i]) s += (double)x[i] * x[i];
         partial[c] = s;
     }
     double total = 0;

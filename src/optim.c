@@ -80,7 +80,7 @@ double rs_optim_grad_norm(const rs_optim *o) {
     double total = 0;
     for (int i = 0; i < o->n_params; i++) {
         double s = 0;
-        o->be->sum_squares(&s, o->params[i].g, o->params[i].n);
+        o->be->sum_squares(&s, o->params[i].g, o->params[i].mask, o->params[i].n);
         total += s;
     }
     return sqrt(total);
@@ -91,8 +91,8 @@ float rs_clip_factor(double norm, double clip) {
     return (float)(clip / (norm + 1e-6));
 }
 
-/* Masked-out entries of a factor-mode adapter still have gradients; they count in the norm the
- * clip factor is taken from (no masked reduction in the backend) but are never applied. */
+/* Masked-out entries of a factor-mode adapter still have gradients; they are left out of the
+ * norm the clip factor is taken from (rs_optim_grad_norm) and never applied. */
 void rs_optim_step(rs_optim *o, double lr, float grad_scale) {
     int step = o->step + 1;
     for (int i = 0; i < o->n_params; i++) {

@@ -147,8 +147,10 @@ typedef struct rs_backend {
     void (*adamw)(float *p, const float *g, float *m, float *v, const uint8_t *mask, size_t n,
                   float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                   float grad_scale);
-    /* Sum of squares of x[n] (fp32) into *out (host), for gradient norms. */
-    void (*sum_squares)(double *out, const float *x, size_t n);
+    /* Sum of squares of x[n] (fp32) into *out (host), for gradient norms; entries with
+     * mask[i] == 0 are left out (the frozen entries of a factor-masked adapter are not part of
+     * the update the norm clips); mask NULL = all. */
+    void (*sum_squares)(double *out, const float *x, const uint8_t *mask, size_t n);
     /* SNIP: score[i] += weight * |w[i] * dw[i]| (w in weight dtype, dw fp32). */
     void (*snip_accumulate)(float *score, const void *w, const float *dw, size_t n, float weight);
     /* Zero n fp32 values (gradient buffers). */

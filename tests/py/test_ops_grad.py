@@ -495,6 +495,9 @@ def test_sum_squares_matches_float64(tmp_path, rng):
         got = run_op(tmp_path, "sum_squares", {"x": x}, n=n)["out"]
         # double accumulation of fp32 squares (exact in double): only double rounding remains
         check(f"sum_squares n={n}", got, [np.sum(x.astype(np.float64) ** 2)], tol=1e-10)
+        mask = (rng.random(n) < 0.6).astype(np.uint8) * rng.integers(1, 256, n).astype(np.uint8)
+        got = run_op(tmp_path, "sum_squares", {"x": x, "mask": mask}, n=n)["out"]
+        check(f"masked sum_squares n={n}", got, [np.sum(x.astype(np.float64)[mask != 0] ** 2)], tol=1e-10)
 
 
 def test_zero_f32_zeroes_everything(tmp_path, rng):

@@ -189,7 +189,7 @@ static void op_sum_squares(op_ctx *c) {
     op_buf *out = &c->bufs[c->n_bufs++];
     *out = (op_buf){.name = rs_strdup("out"), .dtype = RS_F64, .ndim = 1, .shape = {1}, .numel = 1,
                     .data = c->be->alloc(sizeof(double))};
-    c->be->sum_squares(out->data, req_f32(c, "x", n), n);
+    c->be->sum_squares(out->data, req_f32(c, "x", n), opt_u8(c, "mask", n), n);
 }
 
 static void op_snip_accumulate(op_ctx *c) {
