@@ -24,6 +24,8 @@
 
 typedef enum { RS_ACT_SILU = 0, RS_ACT_GELU_TANH = 1, RS_ACT_GELU = 2 } rs_activation;
 
+struct rs_qweight; /* quant.h */
+
 typedef struct rs_backend {
     const char *name;
     rs_dtype act_dtype;    /* activations */
@@ -162,6 +164,17 @@ typedef struct rs_backend {
      * is reproduced exactly. */
     void (*fake_quant_rows)(void *w_q, const float *w, int rows, int cols, int bits,
                             int symmetric);
+
+    /* ---- quantized linears (quant.h). w is a backend-resident rs_qweight, m = w->rows,
+     * k = w->cols. The cpu backend dequantizes and multiplies (the reference); cuda fuses. */
+    /* out[n, m] = beta*out + x[n, k] dequant(W)^T (+ bias[m]) */
+    void (*qmatmul)(void *out, const void *x, const struct rs_qweight *w, const void *bias, int n,
+                    float beta);
+    /* dx[n, k] = beta*dx + dout[n, m] dequant(W)  (the input gradient; W stays frozen) */
+    void (*qmatmul_t)(void *dx, const void *dout, const struct rs_qweight *w, int n, float beta);
+    /* Copy a host rs_qweight into backend memory (arrays allocated here); free releases them. */
+    int (*qweight_upload)(struct rs_qweight *dst, const struct rs_qweight *host);
+    void (*qweight_free)(struct rs_qweight *w);
 } rs_backend;
 
 /* The backends compiled into this binary. */
