@@ -8,6 +8,7 @@
 
 #define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20) /* cuBLAS's recommendation for Hopper */
 #define STAGING_FLOATS ((size_t)1 << 21)          /* 8 MiB: upload_f32/download_f32 chunks */
+#define SCRATCH_INITIAL_BYTES ((size_t)16 << 20)  /* op scratch at start; grows once if needed */
 
 /* The backend context: the one piece of state behind the op table (its signatures carry none). */
 static struct {
@@ -19,6 +20,8 @@ static struct {
     cublasHandle_t cublas;
     void *cublas_workspace;
     float *staging; /* device fp32 buffer of STAGING_FLOATS */
+    void *scratch;  /* the op scratch (training ops' temporaries), scratch_bytes long */
+    size_t scratch_bytes;
     rs_backend table;
 } g_cuda;
 
@@ -164,6 +167,126 @@ static void cuda_act_to_f32(float *out, const void *x, size_t n) {
     rs_cuda_convert_to_f32(g_cuda.stream, out, x, RS_BF16, n);
 }
 
+/* ---------------------------------------------------------------- training ops
+ * The op scratch: one device buffer for the temporaries of the training ops (attention_bwd's row
+ * statistics, LoRA's bf16 operands, column-sum and sum-of-squares partials). Ops run in order on
+ * the one stream, so one buffer serves them all. Its size follows the model and batch, which are
+ * fixed for a run: when an op needs more than any op before, the buffer grows to that size once
+ * (wait for the stream, free, allocate, logged), in practice during the first step only. */
+static void *op_scratch(size_t bytes) {
+    if (bytes <= g_cuda.scratch_bytes) return g_cuda.scratch;
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream)); /* earlier ops may still use the old one */
+    cuda_free(g_cuda.scratch);
+    g_cuda.scratch = cuda_alloc(bytes);
+    g_cuda.scratch_bytes = bytes;
+    rs_debug("cuda backend: op scratch grown to %.1f MiB", bytes / 1048576.0);
+    return g_cuda.scratch;
+}
+
+static void cuda_embedding_bwd(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
+                               float scale) {
+    rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale);
+}
+
+static void cuda_rmsnorm_bwd(void *dx, float *dw, const void *dout, const void *x, const void *w,
+                             const float *rstd, int n, int dim, int add_one, float beta) {
+    void *scratch = dw ? op_scratch(rs_cuda_rmsnorm_bwd_scratch_bytes(n, dim)) : NULL;
+    rs_cuda_rmsnorm_bwd(g_cuda.stream, (bf16 *)dx, dw, (const bf16 *)dout, (const bf16 *)x,
+                        (const bf16 *)w, rstd, n, dim, add_one, beta, scratch);
+}
+
+static void cuda_linear_bwd(void *dx, float *dw, float *dbias, const void *dout, const void *x,
+                            const void *w, int n, int k, int m, float beta) {
+    void *scratch = dbias ? op_scratch(rs_cuda_linear_bwd_scratch_bytes(n, m)) : NULL;
+    rs_cuda_linear_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, dw, dbias, (const bf16 *)dout,
+                       (const bf16 *)x, (const bf16 *)w, n, k, m, beta, scratch);
+}
+
+static void cuda_rope_bwd(void *dx, const int32_t *pos, const float *inv_freq, int n_tok,
+                          int n_heads, int head_dim) {
+    rs_cuda_rope_bwd(g_cuda.stream, (bf16 *)dx, pos, inv_freq, n_tok, n_heads, head_dim);
+}
+
+static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, const void *q,
+                               const void *k, const void *v, const int32_t *q_pos, int B, int Tq,
+                               int Tk, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    void *scratch = op_scratch(rs_cuda_attention_bwd_scratch_bytes(B, Tq, n_heads));
+    rs_cuda_attention_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout,
+                          (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, q_pos, B, Tq, Tk,
+                          n_heads, n_kv_heads, head_dim, scale, scratch);
+}
+
+static void cuda_glu_bwd(void *dgate, void *dup, const void *dout, const void *gate,
+                         const void *up, size_t n, rs_activation act) {
+    rs_cuda_glu_bwd(g_cuda.stream, (bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
+                    (const bf16 *)gate, (const bf16 *)up, n, act);
+}
+
+static void cuda_logprob_fwd(float *logp, float *lse, const void *logits, const int32_t *targets,
+                             int n, int vocab) {
+    rs_cuda_logprob_fwd(g_cuda.stream, logp, lse, (const bf16 *)logits, targets, n, vocab);
+}
+
+static void cuda_logprob_bwd(void *dlogits, const float *dlogp, const void *logits,
+                             const float *lse, const int32_t *targets, int n, int vocab) {
+    rs_cuda_logprob_bwd(g_cuda.stream, (bf16 *)dlogits, dlogp, (const bf16 *)logits, lse, targets,
+                        n, vocab);
+}
+
+static void cuda_lora_fwd(void *y, float *xa, const void *x, const float *A, const float *B, int n,
+                          int k, int m, int r, float scale) {
+    void *scratch = op_scratch(rs_cuda_lora_scratch_bytes(n, k, m, r));
+    rs_cuda_lora_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)y, xa, (const bf16 *)x, A, B, n, k, m,
+                     r, scale, scratch);
+}
+
+static void cuda_lora_bwd(void *dx, float *dA, float *dB, const void *dy, const void *x,
+                          const float *xa, const float *A, const float *B, int n, int k, int m,
+                          int r, float scale, float beta) {
+    void *scratch = op_scratch(rs_cuda_lora_scratch_bytes(n, k, m, r));
+    rs_cuda_lora_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, dA, dB, (const bf16 *)dy,
+                     (const bf16 *)x, xa, A, B, n, k, m, r, scale, beta, scratch);
+}
+
+static void cuda_lora_merge(void *w_eff, const void *w, const float *A, const float *B,
+                            const uint8_t *mask, int m, int k, int r, float scale) {
+    rs_cuda_lora_merge(g_cuda.stream, (bf16 *)w_eff, (const bf16 *)w, A, B, mask, m, k, r, scale);
+}
+
+static void cuda_lora_masked_grad(float *dA, float *dB, const float *dw, const uint8_t *mask,
+                                  const float *A, const float *B, int m, int k, int r,
+                                  float scale) {
+    rs_cuda_lora_masked_grad(g_cuda.stream, dA, dB, dw, mask, A, B, m, k, r, scale);
+}
+
+static void cuda_adamw(float *p, const float *g, float *m, float *v, const uint8_t *mask, size_t n,
+                       float lr, float beta1, float beta2, float eps, float weight_decay, int step,
+                       float grad_scale) {
+    rs_cuda_adamw(g_cuda.stream, p, g, m, v, mask, n, lr, beta1, beta2, eps, weight_decay, step,
+                  grad_scale);
+}
+
+static void cuda_sum_squares(double *out, const float *x, const uint8_t *mask, size_t n) {
+    rs_cuda_sum_squares(g_cuda.stream, out, x, mask, n,
+                        op_scratch(rs_cuda_sum_squares_scratch_bytes()));
+}
+
+static void cuda_snip_accumulate(float *score, const void *w, const float *dw, size_t n,
+                                 float weight) {
+    rs_cuda_snip_accumulate(g_cuda.stream, score, (const bf16 *)w, dw, n, weight);
+}
+
+static void cuda_zero_f32(float *x, size_t n) { rs_cuda_zero_f32(g_cuda.stream, x, n); }
+
+static void cuda_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits,
+                                 int symmetric) {
+    rs_cuda_fake_quant_rows(g_cuda.stream, (bf16 *)w_q, w, rows, cols, bits, symmetric);
+}
+
+static void cuda_dropout(void *out, const void *x, size_t n, float p, uint64_t seed) {
+    rs_cuda_dropout(g_cuda.stream, (bf16 *)out, (const bf16 *)x, n, p, seed);
+}
+
 /* ---------------------------------------------------------------- set-up */
 /* 0 when a usable device is present (compute capability 8.0+ for bf16), else -1 with a debug log:
  * a machine without a GPU is normal, not an error. */
@@ -206,6 +329,8 @@ static void cuda_init(void) {
     CUBLAS_CHECK(cublasSetWorkspace(g_cuda.cublas, g_cuda.cublas_workspace,
                                     CUBLAS_WORKSPACE_BYTES));
     g_cuda.staging = (float *)cuda_alloc(STAGING_FLOATS * sizeof(float));
+    g_cuda.scratch = cuda_alloc(SCRATCH_INITIAL_BYTES);
+    g_cuda.scratch_bytes = SCRATCH_INITIAL_BYTES;
 
     rs_backend *b = &g_cuda.table;
     memset(b, 0, sizeof *b);
@@ -230,6 +355,24 @@ static void cuda_init(void) {
     b->scatter_rows = cuda_scatter_rows;
     b->gather_rows = cuda_gather_rows;
     b->act_to_f32 = cuda_act_to_f32;
+    b->dropout = cuda_dropout;
+    b->embedding_bwd = cuda_embedding_bwd;
+    b->rmsnorm_bwd = cuda_rmsnorm_bwd;
+    b->linear_bwd = cuda_linear_bwd;
+    b->rope_bwd = cuda_rope_bwd;
+    b->attention_bwd = cuda_attention_bwd;
+    b->glu_bwd = cuda_glu_bwd;
+    b->logprob_fwd = cuda_logprob_fwd;
+    b->logprob_bwd = cuda_logprob_bwd;
+    b->lora_fwd = cuda_lora_fwd;
+    b->lora_bwd = cuda_lora_bwd;
+    b->lora_merge = cuda_lora_merge;
+    b->lora_masked_grad = cuda_lora_masked_grad;
+    b->adamw = cuda_adamw;
+    b->sum_squares = cuda_sum_squares;
+    b->snip_accumulate = cuda_snip_accumulate;
+    b->zero_f32 = cuda_zero_f32;
+    b->fake_quant_rows = cuda_fake_quant_rows;
 }
 
 extern "C" const rs_backend *rs_backend_cuda(void) {

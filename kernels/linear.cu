@@ -35,3 +35,30 @@ void rs_cuda_linear_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out, const bf16 
                               CUDA_R_16BF, k, &gemm_beta, out, CUDA_R_16BF, m, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT));
 }
+
+/* ---------------------------------------------------------------- backward */
+size_t rs_cuda_linear_bwd_scratch_bytes(int n, int m) {
+    return rs_cuda_column_sum_scratch_bytes(n, m);
+}
+
+/* From out[n, m] = x[n, k] W[m, k]^T + b:
+ *   dx[n, k] = beta dx + dout[n, m] W[m, k]      bf16 out, fp32 compute (beta = 0: not read)
+ *   dw[m, k] += dout^T[m, n] x[n, k]             bf16 in, fp32 out accumulated (GEMM beta 1)
+ *   dbias[m] += column sums of dout              deterministic two-pass reduction
+ * An empty inner dimension (m = 0 for dx) leaves dx = beta dx without a GEMM. */
+void rs_cuda_linear_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dw, float *dbias,
+                        const bf16 *dout, const bf16 *x, const bf16 *w, int n, int k, int m,
+                        float beta, void *scratch) {
+    if (n <= 0) return;
+    if (dx && k > 0) {
+        if (m <= 0)
+            rs_cuda_scale_bf16(s, dx, (size_t)n * (size_t)k, beta);
+        else
+            rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_N, n, k, m, 1.0f, dout, CUDA_R_16BF, m, w,
+                            CUDA_R_16BF, k, beta, dx, CUDA_R_16BF, k);
+    }
+    if (dw && k > 0 && m > 0)
+        rs_cuda_gemm_rm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, k, n, 1.0f, dout, CUDA_R_16BF, m, x,
+                        CUDA_R_16BF, k, 1.0f, dw, CUDA_R_32F, k);
+    if (dbias && m > 0) rs_cuda_column_sums(s, dbias, dout, NULL, NULL, n, m, scratch);
+}

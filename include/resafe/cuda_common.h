@@ -72,6 +72,48 @@ __device__ __forceinline__ float rs_warp_max(float v) {
     return v;
 }
 
+/* Block-wide sum for blocks of whole warps (at most 1024 threads); every thread gets the result.
+ * scratch holds 32 values. Ends with a barrier, so scratch may be reused right after. */
+template <typename T> __device__ __forceinline__ T rs_block_sum(T v, T *scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : (T)0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    return v;
+}
+
+/* The GLU activations in fp32 with the accurate expf/tanhf/erff, as the CPU reference:
+ *   silu(g) = g / (1 + exp(-g))
+ *   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))   (Hendrycks & Gimpel 2016)
+ *   gelu(g) = 0.5 g (1 + erf(g / sqrt(2))) */
+__device__ __forceinline__ float rs_cuda_activation(float g, rs_activation act) {
+    switch (act) {
+    case RS_ACT_GELU_TANH:
+        return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    case RS_ACT_GELU:
+        return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+    case RS_ACT_SILU:
+    default:
+        return g / (1.0f + expf(-g));
+    }
+}
+
+/* Row-major GEMM C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C through cublasGemmEx with fp32
+ * compute. lda, ldb, ldc are row strides of the matrices as stored; op N uses the matrix as
+ * stored, op T its transpose. Read column-major, row-major C is C^T = op(B)^T op(A)^T, which is
+ * cuBLAS's GEMM with the operands swapped and the same op flags. beta = 0 does not read C. */
+static inline void rs_cuda_gemm_rm(cublasHandle_t h, cublasOperation_t op_a,
+                                   cublasOperation_t op_b, int M, int N, int K, float alpha,
+                                   const void *A, cudaDataType_t type_a, int lda, const void *B,
+                                   cudaDataType_t type_b, int ldb, float beta, void *C,
+                                   cudaDataType_t type_c, int ldc) {
+    CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, N, M, K, &alpha, B, type_b, ldb, A, type_a, lda, &beta,
+                              C, type_c, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 /* ---------------------------------------------------------------- launchers, one file each */
 /* embedding.cu */
 void rs_cuda_embedding_fwd(cudaStream_t s, bf16 *out, const bf16 *table, const int32_t *ids, int n,
@@ -92,6 +134,71 @@ void rs_cuda_glu_fwd(cudaStream_t s, bf16 *out, const bf16 *gate, const bf16 *up
 /* linear.cu */
 void rs_cuda_linear_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out, const bf16 *x, const bf16 *w,
                         const bf16 *bias, int n, int k, int m, float beta);
+/* ---- training (backward, LoRA, optimizer). Launchers that need temporary device memory take
+ * `scratch`, at least the bytes their *_scratch_bytes function names (the backend's one op
+ * scratch buffer, 256-byte aligned). */
+/* backward.cu: embedding, rmsnorm, rope, glu backward, bf16 scaling, column sums */
+void rs_cuda_embedding_bwd(cudaStream_t s, float *dtable, const bf16 *dout, const int32_t *ids,
+                           int n, int dim, float scale);
+size_t rs_cuda_column_sum_scratch_bytes(int n, int dim);
+/* acc[j] += sum_i a[i, j] (* b[i, j] if b) (* row_scale[i] if row_scale), deterministic order. */
+void rs_cuda_column_sums(cudaStream_t s, float *acc, const bf16 *a, const bf16 *b,
+                         const float *row_scale, int n, int dim, void *scratch);
+size_t rs_cuda_rmsnorm_bwd_scratch_bytes(int n, int dim);
+void rs_cuda_rmsnorm_bwd(cudaStream_t s, bf16 *dx, float *dw, const bf16 *dout, const bf16 *x,
+                         const bf16 *w, const float *rstd, int n, int dim, int add_one, float beta,
+                         void *scratch);
+void rs_cuda_rope_bwd(cudaStream_t s, bf16 *dx, const int32_t *pos, const float *inv_freq,
+                      int n_tok, int n_heads, int head_dim);
+void rs_cuda_glu_bwd(cudaStream_t s, bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
+                     const bf16 *up, size_t n, rs_activation act);
+/* x = beta * x (beta = 0 writes zeros without reading x) */
+void rs_cuda_scale_bf16(cudaStream_t s, bf16 *x, size_t n, float beta);
+/* linear.cu */
+size_t rs_cuda_linear_bwd_scratch_bytes(int n, int m);
+void rs_cuda_linear_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dw, float *dbias,
+                        const bf16 *dout, const bf16 *x, const bf16 *w, int n, int k, int m,
+                        float beta, void *scratch);
+/* attention_bwd.cu */
+size_t rs_cuda_attention_bwd_scratch_bytes(int B, int Tq, int n_heads);
+void rs_cuda_attention_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout,
+                           const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *q_pos,
+                           int B, int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim,
+                           float scale, void *scratch);
+/* logprob.cu */
+void rs_cuda_logprob_fwd(cudaStream_t s, float *logp, float *lse, const bf16 *logits,
+                         const int32_t *targets, int n, int vocab);
+void rs_cuda_logprob_bwd(cudaStream_t s, bf16 *dlogits, const float *dlogp, const bf16 *logits,
+                         const float *lse, const int32_t *targets, int n, int vocab);
+/* lora.cu */
+size_t rs_cuda_lora_scratch_bytes(int n, int k, int m, int r);
+void rs_cuda_lora_fwd(cudaStream_t s, cublasHandle_t h, bf16 *y, float *xa, const bf16 *x,
+                      const float *A, const float *B, int n, int k, int m, int r, float scale,
+                      void *scratch);
+void rs_cuda_lora_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dA, float *dB,
+                      const bf16 *dy, const bf16 *x, const float *xa, const float *A,
+                      const float *B, int n, int k, int m, int r, float scale, float beta,
+                      void *scratch);
+void rs_cuda_lora_merge(cudaStream_t s, bf16 *w_eff, const bf16 *w, const float *A,
+                        const float *B, const uint8_t *mask, int m, int k, int r, float scale);
+void rs_cuda_lora_masked_grad(cudaStream_t s, float *dA, float *dB, const float *dw,
+                              const uint8_t *mask, const float *A, const float *B, int m, int k,
+                              int r, float scale);
+/* optim.cu: adamw, sum_squares, snip, zero, fake quantization, dropout */
+void rs_cuda_adamw(cudaStream_t s, float *p, const float *g, float *m, float *v,
+                   const uint8_t *mask, size_t n, float lr, float beta1, float beta2, float eps,
+                   float weight_decay, int step, float grad_scale);
+size_t rs_cuda_sum_squares_scratch_bytes(void);
+/* The sum into *out (host); waits for the stream. */
+void rs_cuda_sum_squares(cudaStream_t s, double *out, const float *x, const uint8_t *mask,
+                         size_t n, void *scratch);
+void rs_cuda_snip_accumulate(cudaStream_t s, float *score, const bf16 *w, const float *dw,
+                             size_t n, float weight);
+void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n);
+void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows, int cols,
+                             int bits, int symmetric);
+void rs_cuda_dropout(cudaStream_t s, bf16 *out, const bf16 *x, size_t n, float p, uint64_t seed);
+
 /* elementwise.cu */
 void rs_cuda_add_inplace(cudaStream_t s, bf16 *x, const bf16 *y, size_t n);
 void rs_cuda_scatter_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32_t *dst_rows,

@@ -1,0 +1,202 @@
+/* backward: the training gradients of the row and elementwise ops (embedding, rmsnorm, rope,
+ * glu), and the column sums they and linear_bwd share (dw of a norm, dbias of a linear).
+ * bf16 activation gradients rounded once on the store; fp32 parameter gradients accumulated. */
+#include "resafe/cuda_common.h"
+
+#define GRID_STRIDE(i, n)                                                                          \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n);                        \
+         i += (size_t)gridDim.x * blockDim.x)
+
+/* ---------------------------------------------------------------- embedding */
+/* dtable[ids[i], d] += scale * dout[i, d]. Repeated ids add into one row, so the adds are fp32
+ * atomics: the order of a repeated token's contributions varies run to run (last-bit
+ * differences in dtable; nothing else is affected). A negative id (padding) adds nothing. */
+__global__ void embedding_bwd_kernel(float *dtable, const bf16 *dout, const int32_t *ids, int n,
+                                     int dim, float scale) {
+    size_t total = (size_t)n * (size_t)dim;
+    GRID_STRIDE(idx, total) {
+        size_t i = idx / (size_t)dim, d = idx % (size_t)dim;
+        int32_t id = ids[i];
+        if (id >= 0) atomicAdd(&dtable[(size_t)id * (size_t)dim + d], scale * __bfloat162float(dout[idx]));
+    }
+}
+
+void rs_cuda_embedding_bwd(cudaStream_t s, float *dtable, const bf16 *dout, const int32_t *ids,
+                           int n, int dim, float scale) {
+    if (n <= 0 || dim <= 0) return;
+    size_t total = (size_t)n * (size_t)dim;
+    embedding_bwd_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+        dtable, dout, ids, n, dim, scale);
+    CUDA_CHECK_LAUNCH(s, "embedding_bwd_kernel");
+}
+
+/* ---------------------------------------------------------------- column sums
+ * acc[j] += sum_i a[i, j] b[i, j] row_scale[i] (b, row_scale optional). Deterministic: pass 1
+ * gives chunk c of COL_CHUNK_ROWS rows to blockIdx.y = c, one thread per column summing its rows
+ * in order (coalesced across the warp) into partial[c, j]; pass 2 adds the chunks in order. */
+#define COL_CHUNK_ROWS 128
+
+static int column_chunks(int n) { return (n + COL_CHUNK_ROWS - 1) / COL_CHUNK_ROWS; }
+
+size_t rs_cuda_column_sum_scratch_bytes(int n, int dim) {
+    if (n <= 0 || dim <= 0) return 0;
+    return (size_t)column_chunks(n) * (size_t)dim * sizeof(float);
+}
+
+__global__ void column_partial_kernel(float *partial, const bf16 *a, const bf16 *b,
+                                      const float *row_scale, int n, int dim) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) return;
+    int i0 = blockIdx.y * COL_CHUNK_ROWS, i1 = min(n, i0 + COL_CHUNK_ROWS);
+    float sum = 0.0f;
+    for (int i = i0; i < i1; i++) {
+        size_t e = (size_t)i * (size_t)dim + j;
+        float v = __bfloat162float(a[e]);
+        if (b) v *= __bfloat162float(b[e]);
+        if (row_scale) v *= row_scale[i];
+        sum += v;
+    }
+    partial[(size_t)blockIdx.y * (size_t)dim + j] = sum;
+}
+
+__global__ void column_finish_kernel(float *acc, const float *partial, int chunks, int dim) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) return;
+    float sum = 0.0f;
+    for (int c = 0; c < chunks; c++) sum += partial[(size_t)c * (size_t)dim + j];
+    acc[j] += sum;
+}
+
+void rs_cuda_column_sums(cudaStream_t s, float *acc, const bf16 *a, const bf16 *b,
+                         const float *row_scale, int n, int dim, void *scratch) {
+    if (n <= 0 || dim <= 0) return;
+    int chunks = column_chunks(n);
+    RS_CHECK(chunks <= 65535, "column sums: %d rows are too many", n);
+    float *partial = (float *)scratch;
+    dim3 grid((unsigned)((dim + RS_CUDA_THREADS - 1) / RS_CUDA_THREADS), (unsigned)chunks);
+    column_partial_kernel<<<grid, RS_CUDA_THREADS, 0, s>>>(partial, a, b, row_scale, n, dim);
+    CUDA_CHECK_LAUNCH(s, "column_partial_kernel");
+    column_finish_kernel<<<grid.x, RS_CUDA_THREADS, 0, s>>>(acc, partial, chunks, dim);
+    CUDA_CHECK_LAUNCH(s, "column_finish_kernel");
+}
+
+/* ---------------------------------------------------------------- bf16 scaling */
+__global__ void scale_bf16_kernel(bf16 *x, size_t n, float beta) {
+    GRID_STRIDE(i, n) x[i] = __float2bfloat16(beta != 0.0f ? beta * __bfloat162float(x[i]) : 0.0f);
+}
+
+void rs_cuda_scale_bf16(cudaStream_t s, bf16 *x, size_t n, float beta) {
+    if (n == 0 || beta == 1.0f) return;
+    scale_bf16_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(x, n, beta);
+    CUDA_CHECK_LAUNCH(s, "scale_bf16_kernel");
+}
+
+/* ---------------------------------------------------------------- rmsnorm */
+/* One block per row of y_j = x_j r g_j, r = (mean(x^2) + eps)^-1/2 (saved by the forward):
+ *   dx_j = r g_j dy_j - x_j r^3 / dim * sum_l dy_l g_l x_l,   dx = beta dx + that. */
+__global__ void rmsnorm_bwd_dx_kernel(bf16 *dx, const bf16 *dout, const bf16 *x, const bf16 *w,
+                                      const float *rstd, int dim, int add_one, float beta) {
+    __shared__ float scratch[32];
+    const size_t row = (size_t)blockIdx.x * (size_t)dim;
+    const float r = rstd[blockIdx.x];
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        float g = (w ? __bfloat162float(w[j]) : 1.0f) + (add_one ? 1.0f : 0.0f);
+        dot += __bfloat162float(dout[row + j]) * g * __bfloat162float(x[row + j]);
+    }
+    dot = rs_block_sum(dot, scratch);
+    const float coef = dot * r * r * r / (float)dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        float g = (w ? __bfloat162float(w[j]) : 1.0f) + (add_one ? 1.0f : 0.0f);
+        float v = r * g * __bfloat162float(dout[row + j]) - coef * __bfloat162float(x[row + j]);
+        if (beta != 0.0f) v += beta * __bfloat162float(dx[row + j]);
+        dx[row + j] = __float2bfloat16(v);
+    }
+}
+
+size_t rs_cuda_rmsnorm_bwd_scratch_bytes(int n, int dim) {
+    return rs_cuda_column_sum_scratch_bytes(n, dim);
+}
+
+/* dw_j += sum_rows dy_j x_j r (d(1 + w) = dw: add_one changes nothing there). */
+void rs_cuda_rmsnorm_bwd(cudaStream_t s, bf16 *dx, float *dw, const bf16 *dout, const bf16 *x,
+                         const bf16 *w, const float *rstd, int n, int dim, int add_one, float beta,
+                         void *scratch) {
+    if (n <= 0 || dim <= 0) return;
+    if (dx) {
+        rmsnorm_bwd_dx_kernel<<<n, 256, 0, s>>>(dx, dout, x, w, rstd, dim, add_one, beta);
+        CUDA_CHECK_LAUNCH(s, "rmsnorm_bwd_dx_kernel");
+    }
+    if (dw) rs_cuda_column_sums(s, dw, dout, x, rstd, n, dim, scratch);
+}
+
+/* ---------------------------------------------------------------- rope */
+/* The inverse rotation (angle -pos * inv_freq, the same fp32 angle and sincosf as the forward):
+ * a rotation's adjoint. Padded tokens untouched. */
+__global__ void rope_bwd_kernel(bf16 *x, const int32_t *pos, const float *inv_freq, int n_tok,
+                                int n_heads, int head_dim) {
+    int half = head_dim / 2;
+    size_t total = (size_t)n_tok * (size_t)n_heads * (size_t)half;
+    GRID_STRIDE(idx, total) {
+        size_t i = idx % (size_t)half, row = idx / (size_t)half;
+        int32_t p = pos[row / (size_t)n_heads];
+        if (p < 0) continue;
+        float angle = (float)p * inv_freq[i];
+        float sn, cs;
+        sincosf(angle, &sn, &cs);
+        sn = -sn;
+        bf16 *xr = x + row * (size_t)head_dim;
+        float x1 = __bfloat162float(xr[i]), x2 = __bfloat162float(xr[i + half]);
+        xr[i] = __float2bfloat16(x1 * cs - x2 * sn);
+        xr[i + half] = __float2bfloat16(x2 * cs + x1 * sn);
+    }
+}
+
+void rs_cuda_rope_bwd(cudaStream_t s, bf16 *dx, const int32_t *pos, const float *inv_freq,
+                      int n_tok, int n_heads, int head_dim) {
+    RS_CHECK(head_dim % 2 == 0, "rope_bwd: head_dim %d must be even", head_dim);
+    if (n_tok <= 0 || n_heads <= 0 || head_dim <= 0) return;
+    size_t total = (size_t)n_tok * (size_t)n_heads * (size_t)(head_dim / 2);
+    rope_bwd_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+        dx, pos, inv_freq, n_tok, n_heads, head_dim);
+    CUDA_CHECK_LAUNCH(s, "rope_bwd_kernel");
+}
+
+/* ---------------------------------------------------------------- glu */
+/* d act(g) / dg for the activations of rs_cuda_activation (formulas as the CPU reference). */
+__device__ __forceinline__ float activation_grad(float g, rs_activation act) {
+    switch (act) {
+    case RS_ACT_GELU_TANH: { /* 0.5 (1 + tanh u) + 0.5 g (1 - tanh^2 u) du/dg */
+        const float c = 0.7978845608028654f;
+        float t = tanhf(c * (g + 0.044715f * g * g * g));
+        return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * g * g);
+    }
+    case RS_ACT_GELU: /* Phi(g) + g phi(g) */
+        return 0.5f * (1.0f + erff(g * 0.7071067811865476f)) +
+               g * 0.3989422804014327f * expf(-0.5f * g * g);
+    case RS_ACT_SILU:
+    default: { /* sigma (1 + g (1 - sigma)) */
+        float sigma = 1.0f / (1.0f + expf(-g));
+        return sigma * (1.0f + g * (1.0f - sigma));
+    }
+    }
+}
+
+__global__ void glu_bwd_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
+                               const bf16 *up, size_t n, rs_activation act) {
+    GRID_STRIDE(i, n) {
+        float d = __bfloat162float(dout[i]), g = __bfloat162float(gate[i]);
+        if (dgate) dgate[i] = __float2bfloat16(d * __bfloat162float(up[i]) * activation_grad(g, act));
+        if (dup) dup[i] = __float2bfloat16(d * rs_cuda_activation(g, act));
+    }
+}
+
+void rs_cuda_glu_bwd(cudaStream_t s, bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
+                     const bf16 *up, size_t n, rs_activation act) {
+    RS_CHECK(act == RS_ACT_SILU || act == RS_ACT_GELU_TANH || act == RS_ACT_GELU,
+             "glu_bwd: unknown activation %d", (int)act);
+    if (n == 0 || (!dgate && !dup)) return;
+    glu_bwd_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(dgate, dup, dout,
+                                                                                   gate, up, n, act);
+    CUDA_CHECK_LAUNCH(s, "glu_bwd_kernel");
+}
