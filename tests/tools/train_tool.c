@@ -20,6 +20,7 @@
  *   --dropout P         adapter dropout, masks seeded by --seed S (default 1)
  *   --recompute         recompute each layer in backward
  *   --repeat N          run forward + backward N more times and print "seconds_per_step X"
+ * RESAFE_BACKEND=cuda runs it on the GPU (default cpu).
  * Errors: "resafe: error: ..." on stderr, exit status 1. */
 #include "resafe/model_train.h"
 #include "resafe/safetensors.h"
@@ -258,7 +259,10 @@ int main(int argc, char **argv) {
     rs_st_set set;
     rs_train_batch bt = {0};
     float *d_seq = NULL;
-    if (parse_options(argc, argv, &op) != 0 || rs_model_load(argv[1], rs_backend_cpu(), &m) != 0 ||
+    /* RESAFE_BACKEND selects the backend (default cpu): the GPU tests run the same tool on cuda. */
+    const char *be_name = getenv("RESAFE_BACKEND");
+    const rs_backend *be = rs_backend_by_name(be_name ? be_name : "cpu");
+    if (!be || parse_options(argc, argv, &op) != 0 || rs_model_load(argv[1], be, &m) != 0 ||
         rs_st_open(argv[2], &set) != 0 || read_batch(&set, &bt, &d_seq) != 0)
         rs_die_last();
     rs_lora lora = {0};
