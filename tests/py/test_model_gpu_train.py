@@ -1,7 +1,7 @@
 """The CUDA backend trains the whole model: one training forward + backward (train_tool, as in
 test_model_grad.py) on tiny random transformers checkpoints gives the same LoRA gradients dA, dB
 (every mode: plain, factor masks, elementwise masks, adapter dropout) and the same full-parameter
-gradients on cuda as on our fp32 CPU backend, which test_model_grad.py checks against torch
+gradients on cuda as on our fp32 CPU backend (and dW of every targeted linear, --want-dw), which test_model_grad.py checks against torch
 autograd. Runs only with RESAFE_TEST_GPU=1 (make test-gpu).
 
 Tolerance: relative Frobenius error per tensor, ||cuda - cpu|| / ||cpu|| <= 5e-2. The CUDA backend
@@ -75,7 +75,7 @@ def test_cuda_lora_gradients_match_cpu(family, mode, tmp_path, rng_seed):
     rank, alpha = 4, 2.0
     mask_mode = mode if mode in ("factor", "elementwise") else None
     adapter = tg.random_adapter(model, rank, torch.Generator().manual_seed(rng_seed), mask_mode)
-    args = ["--lora", alpha, "--mode", mode if mask_mode else "none"]
+    args = ["--lora", alpha, "--mode", mode if mask_mode else "none", "--want-dw"]
     if mode == "dropout":
         args += ["--dropout", 0.1, "--seed", rng_seed % 1000 + 1]
     cpu = run_on("cpu", path, batch, tmp_path, *args, adapter=adapter)
