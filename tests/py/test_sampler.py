@@ -26,18 +26,26 @@ def ours(logits, temperature, top_k, top_p, tmp_path):
 
 
 def reference(logits, temperature, top_k, top_p):
+    """transformers' kept tokens and probabilities, and the scores top-p was given (after
+    temperature and top-k), which decide whether its cut is ambiguous."""
     scores = torch.tensor(np.asarray(logits, dtype=np.float32))[None]
     scores = lp.TemperatureLogitsWarper(temperature)(None, scores)
     if top_k > 0:
         scores = lp.TopKLogitsWarper(top_k)(None, scores)
+    before_top_p = scores[0].clone()
     if top_p < 1.0:
         scores = lp.TopPLogitsWarper(top_p)(None, scores)
     probs = scores.softmax(-1)[0].double().numpy()
-    return {i: float(p) for i, p in enumerate(probs) if p > 0}, scores[0]
+    return {i: float(p) for i, p in enumerate(probs) if p > 0}, before_top_p
 
 
 def near_top_p_boundary(scores, top_p):
-    """A cumulative probability within fp32 noise of 1 - top_p: either answer is right."""
+    """A cumulative probability within fp32 noise of 1 - top_p: either answer is right.
+    scores: what top-p filters (after temperature and top-k), not what it leaves; after the cut
+    the cumulative sums are renormalised and no longer show where the cut fell. The typical
+    case is a tie: n equal top-k survivors with n * (1 - top_p) a whole number, e.g. 14 tokens
+    of 1/14 and top_p 0.5, where the 7th cumulative sum is exactly 0.5 in exact arithmetic and
+    fp32 (transformers) and double (resafe) round it to opposite sides."""
     s, _ = torch.sort(scores[torch.isfinite(scores)])
     cum = s.softmax(-1).cumsum(-1).double().numpy()
     return np.any(np.abs(cum - (1 - top_p)) < 1e-5)
@@ -55,9 +63,9 @@ def test_sampler_filter_matches_transformers_warpers(trial, tmp_path, rng_seed):
     top_k = rnd.choice([0, 1, 5, 50, vocab + 3])
     top_p = rnd.choice([1.0, 0.5, 0.9, 0.95])
     want, scores = reference(logits, temperature, top_k, top_p)
-    if top_p < 1.0 and near_top_p_boundary(scores if top_k else scores, top_p):
+    if top_p < 1.0 and near_top_p_boundary(scores, top_p):
         top_p = 1.0
-        want, scores = reference(logits, temperature, top_k, top_p)
+        want, _ = reference(logits, temperature, top_k, top_p)
     got = ours(logits, temperature, top_k, top_p, tmp_path)
     # Among tokens of equal logit at the top-p cut, which ones survive is the sort's choice
     # (torch.sort is not stable): the sets may differ only by tokens of one shared value.
