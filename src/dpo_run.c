@@ -256,33 +256,21 @@ static int one_step(dpo_run *r) {
     return 0;
 }
 
+static int step_cb(void *r) { return one_step(r); }
+static int save_cb(void *r) { return save_checkpoint(r); }
+
+/* Steps until the end or a signal; returns 0, -1, or the signal number. */
 static int train(dpo_run *r) {
-    const dpo_options *o = &r->o;
-    while (r->step < o->sched.total_steps) {
-        int sig = rs_train_stop_signal();
-        if (sig) {
-            RS_TRY(save_checkpoint(r));
-            rs_warn("dpo: interrupted by signal %d after step %lld; checkpoint %s (continue with "
-                    "--resume)",
-                    sig, (long long)r->step, o->ckpt_path);
-            return sig;
-        }
-        RS_TRY(one_step(r));
-        if (o->checkpoint_every > 0 && r->step % o->checkpoint_every == 0)
-            RS_TRY(save_checkpoint(r));
-    }
-    return 0;
+    rs_train_loop loop = {"dpo", r->o.ckpt_path, r->o.sched.total_steps, r->o.checkpoint_every,
+                          &r->step, step_cb, save_cb, r};
+    return rs_train_loop_run(&loop);
 }
 
 static int start_or_resume(dpo_run *r, int resume, int force) {
     const dpo_options *o = &r->o;
-    RS_TRY(rs_mkdir_p(o->stage_dir));
-    int have = rs_path_exists(o->ckpt_path);
-    if (resume && !have) return RS_FAIL("%s: no checkpoint to resume from", o->ckpt_path);
-    if (!resume && have && !force)
-        return RS_FAIL("%s exists (an earlier run): --resume continues it, --force starts over",
-                       o->ckpt_path);
-    if (resume) {
+    int resuming = rs_train_stage_start(o->stage_dir, o->ckpt_path, resume, force);
+    if (resuming < 0) return -1;
+    if (resuming) {
         RS_TRY(rs_checkpoint_load(o->ckpt_path, &r->ckpt));
         r->data.has_ref = 1;
         r->step = r->ckpt.step;

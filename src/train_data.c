@@ -280,6 +280,33 @@ void rs_train_catch_signals(void) {
 
 int rs_train_stop_signal(void) { return (int)g_stop_signal; }
 
+int rs_train_loop_run(const rs_train_loop *l) {
+    while (*l->step < l->total_steps) {
+        int sig = rs_train_stop_signal();
+        if (sig) {
+            RS_TRY(l->save_fn(l->user));
+            rs_warn("%s: interrupted by signal %d after step %lld; checkpoint %s (continue with "
+                    "--resume)",
+                    l->stage, sig, (long long)*l->step, l->ckpt_path);
+            return sig;
+        }
+        RS_TRY(l->step_fn(l->user));
+        if (l->checkpoint_every > 0 && *l->step % l->checkpoint_every == 0)
+            RS_TRY(l->save_fn(l->user));
+    }
+    return 0;
+}
+
+int rs_train_stage_start(const char *stage_dir, const char *ckpt_path, int resume, int force) {
+    RS_TRY(rs_mkdir_p(stage_dir));
+    int have = rs_path_exists(ckpt_path);
+    if (resume && !have) return RS_FAIL("%s: no checkpoint to resume from", ckpt_path);
+    if (!resume && have && !force)
+        return RS_FAIL("%s exists (an earlier run): --resume continues it, --force starts over",
+                       ckpt_path);
+    return resume ? 1 : 0;
+}
+
 int rs_train_nan_injected(int step) {
     const char *s = getenv("RESAFE_TEST_NAN_STEP");
     return s && *s && atoi(s) == step;

@@ -166,6 +166,23 @@ int rs_file_hash(const char *path, uint64_t *out);
 void rs_train_catch_signals(void);
 int rs_train_stop_signal(void); /* the signal number caught, 0 when none */
 
+/* The step loop both training commands share: step_fn until *step reaches total_steps, a
+ * checkpoint (save_fn) every checkpoint_every steps, and on SIGINT/SIGTERM a final checkpoint
+ * and a warning naming ckpt_path. Returns 0, -1 (message recorded), or the signal number. */
+typedef struct {
+    const char *stage;     /* "sft", "dpo": the message prefix */
+    const char *ckpt_path;
+    int total_steps, checkpoint_every;
+    const int64_t *step;   /* advanced by step_fn */
+    int (*step_fn)(void *user);
+    int (*save_fn)(void *user);
+    void *user;
+} rs_train_loop;
+int rs_train_loop_run(const rs_train_loop *loop);
+/* Create stage_dir and check the checkpoint against the flags: --resume needs one, and one
+ * that exists needs --resume or --force. Returns 1 when resuming, 0 when starting, -1. */
+int rs_train_stage_start(const char *stage_dir, const char *ckpt_path, int resume, int force);
+
 /* Test hook: RESAFE_TEST_NAN_STEP=s makes the loss of optimizer step s (0-based) NaN, so the
  * tests can check that a non-finite loss stops the run cleanly. */
 int rs_train_nan_injected(int step);
