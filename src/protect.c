@@ -99,8 +99,8 @@ int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
     rs_model_grads g;
     int rc = s ? rs_model_grads_init(m, &g) : -1, used_total = 0, have_grads = rc == 0;
     for (int i = 0; rc == 0 && i < data->n; i++) {
-        int32_t *ids;
-        int n, np, used;
+        int32_t *ids = NULL;
+        int n = 0, np = 0, used = 0;
         if (!data->targets[i]) {
             rc = RS_FAIL("protect: example %d has no target", i + 1);
             break;
