@@ -100,18 +100,31 @@ static void fit_group(gptq_state *s, int g, const double *src, int ld, const int
     free(x), free(mk);
 }
 
-static void fit_group_at_start(gptq_state *s, int g) {
-    int n = s->cols - g * s->gs < s->gs ? s->cols - g * s->gs : s->gs;
+/* No act-order: group g starts at column i (inside the lazy batch [i1, i2)); its grid is
+ * fitted from the weights with every update so far, so the batch's pending update of the
+ * columns past i2 (-E[:, i1..i) U[i1..i), c]) is applied on the fly. */
+static void fit_group_at_start(gptq_state *s, int g, int i1, int i, int i2, const double *E,
+                               int ldE) {
+    int n = s->cols - g * s->gs < s->gs ? s->cols - g * s->gs : s->gs, cols = s->cols;
+    double *cur = rs_malloc((size_t)s->rows * n * sizeof *cur);
     int *pos = rs_malloc((size_t)n * sizeof *pos);
-    for (int k = 0; k < n; k++) pos[k] = g * s->gs + k; /* no act-order: position = column */
-    fit_group(s, g, s->W, s->cols, pos, n);
-    free(pos);
+    for (int k = 0; k < n; k++) pos[k] = k;
+    for (int r = 0; r < s->rows; r++)
+        for (int k = 0; k < n; k++) {
+            int c = i + k;
+            double v = s->W[(size_t)r * cols + c];
+            for (int p = i1; c >= i2 && p < i; p++) v -= E[(size_t)r * ldE + (p - i1)] * s->U[(size_t)p * cols + c];
+            cur[(size_t)r * n + k] = v;
+        }
+    fit_group(s, g, cur, n, pos, n);
+    free(cur), free(pos);
 }
 
 /* Quantize column i (quantization order) of every row; returns the errors e[r]. */
-static void quantize_column(gptq_state *s, int i, int i2, double *err, int ldE) {
+static void quantize_column(gptq_state *s, int i1, int i, int i2, double *E, int ldE) {
     int j = s->perm[i], g = j / s->gs, n = s->cols;
-    if (!s->act_order && j % s->gs == 0) fit_group_at_start(s, g);
+    double *err = E + (i - i1);
+    if (!s->act_order && j % s->gs == 0) fit_group_at_start(s, g, i1, i, i2, E, ldE);
     double d = s->U[(size_t)i * n + i];
     for (int r = 0; r < s->rows; r++) {
         const rs_qgrid *gr = &s->grid[(size_t)r * s->ng + g];
@@ -135,7 +148,7 @@ static void run_blocks(gptq_state *s, int block) {
     double *E = rs_malloc((size_t)s->rows * block * sizeof *E);
     for (int i1 = 0; i1 < n; i1 += block) {
         int i2 = i1 + block < n ? i1 + block : n;
-        for (int i = i1; i < i2; i++) quantize_column(s, i, i2, E + (i - i1), block);
+        for (int i = i1; i < i2; i++) quantize_column(s, i1, i, i2, E, block);
         for (int r = 0; r < s->rows; r++) /* lazy batch: W[:, i2:] -= E U[i1:i2, i2:] */
             for (int i = i1; i < i2; i++) {
                 double e = E[(size_t)r * block + (i - i1)];
@@ -173,12 +186,13 @@ static void prepare(gptq_state *s, const float *w, const rs_calib_stats *st, dou
     free(H), free(diag);
 }
 
-/* act-order: every group's grid from the original weights (static groups). */
-static void fit_static_groups(gptq_state *s, const float *w) {
+/* act-order: every group's grid from the original weights (static groups; dead inputs 0). */
+static void fit_static_groups(gptq_state *s, const float *w, const rs_calib_stats *st) {
     int n = s->cols;
     double *wd = rs_malloc((size_t)s->rows * n * sizeof *wd);
     int *pos = rs_malloc((size_t)s->gs * sizeof *pos);
-    for (size_t k = 0; k < (size_t)s->rows * n; k++) wd[k] = w[k];
+    for (size_t k = 0; k < (size_t)s->rows * n; k++)
+        wd[k] = st->H[(k % n) * n + k % n] == 0 ? 0.0 : w[k];
     for (int g = 0; g < s->ng; g++) {
         int len = n - g * s->gs < s->gs ? n - g * s->gs : s->gs;
         for (int k = 0; k < len; k++) pos[k] = g * s->gs + k;
@@ -206,7 +220,7 @@ int rs_gptq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
     int rc = hinv_upper(Hp, cols, s.U);
     free(Hp);
     if (rc == 0) {
-        if (s.act_order) fit_static_groups(&s, w);
+        if (s.act_order) fit_static_groups(&s, w, st);
         run_blocks(&s, o->gptq_block > 0 ? o->gptq_block : 128);
         float *sc = rs_malloc((size_t)rows * s.ng * sizeof *sc), *zr = rs_malloc((size_t)rows * s.ng * sizeof *zr);
         for (size_t k = 0; k < (size_t)rows * s.ng; k++) sc[k] = s.grid[k].scale, zr[k] = s.grid[k].zero;
