@@ -4,7 +4,8 @@ driven through build/tools/qmeth_tool, against independent torch/numpy computati
 The model: scripts/make_test_model.py's tiny Llama (hidden 64, 2 layers), with structure added
 so that activation-aware methods have something to find, as real LLMs have: a few "outlier"
 input channels (norm gains x8 on 3 channels of each RMSNorm, 2 rows of v_proj and of up_proj
-x5, so o_proj and down_proj inputs have outlier channels too). Calibration and held-out texts are
+x5, so o_proj and down_proj inputs have outlier channels too), and lm_head x3 so that its own text
+has structure (perplexity well below the vocabulary size). Calibration and held-out texts are
 the model's own samples (decoded), so the activations are real ones from its forward on text.
 Errors are recomputed in torch from the dequantized weights the tool writes and the inputs each
 linear sees in a torch forward where the earlier layers hold that method's dequantized weights
@@ -27,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 TOOL = os.path.join(BUILD, "tools", "qmeth_tool")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_SEQ = 48
+N_CALIB, N_HELD = 32, 16  # ~1500 calibration tokens: H well determined for inputs of 64-170
 GROUP = 32
 
 
@@ -47,6 +49,7 @@ def linears(model):
 
 def add_outliers(model, rnd):
     with torch.no_grad():
+        model.lm_head.weight *= 3.0  # peaked next-token distributions: text with structure
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[rnd.sample(range(norm.weight.shape[0]), 3)] *= 8.0
@@ -70,13 +73,20 @@ def qmodel(tmp_path_factory):
     model.save_pretrained(path, safe_serialization=True)
     torch.manual_seed(seed % (2**31))
     with torch.no_grad():
-        out = model.generate(torch.full((16, 1), tok.bos_token_id), do_sample=True,
-                             max_new_tokens=40, pad_token_id=tok.eos_token_id, top_k=0)
-    texts = [tok.decode(o[1:], skip_special_tokens=True).replace("\n", " ").strip() for o in out]
-    texts = [t for t in texts if t] or ["hello world"]
-    calib, held = texts[:8], texts[8:]
+        out = model.generate(torch.full((N_CALIB + N_HELD, 1), tok.bos_token_id), do_sample=True,
+                             max_new_tokens=MAX_SEQ, pad_token_id=tok.eos_token_id, top_k=0)
+    # one text per line of a .txt file: control characters (line breaks of any kind) -> space
+    texts = ["".join(c if c.isprintable() else " " for c in
+                     tok.decode(o[1:], skip_special_tokens=True)).strip() for o in out]
+    texts = [t for t in texts if t]
+    calib = texts[:N_CALIB]
+    # held-out: the sampled ids themselves (decoding and re-encoding would change the tokens, and
+    # the model's distribution is over its own token sequences), cut after the first eos
+    held = []
+    for o in out[N_CALIB:].tolist():
+        held.append(o[:o.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in o[1:] else o)
     calib_file = d / "calib.txt"
-    calib_file.write_text("\n".join(calib) + "\n")
+    calib_file.write_text("\n".join(calib) + "\n", encoding="utf-8")
     return dict(path=path, tok=tok, model=model, calib=calib, held=held,
                 calib_file=str(calib_file), dir=d, rnd=rnd)
 
@@ -145,12 +155,12 @@ def output_errors(q, weights):
     return np.array(errs)
 
 
-def perplexity(q, weights, texts):
+def perplexity(q, weights, seqs):
     m = with_weights(q["model"], weights, q["model"].config.num_hidden_layers)
     nll, n = 0.0, 0
     with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor([ids_of(q["tok"], text)])
+        for seq in seqs:
+            ids = torch.tensor([seq])
             if ids.shape[1] < 2:
                 continue
             logp = torch.log_softmax(m(ids).logits[0, :-1].double(), -1)
