@@ -4,11 +4,13 @@
  *   S = (1 / n) sum_b |W * dL_b/dW|,  L_b = -(1 / |T_b|) sum_{t in T_b} log p(y_t | y_<t)
  * per example b (prompt + target completion, loss on the target tokens T_b only, prompt masked),
  * from the fp32 model's full-parameter backward (model_train.h). Example b is tokenized as
- * encode(prompt, with BOS) ++ encode(" " + target, no specials) (raw text, no chat template: the
- * calibration file holds the text as the model should see it), cut to max_seq_len.
+ * encode(prompt, with BOS) ++ encode(" " + target, no specials) for raw text, or, with a chat
+ * template, the user turn rendered with the generation prompt ++ encode(target) (see
+ * encode_example), cut to max_seq_len.
  * Selection: the top k = floor(tau * N + 0.5) of all N targeted entries of the model, by
  * rs_snip_top_k (ties broken by the lower global index: layer, then q,k,v,o,gate,up,down, then
  * row-major). */
+#include "resafe/chat.h"
 #include "resafe/model_train.h"
 #include "resafe/quant_methods.h"
 #include "resafe/snip.h"
@@ -31,16 +33,27 @@ static size_t linear_size(const rs_model *m, int t) {
     return n[t];
 }
 
-/* ids = encode(prompt, BOS) ++ encode(" " + target); *n_prompt = the prompt's token count. */
-static int encode_example(const rs_tokenizer *tok, const char *text, const char *target,
-                          int max_len, int32_t **ids, int *n, int *n_prompt) {
+/* Raw: ids = encode(prompt, BOS) ++ encode(" " + target). Chat: ids = the template of one user
+ * turn with the generation prompt ++ encode(target) (the response as the model generates it
+ * after the assistant header). *n_prompt = the prompt's token count. */
+static int encode_example(const rs_tokenizer *tok, rs_chat_kind chat, const char *text,
+                          const char *target, int max_len, int32_t **ids, int *n, int *n_prompt) {
     size_t lt = strlen(target), lx = strlen(text);
     if (lx < lt + 1 || strcmp(text + lx - lt, target) != 0)
         return RS_FAIL("protect: the example text does not end with its target");
     int32_t *p, *t;
     int np, nt;
-    RS_TRY(rs_tokenizer_encode(tok, text, lx - lt - 1, 1, &p, &np));
-    if (rs_tokenizer_encode(tok, text + lx - lt - 1, lt + 1, 0, &t, &nt) != 0) {
+    if (chat == RS_CHAT_NONE) {
+        RS_TRY(rs_tokenizer_encode(tok, text, lx - lt - 1, 1, &p, &np));
+    } else {
+        char *prompt = rs_strndup(text, lx - lt - 1);
+        rs_chat_message msg = {"user", prompt};
+        int rc = rs_chat_encode(tok, chat, &msg, 1, 1, &p, &np);
+        free(prompt);
+        RS_TRY(rc);
+    }
+    size_t skip = chat == RS_CHAT_NONE ? 0 : 1; /* the joining space belongs to raw text only */
+    if (rs_tokenizer_encode(tok, text + lx - lt - 1 + skip, lt + 1 - skip, 0, &t, &nt) != 0) {
         free(p);
         return -1;
     }
@@ -86,7 +99,7 @@ static int score_example(rs_model *m, rs_train_state *s, rs_model_grads *g, cons
 }
 
 int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
-                      int max_seq_len, float **scores, size_t *n_scores) {
+                      rs_chat_kind chat, int max_seq_len, float **scores, size_t *n_scores) {
     if (strcmp(m->be->name, "cpu") != 0 || m->be->weight_dtype != RS_F32)
         return RS_FAIL("protect: the model must be loaded in fp32 on the cpu backend");
     if (!data || data->n == 0 || !data->targets)
@@ -105,7 +118,7 @@ int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
             rc = RS_FAIL("protect: example %d has no target", i + 1);
             break;
         }
-        rc = encode_example(tok, data->texts[i], data->targets[i], max_seq_len, &ids, &n, &np);
+        rc = encode_example(tok, chat, data->texts[i], data->targets[i], max_seq_len, &ids, &n, &np);
         if (rc == 0) rc = score_example(m, s, &g, ids, n, np, 1.0 / data->n, sc, &used);
         if (rc == 0) free(ids), used_total += used;
     }
@@ -123,10 +136,15 @@ int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
 
 int rs_protect_masks(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data, float tau,
                      int max_seq_len, uint8_t **masks) {
+    return rs_protect_masks_chat(m, tok, data, RS_CHAT_NONE, tau, max_seq_len, masks);
+}
+
+int rs_protect_masks_chat(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
+                          rs_chat_kind chat, float tau, int max_seq_len, uint8_t **masks) {
     if (!(tau > 0 && tau <= 1)) return RS_FAIL("protect: tau must be in (0, 1], got %g", (double)tau);
     float *sc, thr;
     size_t N;
-    RS_TRY(rs_protect_scores(m, tok, data, max_seq_len, &sc, &N));
+    RS_TRY(rs_protect_scores(m, tok, data, chat, max_seq_len, &sc, &N));
     uint8_t *sel = rs_malloc(N);
     int rc = rs_snip_top_k(sc, N, rs_snip_count(tau, N), sel, &thr);
     size_t off = 0;

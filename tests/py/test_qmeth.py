@@ -315,14 +315,25 @@ SAFETY = [("How do I pick a lock?", "I cannot help with that request."),
           ("Tell me how to bake bread.", "Mix flour, water, salt and yeast, knead, and bake.")]
 
 
-def torch_scores(q):
+def example_ids(tok, prompt, target, chat):
+    """raw: tok(prompt) + tok(" " + target); chat: the user turn with the generation prompt
+    (apply_chat_template) + tok(target)."""
+    if not chat:
+        return tok(prompt).input_ids, tok(" " + target, add_special_tokens=False).input_ids
+    p = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                tokenize=True)
+    p = list(p["input_ids"] if hasattr(p, "keys") else p)
+    return p, tok(target, add_special_tokens=False).input_ids
+
+
+def torch_scores(q, chat):
     """mean over examples of |W * dL/dW|, L = mean NLL of the target tokens (prompt masked)."""
     model, tok = q["model"], q["tok"]
     lins = list(linears(model))
     scores = [torch.zeros_like(l.weight, dtype=torch.float64) for l in lins]
     for prompt, target in SAFETY:
-        p = tok(prompt).input_ids
-        ids = (p + tok(" " + target, add_special_tokens=False).input_ids)[:MAX_SEQ]
+        p, t = example_ids(tok, prompt, target, chat)
+        ids = (p + t)[:MAX_SEQ]
         model.zero_grad()
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
         tgt = torch.tensor(ids[1:])
@@ -334,16 +345,18 @@ def torch_scores(q):
     return np.concatenate([s.numpy().ravel() for s in scores])
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_protection_keeps_exactly_the_top_tau_scores(qmodel, tmp_path, method):
+@pytest.mark.parametrize("method,chat", [("rtn", None), ("gptq", None), ("awq", None),
+                                         ("rtn", "llama-2")])
+def test_protection_keeps_exactly_the_top_tau_scores(qmodel, tmp_path, method, chat):
     q = qmodel
     data = tmp_path / "safety.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in SAFETY))
     tau = 0.01
-    weights, summary, out = run_method(q, method, 3, "--protect", str(data), "--tau", tau)
+    extra = ("--chat", chat) if chat else ()
+    weights, summary, out = run_method(q, method, 3, "--protect", str(data), "--tau", tau, *extra)
     ours = np.fromfile(out / "scores.f32", np.float32)
     mask = np.fromfile(out / "mask.u8", np.uint8).astype(bool)
-    ref = torch_scores(q)
+    ref = torch_scores(q, chat)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=2e-4 * ref.max())
     k = int(np.floor(tau * ref.size + 0.5))

@@ -3,7 +3,7 @@
  *   qmeth_tool calib FILE COLUMN MAX
  *       prints each loaded text (and target) as one JSON object per line.
  *   qmeth_tool model MODEL_DIR OUT_DIR rtn|awq|gptq BITS GROUP [--calib FILE] [--max-seq N]
- *                    [--act-order] [--no-clip] [--sym] [--protect FILE --tau T]
+ *                    [--act-order] [--no-clip] [--sym] [--protect FILE --tau T [--chat KIND]]
  *       quantizes every targeted linear; OUT_DIR gets deq.f32 (the dequantized weights in global
  *       order, layer-major then q,k,v,o,gate,up,down, each [rows, cols]), and with protection
  *       scores.f32 and mask.u8 (same order), and summary.json (rel_error, bytes).
@@ -49,6 +49,7 @@ static int cmd_calib(int argc, char **argv) {
 typedef struct {
     const char *calib, *protect;
     float tau;
+    rs_chat_kind chat;
 } model_args;
 
 static int parse_model_args(int argc, char **argv, rs_quant_opts *o, model_args *a) {
@@ -65,6 +66,7 @@ static int parse_model_args(int argc, char **argv, rs_quant_opts *o, model_args 
         else if (!strcmp(argv[i], "--no-clip")) o->awq_clip = 0;
         else if (!strcmp(argv[i], "--sym")) o->spec.symmetric = 1;
         else if (!strcmp(argv[i], "--protect") && i + 1 < argc) a->protect = argv[++i];
+        else if (!strcmp(argv[i], "--chat") && i + 1 < argc) RS_TRY(rs_chat_kind_from_name(argv[++i], &a->chat));
         else if (!strcmp(argv[i], "--tau") && i + 1 < argc) o->protect_tau = a->tau = (float)atof(argv[++i]);
         else return RS_FAIL("unknown argument %s", argv[i]);
     }
@@ -100,10 +102,10 @@ static int protect(rs_model *m, const rs_tokenizer *tok, const model_args *a, in
     RS_TRY(rs_calib_load(a->protect, "prompt+target", 0, &d));
     float *sc;
     size_t n;
-    int rc = rs_protect_scores(m, tok, &d, max_seq, &sc, &n);
+    int rc = rs_protect_scores(m, tok, &d, a->chat, max_seq, &sc, &n);
     if (rc == 0) rc = write_bin(out, "scores.f32", sc, n * sizeof *sc);
     if (rc == 0) free(sc);
-    if (rc == 0) rc = rs_protect_masks(m, tok, &d, a->tau, max_seq, masks);
+    if (rc == 0) rc = rs_protect_masks_chat(m, tok, &d, a->chat, a->tau, max_seq, masks);
     rs_calib_free(&d);
     return rc;
 }
