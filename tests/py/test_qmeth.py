@@ -227,6 +227,14 @@ def test_gptq_act_order_also_beats_rtn(qmodel):
     assert np.all(act < rtn)
 
 
+def test_same_inputs_give_identical_outputs(qmodel):
+    q = qmodel
+    for method, extra in (("awq", ()), ("gptq", ("--act-order",))):
+        a = run_method(q, method, 4, *extra)[2]
+        b = _run_method(q, method, 4, *extra, "--max-seq", MAX_SEQ)[2]  # a second run
+        assert (a / "deq.f32").read_bytes() == (b / "deq.f32").read_bytes()
+
+
 # ---------------------------------------------------------------- GPTQ vs a numpy reference
 
 def ref_grid(x, bits, sym):
