@@ -218,6 +218,7 @@ static void attention_block(rs_model *m, rs_kv_cache *cache, int l, int B, int T
     int n = B * T, D = c->hidden_size, hd = c->head_dim;
     int Q = c->n_heads * hd, KV = c->n_kv_heads * hd;
     be->rmsnorm_fwd(a->xn, NULL, a->x, w->attn_norm, n, D, c->rms_norm_eps, c->norm_add_one);
+    if (m->capture) m->capture(m->capture_user, l, 0, a->xn, n, D);
     rs_linear_fwd(be, a->q, a->xn, w->wq, w->qwq, w->bq, n, D, Q, 0.0f);
     rs_linear_fwd(be, a->k, a->xn, w->wk, w->qwk, w->bk, n, D, KV, 0.0f);
     rs_linear_fwd(be, a->v, a->xn, w->wv, w->qwv, w->bv, n, D, KV, 0.0f);
@@ -227,7 +228,8 @@ static void attention_block(rs_model *m, rs_kv_cache *cache, int l, int B, int T
     write_cache(m, cache->v[l], a->v, n, n_real);
     be->attention_fwd(a->att, a->q, cache->k[l], cache->v[l], a->pos, B, T, cache->max_seq_len,
                       c->n_heads, c->n_kv_heads, hd, c->attn_scale);
-    rs_linear_fwd(be, a->x, a->att, w->wo, w->qwo, w->bo, n, Q, D, 1.0f); /* beta = 1: the residual add */
+    if (m->capture) m->capture(m->capture_user, l, 3, a->att, n, Q);
+    rs_linear_fwd(be, a->x, a->att, w->wo, w->qwo, w->bo, n, Q, D, 1.0f); /* beta = 1: residual */
 }
 
 /* x += W_down (act(W_gate norm(x)) * W_up norm(x)) */
@@ -238,9 +240,11 @@ static void mlp_block(rs_model *m, int l, int n) {
     rs_activations *a = &m->act;
     int D = c->hidden_size, F = c->intermediate_size;
     be->rmsnorm_fwd(a->xn, NULL, a->x, w->mlp_norm, n, D, c->rms_norm_eps, c->norm_add_one);
+    if (m->capture) m->capture(m->capture_user, l, 4, a->xn, n, D);
     rs_linear_fwd(be, a->gate, a->xn, w->w_gate, w->qw_gate, w->b_gate, n, D, F, 0.0f);
     rs_linear_fwd(be, a->up, a->xn, w->w_up, w->qw_up, w->b_up, n, D, F, 0.0f);
     be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
+    if (m->capture) m->capture(m->capture_user, l, 6, a->mlp, n, F);
     rs_linear_fwd(be, a->x, a->mlp, w->w_down, w->qw_down, w->b_down, n, F, D, 1.0f);
 }
 

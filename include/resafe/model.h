@@ -92,6 +92,12 @@ typedef struct {
     int n_qweights;
     struct rs_qweight *qweights;
     char *quant_desc;      /* "int4-g128-asym rtn" style, NULL when dense */
+    /* Optional calibration hook (quantization, quant_methods.h): rs_model_forward calls it with
+     * the input x [n, in] (act dtype, backend memory; padded rows included) of each linear site
+     * of each layer, site = the index of the first targeted linear reading it: 0 (q, k, v),
+     * 3 (o), 4 (gate, up), 6 (down). NULL = off. */
+    void (*capture)(void *user, int layer, int site, const void *x, int n, int in);
+    void *capture_user;
 } rs_model;
 
 /* KV cache: per layer, k and v of [batch, max_seq_len, n_kv_heads, head_dim] in act dtype

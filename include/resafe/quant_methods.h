@@ -55,6 +55,9 @@ typedef struct {
 /* SNIP scores |W * dL/dW| of the fp32 model for every targeted weight on a safety calibration set
  * (prompt + target completion, loss on the target tokens only, through the training core's
  * backward), and the global top-tau mask. masks: [n_layers*7] host arrays [rows, cols]. */
+/* The scores behind the masks: host [N] in global order (layer, q..down, row-major), malloc'ed. */
+int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
+                      int max_seq_len, float **scores, size_t *n_scores);
 int rs_protect_masks(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data, float tau,
                      int max_seq_len, uint8_t **masks);
 
