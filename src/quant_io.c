@@ -104,9 +104,14 @@ static int read_part(const rs_st_set *set, const char *file, const char *name, c
     if (t->dtype != dtype)
         return RS_FAIL("%s: tensor '%s' has dtype %s, expected %s", file, full,
                        rs_dtype_name(t->dtype), rs_dtype_name(dtype));
-    if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1))
-        return RS_FAIL("%s: tensor '%s' has the wrong shape (expected [%lld%s%lld])", file, full,
-                       (long long)d0, ndim == 2 ? ", " : "", ndim == 2 ? (long long)d1 : 0LL);
+    if (t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1)) {
+        char want[64];
+        if (ndim == 2)
+            snprintf(want, sizeof want, "[%lld, %lld]", (long long)d0, (long long)d1);
+        else
+            snprintf(want, sizeof want, "[%lld]", (long long)d0);
+        return RS_FAIL("%s: tensor '%s' has the wrong shape (expected %s)", file, full, want);
+    }
     size_t bytes = t->nbytes;
     *out = rs_malloc(bytes ? bytes : 1);
     memcpy(*out, t->data, bytes);
@@ -169,5 +174,49 @@ int rs_qweight_read(const rs_st_set *set, const char *file, const char *name, co
         rc = rs_qweight_check(q, label);
     }
     if (rc) rs_qweight_free(q);
+    return rc;
+}
+
+/* ---- a standalone file (inspect --as quant, the fuzz target) */
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && !strcmp(s + n - m, suffix);
+}
+
+int rs_qset_check(const rs_st_set *set, const char *file, int *n_linears) {
+    const char *qjson = rs_qconfig_of(set);
+    *n_linears = 0;
+    if (!qjson) return RS_FAIL("%s: no %s in __metadata__ (not a quantized file)", file, RS_QCONFIG_KEY);
+    rs_qspec spec;
+    if (rs_qconfig_parse(file, qjson, &spec, NULL, 0) != 0) return -1;
+    for (int i = 0; i < set->n_tensors; i++) {
+        const rs_st_tensor *t = &set->tensors[i];
+        if (ends_with(t->name, ".scales")) { /* every quantized linear has both */
+            char q[256];
+            snprintf(q, sizeof q, "%.*s.qweight", (int)(strlen(t->name) - strlen(".scales")), t->name);
+            if (!rs_st_find(set, q)) return RS_FAIL("%s: tensor '%s' is missing", file, q);
+        }
+        if (!ends_with(t->name, ".qweight")) continue;
+        if (t->ndim != 2 || t->shape[0] < 1 || t->shape[0] > INT32_MAX || t->shape[1] < 1 ||
+            t->shape[1] % (4 * spec.bits) != 0 || t->shape[1] / spec.bits * 8 > INT32_MAX)
+            return RS_FAIL("%s: tensor '%s' has a shape that no %d-bit packing gives", file,
+                           t->name, spec.bits);
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)(strlen(t->name) - strlen(".qweight")), t->name);
+        int rows = (int)t->shape[0], cols = (int)(t->shape[1] / spec.bits * 8), used;
+        rs_qweight q;
+        if (rs_qweight_read(set, file, name, &spec, rows, cols, &q, &used) != 0) return -1;
+        rs_qweight_free(&q);
+        (*n_linears)++;
+    }
+    return 0;
+}
+
+int rs_qfile_check(const char *path, int *n_linears) {
+    rs_st_set set;
+    if (rs_st_open(path, &set) != 0) return -1;
+    int rc = rs_qset_check(&set, path, n_linears);
+    rs_st_close(&set);
     return rc;
 }

@@ -35,6 +35,12 @@ const char *rs_qconfig_of(const rs_st_set *set);
 int rs_qweight_read(const rs_st_set *set, const char *file, const char *name, const rs_qspec *spec,
                     int rows, int cols, rs_qweight *out, int *n_used);
 
+/* Validate every quantized linear of a standalone file (a tensor <name>.qweight marks one; its
+ * width is taken as the full padded width, cols = row_bytes * 8 / bits, since no config.json is
+ * at hand: the model loader checks exact shapes). n_linears: how many were checked. */
+int rs_qset_check(const rs_st_set *set, const char *file, int *n_linears);
+int rs_qfile_check(const char *path, int *n_linears);
+
 /* Write out_dir/model.safetensors: the source's tensors, with the weight of every linear j
  * (layer-major, rs_layer_qslot order) for which qw[j] != NULL replaced by its quantized
  * tensors. Also copies config.json and the tokenizer files from src_dir. */
