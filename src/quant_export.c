@@ -1,6 +1,7 @@
 /* quant_export: writing a quantized model directory (quant_io.h) and the dequantized HF export. */
 #include "resafe/quant_io.h"
 
+#include <cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,6 +166,31 @@ static void *convert(const float *src, size_t n, rs_dtype dtype) {
     return d;
 }
 
+/* config.json of the export says the dtype its weights are in (transformers loads in it). */
+static int set_config_dtype(const char *out_dir, rs_dtype dtype) {
+    char *path = rs_path_join(out_dir, "config.json"), *text = NULL;
+    size_t size;
+    int rc = rs_read_file(path, &text, &size);
+    cJSON *o = rc == 0 ? cJSON_ParseWithLength(text, size) : NULL;
+    if (rc == 0 && !cJSON_IsObject(o)) rc = RS_FAIL("%s: not a JSON object", path);
+    if (rc == 0) {
+        const char *name = dtype == RS_F32 ? "float32" : dtype == RS_F16 ? "float16" : "bfloat16";
+        const char *keys[2] = {"torch_dtype", "dtype"};
+        for (int i = 0; i < 2; i++)
+            if (cJSON_GetObjectItemCaseSensitive(o, keys[i]) || i == 0) {
+                cJSON_DeleteItemFromObjectCaseSensitive(o, keys[i]);
+                cJSON_AddStringToObject(o, keys[i], name);
+            }
+        char *out = cJSON_PrintUnformatted(o);
+        rc = rs_write_file_atomic(path, out, strlen(out));
+        cJSON_free(out);
+    }
+    free(text);
+    cJSON_Delete(o);
+    free(path);
+    return rc;
+}
+
 int rs_qmodel_write_dequant(const char *src_dir, const char *out_dir, const rs_model_config *cfg,
                             const rs_qweight *const *qw, rs_dtype dtype) {
     if (dtype != RS_F32 && dtype != RS_F16 && dtype != RS_BF16)
@@ -200,5 +226,6 @@ int rs_qmodel_write_dequant(const char *src_dir, const char *out_dir, const rs_m
     free_list(&l);
     rs_st_close(&set);
     if (rc == 0) rc = rs_copy_model_side_files(src_dir, out_dir);
+    if (rc == 0) rc = set_config_dtype(out_dir, dtype);
     return rc;
 }
