@@ -191,3 +191,27 @@ def test_corpus_seeds_are_valid():
     assert files
     for f in files:
         run_resafe("inspect", "--as", "quant", os.path.join(seeds, f))
+
+
+def test_lora_step_on_quantized_model_matches_autograd_on_dequantized(tmp_path, rng_seed, monkeypatch):
+    """LoRA on packed weights (qmatmul forward, qmatmul_t input gradient, frozen base): seq
+    log-probs, dA, dB and dW (for SNIP, from x and dout only) equal float64 autograd on the
+    dequantized weights within the training tests' 1e-4 relative tolerance."""
+    import test_model_grad as g
+    _, path = g.make_model(tmp_path, "llama_gqa", rng_seed)
+    q, e = str(tmp_path / "q"), str(tmp_path / "e")
+    quantize(path, q, "--method", "rtn", "--bits", "4", "--group", "32")
+    quantize(path, e, "--method", "rtn", "--bits", "4", "--group", "32", "--export", "dequant",
+             "--export-dtype", "f32")
+    ref = load_f32(e)
+    batch = g.random_batch(random.Random(rng_seed + 3), ref.config.vocab_size)
+    adapter = g.random_adapter(ref, 4, torch.Generator().manual_seed(rng_seed))
+    ours = g.run_tool(q, batch, tmp_path, "--lora", 2.0, "--mode", "factor", "--want-dw",
+                      adapter=adapter)
+    refs, logps = g.lora_reference(g.truly_float64(ref, monkeypatch), batch, adapter, 2.0 / 4)
+    assert np.abs(ours["seq_logp"] - logps).max() <= g.LOGP_TOL
+    worst = g.check_close(ours, refs, g.GRAD_TOL, "quantized lora")
+    print(f"quantized LoRA: max relative gradient error {worst:.3g}")
+    p = g.run_tool(q, batch, tmp_path, "--lora", 2.0, "--mode", "elementwise", adapter=adapter,
+                   check=False)
+    assert p.returncode == 1 and "elementwise" in p.stderr
