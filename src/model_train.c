@@ -139,7 +139,12 @@ static const void *adapter_input(const pass *p, int l, rs_lora_target t, const v
 
 /* W + scale * (M ⊙ B A) into the state's scratch weight. */
 static const void *merged_weight(const pass *p, const rs_lora_linear *a, const linear_ref *r) {
-    p->be->lora_merge(p->s->w_eff, r->w, a->A, a->B, a->mask_W, r->out, r->in, p->lora->rank,
+    const void *w = r->w;
+    if (r->q) { /* quantized: dequantize into the scratch, merge in place */
+        p->be->qdequantize(p->s->w_eff, r->q);
+        w = p->s->w_eff;
+    }
+    p->be->lora_merge(p->s->w_eff, w, a->A, a->B, a->mask_W, r->out, r->in, p->lora->rank,
                       p->lora->scale);
     return p->s->w_eff;
 }
@@ -486,9 +491,9 @@ static int check_adapter_plan(const rs_model *m, const rs_lora *lora) {
         return RS_FAIL("the %s backend has no dropout op: set LoRA dropout 0", be->name);
     if (!be->lora_fwd || !be->lora_bwd || !be->lora_merge || !be->lora_masked_grad)
         return RS_FAIL("the %s backend has no LoRA ops yet", be->name);
-    if (m->n_qweights && lora->mask_mode == RS_MASK_ELEMENTWISE)
-        return RS_FAIL("elementwise LoRA masks on a quantized model are not supported yet (they "
-                       "merge the adapter into a dense weight): use factor masks");
+    if (m->n_qweights && lora->mask_mode == RS_MASK_ELEMENTWISE && !be->qdequantize)
+        return RS_FAIL("the %s backend cannot merge an elementwise adapter into quantized "
+                       "weights (no qdequantize op): use factor masks", be->name);
     return 0;
 }
 

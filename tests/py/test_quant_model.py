@@ -212,6 +212,12 @@ def test_lora_step_on_quantized_model_matches_autograd_on_dequantized(tmp_path, 
     assert np.abs(ours["seq_logp"] - logps).max() <= g.LOGP_TOL
     worst = g.check_close(ours, refs, g.GRAD_TOL, "quantized lora")
     print(f"quantized LoRA: max relative gradient error {worst:.3g}")
-    p = g.run_tool(q, batch, tmp_path, "--lora", 2.0, "--mode", "elementwise", adapter=adapter,
-                   check=False)
-    assert p.returncode == 1 and "elementwise" in p.stderr
+    # elementwise masks merge into dequant(Q) (the qdequantize op)
+    fresh = load_f32(e)
+    adapter = g.random_adapter(fresh, 4, torch.Generator().manual_seed(rng_seed + 1), "elementwise")
+    ours = g.run_tool(q, batch, tmp_path, "--lora", 2.0, "--mode", "elementwise", "--want-dw",
+                      adapter=adapter)
+    refs, logps = g.lora_reference(g.truly_float64(fresh, monkeypatch), batch, adapter, 2.0 / 4,
+                                   "elementwise")
+    assert np.abs(ours["seq_logp"] - logps).max() <= g.LOGP_TOL
+    g.check_close(ours, refs, g.GRAD_TOL, "quantized elementwise lora")
