@@ -78,7 +78,9 @@ static int set_method(options *o, int bits_given, int group_given) {
     rs_qspec *s = &o->q.spec;
     if (!strcmp(m, "rtn") || !strcmp(m, "awq") || !strcmp(m, "gptq")) {
         s->format = RS_QFMT_INT;
-        o->q.method = !strcmp(m, "rtn") ? RS_QMETHOD_RTN : !strcmp(m, "awq") ? RS_QMETHOD_AWQ : RS_QMETHOD_GPTQ;
+        o->q.method = !strcmp(m, "rtn")   ? RS_QMETHOD_RTN
+                      : !strcmp(m, "awq") ? RS_QMETHOD_AWQ
+                                          : RS_QMETHOD_GPTQ;
         return 0;
     }
     o->q.method = RS_QMETHOD_RTN;
@@ -98,18 +100,28 @@ static int set_method(options *o, int bits_given, int group_given) {
     return usage_error("--method: '%s' is not rtn, awq, gptq, nf4, fp4 or int8", m);
 }
 
-static int parse_value(options *o, const char *flag, const char *v, int *bits_given, int *group_given) {
+static int parse_value(options *o, const char *flag, const char *v, int *bits_given,
+                       int *group_given) {
     long n;
     float f;
-    if (!strcmp(flag, "--model")) o->model = v;
-    else if (!strcmp(flag, "--out")) o->out = v;
-    else if (!strcmp(flag, "--method")) o->method_name = v;
-    else if (!strcmp(flag, "--calib")) o->calib = v;
-    else if (!strcmp(flag, "--calib-column")) o->calib_column = v;
-    else if (!strcmp(flag, "--protect-data")) o->protect_data = v;
-    else if (!strcmp(flag, "--protect-column")) o->protect_column = v;
-    else if (!strcmp(flag, "--export")) o->export_kind = v;
-    else if (!strcmp(flag, "--export-dtype")) o->export_dtype = v;
+    if (!strcmp(flag, "--model"))
+        o->model = v;
+    else if (!strcmp(flag, "--out"))
+        o->out = v;
+    else if (!strcmp(flag, "--method"))
+        o->method_name = v;
+    else if (!strcmp(flag, "--calib"))
+        o->calib = v;
+    else if (!strcmp(flag, "--calib-column"))
+        o->calib_column = v;
+    else if (!strcmp(flag, "--protect-data"))
+        o->protect_data = v;
+    else if (!strcmp(flag, "--protect-column"))
+        o->protect_column = v;
+    else if (!strcmp(flag, "--export"))
+        o->export_kind = v;
+    else if (!strcmp(flag, "--export-dtype"))
+        o->export_dtype = v;
     else if (!strcmp(flag, "--bits")) {
         if (parse_long(v, 1, 16, &n)) return usage_error("--bits: '%s' is not 2, 3, 4 or 8", v);
         o->q.spec.bits = (int)n, *bits_given = 1;
@@ -126,10 +138,12 @@ static int parse_value(options *o, const char *flag, const char *v, int *bits_gi
         if (parse_long(v, 2, 1 << 20, &n)) return usage_error("--max-seq-len: '%s' is not >= 2", v);
         o->q.max_seq_len = (int)n;
     } else if (!strcmp(flag, "--protect-tau")) {
-        if (parse_float(v, 0.0f, 1.0f, &f)) return usage_error("--protect-tau: '%s' is not in [0, 1]", v);
+        if (parse_float(v, 0.0f, 1.0f, &f))
+            return usage_error("--protect-tau: '%s' is not in [0, 1]", v);
         o->q.protect_tau = f;
     } else if (!strcmp(flag, "--seed")) {
-        if (parse_long(v, 0, INT32_MAX, &n)) return usage_error("--seed: '%s' is not an integer >= 0", v);
+        if (parse_long(v, 0, INT32_MAX, &n))
+            return usage_error("--seed: '%s' is not an integer >= 0", v);
         o->q.seed = (uint64_t)n;
     } else
         return usage_error("unknown option '%s'", flag);
@@ -145,7 +159,8 @@ static int check_options(options *o) {
         return usage_error("%s", "--protect-tau needs --protect-data FILE");
     if (o->export_kind && strcmp(o->export_kind, "dequant"))
         return usage_error("--export: '%s' (only 'dequant')", o->export_kind);
-    if (strcmp(o->export_dtype, "bf16") && strcmp(o->export_dtype, "f16") && strcmp(o->export_dtype, "f32"))
+    if (strcmp(o->export_dtype, "bf16") && strcmp(o->export_dtype, "f16") &&
+        strcmp(o->export_dtype, "f32"))
         return usage_error("--export-dtype: '%s' is not bf16, f16 or f32", o->export_dtype);
     if (rs_qspec_check(&o->q.spec) != 0) {
         fprintf(stderr, "resafe quantize: %s\n%s", rs_last_error(), g_usage);
@@ -171,11 +186,15 @@ static int parse_args(options *o, int argc, char **argv) {
             fputs(g_usage, stdout);
             return -1;
         }
-        if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) o->verbose = 1;
-        else if (!strcmp(a, "--sym")) o->q.spec.symmetric = 1;
-        else if (!strcmp(a, "--act-order")) o->q.gptq_act_order = 1;
+        if (!strcmp(a, "-v") || !strcmp(a, "--verbose"))
+            o->verbose = 1;
+        else if (!strcmp(a, "--sym"))
+            o->q.spec.symmetric = 1;
+        else if (!strcmp(a, "--act-order"))
+            o->q.gptq_act_order = 1;
         else if (strncmp(a, "--", 2) || i + 1 >= argc)
-            return usage_error(strncmp(a, "--", 2) ? "unexpected argument '%s'" : "%s needs a value", a);
+            return usage_error(
+                strncmp(a, "--", 2) ? "unexpected argument '%s'" : "%s needs a value", a);
         else {
             int rc = parse_value(o, a, argv[++i], &bits_given, &group_given);
             if (rc) return rc;
@@ -241,9 +260,14 @@ static int write_manifest(const options *o, const char *dir, const rs_quant_resu
     cJSON_AddStringToObject(m, "packing", RS_QPACKING_NAME);
     cJSON_AddNumberToObject(m, "packing_version", RS_QPACK_VERSION);
     cJSON_AddStringToObject(m, "export", o->export_kind ? "dequant" : "quantized");
-    cJSON_AddItemToObject(m, "calibration", o->calib ? data_entry(o->calib, o->calib_column, o->calib_max) : cJSON_CreateNull());
+    cJSON_AddItemToObject(m, "calibration",
+                          o->calib ? data_entry(o->calib, o->calib_column, o->calib_max)
+                                   : cJSON_CreateNull());
     cJSON_AddNumberToObject(m, "protect_tau", o->q.protect_tau);
-    cJSON_AddItemToObject(m, "protect_data", o->protect_data ? data_entry(o->protect_data, o->protect_column, o->protect_max) : cJSON_CreateNull());
+    cJSON_AddItemToObject(m, "protect_data",
+                          o->protect_data
+                              ? data_entry(o->protect_data, o->protect_column, o->protect_max)
+                              : cJSON_CreateNull());
     cJSON *sz = cJSON_AddObjectToObject(m, "bytes");
     cJSON_AddNumberToObject(sz, "quantized", (double)r->bytes);
     cJSON_AddNumberToObject(sz, "critical", (double)r->critical_bytes);
@@ -271,9 +295,11 @@ static void size_report(const options *o, const rs_quant_result *r) {
     printf("quantized %s (%s): %d linears\n", rs_qspec_name(&o->q.spec, name, sizeof name),
            o->method_name, r->n);
     printf("  quantized bytes   %zu (%.2f MiB; fp16 dense %.2f MiB, ratio %.3f)\n", r->bytes,
-           r->bytes / mib, r->dense_bytes / mib, r->dense_bytes ? (double)r->bytes / r->dense_bytes : 0.0);
-    printf("  critical side     %zu bytes (%.2f%% of the quantized bytes, tau %g)\n", r->critical_bytes,
-           r->bytes ? 100.0 * r->critical_bytes / r->bytes : 0.0, o->q.protect_tau);
+           r->bytes / mib, r->dense_bytes / mib,
+           r->dense_bytes ? (double)r->bytes / r->dense_bytes : 0.0);
+    printf("  critical side     %zu bytes (%.2f%% of the quantized bytes, tau %g)\n",
+           r->critical_bytes, r->bytes ? 100.0 * r->critical_bytes / r->bytes : 0.0,
+           o->q.protect_tau);
 }
 
 /* Masks from the safety data when --protect-tau > 0 (NULL otherwise). */
@@ -295,13 +321,17 @@ static int write_output(const options *o, const rs_model *m, const rs_quant_resu
     snprintf(tmp, n, "%s.tmp.%ld", o->out, (long)getpid());
     int rc = rs_mkdir_p(tmp);
     const rs_qweight **qw = rs_malloc((size_t)r->n * sizeof *qw);
-    for (int j = 0; j < r->n; j++) qw[j] = &r->w[j];
-    rs_dtype dt = !strcmp(o->export_dtype, "f32") ? RS_F32 : !strcmp(o->export_dtype, "f16") ? RS_F16 : RS_BF16;
+    for (int j = 0; j < r->n; j++)
+        qw[j] = &r->w[j];
+    rs_dtype dt = !strcmp(o->export_dtype, "f32")   ? RS_F32
+                  : !strcmp(o->export_dtype, "f16") ? RS_F16
+                                                    : RS_BF16;
     if (rc == 0)
         rc = o->export_kind ? rs_qmodel_write_dequant(o->model, tmp, &m->cfg, qw, dt)
                             : rs_qmodel_write(o->model, tmp, &m->cfg, qw, o->method_name);
     if (rc == 0) rc = write_manifest(o, tmp, r);
-    if (rc == 0 && rename(tmp, o->out) != 0) rc = RS_FAIL("%s: cannot rename %s into place", o->out, tmp);
+    if (rc == 0 && rename(tmp, o->out) != 0)
+        rc = RS_FAIL("%s: cannot rename %s into place", o->out, tmp);
     if (rc != 0) rs_warn("partial output left in %s", tmp);
     free(qw);
     free(tmp);
@@ -330,7 +360,8 @@ static int run(const options *o) {
     if (rc == 0) printf("wrote %s%s\n", o->out, o->export_kind ? " (dequantized export)" : "");
     int n = m.cfg.n_layers * RS_N_LINEARS;
     if (masks)
-        for (int j = 0; j < n; j++) free(masks[j]);
+        for (int j = 0; j < n; j++)
+            free(masks[j]);
     free(masks);
     if (o->calib) rs_calib_free(&calib);
     if (rc == 0) rs_quant_result_free(&res);

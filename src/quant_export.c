@@ -6,15 +6,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const SIDE_FILES[] = {"config.json",          "generation_config.json",
-                                         "tokenizer.json",       "tokenizer_config.json",
-                                         "special_tokens_map.json", "tokenizer.model",
-                                         "added_tokens.json",    "chat_template.jinja",
-                                         "chat_template.json"};
+static const char *const SIDE_FILES[] = {
+    "config.json",           "generation_config.json",  "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json",     "chat_template.jinja",     "chat_template.json"};
 
 int rs_copy_model_side_files(const char *src_dir, const char *out_dir) {
     for (size_t i = 0; i < sizeof SIDE_FILES / sizeof *SIDE_FILES; i++) {
-        char *src = rs_path_join(src_dir, SIDE_FILES[i]), *dst = rs_path_join(out_dir, SIDE_FILES[i]);
+        char *src = rs_path_join(src_dir, SIDE_FILES[i]),
+             *dst = rs_path_join(out_dir, SIDE_FILES[i]);
         int rc = 0;
         if (rs_path_exists(src)) {
             char *data;
@@ -83,8 +83,10 @@ static void add(tensor_list *l, const char *base, const char *part, rs_dtype dt,
 }
 
 static void free_list(tensor_list *l) {
-    for (int i = 0; i < l->n_names; i++) free(l->names[i]);
-    for (int i = 0; i < l->n_bufs; i++) free(l->bufs[i]);
+    for (int i = 0; i < l->n_names; i++)
+        free(l->names[i]);
+    for (int i = 0; i < l->n_bufs; i++)
+        free(l->bufs[i]);
     free(l->names);
     free(l->bufs);
     free(l->t);
@@ -162,7 +164,8 @@ static void *convert(const float *src, size_t n, rs_dtype dtype) {
         return d;
     }
     uint16_t *d = rs_malloc(n * sizeof *d + 1);
-    for (size_t i = 0; i < n; i++) d[i] = dtype == RS_BF16 ? rs_f32_to_bf16(src[i]) : rs_f32_to_f16(src[i]);
+    for (size_t i = 0; i < n; i++)
+        d[i] = dtype == RS_BF16 ? rs_f32_to_bf16(src[i]) : rs_f32_to_f16(src[i]);
     return d;
 }
 
@@ -206,11 +209,13 @@ int rs_qmodel_write_dequant(const char *src_dir, const char *out_dir, const rs_m
         int j = linear_index(s->name, cfg->n_layers);
         if (j >= 0 && qw[j])
             rc = rs_dequantize(qw[j], f);
-        else if (s->dtype == RS_F32 || s->dtype == RS_F16 || s->dtype == RS_BF16 || s->dtype == RS_F64)
+        else if (s->dtype == RS_F32 || s->dtype == RS_F16 || s->dtype == RS_BF16 ||
+                 s->dtype == RS_F64)
             rc = rs_st_read_f32(s, f, n);
         else
-            rc = RS_FAIL("%s: tensor '%s' has dtype %s; the dequantized export converts floats only",
-                         src_dir, s->name, rs_dtype_name(s->dtype));
+            rc =
+                RS_FAIL("%s: tensor '%s' has dtype %s; the dequantized export converts floats only",
+                        src_dir, s->name, rs_dtype_name(s->dtype));
         rs_st_write_tensor *t = push(&l);
         t->name = s->name;
         t->dtype = dtype;

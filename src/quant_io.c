@@ -35,9 +35,10 @@ char *rs_qconfig_json(const rs_qspec *spec, const char *method) {
 
 static int json_int(const char *file, const cJSON *o, const char *key, int lo, int hi, int *out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble || v->valuedouble < lo ||
-        v->valuedouble > hi)
-        return RS_FAIL("%s: quantization_config.%s must be an integer in [%d, %d]", file, key, lo, hi);
+    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(int)v->valuedouble ||
+        v->valuedouble < lo || v->valuedouble > hi)
+        return RS_FAIL("%s: quantization_config.%s must be an integer in [%d, %d]", file, key, lo,
+                       hi);
     *out = (int)v->valuedouble;
     return 0;
 }
@@ -50,18 +51,27 @@ static int parse_fields(const char *file, const cJSON *o, rs_qspec *spec, char *
     const cJSON *pack = cJSON_GetObjectItemCaseSensitive(o, "packing");
     if (!cJSON_IsString(fmt)) return RS_FAIL("%s: quantization_config.quant_format missing", file);
     const char *f = fmt->valuestring;
-    if (!strcmp(f, "int")) spec->format = RS_QFMT_INT;
-    else if (!strcmp(f, "nf4")) spec->format = RS_QFMT_NF4;
-    else if (!strcmp(f, "fp4")) spec->format = RS_QFMT_FP4;
-    else if (!strcmp(f, "int8")) spec->format = RS_QFMT_INT8_OUTLIER;
-    else return RS_FAIL("%s: quantization_config.quant_format '%s' unknown", file, f);
+    if (!strcmp(f, "int"))
+        spec->format = RS_QFMT_INT;
+    else if (!strcmp(f, "nf4"))
+        spec->format = RS_QFMT_NF4;
+    else if (!strcmp(f, "fp4"))
+        spec->format = RS_QFMT_FP4;
+    else if (!strcmp(f, "int8"))
+        spec->format = RS_QFMT_INT8_OUTLIER;
+    else
+        return RS_FAIL("%s: quantization_config.quant_format '%s' unknown", file, f);
     int version;
-    if (json_int(file, o, "bits", 1, 8, &spec->bits) || json_int(file, o, "group_size", 0, 1 << 20, &spec->group_size) ||
+    if (json_int(file, o, "bits", 1, 8, &spec->bits) ||
+        json_int(file, o, "group_size", 0, 1 << 20, &spec->group_size) ||
         json_int(file, o, "packing_version", 0, 1000, &version))
         return -1;
-    if (!cJSON_IsString(pack) || strcmp(pack->valuestring, RS_QPACKING_NAME) || version != RS_QPACK_VERSION)
-        return RS_FAIL("%s: packing must be %s version %d", file, RS_QPACKING_NAME, RS_QPACK_VERSION);
-    if (!cJSON_IsBool(sym)) return RS_FAIL("%s: quantization_config.symmetric must be a boolean", file);
+    if (!cJSON_IsString(pack) || strcmp(pack->valuestring, RS_QPACKING_NAME) ||
+        version != RS_QPACK_VERSION)
+        return RS_FAIL("%s: packing must be %s version %d", file, RS_QPACKING_NAME,
+                       RS_QPACK_VERSION);
+    if (!cJSON_IsBool(sym))
+        return RS_FAIL("%s: quantization_config.symmetric must be a boolean", file);
     spec->symmetric = cJSON_IsTrue(sym);
     if (thr && !cJSON_IsNumber(thr))
         return RS_FAIL("%s: quantization_config.outlier_threshold must be a number", file);
@@ -94,7 +104,8 @@ const char *rs_qconfig_of(const rs_st_set *set) {
 /* Copy tensor <name>.<part> (dtype, shape d0 x d1; d1 < 0 for 1-d) into a fresh host array.
  * Absent: NULL and 0 when optional, an error otherwise. */
 static int read_part(const rs_st_set *set, const char *file, const char *name, const char *part,
-                     rs_dtype dtype, int64_t d0, int64_t d1, int required, void **out, int *n_used) {
+                     rs_dtype dtype, int64_t d0, int64_t d1, int required, void **out,
+                     int *n_used) {
     char full[256];
     snprintf(full, sizeof full, "%s.%s", name, part);
     *out = NULL;
@@ -135,14 +146,16 @@ static int read_extras(const rs_st_set *set, const char *file, const char *name,
         q->n_outlier_cols = (int)n_out;
         if (read_part(set, file, name, "outlier_cols", RS_I32, n_out, -1, 1, &p, n_used)) return -1;
         q->outlier_cols = p;
-        if (read_part(set, file, name, "outlier_vals", RS_F16, q->rows, n_out, 1, &p, n_used)) return -1;
+        if (read_part(set, file, name, "outlier_vals", RS_F16, q->rows, n_out, 1, &p, n_used))
+            return -1;
         q->outlier_vals = p;
     }
     int64_t nnz = dim_of(set, name, "crit_cols");
     if (nnz >= 0 || dim_of(set, name, "crit_row_ptr") >= 0) {
         if (nnz < 0) return RS_FAIL("%s: tensor '%s.crit_cols' is missing", file, name);
         q->n_critical = nnz;
-        if (read_part(set, file, name, "crit_row_ptr", RS_I64, q->rows + 1, -1, 1, &p, n_used)) return -1;
+        if (read_part(set, file, name, "crit_row_ptr", RS_I64, q->rows + 1, -1, 1, &p, n_used))
+            return -1;
         q->crit_row_ptr = p;
         if (read_part(set, file, name, "crit_cols", RS_I32, nnz, -1, 1, &p, n_used)) return -1;
         q->crit_cols = p;
@@ -187,14 +200,16 @@ static int ends_with(const char *s, const char *suffix) {
 int rs_qset_check(const rs_st_set *set, const char *file, int *n_linears) {
     const char *qjson = rs_qconfig_of(set);
     *n_linears = 0;
-    if (!qjson) return RS_FAIL("%s: no %s in __metadata__ (not a quantized file)", file, RS_QCONFIG_KEY);
+    if (!qjson)
+        return RS_FAIL("%s: no %s in __metadata__ (not a quantized file)", file, RS_QCONFIG_KEY);
     rs_qspec spec;
     if (rs_qconfig_parse(file, qjson, &spec, NULL, 0) != 0) return -1;
     for (int i = 0; i < set->n_tensors; i++) {
         const rs_st_tensor *t = &set->tensors[i];
         if (ends_with(t->name, ".scales")) { /* every quantized linear has both */
             char q[256];
-            snprintf(q, sizeof q, "%.*s.qweight", (int)(strlen(t->name) - strlen(".scales")), t->name);
+            snprintf(q, sizeof q, "%.*s.qweight", (int)(strlen(t->name) - strlen(".scales")),
+                     t->name);
             if (!rs_st_find(set, q)) return RS_FAIL("%s: tensor '%s' is missing", file, q);
         }
         if (!ends_with(t->name, ".qweight")) continue;
