@@ -221,3 +221,57 @@ def test_lora_step_on_quantized_model_matches_autograd_on_dequantized(tmp_path, 
                                    "elementwise")
     assert np.abs(ours["seq_logp"] - logps).max() <= g.LOGP_TOL
     g.check_close(ours, refs, g.GRAD_TOL, "quantized elementwise lora")
+
+
+def test_quantize_with_calibration_and_protection_then_dpo(tmp_path):
+    """GPTQ with calibration text and SNIP protection through the CLI (a model with a tokenizer):
+    the manifest hashes the data, protected entries are exactly their fp16 originals in the
+    export, the report counts the side matrix, and the DPO patch (SNIP on dequant(Q) + adapter,
+    elementwise masks) runs on the quantized directory."""
+    import subprocess
+    import sys
+    from safetensors.numpy import load_file
+    src = str(tmp_path / "m")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_test_model.py"), src,
+                    "--hidden", "64", "--layers", "2"], check=True, capture_output=True)
+    words = "the cat dog sat ran on a mat hat big red blue fast slow sun moon".split()
+    r = random.Random(0)
+    sent = lambda k: " ".join(r.choice(words) for _ in range(k))
+    (tmp_path / "calib.txt").write_text("\n".join(sent(8) for _ in range(12)) + "\n")
+    with open(tmp_path / "prot.jsonl", "w") as f:
+        for _ in range(6):
+            f.write(json.dumps({"prompt": sent(5), "target": sent(4)}) + "\n")
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"prompt": sent(5), "chosen": sent(6), "rejected": sent(7)}) + "\n")
+    args = ["--method", "gptq", "--bits", "4", "--group", "32", "--calib", str(tmp_path / "calib.txt"),
+            "--protect-tau", "0.01", "--protect-data", str(tmp_path / "prot.jsonl")]
+    q, e = str(tmp_path / "q"), str(tmp_path / "e")
+    p = quantize(src, q, *args)
+    crit = int(p.stdout.split("critical side")[1].split()[0])
+    assert crit > 0
+    man = json.load(open(os.path.join(q, "resafe_manifest.json")))
+    digest = hashlib.sha256(open(tmp_path / "calib.txt", "rb").read()).hexdigest()
+    assert man["calibration"]["sha256"] == digest and man["protect_tau"] == pytest.approx(0.01)
+    quantize(src, e, *args, "--export", "dequant", "--export-dtype", "f32")
+    qt, et = load_file(os.path.join(q, "model.safetensors")), load_file(os.path.join(e, "model.safetensors"))
+    orig = load_file(os.path.join(src, "model.safetensors"))
+    n = 0
+    for name in orig:
+        base = name[:-len(".weight")]
+        if f"{base}.crit_row_ptr" not in qt:
+            continue
+        rp, cols = qt[f"{base}.crit_row_ptr"], qt[f"{base}.crit_cols"]
+        rows = np.repeat(np.arange(len(rp) - 1), np.diff(rp))
+        want = orig[name].astype(np.float32)[rows, cols].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(et[name][rows, cols], want)
+        n += len(cols)
+    assert n > 0
+    ini = tmp_path / "dpo.ini"
+    ini.write_text(f"[model]\npath = {q}\nbackend = cpu\nthreads = 1\n"
+                   f"[dpo]\ndata_file = {tmp_path / 'pairs.jsonl'}\nbeta = 0.1\nlr = 2e-3\n"
+                   "batch_size = 4\nmicro_batch_size = 2\nmax_steps = 2\nwarmup_steps = 1\n"
+                   "[snip]\ntau = 0.6\nreidentify_every = 1\nscore_batches = 1\nmask = elementwise\n"
+                   f"[lora]\nrank = 4\nalpha = 8\ndropout = 0\n[run]\nout_dir = {tmp_path / 'out'}\nseed = 7\n")
+    run_resafe("dpo", "--config", str(ini), env=TOOL_ENV)
+    assert os.path.exists(tmp_path / "out" / "dpo" / "adapter.h5")
