@@ -364,7 +364,7 @@ static int run(const options *o) {
             free(masks[j]);
     free(masks);
     if (o->calib) rs_calib_free(&calib);
-    if (rc == 0) rs_quant_result_free(&res);
+    if (res.w) rs_quant_result_free(&res);
     if (tok) rs_tokenizer_free(tok);
     rs_model_free(&m);
     return rc == 0 ? 0 : fail();
