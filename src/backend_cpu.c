@@ -755,6 +755,12 @@ static int cpu_qweight_upload(rs_qweight *dst, const rs_qweight *h) {
 
 static void cpu_qweight_free(rs_qweight *w) { rs_qweight_free(w); }
 
+static void cpu_qdequantize(void *w, const rs_qweight *q) {
+    float *dense = dequantize_all(q);
+    memcpy(w, dense, (size_t)q->rows * q->cols * sizeof *dense);
+    free(dense);
+}
+
 /* ---------------------------------------------------------------- the table */
 
 static const rs_backend g_cpu = {
@@ -801,6 +807,7 @@ static const rs_backend g_cpu = {
     .qmatmul_t = cpu_qmatmul_t,
     .qweight_upload = cpu_qweight_upload,
     .qweight_free = cpu_qweight_free,
+    .qdequantize = cpu_qdequantize,
 };
 
 const rs_backend *rs_backend_cpu(void) { return &g_cpu; }

@@ -75,13 +75,15 @@ int rs_qspec_check(const rs_qspec *s) {
     case RS_QFMT_INT:
         if (s->bits != 2 && s->bits != 3 && s->bits != 4 && s->bits != 8)
             return RS_FAIL("quantization: %d bits is not supported (2, 3, 4 or 8)", s->bits);
-        if (s->group_size != 0 && s->group_size != 32 && s->group_size != 64 && s->group_size != 128)
+        if (s->group_size != 0 && s->group_size != 32 && s->group_size != 64 &&
+            s->group_size != 128)
             return RS_FAIL("quantization: group size %d is not supported (32, 64, 128, or 0 = row)",
                            s->group_size);
         return 0;
     case RS_QFMT_NF4:
     case RS_QFMT_FP4:
-        if (s->bits != 4) return RS_FAIL("quantization: nf4/fp4 are 4-bit formats, not %d", s->bits);
+        if (s->bits != 4)
+            return RS_FAIL("quantization: nf4/fp4 are 4-bit formats, not %d", s->bits);
         if (s->group_size != 64 && s->group_size != 0)
             return RS_FAIL("quantization: nf4/fp4 use absmax blocks of 64, not %d", s->group_size);
         return 0;
@@ -98,7 +100,8 @@ int rs_qspec_check(const rs_qspec *s) {
 int rs_qweight_init(rs_qweight *q, const rs_qspec *spec, int rows, int cols) {
     memset(q, 0, sizeof *q);
     if (rs_qspec_check(spec) != 0) return -1;
-    if (rows <= 0 || cols <= 0) return RS_FAIL("quantization: bad weight shape [%d, %d]", rows, cols);
+    if (rows <= 0 || cols <= 0)
+        return RS_FAIL("quantization: bad weight shape [%d, %d]", rows, cols);
     q->spec = *spec;
     q->rows = rows;
     q->cols = cols;
@@ -185,7 +188,8 @@ static void codebook_block(const float *w, const uint8_t *prot, int c0, int c1, 
     for (int c = c0; c < c1; c++)
         if (is_kept(prot, NULL, c)) amax = fmaxf(amax, fabsf(w[c]));
     float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
-    for (int c = c0; c < c1; c++) codes[c] = nearest_code(cb, w[c] * inv);
+    for (int c = c0; c < c1; c++)
+        codes[c] = nearest_code(cb, w[c] * inv);
     *absmax_out = amax;
 }
 
@@ -222,17 +226,20 @@ static int check_finite(const float *w, int rows, int cols, const float *input_s
 /* A group whose range overflows fp32 cannot be represented (scale = inf). */
 static int check_group_range(int r, int g, float scale) {
     if (isfinite(scale)) return 0;
-    return RS_FAIL("quantization: the values of row %d, group %d span more than fp32 can scale", r, g);
+    return RS_FAIL("quantization: the values of row %d, group %d span more than fp32 can scale", r,
+                   g);
 }
 
-static void find_outlier_cols(rs_qweight *q, const float *w, const uint8_t *protect, uint8_t *is_out) {
+static void find_outlier_cols(rs_qweight *q, const float *w, const uint8_t *protect,
+                              uint8_t *is_out) {
     float thr = rs_qspec_threshold(&q->spec);
     for (int r = 0; r < q->rows; r++)
         for (int c = 0; c < q->cols; c++) {
             size_t i = (size_t)r * q->cols + c;
             if (!(protect && protect[i]) && fabsf(w[i]) > thr) is_out[c] = 1;
         }
-    for (int c = 0; c < q->cols; c++) q->n_outlier_cols += is_out[c];
+    for (int c = 0; c < q->cols; c++)
+        q->n_outlier_cols += is_out[c];
     if (!q->n_outlier_cols) return;
     q->outlier_cols = rs_malloc((size_t)q->n_outlier_cols * sizeof *q->outlier_cols);
     q->outlier_vals = rs_malloc((size_t)q->rows * q->n_outlier_cols * sizeof *q->outlier_vals);
@@ -248,7 +255,8 @@ static void find_outlier_cols(rs_qweight *q, const float *w, const uint8_t *prot
 static void build_critical(rs_qweight *q, const float *w_orig, const uint8_t *protect) {
     size_t n = (size_t)q->rows * q->cols;
     int64_t count = 0;
-    for (size_t i = 0; i < n; i++) count += protect[i] != 0;
+    for (size_t i = 0; i < n; i++)
+        count += protect[i] != 0;
     q->n_critical = count;
     q->crit_row_ptr = rs_malloc((size_t)(q->rows + 1) * sizeof *q->crit_row_ptr);
     q->crit_cols = rs_malloc((size_t)(count ? count : 1) * sizeof *q->crit_cols);
@@ -266,7 +274,8 @@ static void build_critical(rs_qweight *q, const float *w_orig, const uint8_t *pr
     q->crit_row_ptr[q->rows] = k;
 }
 
-static int quantize_rows(rs_qweight *q, const float *w, const uint8_t *protect, const uint8_t *is_out) {
+static int quantize_rows(rs_qweight *q, const float *w, const uint8_t *protect,
+                         const uint8_t *is_out) {
     int cols = q->cols, gs = q->group_size;
     uint8_t *codes = rs_malloc((size_t)cols);
     int rc = 0;
@@ -371,7 +380,8 @@ void rs_dequantize_row(const rs_qweight *q, int r, uint8_t *codes, float *out) {
     for (int j = 0; j < q->n_outlier_cols; j++)
         out[q->outlier_cols[j]] = rs_f16_to_f32(q->outlier_vals[(size_t)r * q->n_outlier_cols + j]);
     if (q->input_scale)
-        for (int c = 0; c < cols; c++) out[c] = out[c] / q->input_scale[c];
+        for (int c = 0; c < cols; c++)
+            out[c] = out[c] / q->input_scale[c];
     if (q->crit_row_ptr)
         for (int64_t k = q->crit_row_ptr[r]; k < q->crit_row_ptr[r + 1]; k++)
             out[q->crit_cols[k]] = rs_f16_to_f32(q->crit_vals[k]);
@@ -379,7 +389,8 @@ void rs_dequantize_row(const rs_qweight *q, int r, uint8_t *codes, float *out) {
 
 int rs_dequantize(const rs_qweight *q, float *w) {
     uint8_t *codes = rs_malloc((size_t)q->cols);
-    for (int r = 0; r < q->rows; r++) rs_dequantize_row(q, r, codes, w + (size_t)r * q->cols);
+    for (int r = 0; r < q->rows; r++)
+        rs_dequantize_row(q, r, codes, w + (size_t)r * q->cols);
     free(codes);
     return 0;
 }
@@ -387,7 +398,8 @@ int rs_dequantize(const rs_qweight *q, float *w) {
 void rs_qweight_unpack(const rs_qweight *q, uint8_t *codes) {
     size_t rb = rs_qpack_row_bytes(q->cols, q->spec.bits);
     for (int r = 0; r < q->rows; r++)
-        rs_qunpack_row(codes + (size_t)r * q->cols, q->packed + (size_t)r * rb, q->cols, q->spec.bits);
+        rs_qunpack_row(codes + (size_t)r * q->cols, q->packed + (size_t)r * rb, q->cols,
+                       q->spec.bits);
 }
 
 void rs_qweight_free(rs_qweight *q) {

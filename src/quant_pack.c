@@ -16,7 +16,9 @@
 
 #include <string.h>
 
-size_t rs_qpack_row_bytes(int cols, int bits) { return (size_t)((cols + 31) / 32) * 4u * (size_t)bits; }
+size_t rs_qpack_row_bytes(int cols, int bits) {
+    return (size_t)((cols + 31) / 32) * 4u * (size_t)bits;
+}
 
 void rs_qpack_row(uint8_t *dst, const uint8_t *codes, int cols, int bits) {
     size_t nbytes = rs_qpack_row_bytes(cols, bits);

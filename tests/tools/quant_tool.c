@@ -77,12 +77,13 @@ int main(int argc, char **argv) {
     t[k++] = (rs_st_write_tensor){"dequant", RS_F32, 2, {rows, cols}, deq};
     if (q.zeros) t[k++] = (rs_st_write_tensor){"zeros", RS_F32, 2, {rows, q.n_groups}, q.zeros};
     int32_t none = 0;
-    t[k++] = (rs_st_write_tensor){"outlier_cols", RS_I32, 1, {q.n_outlier_cols},
-                                  q.n_outlier_cols ? q.outlier_cols : &none};
+    t[k++] = (rs_st_write_tensor){
+        "outlier_cols", RS_I32, 1, {q.n_outlier_cols}, q.n_outlier_cols ? q.outlier_cols : &none};
     float *cv = NULL;
     if (q.crit_row_ptr) {
         cv = rs_malloc((size_t)(q.n_critical ? q.n_critical : 1) * sizeof *cv);
-        for (int64_t i = 0; i < q.n_critical; i++) cv[i] = rs_f16_to_f32(q.crit_vals[i]);
+        for (int64_t i = 0; i < q.n_critical; i++)
+            cv[i] = rs_f16_to_f32(q.crit_vals[i]);
         t[k++] = (rs_st_write_tensor){"crit_row_ptr", RS_I64, 1, {rows + 1}, q.crit_row_ptr};
         t[k++] = (rs_st_write_tensor){"crit_cols", RS_I32, 1, {q.n_critical}, q.crit_cols};
         t[k++] = (rs_st_write_tensor){"crit_vals", RS_F32, 1, {q.n_critical}, cv};
