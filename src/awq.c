@@ -52,6 +52,7 @@ static void quant_row_group(const awq_ctx *c, const float *s, int r, int g, doub
 
 static void quant_all(const awq_ctx *c, const float *s, const double *clip, float *wq,
                       rs_qgrid *grids, uint8_t *codes) {
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < c->rows; r++)
         for (int g = 0; g < c->ng; g++)
             quant_row_group(c, s, r, g, clip ? clip[(size_t)r * c->ng + g] : 1.0, wq,
@@ -98,6 +99,7 @@ static double group_err(const awq_ctx *c, const float *wq, int r, int g) {
 }
 
 static void search_clip(const awq_ctx *c, const float *s, float *wq, double *clip) {
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < c->rows; r++)
         for (int g = 0; g < c->ng; g++) {
             double best = INFINITY, best_ratio = 1.0;

@@ -32,6 +32,7 @@ static int cholesky_lower(double *A, int n) {
         if (!(d > 0)) return -1;
         d = sqrt(d);
         A[(size_t)j * n + j] = d;
+#pragma omp parallel for schedule(static)
         for (int i = j + 1; i < n; i++) {
             double s = A[(size_t)i * n + j];
             for (int k = 0; k < j; k++) s -= A[(size_t)i * n + k] * A[(size_t)j * n + k];
@@ -48,13 +49,15 @@ static int hinv_upper(const double *H, int n, double *U) {
     double *L = rs_malloc((size_t)n * n * sizeof *L), *Li = rs_calloc((size_t)n * n, sizeof *Li);
     memcpy(L, H, (size_t)n * n * sizeof *L);
     int rc = cholesky_lower(L, n);
-    for (int c = 0; rc == 0 && c < n; c++) /* forward substitution, column c of L^-1 */
+#pragma omp parallel for schedule(dynamic, 8) if (rc == 0)
+    for (int c = 0; c < n; c++) /* forward substitution, column c of L^-1 */
         for (int i = c; i < n; i++) {
             double s = i == c ? 1.0 : 0.0;
             for (int k = c; k < i; k++) s -= L[(size_t)i * n + k] * Li[(size_t)k * n + c];
             Li[(size_t)i * n + c] = s / L[(size_t)i * n + i];
         }
-    for (int i = 0; rc == 0 && i < n; i++) /* H^-1 = Li^T Li (into L) */
+#pragma omp parallel for schedule(dynamic, 8) if (rc == 0)
+    for (int i = 0; i < n; i++) /* H^-1 = Li^T Li (into L) */
         for (int j = 0; j < n; j++) {
             double s = 0;
             for (int k = i > j ? i : j; k < n; k++) s += Li[(size_t)k * n + i] * Li[(size_t)k * n + j];
@@ -126,6 +129,7 @@ static void quantize_column(gptq_state *s, int i1, int i, int i2, double *E, int
     double *err = E + (i - i1);
     if (!s->act_order && j % s->gs == 0) fit_group_at_start(s, g, i1, i, i2, E, ldE);
     double d = s->U[(size_t)i * n + i];
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < s->rows; r++) {
         const rs_qgrid *gr = &s->grid[(size_t)r * s->ng + g];
         double w = s->W[(size_t)r * n + i], q;
@@ -149,6 +153,7 @@ static void run_blocks(gptq_state *s, int block) {
     for (int i1 = 0; i1 < n; i1 += block) {
         int i2 = i1 + block < n ? i1 + block : n;
         for (int i = i1; i < i2; i++) quantize_column(s, i1, i, i2, E, block);
+#pragma omp parallel for schedule(static)
         for (int r = 0; r < s->rows; r++) /* lazy batch: W[:, i2:] -= E U[i1:i2, i2:] */
             for (int i = i1; i < i2; i++) {
                 double e = E[(size_t)r * block + (i - i1)];

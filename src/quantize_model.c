@@ -60,21 +60,30 @@ int rs_qgrid_code(const rs_qgrid *g, double w) {
 
 float rs_qgrid_value(const rs_qgrid *g, int code) { return ((float)code - g->zero) * g->scale; }
 
-/* sum_r a_r H b_r^T, a and b rows of [rows, in] (b == NULL: b = a). */
+/* sum_r a_r H b_r^T, a and b rows of [rows, in] (b == NULL: b = a). Rows in parallel, summed in
+ * row order afterwards (the same result for any thread count). */
 static double quad_form(const double *a, const double *b, int rows, const rs_calib_stats *st) {
     int in = st->in;
-    double total = 0;
-    double *hb = rs_malloc((size_t)in * sizeof *hb);
-    for (int r = 0; r < rows; r++) {
-        const double *ar = a + (size_t)r * in, *br = (b ? b : a) + (size_t)r * in;
-        for (int i = 0; i < in; i++) {
-            double s = 0;
-            for (int j = 0; j < in; j++) s += st->H[(size_t)i * in + j] * br[j];
-            hb[i] = s;
+    double *per_row = rs_malloc((size_t)rows * sizeof *per_row), total = 0;
+#pragma omp parallel
+    {
+        double *hb = rs_malloc((size_t)in * sizeof *hb);
+#pragma omp for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const double *ar = a + (size_t)r * in, *br = (b ? b : a) + (size_t)r * in;
+            double acc = 0;
+            for (int i = 0; i < in; i++) {
+                double s = 0;
+                for (int j = 0; j < in; j++) s += st->H[(size_t)i * in + j] * br[j];
+                hb[i] = s;
+            }
+            for (int i = 0; i < in; i++) acc += ar[i] * hb[i];
+            per_row[r] = acc;
         }
-        for (int i = 0; i < in; i++) total += ar[i] * hb[i];
+        free(hb);
     }
-    free(hb);
+    for (int r = 0; r < rows; r++) total += per_row[r];
+    free(per_row);
     return total;
 }
 
@@ -128,17 +137,20 @@ typedef struct {
     rs_calib_stats st[N_SITES];
 } capture_ctx;
 
+/* H += x^T x and mean_abs += |x| over the n rows of x; rows of H in parallel (each element's sum
+ * runs over the tokens in order: deterministic). */
 static void on_capture(void *user, int layer, int site, const void *x, int n, int in) {
     capture_ctx *c = user;
     if (layer != c->layer) return;
     rs_calib_stats *st = &c->st[site_of(site)];
     const float *xf = x;
-    for (int t = 0; t < n; t++) {
-        const float *r = xf + (size_t)t * in;
-        for (int i = 0; i < in; i++) {
-            st->mean_abs[i] += fabs((double)r[i]);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < in; i++) {
+        double *h = st->H + (size_t)i * in;
+        for (int t = 0; t < n; t++) {
+            const float *r = xf + (size_t)t * in;
             double ri = r[i];
-            double *h = st->H + (size_t)i * in;
+            st->mean_abs[i] += fabs(ri);
             for (int j = 0; j < in; j++) h[j] += ri * r[j];
         }
     }
