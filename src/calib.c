@@ -194,9 +194,10 @@ int rs_calib_load(const char *path, const char *column, int max_items, rs_calib_
         return RS_FAIL("%s: a column (member) name is needed for CSV and JSONL files", path);
     char *data;
     RS_TRY(rs_read_file(path, &data, NULL));
-    int rc = is_csv     ? load_csv(path, data, column, max_items, out)
-             : is_jsonl ? load_jsonl(path, data, column, max_items, out)
-                        : load_txt(path, data, max_items, out);
+    char *text = strncmp(data, "\xEF\xBB\xBF", 3) == 0 ? data + 3 : data; /* UTF-8 BOM (Excel) */
+    int rc = is_csv     ? load_csv(path, text, column, max_items, out)
+             : is_jsonl ? load_jsonl(path, text, column, max_items, out)
+                        : load_txt(path, text, max_items, out);
     free(data);
     if (rc == 0 && out->n == 0) rc = RS_FAIL("%s: no calibration texts", path);
     if (rc == 0 && !(is_jsonl && strchr(column, '+'))) { /* targets only for "a+b" members */

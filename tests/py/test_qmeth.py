@@ -406,6 +406,8 @@ def test_calib_txt_csv_jsonl(tmp_path):
         b'id,text,other\r\n1,plain,x\r\n2,"with, comma",y\n3,"multi\nline ""quoted""",z\n\n4,,w\n')
     assert [r["text"] for r in load(tmp_path / "b.csv")] == \
         ["plain", "with, comma", 'multi\nline "quoted"', ""]
+    (tmp_path / "bom.csv").write_bytes(b'\xef\xbb\xbftext\nhello\n')  # Excel's UTF-8 BOM
+    assert [r["text"] for r in load(tmp_path / "bom.csv")] == ["hello"]
     (tmp_path / "c.jsonl").write_text(
         json.dumps({"prompt": "Hi \u00e9", "target": "Hello"}) + "\n\n" +
         json.dumps({"prompt": "a\nb", "target": "c", "extra": 1}) + "\n")
