@@ -44,7 +44,8 @@ static void quant_row_group(const awq_ctx *c, const float *s, int r, int g, doub
         size_t at = (size_t)r * c->cols + j0 + k;
         int code = rs_qgrid_code(&gr, xs[k]);
         if (codes) codes[at] = (uint8_t)code;
-        wq[at] = mk && mk[k] ? rs_f16_to_f32(rs_f32_to_f16(c->w[at])) : rs_qgrid_value(&gr, code) / s[j0 + k];
+        wq[at] = mk && mk[k] ? rs_f16_to_f32(rs_f32_to_f16(c->w[at]))
+                             : rs_qgrid_value(&gr, code) / s[j0 + k];
     }
     if (grid) *grid = gr;
     if (xs != x) free(xs);
@@ -113,16 +114,23 @@ static void search_clip(const awq_ctx *c, const float *s, float *wq, double *cli
         }
 }
 
-int rs_awq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
-                  const uint8_t *mask, const rs_quant_opts *o, rs_qweight *out) {
+int rs_awq_linear(const float *w, int rows, int cols, const rs_calib_stats *st, const uint8_t *mask,
+                  const rs_quant_opts *o, rs_qweight *out) {
     const rs_qspec *sp = &o->spec;
     if (sp->format != RS_QFMT_INT) return RS_FAIL("AWQ: only the integer formats are supported");
-    if (st->in != cols) return RS_FAIL("AWQ: calibration inputs have %d features, weight %d", st->in, cols);
-    awq_ctx c = {.rows = rows, .cols = cols, .bits = sp->bits, .sym = sp->symmetric, .w = w,
-                 .mask = mask, .st = st};
+    if (st->in != cols)
+        return RS_FAIL("AWQ: calibration inputs have %d features, weight %d", st->in, cols);
+    awq_ctx c = {.rows = rows,
+                 .cols = cols,
+                 .bits = sp->bits,
+                 .sym = sp->symmetric,
+                 .w = w,
+                 .mask = mask,
+                 .st = st};
     c.gs = sp->group_size > 0 && sp->group_size < cols ? sp->group_size : cols;
     c.ng = (cols + c.gs - 1) / c.gs;
-    float *s = rs_malloc((size_t)cols * sizeof *s), *wq = rs_malloc((size_t)rows * cols * sizeof *wq);
+    float *s = rs_malloc((size_t)cols * sizeof *s),
+          *wq = rs_malloc((size_t)rows * cols * sizeof *wq);
     double *clip = NULL;
     search_scales(&c, o->awq_grid, s, wq);
     if (o->awq_clip) {
@@ -132,7 +140,8 @@ int rs_awq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
     rs_qgrid *grids = rs_malloc((size_t)rows * c.ng * sizeof *grids);
     uint8_t *codes = rs_malloc((size_t)rows * cols);
     quant_all(&c, s, clip, wq, grids, codes);
-    float *sc = rs_malloc((size_t)rows * c.ng * sizeof *sc), *zr = rs_malloc((size_t)rows * c.ng * sizeof *zr);
+    float *sc = rs_malloc((size_t)rows * c.ng * sizeof *sc),
+          *zr = rs_malloc((size_t)rows * c.ng * sizeof *zr);
     for (size_t k = 0; k < (size_t)rows * c.ng; k++) sc[k] = grids[k].scale, zr[k] = grids[k].zero;
     int rc = rs_qweight_assemble(sp, rows, cols, codes, sc, c.sym ? NULL : zr, s, mask, w, out);
     free(s), free(wq), free(clip), free(grids), free(codes), free(sc), free(zr);

@@ -37,8 +37,8 @@ static int load_txt(const char *path, char *data, int max_items, rs_calib_set *c
 /* ---- CSV (RFC 4180) */
 typedef struct {
     const char *p;
-    int line;     /* 1-based line of p */
-    int at_end;   /* the record ended */
+    int line;   /* 1-based line of p */
+    int at_end; /* the record ended */
 } csv_reader;
 
 /* One field into a malloc'ed string; *rd advanced past the separator or the record end. */
@@ -53,8 +53,10 @@ static int csv_field(csv_reader *rd, const char *path, char **out) {
                 free(buf);
                 return RS_FAIL("%s:%d: unterminated quoted field", path, start_line);
             }
-            if (*p == '"' && p[1] == '"') p++;
-            else if (*p == '"') break;
+            if (*p == '"' && p[1] == '"')
+                p++;
+            else if (*p == '"')
+                break;
             if (*p == '\n') rd->line++;
             if (n + 2 > cap) buf = rs_realloc(buf, cap *= 2);
             buf[n++] = *p;
@@ -140,8 +142,7 @@ static int load_csv(const char *path, char *data, const char *column, int max_it
 /* ---- JSONL */
 static int json_member(const cJSON *o, const char *name, const char *path, int line, char **out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    if (!cJSON_IsString(v))
-        return RS_FAIL("%s:%d: no string member '%s'", path, line, name);
+    if (!cJSON_IsString(v)) return RS_FAIL("%s:%d: no string member '%s'", path, line, name);
     *out = rs_strdup(v->valuestring);
     return 0;
 }
@@ -151,7 +152,8 @@ static int jsonl_line(const char *path, int line, const char *text, size_t len, 
     cJSON *o = cJSON_ParseWithLength(text, len);
     char *first = NULL, *second = NULL;
     int rc = -1;
-    if (!cJSON_IsObject(o)) RS_FAIL("%s:%d: not a JSON object", path, line);
+    if (!cJSON_IsObject(o))
+        RS_FAIL("%s:%d: not a JSON object", path, line);
     else if (json_member(o, a, path, line, &first) == 0 &&
              (!b || json_member(o, b, path, line, &second) == 0)) {
         if (second) {

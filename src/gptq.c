@@ -60,7 +60,8 @@ static int hinv_upper(const double *H, int n, double *U) {
     for (int i = 0; i < n; i++) /* H^-1 = Li^T Li (into L) */
         for (int j = 0; j < n; j++) {
             double s = 0;
-            for (int k = i > j ? i : j; k < n; k++) s += Li[(size_t)k * n + i] * Li[(size_t)k * n + j];
+            for (int k = i > j ? i : j; k < n; k++)
+                s += Li[(size_t)k * n + i] * Li[(size_t)k * n + j];
             L[(size_t)i * n + j] = s;
         }
     if (rc == 0) rc = cholesky_lower(L, n);
@@ -80,13 +81,13 @@ static int by_diag_desc(const void *a, const void *b, void *arg) {
 
 typedef struct {
     int rows, cols, gs, ng, bits, sym, act_order;
-    int *perm;          /* [cols] quantization order -> original column */
-    double *W;          /* [rows, cols] in quantization order, updated as it goes */
-    double *U;          /* [cols, cols] upper Cholesky of H^-1 (permuted) */
+    int *perm; /* [cols] quantization order -> original column */
+    double *W; /* [rows, cols] in quantization order, updated as it goes */
+    double *U; /* [cols, cols] upper Cholesky of H^-1 (permuted) */
     const uint8_t *mask;
     const float *w_orig;
-    rs_qgrid *grid;     /* [rows, ng] */
-    uint8_t *codes;     /* [rows, cols] original order */
+    rs_qgrid *grid; /* [rows, ng] */
+    uint8_t *codes; /* [rows, cols] original order */
 } gptq_state;
 
 /* Fit group g's grid of every row from the columns at quantization positions pos[0..n). */
@@ -116,7 +117,8 @@ static void fit_group_at_start(gptq_state *s, int g, int i1, int i, int i2, cons
         for (int k = 0; k < n; k++) {
             int c = i + k;
             double v = s->W[(size_t)r * cols + c];
-            for (int p = i1; c >= i2 && p < i; p++) v -= E[(size_t)r * ldE + (p - i1)] * s->U[(size_t)p * cols + c];
+            for (int p = i1; c >= i2 && p < i; p++)
+                v -= E[(size_t)r * ldE + (p - i1)] * s->U[(size_t)p * cols + c];
             cur[(size_t)r * n + k] = v;
         }
     fit_group(s, g, cur, n, pos, n);
@@ -181,8 +183,7 @@ static void prepare(gptq_state *s, const float *w, const rs_calib_stats *st, dou
     }
     if (s->act_order) qsort_r(s->perm, (size_t)n, sizeof *s->perm, by_diag_desc, diag);
     for (int i = 0; i < n; i++)
-        for (int k = 0; k < n; k++)
-            Hp[(size_t)i * n + k] = H[(size_t)s->perm[i] * n + s->perm[k]];
+        for (int k = 0; k < n; k++) Hp[(size_t)i * n + k] = H[(size_t)s->perm[i] * n + s->perm[k]];
     for (int r = 0; r < s->rows; r++)
         for (int i = 0; i < n; i++) {
             int j = s->perm[i];
@@ -210,9 +211,15 @@ int rs_gptq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
                    const uint8_t *mask, const rs_quant_opts *o, rs_qweight *out) {
     const rs_qspec *sp = &o->spec;
     if (sp->format != RS_QFMT_INT) return RS_FAIL("GPTQ: only the integer formats are supported");
-    if (st->in != cols) return RS_FAIL("GPTQ: calibration inputs have %d features, weight %d", st->in, cols);
-    gptq_state s = {.rows = rows, .cols = cols, .bits = sp->bits, .sym = sp->symmetric,
-                    .act_order = o->gptq_act_order, .mask = mask, .w_orig = w};
+    if (st->in != cols)
+        return RS_FAIL("GPTQ: calibration inputs have %d features, weight %d", st->in, cols);
+    gptq_state s = {.rows = rows,
+                    .cols = cols,
+                    .bits = sp->bits,
+                    .sym = sp->symmetric,
+                    .act_order = o->gptq_act_order,
+                    .mask = mask,
+                    .w_orig = w};
     s.gs = sp->group_size > 0 && sp->group_size < cols ? sp->group_size : cols;
     s.ng = (cols + s.gs - 1) / s.gs;
     s.perm = rs_malloc((size_t)cols * sizeof *s.perm);
@@ -227,9 +234,12 @@ int rs_gptq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
     if (rc == 0) {
         if (s.act_order) fit_static_groups(&s, w, st);
         run_blocks(&s, o->gptq_block > 0 ? o->gptq_block : 128);
-        float *sc = rs_malloc((size_t)rows * s.ng * sizeof *sc), *zr = rs_malloc((size_t)rows * s.ng * sizeof *zr);
-        for (size_t k = 0; k < (size_t)rows * s.ng; k++) sc[k] = s.grid[k].scale, zr[k] = s.grid[k].zero;
-        rc = rs_qweight_assemble(sp, rows, cols, s.codes, sc, s.sym ? NULL : zr, NULL, mask, w, out);
+        float *sc = rs_malloc((size_t)rows * s.ng * sizeof *sc),
+              *zr = rs_malloc((size_t)rows * s.ng * sizeof *zr);
+        for (size_t k = 0; k < (size_t)rows * s.ng; k++)
+            sc[k] = s.grid[k].scale, zr[k] = s.grid[k].zero;
+        rc =
+            rs_qweight_assemble(sp, rows, cols, s.codes, sc, s.sym ? NULL : zr, NULL, mask, w, out);
         free(sc), free(zr);
     }
     free(s.perm), free(s.W), free(s.U), free(s.grid), free(s.codes);

@@ -90,7 +90,8 @@ static int score_example(rs_model *m, rs_train_state *s, rs_model_grads *g, cons
             for (int t = 0; t < 7; t++) {
                 const float *w = rs_snip_weight(m, l, (rs_lora_target)t), *gr = grad_of(g, l, t);
                 size_t k = linear_size(m, t);
-                for (size_t e = 0; e < k; e++) scores[off + e] += (float)(fabs((double)w[e] * gr[e]) * weight);
+                for (size_t e = 0; e < k; e++)
+                    scores[off + e] += (float)(fabs((double)w[e] * gr[e]) * weight);
                 off += k;
             }
     }
@@ -118,14 +119,16 @@ int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
             rc = RS_FAIL("protect: example %d has no target", i + 1);
             break;
         }
-        rc = encode_example(tok, chat, data->texts[i], data->targets[i], max_seq_len, &ids, &n, &np);
+        rc =
+            encode_example(tok, chat, data->texts[i], data->targets[i], max_seq_len, &ids, &n, &np);
         if (rc == 0) rc = score_example(m, s, &g, ids, n, np, 1.0 / data->n, sc, &used);
         if (rc == 0) free(ids), used_total += used;
     }
     if (have_grads) rs_model_grads_free(m, &g);
     if (s) rs_train_state_free(s);
     if (rc == 0 && used_total < data->n)
-        rs_warn("protect: %d of %d examples had no target token within max_seq_len", data->n - used_total, data->n);
+        rs_warn("protect: %d of %d examples had no target token within max_seq_len",
+                data->n - used_total, data->n);
     if (rc != 0) {
         free(sc);
         return -1;
@@ -141,7 +144,8 @@ int rs_protect_masks(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *d
 
 int rs_protect_masks_chat(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
                           rs_chat_kind chat, float tau, int max_seq_len, uint8_t **masks) {
-    if (!(tau > 0 && tau <= 1)) return RS_FAIL("protect: tau must be in (0, 1], got %g", (double)tau);
+    if (!(tau > 0 && tau <= 1))
+        return RS_FAIL("protect: tau must be in (0, 1], got %g", (double)tau);
     float *sc, thr;
     size_t N;
     RS_TRY(rs_protect_scores(m, tok, data, chat, max_seq_len, &sc, &N));

@@ -38,8 +38,8 @@ double rs_output_err2(const float *wq, const float *w, int rows, const rs_calib_
  * (optional): protected entries, kept in fp16 in the critical side matrix. */
 int rs_gptq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
                    const uint8_t *mask, const rs_quant_opts *o, rs_qweight *out);
-int rs_awq_linear(const float *w, int rows, int cols, const rs_calib_stats *st,
-                  const uint8_t *mask, const rs_quant_opts *o, rs_qweight *out);
+int rs_awq_linear(const float *w, int rows, int cols, const rs_calib_stats *st, const uint8_t *mask,
+                  const rs_quant_opts *o, rs_qweight *out);
 
 /* Build the rs_qweight from codes/scales/zeros and attach the protected entries (fp16 of
  * w_orig at mask) and input_scale (may be NULL). */

@@ -200,10 +200,13 @@ static int capture_layer(rs_model *m, const token_set *ts, int max_len, int l, c
     m->capture = on_capture, m->capture_user = c;
     int rc = 0;
     for (int i = 0; rc == 0 && i < ts->n; i++)
-        if (ts->len[i] > 0) rc = rs_model_forward(m, &cache, ts->ids[i], pos, 1, ts->len[i], RS_LOGITS_LAST, logits);
+        if (ts->len[i] > 0)
+            rc =
+                rs_model_forward(m, &cache, ts->ids[i], pos, 1, ts->len[i], RS_LOGITS_LAST, logits);
     m->capture = NULL, m->capture_user = NULL;
     for (int s = 0; s < N_SITES; s++)
-        for (int i = 0; i < dims[s]; i++) c->st[s].mean_abs[i] /= c->st[s].n_tokens > 0 ? (double)c->st[s].n_tokens : 1.0;
+        for (int i = 0; i < dims[s]; i++)
+            c->st[s].mean_abs[i] /= c->st[s].n_tokens > 0 ? (double)c->st[s].n_tokens : 1.0;
     free(logits), free(pos);
     rs_kv_cache_free(m, &cache);
     return rc;
@@ -226,7 +229,8 @@ static int quantize_linear(const float *w, int rows, int cols, const rs_calib_st
 }
 
 static int check_model(const rs_model *m, const rs_calib_set *calib, const rs_quant_opts *o) {
-    if (strcmp(m->be->name, "cpu") != 0 || m->be->weight_dtype != RS_F32 || m->be->act_dtype != RS_F32)
+    if (strcmp(m->be->name, "cpu") != 0 || m->be->weight_dtype != RS_F32 ||
+        m->be->act_dtype != RS_F32)
         return RS_FAIL("quantize: the model must be loaded in fp32 on the cpu backend");
     if (o->method != RS_QMETHOD_RTN && (!calib || calib->n == 0))
         return RS_FAIL("quantize: AWQ and GPTQ need calibration texts");
@@ -250,7 +254,8 @@ static int quantize_layer(rs_model *m, driver *d, int l, uint8_t *const *masks,
         const rs_calib_stats *st = d->ts.n > 0 ? &d->cap.st[site_of(t)] : NULL;
         RS_TRY(quantize_linear(w, rows, cols, st, masks ? masks[i] : NULL, o, &out->w[i]));
         RS_TRY(rs_dequantize(&out->w[i], d->wq));
-        out->rel_error[i] = st ? sqrt(rs_output_err2(d->wq, w, rows, st) / rs_output_err2(NULL, w, rows, st)) : NAN;
+        out->rel_error[i] =
+            st ? sqrt(rs_output_err2(d->wq, w, rows, st) / rs_output_err2(NULL, w, rows, st)) : NAN;
         out->bytes += rs_qweight_bytes(&out->w[i]);
         out->critical_bytes += rs_qweight_critical_bytes(&out->w[i]);
         out->dense_bytes += (size_t)rows * cols * 2;
@@ -284,7 +289,8 @@ static void driver_finish(rs_model *m, driver *d, int n) {
         if (!d->orig[i]) continue;
         int rows, cols;
         linear_shape(m, i % 7, &rows, &cols);
-        memcpy(rs_snip_weight(m, i / 7, (rs_lora_target)(i % 7)), d->orig[i], (size_t)rows * cols * sizeof(float));
+        memcpy(rs_snip_weight(m, i / 7, (rs_lora_target)(i % 7)), d->orig[i],
+               (size_t)rows * cols * sizeof(float));
         free(d->orig[i]);
     }
     free(d->orig);

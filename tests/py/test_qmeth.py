@@ -56,8 +56,8 @@ def add_outliers(model, rnd):
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[rnd.sample(range(norm.weight.shape[0]), 3)] *= 8.0
-            layer.self_attn.v_proj.weight[rnd.sample(range(layer.self_attn.v_proj.weight.shape[0]), 2)] *= 5.0
-            layer.mlp.up_proj.weight[rnd.sample(range(layer.mlp.up_proj.weight.shape[0]), 2)] *= 5.0
+            for w in (layer.self_attn.v_proj.weight, layer.mlp.up_proj.weight):
+                w[rnd.sample(range(w.shape[0]), 2)] *= 5.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,10 +175,11 @@ def output_errors(q, weights):
     errs = []
     for l in range(n_layers):
         xs = layer_inputs(with_weights(model, weights, l) if l else model, l, q["calib"], q["tok"])
-        for t, lin, wq in zip(TARGETS, list(linears(model))[7 * l:7 * l + 7], weights[7 * l:7 * l + 7]):
-            w = lin.weight.detach().double()
-            x = xs[t]
-            errs.append(float(torch.linalg.norm(x @ (wq.double() - w).T) / torch.linalg.norm(x @ w.T)))
+        lins = list(linears(model))[7 * l:7 * l + 7]
+        for t, lin, wq in zip(TARGETS, lins, weights[7 * l:7 * l + 7]):
+            w, x = lin.weight.detach().double(), xs[t]
+            err = torch.linalg.norm(x @ (wq.double() - w).T) / torch.linalg.norm(x @ w.T)
+            errs.append(float(err))
     return np.array(errs)
 
 
@@ -412,7 +413,8 @@ def test_calib_txt_csv_jsonl(tmp_path):
         json.dumps({"prompt": "Hi \u00e9", "target": "Hello"}) + "\n\n" +
         json.dumps({"prompt": "a\nb", "target": "c", "extra": 1}) + "\n")
     rows = load(tmp_path / "c.jsonl", "prompt+target")
-    assert rows == [{"text": "Hi \u00e9 Hello", "target": "Hello"}, {"text": "a\nb c", "target": "c"}]
+    assert rows == [{"text": "Hi \u00e9 Hello", "target": "Hello"},
+                    {"text": "a\nb c", "target": "c"}]
     assert [r["text"] for r in load(tmp_path / "c.jsonl", "prompt")] == ["Hi \u00e9", "a\nb"]
 
 

@@ -56,19 +56,30 @@ static int parse_model_args(int argc, char **argv, rs_quant_opts *o, model_args 
     rs_quant_opts_default(o);
     memset(a, 0, sizeof *a);
     const char *meth = argv[4];
-    o->method = !strcmp(meth, "awq") ? RS_QMETHOD_AWQ : !strcmp(meth, "gptq") ? RS_QMETHOD_GPTQ : RS_QMETHOD_RTN;
+    o->method = !strcmp(meth, "awq")    ? RS_QMETHOD_AWQ
+                : !strcmp(meth, "gptq") ? RS_QMETHOD_GPTQ
+                                        : RS_QMETHOD_RTN;
     o->spec.bits = atoi(argv[5]);
     o->spec.group_size = atoi(argv[6]);
     for (int i = 7; i < argc; i++) {
-        if (!strcmp(argv[i], "--calib") && i + 1 < argc) a->calib = argv[++i];
-        else if (!strcmp(argv[i], "--max-seq") && i + 1 < argc) o->max_seq_len = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--act-order")) o->gptq_act_order = 1;
-        else if (!strcmp(argv[i], "--no-clip")) o->awq_clip = 0;
-        else if (!strcmp(argv[i], "--sym")) o->spec.symmetric = 1;
-        else if (!strcmp(argv[i], "--protect") && i + 1 < argc) a->protect = argv[++i];
-        else if (!strcmp(argv[i], "--chat") && i + 1 < argc) RS_TRY(rs_chat_kind_from_name(argv[++i], &a->chat));
-        else if (!strcmp(argv[i], "--tau") && i + 1 < argc) o->protect_tau = a->tau = (float)atof(argv[++i]);
-        else return RS_FAIL("unknown argument %s", argv[i]);
+        if (!strcmp(argv[i], "--calib") && i + 1 < argc)
+            a->calib = argv[++i];
+        else if (!strcmp(argv[i], "--max-seq") && i + 1 < argc)
+            o->max_seq_len = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--act-order"))
+            o->gptq_act_order = 1;
+        else if (!strcmp(argv[i], "--no-clip"))
+            o->awq_clip = 0;
+        else if (!strcmp(argv[i], "--sym"))
+            o->spec.symmetric = 1;
+        else if (!strcmp(argv[i], "--protect") && i + 1 < argc)
+            a->protect = argv[++i];
+        else if (!strcmp(argv[i], "--chat") && i + 1 < argc)
+            RS_TRY(rs_chat_kind_from_name(argv[++i], &a->chat));
+        else if (!strcmp(argv[i], "--tau") && i + 1 < argc)
+            o->protect_tau = a->tau = (float)atof(argv[++i]);
+        else
+            return RS_FAIL("unknown argument %s", argv[i]);
     }
     return 0;
 }
@@ -144,13 +155,15 @@ static int cmd_model(int argc, char **argv) {
 }
 
 static int cmd_gptq(int argc, char **argv) {
-    if (argc < 13) return RS_FAIL("usage: gptq W.f32 H.f64 ROWS COLS BITS GROUP ACT BLOCK DAMP SYM OUT");
+    if (argc < 13)
+        return RS_FAIL("usage: gptq W.f32 H.f64 ROWS COLS BITS GROUP ACT BLOCK DAMP SYM OUT");
     int rows = atoi(argv[4]), cols = atoi(argv[5]);
     char *wd, *hd;
     size_t wn, hn;
     RS_TRY(rs_read_file(argv[2], &wd, &wn));
     RS_TRY(rs_read_file(argv[3], &hd, &hn));
-    if (wn != (size_t)rows * cols * 4 || hn != (size_t)cols * cols * 8) return RS_FAIL("gptq: sizes");
+    if (wn != (size_t)rows * cols * 4 || hn != (size_t)cols * cols * 8)
+        return RS_FAIL("gptq: sizes");
     rs_quant_opts o;
     rs_quant_opts_default(&o);
     o.method = RS_QMETHOD_GPTQ;
@@ -177,10 +190,14 @@ static int cmd_gptq(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     int rc = -1;
-    if (argc >= 2 && !strcmp(argv[1], "calib")) rc = cmd_calib(argc, argv);
-    else if (argc >= 2 && !strcmp(argv[1], "model")) rc = cmd_model(argc, argv);
-    else if (argc >= 2 && !strcmp(argv[1], "gptq")) rc = cmd_gptq(argc, argv);
-    else RS_FAIL("usage: qmeth_tool calib|model|gptq ...");
+    if (argc >= 2 && !strcmp(argv[1], "calib"))
+        rc = cmd_calib(argc, argv);
+    else if (argc >= 2 && !strcmp(argv[1], "model"))
+        rc = cmd_model(argc, argv);
+    else if (argc >= 2 && !strcmp(argv[1], "gptq"))
+        rc = cmd_gptq(argc, argv);
+    else
+        RS_FAIL("usage: qmeth_tool calib|model|gptq ...");
     if (rc != 0) rs_die_last();
     return 0;
 }
