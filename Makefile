@@ -112,7 +112,7 @@ asan:
 	@RESAFE_BUILD=build/asan ASAN_OPTIONS=detect_leaks=1 $(PYTHON) tests/run.py $(TEST_ARGS)
 
 # libFuzzer targets (clang), one per untrusted reader.
-FUZZ_TARGETS := safetensors hf_config tokenizer ini
+FUZZ_TARGETS := safetensors hf_config tokenizer ini quant
 FUZZ_CFLAGS  := -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude -D_GNU_SOURCE \
                 $(HDF5_CFLAGS) -I/usr/include/cjson -fopenmp
 fuzz: $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_TARGETS))

@@ -3,6 +3,7 @@
  * the specification the CUDA backend is checked against, so clarity wins over speed; only
  * linear_fwd (where all the time goes) is blocked, and only as far as clarity allows. */
 #include "resafe/backend.h"
+#include "resafe/quant.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -699,6 +700,67 @@ static void cpu_fake_quant_rows(void *w_q, const float *w, int rows, int cols, i
         fake_quant_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
 }
 
+/* ---------------------------------------------------------------- quantized linears */
+
+/* The reference: dequantize the whole weight (rs_dequantize_row, the one definition of the
+ * formats) into fp32 and run the dense op on it. */
+static float *dequantize_all(const rs_qweight *w) {
+    float *dense = rs_malloc((size_t)w->rows * w->cols * sizeof *dense);
+#pragma omp parallel if (PARALLEL((size_t)w->rows * w->cols * 64))
+    {
+        uint8_t *codes = rs_malloc((size_t)w->cols);
+#pragma omp for schedule(static)
+        for (int r = 0; r < w->rows; r++) rs_dequantize_row(w, r, codes, dense + (size_t)r * w->cols);
+        free(codes);
+    }
+    return dense;
+}
+
+static void cpu_qmatmul(void *out, const void *x, const rs_qweight *w, const void *bias, int n,
+                        float beta) {
+    float *dense = dequantize_all(w);
+    cpu_linear_fwd(out, x, dense, bias, n, w->cols, w->rows, beta);
+    free(dense);
+}
+
+static void cpu_qmatmul_t(void *dx, const void *dout, const rs_qweight *w, int n, float beta) {
+    float *dense = dequantize_all(w);
+    linear_bwd_dx(dx, dout, dense, n, w->cols, w->rows, beta);
+    free(dense);
+}
+
+static void *dup_array(const void *src, size_t bytes) {
+    if (!src) return NULL;
+    void *d = rs_malloc(bytes ? bytes : 1);
+    memcpy(d, src, bytes);
+    return d;
+}
+
+/* Host memory is the cpu backend's memory: upload is a deep copy. */
+static int cpu_qweight_upload(rs_qweight *dst, const rs_qweight *h) {
+    size_t ng = (size_t)h->rows * h->n_groups;
+    *dst = *h;
+    dst->packed = dup_array(h->packed, h->packed_bytes);
+    dst->scales = dup_array(h->scales, ng * sizeof(float));
+    dst->zeros = dup_array(h->zeros, ng * sizeof(float));
+    dst->input_scale = dup_array(h->input_scale, (size_t)h->cols * sizeof(float));
+    dst->outlier_cols = dup_array(h->outlier_cols, (size_t)h->n_outlier_cols * sizeof(int32_t));
+    dst->outlier_vals =
+        dup_array(h->outlier_vals, (size_t)h->rows * h->n_outlier_cols * sizeof(uint16_t));
+    dst->crit_row_ptr = dup_array(h->crit_row_ptr, (size_t)(h->rows + 1) * sizeof(int64_t));
+    dst->crit_cols = dup_array(h->crit_cols, (size_t)h->n_critical * sizeof(int32_t));
+    dst->crit_vals = dup_array(h->crit_vals, (size_t)h->n_critical * sizeof(uint16_t));
+    return 0;
+}
+
+static void cpu_qweight_free(rs_qweight *w) { rs_qweight_free(w); }
+
+static void cpu_qdequantize(void *w, const rs_qweight *q) {
+    float *dense = dequantize_all(q);
+    memcpy(w, dense, (size_t)q->rows * q->cols * sizeof *dense);
+    free(dense);
+}
+
 /* ---------------------------------------------------------------- the table */
 
 static const rs_backend g_cpu = {
@@ -741,6 +803,11 @@ static const rs_backend g_cpu = {
     .snip_accumulate = cpu_snip_accumulate,
     .zero_f32 = cpu_zero_f32,
     .fake_quant_rows = cpu_fake_quant_rows,
+    .qmatmul = cpu_qmatmul,
+    .qmatmul_t = cpu_qmatmul_t,
+    .qweight_upload = cpu_qweight_upload,
+    .qweight_free = cpu_qweight_free,
+    .qdequantize = cpu_qdequantize,
 };
 
 const rs_backend *rs_backend_cpu(void) { return &g_cpu; }

@@ -6,14 +6,15 @@
 #include "resafe/chat.h"
 #include "resafe/cli.h"
 #include "resafe/h5store.h"
+#include "resafe/quant_io.h"
 #include "resafe/hf_config.h"
 #include "resafe/safetensors.h"
 #include "resafe/tokenizer.h"
 
-typedef enum { AS_AUTO, AS_MODEL_DIR, AS_SAFETENSORS, AS_HDF5, AS_CONFIG, AS_TOKENIZER } inspect_kind;
+typedef enum { AS_AUTO, AS_MODEL_DIR, AS_SAFETENSORS, AS_HDF5, AS_CONFIG, AS_TOKENIZER, AS_QUANT } inspect_kind;
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: resafe inspect PATH [--as model|safetensors|hdf5|config|tokenizer] [--all]\n"
+    fprintf(f, "usage: resafe inspect PATH [--as model|safetensors|hdf5|config|tokenizer|quant] [--all]\n"
                "  PATH: a Hugging Face model directory, a .safetensors file (or its sharded\n"
                "  .index.json), an HDF5 file (.h5/.hdf5), a config.json or a tokenizer.json.\n"
                "  --all lists every tensor of a model directory (default: the first 16).\n");
@@ -188,12 +189,21 @@ static int inspect_hdf5(const char *path) {
     return 0;
 }
 
+/* A quantized safetensors file: every quantized linear validated (quant_io.h). */
+static int inspect_quant(const char *path) {
+    int n;
+    RS_TRY(rs_qfile_check(path, &n));
+    printf("%s: quantized safetensors, %d quantized linears, all valid\n", path, n);
+    return 0;
+}
+
 static int parse_kind(const char *s, inspect_kind *out) {
     static const struct {
         const char *name;
         inspect_kind kind;
     } names[] = {{"model", AS_MODEL_DIR},   {"safetensors", AS_SAFETENSORS}, {"hdf5", AS_HDF5},
-                 {"config", AS_CONFIG},     {"tokenizer", AS_TOKENIZER}};
+                 {"config", AS_CONFIG},     {"tokenizer", AS_TOKENIZER},
+                 {"quant", AS_QUANT}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (strcmp(s, names[i].name) == 0) {
             *out = names[i].kind;
@@ -242,6 +252,7 @@ int cmd_inspect(int argc, char **argv) {
     case AS_HDF5: rc = inspect_hdf5(path); break;
     case AS_CONFIG: rc = inspect_config(path); break;
     case AS_TOKENIZER: rc = inspect_tokenizer(path); break;
+    case AS_QUANT: rc = inspect_quant(path); break;
     default:
         rc = RS_FAIL("%s: cannot tell what this file is (use --as model|safetensors|hdf5|config|"
                      "tokenizer)", path);

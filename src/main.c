@@ -14,6 +14,7 @@ static const struct {
     {"inspect", cmd_inspect, "summarise a safetensors file, model directory or HDF5 file"},
     {"config", cmd_config, "check an INI run config, or print every key (--doc)"},
     {"sft", cmd_sft, "supervised fine-tuning of every parameter (optionally QAT)"},
+    {"quantize", cmd_quantize, "quantize a model (rtn, awq, gptq, nf4, fp4, int8; SNIP protection)"},
     {"dpo", cmd_dpo, "masked-LoRA DPO with SNIP masks: the Q-resafe patch"},
 };
 

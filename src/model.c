@@ -1,6 +1,7 @@
 /* model: the activation plan, the KV cache and the forward pass of the Llama family
  * (equations in include/resafe/model.h). Loading lives in model_load.c. */
 #include "resafe/model.h"
+#include "resafe/quant.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,10 @@ void rs_model_free(rs_model *m) {
     if (m->be) {
         free_activations(m);
         if (m->params) m->be->free(m->params);
+        for (int i = 0; i < m->n_qweights; i++) m->be->qweight_free(&m->qweights[i]);
     }
+    free(m->qweights);
+    free(m->quant_desc);
     free(m->layers);
     memset(m, 0, sizeof *m);
 }
@@ -214,16 +218,18 @@ static void attention_block(rs_model *m, rs_kv_cache *cache, int l, int B, int T
     int n = B * T, D = c->hidden_size, hd = c->head_dim;
     int Q = c->n_heads * hd, KV = c->n_kv_heads * hd;
     be->rmsnorm_fwd(a->xn, NULL, a->x, w->attn_norm, n, D, c->rms_norm_eps, c->norm_add_one);
-    be->linear_fwd(a->q, a->xn, w->wq, w->bq, n, D, Q, 0.0f);
-    be->linear_fwd(a->k, a->xn, w->wk, w->bk, n, D, KV, 0.0f);
-    be->linear_fwd(a->v, a->xn, w->wv, w->bv, n, D, KV, 0.0f);
+    if (m->capture) m->capture(m->capture_user, l, 0, a->xn, n, D);
+    rs_linear_fwd(be, a->q, a->xn, w->wq, w->qwq, w->bq, n, D, Q, 0.0f);
+    rs_linear_fwd(be, a->k, a->xn, w->wk, w->qwk, w->bk, n, D, KV, 0.0f);
+    rs_linear_fwd(be, a->v, a->xn, w->wv, w->qwv, w->bv, n, D, KV, 0.0f);
     be->rope_fwd(a->q, a->pos, m->inv_freq, n, c->n_heads, hd);
     be->rope_fwd(a->k, a->pos, m->inv_freq, n, c->n_kv_heads, hd);
     write_cache(m, cache->k[l], a->k, n, n_real);
     write_cache(m, cache->v[l], a->v, n, n_real);
     be->attention_fwd(a->att, a->q, cache->k[l], cache->v[l], a->pos, B, T, cache->max_seq_len,
                       c->n_heads, c->n_kv_heads, hd, c->attn_scale);
-    be->linear_fwd(a->x, a->att, w->wo, w->bo, n, Q, D, 1.0f); /* beta = 1: the residual add */
+    if (m->capture) m->capture(m->capture_user, l, 3, a->att, n, Q);
+    rs_linear_fwd(be, a->x, a->att, w->wo, w->qwo, w->bo, n, Q, D, 1.0f); /* beta = 1: residual */
 }
 
 /* x += W_down (act(W_gate norm(x)) * W_up norm(x)) */
@@ -234,10 +240,12 @@ static void mlp_block(rs_model *m, int l, int n) {
     rs_activations *a = &m->act;
     int D = c->hidden_size, F = c->intermediate_size;
     be->rmsnorm_fwd(a->xn, NULL, a->x, w->mlp_norm, n, D, c->rms_norm_eps, c->norm_add_one);
-    be->linear_fwd(a->gate, a->xn, w->w_gate, w->b_gate, n, D, F, 0.0f);
-    be->linear_fwd(a->up, a->xn, w->w_up, w->b_up, n, D, F, 0.0f);
+    if (m->capture) m->capture(m->capture_user, l, 4, a->xn, n, D);
+    rs_linear_fwd(be, a->gate, a->xn, w->w_gate, w->qw_gate, w->b_gate, n, D, F, 0.0f);
+    rs_linear_fwd(be, a->up, a->xn, w->w_up, w->qw_up, w->b_up, n, D, F, 0.0f);
     be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
-    be->linear_fwd(a->x, a->mlp, w->w_down, w->b_down, n, F, D, 1.0f);
+    if (m->capture) m->capture(m->capture_user, l, 6, a->mlp, n, F);
+    rs_linear_fwd(be, a->x, a->mlp, w->w_down, w->qw_down, w->b_down, n, F, D, 1.0f);
 }
 
 /* logits = W_lm norm(x) for every row, or for the last real row of each sequence. */
@@ -282,5 +290,48 @@ int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, con
         mlp_block(m, l, n);
     }
     logits_block(m, B, T, mode, logits);
+    return 0;
+}
+
+const char *rs_linear_name(int i) {
+    static const char *names[RS_N_LINEARS] = {"self_attn.q_proj", "self_attn.k_proj",
+                                              "self_attn.v_proj", "self_attn.o_proj",
+                                              "mlp.gate_proj",    "mlp.up_proj",
+                                              "mlp.down_proj"};
+    return i >= 0 && i < RS_N_LINEARS ? names[i] : "?";
+}
+
+void rs_linear_shape(const rs_model_config *c, int i, int *out, int *in) {
+    int D = c->hidden_size, F = c->intermediate_size;
+    int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
+    static const int which[RS_N_LINEARS][2] = {{0, 1}, {2, 1}, {2, 1}, {1, 0}, {3, 1}, {3, 1}, {1, 3}};
+    int dims[4] = {Q, D, KV, F};
+    *out = dims[which[i][0]];
+    *in = dims[which[i][1]];
+}
+
+int rs_model_set_quantized(rs_model *m, const struct rs_qweight *const *qw, const char *desc) {
+    const rs_backend *be = m->be;
+    if (!be->qmatmul || !be->qweight_upload)
+        return RS_FAIL("the %s backend has no quantized matmul", be->name);
+    if (m->n_qweights) return RS_FAIL("model is already quantized");
+    int n = m->cfg.n_layers * RS_N_LINEARS;
+    m->qweights = rs_calloc((size_t)n, sizeof *m->qweights);
+    for (int j = 0; j < n; j++) {
+        if (!qw[j]) continue;
+        int out, in;
+        rs_linear_shape(&m->cfg, j % RS_N_LINEARS, &out, &in);
+        if (qw[j]->rows != out || qw[j]->cols != in)
+            return RS_FAIL("quantized layers.%d.%s is [%d, %d], the model needs [%d, %d]",
+                           j / RS_N_LINEARS, rs_linear_name(j % RS_N_LINEARS), qw[j]->rows,
+                           qw[j]->cols, out, in);
+        rs_layer_weights *w = &m->layers[j / RS_N_LINEARS];
+        if (be->qweight_upload(&m->qweights[j], qw[j]) != 0) return -1;
+        m->n_qweights = j + 1;
+        *rs_layer_qslot(w, j % RS_N_LINEARS) = &m->qweights[j];
+        *rs_layer_wslot(w, j % RS_N_LINEARS) = NULL;
+    }
+    m->n_qweights = n;
+    if (desc) m->quant_desc = rs_strdup(desc);
     return 0;
 }

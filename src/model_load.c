@@ -3,6 +3,7 @@
  * and checked before anything is allocated, so a bad checkpoint fails with one line naming the
  * tensor. */
 #include "resafe/model.h"
+#include "resafe/quant_io.h"
 #include "resafe/safetensors.h"
 
 #include <stdarg.h>
@@ -42,7 +43,7 @@ static void expect(spec_list *l, void **slot, int64_t d0, int64_t d1, const char
 }
 
 /* The parameters of HF's *ForCausalLM for this config, in checkpoint naming. */
-static void list_parameters(rs_model *m, spec_list *l) {
+static void list_parameters(rs_model *m, spec_list *l, int quantized) {
     const rs_model_config *c = &m->cfg;
     int64_t D = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
     int64_t Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim;
@@ -51,10 +52,10 @@ static void list_parameters(rs_model *m, spec_list *l) {
         rs_layer_weights *w = &m->layers[i];
         const char *p = "model.layers";
         expect(l, &w->attn_norm, D, 0, "%s.%d.input_layernorm.weight", p, i);
-        expect(l, &w->wq, Q, D, "%s.%d.self_attn.q_proj.weight", p, i);
-        expect(l, &w->wk, KV, D, "%s.%d.self_attn.k_proj.weight", p, i);
-        expect(l, &w->wv, KV, D, "%s.%d.self_attn.v_proj.weight", p, i);
-        expect(l, &w->wo, D, Q, "%s.%d.self_attn.o_proj.weight", p, i);
+        if (!quantized) expect(l, &w->wq, Q, D, "%s.%d.self_attn.q_proj.weight", p, i);
+        if (!quantized) expect(l, &w->wk, KV, D, "%s.%d.self_attn.k_proj.weight", p, i);
+        if (!quantized) expect(l, &w->wv, KV, D, "%s.%d.self_attn.v_proj.weight", p, i);
+        if (!quantized) expect(l, &w->wo, D, Q, "%s.%d.self_attn.o_proj.weight", p, i);
         if (c->attention_bias) {
             expect(l, &w->bq, Q, 0, "%s.%d.self_attn.q_proj.bias", p, i);
             expect(l, &w->bk, KV, 0, "%s.%d.self_attn.k_proj.bias", p, i);
@@ -62,9 +63,9 @@ static void list_parameters(rs_model *m, spec_list *l) {
         }
         if (c->o_bias) expect(l, &w->bo, D, 0, "%s.%d.self_attn.o_proj.bias", p, i);
         expect(l, &w->mlp_norm, D, 0, "%s.%d.post_attention_layernorm.weight", p, i);
-        expect(l, &w->w_gate, F, D, "%s.%d.mlp.gate_proj.weight", p, i);
-        expect(l, &w->w_up, F, D, "%s.%d.mlp.up_proj.weight", p, i);
-        expect(l, &w->w_down, D, F, "%s.%d.mlp.down_proj.weight", p, i);
+        if (!quantized) expect(l, &w->w_gate, F, D, "%s.%d.mlp.gate_proj.weight", p, i);
+        if (!quantized) expect(l, &w->w_up, F, D, "%s.%d.mlp.up_proj.weight", p, i);
+        if (!quantized) expect(l, &w->w_down, D, F, "%s.%d.mlp.down_proj.weight", p, i);
         if (c->mlp_bias) {
             expect(l, &w->b_gate, F, 0, "%s.%d.mlp.gate_proj.bias", p, i);
             expect(l, &w->b_up, F, 0, "%s.%d.mlp.up_proj.bias", p, i);
@@ -83,7 +84,7 @@ static void shape_str(char *buf, size_t size, int ndim, const int64_t *shape) {
 }
 
 /* Find every expected tensor and check its shape and dtype; nothing is allocated yet. */
-static int match_tensors(const char *dir, const rs_st_set *set, spec_list *l) {
+static int match_tensors(const char *dir, const rs_st_set *set, spec_list *l, int n_quant_tensors) {
     for (int i = 0; i < l->n; i++) {
         param_spec *s = &l->items[i];
         s->src = rs_st_find(set, s->name);
@@ -101,9 +102,9 @@ static int match_tensors(const char *dir, const rs_st_set *set, spec_list *l) {
             return RS_FAIL("%s: tensor '%s' has dtype %s (supported: F32, F16, BF16)", dir, s->name,
                            rs_dtype_name(t->dtype));
     }
-    if (set->n_tensors > l->n)
+    if (set->n_tensors > l->n + n_quant_tensors)
         rs_warn("%s: %d tensors in the checkpoint are not parameters of the model (ignored)", dir,
-                set->n_tensors - l->n);
+                set->n_tensors - l->n - n_quant_tensors);
     return 0;
 }
 
@@ -147,6 +148,47 @@ static int upload_parameters(rs_model *m, spec_list *l) {
     return 0;
 }
 
+/* A quantized directory (quant_io.h): read every linear's quantized tensors (host, validated). */
+static int read_quantized(const char *dir, const rs_st_set *set, const char *qjson, rs_model *m,
+                          rs_qweight **qw, int *n_tensors) {
+    rs_qspec spec;
+    char method[64], file[512];
+    snprintf(file, sizeof file, "%s/model.safetensors", dir);
+    if (rs_qconfig_parse(file, qjson, &spec, method, sizeof method) != 0) return -1;
+    int n = m->cfg.n_layers * RS_N_LINEARS;
+    *qw = rs_calloc((size_t)n, sizeof **qw);
+    for (int j = 0; j < n; j++) {
+        char name[128];
+        int out, in, used;
+        snprintf(name, sizeof name, "model.layers.%d.%s", j / RS_N_LINEARS, rs_linear_name(j % RS_N_LINEARS));
+        rs_linear_shape(&m->cfg, j % RS_N_LINEARS, &out, &in);
+        if (rs_qweight_read(set, file, name, &spec, out, in, &(*qw)[j], &used) != 0) return -1;
+        *n_tensors += used;
+    }
+    char desc[160], sname[64];
+    snprintf(desc, sizeof desc, "%s %s", rs_qspec_name(&spec, sname, sizeof sname), method);
+    m->quant_desc = rs_strdup(desc);
+    return 0;
+}
+
+static int attach_quantized(rs_model *m, rs_qweight *qw) {
+    int n = m->cfg.n_layers * RS_N_LINEARS;
+    const rs_qweight **ptrs = rs_malloc((size_t)n * sizeof *ptrs);
+    for (int j = 0; j < n; j++) ptrs[j] = &qw[j];
+    char *desc = m->quant_desc;
+    m->quant_desc = NULL;
+    int rc = rs_model_set_quantized(m, ptrs, desc);
+    free(desc);
+    free(ptrs);
+    return rc;
+}
+
+static void free_host_qweights(rs_qweight *qw, int n) {
+    if (!qw) return;
+    for (int j = 0; j < n; j++) rs_qweight_free(&qw[j]);
+    free(qw);
+}
+
 int rs_model_load(const char *dir, const rs_backend *be, rs_model *m) {
     memset(m, 0, sizeof *m);
     m->be = be;
@@ -157,18 +199,25 @@ int rs_model_load(const char *dir, const rs_backend *be, rs_model *m) {
     rs_st_set set;
     if (rs_st_open(dir, &set) != 0) return -1;
     m->layers = rs_calloc((size_t)m->cfg.n_layers, sizeof *m->layers);
+    const char *qjson = rs_qconfig_of(&set);
+    rs_qweight *qw = NULL;
+    int n_quant_tensors = 0, rc = 0;
+    if (qjson) rc = read_quantized(dir, &set, qjson, m, &qw, &n_quant_tensors);
     spec_list specs = {0};
-    list_parameters(m, &specs);
-    int rc = match_tensors(dir, &set, &specs);
+    list_parameters(m, &specs, qjson != NULL);
+    if (rc == 0) rc = match_tensors(dir, &set, &specs, n_quant_tensors);
     if (rc == 0) rc = upload_parameters(m, &specs);
+    if (rc == 0 && qw) rc = attach_quantized(m, qw);
+    free_host_qweights(qw, m->cfg.n_layers * RS_N_LINEARS);
     free(specs.items);
     rs_st_close(&set);
     if (rc != 0) {
         rs_model_free(m);
         return -1;
     }
-    rs_info("%s: %s, %d layers, hidden %d, %zu parameters (%.1f MiB on %s)", dir,
+    rs_info("%s: %s, %d layers, hidden %d, %zu parameters (%.1f MiB on %s)%s%s", dir,
             rs_arch_name(m->cfg.arch), m->cfg.n_layers, m->cfg.hidden_size, m->n_params,
-            m->params_bytes / 1048576.0, be->name);
+            m->params_bytes / 1048576.0, be->name, m->quant_desc ? ", quantized " : "",
+            m->quant_desc ? m->quant_desc : "");
     return 0;
 }

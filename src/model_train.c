@@ -87,6 +87,7 @@ typedef struct {
     const void *w, *b; /* W [out, in], bias [out] or NULL */
     float *dw, *db;    /* where this pass accumulates their gradients (NULL: not wanted) */
     int in, out;
+    const struct rs_qweight *q; /* the quantized weight (w is then NULL), or NULL */
 } linear_ref;
 
 /* The adapter of target t in layer l, NULL when there is none. */
@@ -107,13 +108,15 @@ static linear_ref linear_at(const pass *p, int l, rs_lora_target t) {
     int Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim;
     linear_ref r;
     switch (t) {
-    case RS_LORA_Q: r = (linear_ref){w->wq, w->bq, g.wq, g.bq, D, Q}; break;
-    case RS_LORA_K: r = (linear_ref){w->wk, w->bk, g.wk, g.bk, D, KV}; break;
-    case RS_LORA_V: r = (linear_ref){w->wv, w->bv, g.wv, g.bv, D, KV}; break;
-    case RS_LORA_O: r = (linear_ref){w->wo, w->bo, g.wo, g.bo, Q, D}; break;
-    case RS_LORA_GATE: r = (linear_ref){w->w_gate, w->b_gate, g.w_gate, g.b_gate, D, F}; break;
-    case RS_LORA_UP: r = (linear_ref){w->w_up, w->b_up, g.w_up, g.b_up, D, F}; break;
-    default: r = (linear_ref){w->w_down, w->b_down, g.w_down, g.b_down, F, D}; break;
+    case RS_LORA_Q: r = (linear_ref){w->wq, w->bq, g.wq, g.bq, D, Q, w->qwq}; break;
+    case RS_LORA_K: r = (linear_ref){w->wk, w->bk, g.wk, g.bk, D, KV, w->qwk}; break;
+    case RS_LORA_V: r = (linear_ref){w->wv, w->bv, g.wv, g.bv, D, KV, w->qwv}; break;
+    case RS_LORA_O: r = (linear_ref){w->wo, w->bo, g.wo, g.bo, Q, D, w->qwo}; break;
+    case RS_LORA_GATE:
+        r = (linear_ref){w->w_gate, w->b_gate, g.w_gate, g.b_gate, D, F, w->qw_gate};
+        break;
+    case RS_LORA_UP: r = (linear_ref){w->w_up, w->b_up, g.w_up, g.b_up, D, F, w->qw_up}; break;
+    default: r = (linear_ref){w->w_down, w->b_down, g.w_down, g.b_down, F, D, w->qw_down}; break;
     }
     if (!p->grads) {
         rs_lora_linear *a = adapter(p, l, t);
@@ -136,7 +139,12 @@ static const void *adapter_input(const pass *p, int l, rs_lora_target t, const v
 
 /* W + scale * (M ⊙ B A) into the state's scratch weight. */
 static const void *merged_weight(const pass *p, const rs_lora_linear *a, const linear_ref *r) {
-    p->be->lora_merge(p->s->w_eff, r->w, a->A, a->B, a->mask_W, r->out, r->in, p->lora->rank,
+    const void *w = r->w;
+    if (r->q) { /* quantized: dequantize into the scratch, merge in place */
+        p->be->qdequantize(p->s->w_eff, r->q);
+        w = p->s->w_eff;
+    }
+    p->be->lora_merge(p->s->w_eff, w, a->A, a->B, a->mask_W, r->out, r->in, p->lora->rank,
                       p->lora->scale);
     return p->s->w_eff;
 }
@@ -150,7 +158,7 @@ static void project(const pass *p, int l, rs_lora_target t, void *out, const voi
         p->be->linear_fwd(out, x, merged_weight(p, a, &r), r.b, p->n, r.in, r.out, beta);
         return;
     }
-    p->be->linear_fwd(out, x, r.w, r.b, p->n, r.in, r.out, beta);
+    rs_linear_fwd(p->be, out, x, r.w, r.q, r.b, p->n, r.in, r.out, beta);
     if (a)
         p->be->lora_fwd(out, xa, adapter_input(p, l, t, x, r.in), a->A, a->B, p->n, r.in, r.out,
                         p->lora->rank, p->lora->scale);
@@ -201,7 +209,13 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
         elementwise_bwd(p, a, &r, dx, beta, dout, x);
         return;
     }
-    p->be->linear_bwd(dx, r.dw, r.db, dout, x, r.w, p->n, r.in, r.out, beta);
+    if (r.q) {
+        /* frozen quantized weight: dx through qmatmul_t; dW (SNIP) and db need only x, dout */
+        if (dx) p->be->qmatmul_t(dx, dout, r.q, p->n, beta);
+        if (r.dw || r.db) p->be->linear_bwd(NULL, r.dw, r.db, dout, x, NULL, p->n, r.in, r.out, 0.0f);
+    } else {
+        p->be->linear_bwd(dx, r.dw, r.db, dout, x, r.w, p->n, r.in, r.out, beta);
+    }
     if (a) adapter_bwd(p, l, t, a, &r, dx, dout, x, xa);
 }
 
@@ -477,6 +491,9 @@ static int check_adapter_plan(const rs_model *m, const rs_lora *lora) {
         return RS_FAIL("the %s backend has no dropout op: set LoRA dropout 0", be->name);
     if (!be->lora_fwd || !be->lora_bwd || !be->lora_merge || !be->lora_masked_grad)
         return RS_FAIL("the %s backend has no LoRA ops yet", be->name);
+    if (m->n_qweights && lora->mask_mode == RS_MASK_ELEMENTWISE && !be->qdequantize)
+        return RS_FAIL("the %s backend cannot merge an elementwise adapter into quantized "
+                       "weights (no qdequantize op): use factor masks", be->name);
     return 0;
 }
 
@@ -488,6 +505,10 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
         return NULL;
     }
     if (check_backend(be) != 0 || (lora && check_adapter_plan(m, lora) != 0)) return NULL;
+    if (m->n_qweights && (!be->qmatmul || !be->qmatmul_t)) {
+        RS_FAIL("the %s backend cannot train a quantized model (qmatmul ops missing)", be->name);
+        return NULL;
+    }
     const rs_model_config *c = &m->cfg;
     rs_train_state *s = rs_calloc(1, sizeof *s);
     s->be = be;

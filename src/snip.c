@@ -101,6 +101,9 @@ void *rs_snip_weight(rs_model *m, int layer, rs_lora_target t) {
 
 int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora) {
     memset(s, 0, sizeof *s);
+    if (m->n_qweights && !m->be->qdequantize)
+        return RS_FAIL("SNIP: the %s backend cannot dequantize weights (qdequantize op missing)",
+                       m->be->name);
     s->m = m, s->lora = lora;
     int max_lin = lora->n_layers * RS_LORA_N_TARGETS;
     s->lin_layer = rs_malloc((size_t)max_lin * sizeof *s->lin_layer);
@@ -167,8 +170,13 @@ static void accumulate_batch(rs_snip *s, float weight) {
     for (int i = 0; i < s->n_lin; i++) {
         rs_lora_linear *lin = lin_of(s, i);
         const uint8_t *mask = l->mask_mode == RS_MASK_ELEMENTWISE ? lin->mask_W : NULL;
-        be->lora_merge(s->w_eff, rs_snip_weight(s->m, s->lin_layer[i], s->lin_target[i]), lin->A,
-                       lin->B, mask, lin->out, lin->in, l->rank, l->scale);
+        const void *w = rs_snip_weight(s->m, s->lin_layer[i], s->lin_target[i]);
+        if (!w) { /* a quantized linear: W_eff = dequant(Q) + adapter */
+            be->qdequantize(s->w_eff, *rs_layer_qslot(&s->m->layers[s->lin_layer[i]],
+                                                      (int)s->lin_target[i]));
+            w = s->w_eff;
+        }
+        be->lora_merge(s->w_eff, w, lin->A, lin->B, mask, lin->out, lin->in, l->rank, l->scale);
         be->snip_accumulate(s->score[i], s->w_eff, lin->dW, (size_t)lin->out * lin->in, weight);
     }
 }

@@ -175,6 +175,9 @@ typedef struct rs_backend {
     /* Copy a host rs_qweight into backend memory (arrays allocated here); free releases them. */
     int (*qweight_upload)(struct rs_qweight *dst, const struct rs_qweight *host);
     void (*qweight_free)(struct rs_qweight *w);
+    /* w[m, k] = dequant(W) in weight dtype (elementwise LoRA merge and SNIP on quantized
+     * weights need the dense W_eff). */
+    void (*qdequantize)(void *w, const struct rs_qweight *q);
 } rs_backend;
 
 /* The backends compiled into this binary. */

@@ -10,6 +10,7 @@ int cmd_inspect(int argc, char **argv);
 int cmd_config(int argc, char **argv);
 int cmd_sft(int argc, char **argv);
 int cmd_dpo(int argc, char **argv);
+int cmd_quantize(int argc, char **argv);
 
 /* The training commands' shared command line (src/cmd_training.c). */
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,

@@ -27,7 +27,37 @@ typedef struct {
     void *bq, *bk, *bv, *bo;
     void *w_gate, *w_up, *w_down; /* [inter, hidden] x2, [hidden, inter] */
     void *b_gate, *b_up, *b_down;
+    /* Quantized linears (quant.h, backend-resident): NULL = dense. A quantized linear has its
+     * dense pointer NULL and goes through be->qmatmul / be->qmatmul_t. Order of rs_layer_qslot:
+     * q, k, v, o, gate, up, down (the order of rs_lora_target and quant_methods.h). */
+    struct rs_qweight *qwq, *qwk, *qwv, *qwo, *qw_gate, *qw_up, *qw_down;
 } rs_layer_weights;
+
+#define RS_N_LINEARS 7
+/* The dense and quantized slots of linear i (0..6 = q, k, v, o, gate, up, down). */
+static inline void **rs_layer_wslot(rs_layer_weights *w, int i) {
+    void **s[RS_N_LINEARS] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+    return s[i];
+}
+static inline struct rs_qweight **rs_layer_qslot(rs_layer_weights *w, int i) {
+    struct rs_qweight **s[RS_N_LINEARS] = {&w->qwq, &w->qwk,    &w->qwv,   &w->qwo,
+                                           &w->qw_gate, &w->qw_up, &w->qw_down};
+    return s[i];
+}
+/* HF module name of linear i ("self_attn.q_proj", ...). */
+const char *rs_linear_name(int i);
+/* [out, in] of linear i for this config. */
+void rs_linear_shape(const rs_model_config *c, int i, int *out, int *in);
+
+/* y = beta * y + x W^T + b through the dense or the quantized weight. */
+static inline void rs_linear_fwd(const rs_backend *be, void *out, const void *x, const void *w,
+                                 const struct rs_qweight *qw, const void *b, int n, int k, int m,
+                                 float beta) {
+    if (qw)
+        be->qmatmul(out, x, qw, b, n, beta);
+    else
+        be->linear_fwd(out, x, w, b, n, k, m, beta);
+}
 
 /* Activation buffers of one forward call, planned in one device allocation for up to
  * max_tokens tokens (B*T) and max_logit_rows rows of logits. */
@@ -57,6 +87,17 @@ typedef struct {
     rs_layer_weights *layers; /* [n_layers] */
     float *inv_freq;       /* [head_dim/2] fp32 on the device, rope scaling applied */
     rs_activations act;    /* grown on demand by rs_model_reserve / rs_model_forward */
+    /* Quantized linears (a quantized model directory, or rs_model_set_quantized): backend
+     * copies owned by the model, pointed to by the layers' qw* slots. */
+    int n_qweights;
+    struct rs_qweight *qweights;
+    char *quant_desc;      /* "int4-g128-asym rtn" style, NULL when dense */
+    /* Optional calibration hook (quantization, quant_methods.h): rs_model_forward calls it with
+     * the input x [n, in] (act dtype, backend memory; padded rows included) of each linear site
+     * of each layer, site = the index of the first targeted linear reading it: 0 (q, k, v),
+     * 3 (o), 4 (gate, up), 6 (down). NULL = off. */
+    void (*capture)(void *user, int layer, int site, const void *x, int n, int in);
+    void *capture_user;
 } rs_model;
 
 /* KV cache: per layer, k and v of [batch, max_seq_len, n_kv_heads, head_dim] in act dtype
@@ -77,6 +118,10 @@ typedef enum {
  * weight dtype). Errors name the missing or mis-shaped tensor. */
 int rs_model_load(const char *dir, const rs_backend *be, rs_model *m);
 void rs_model_free(rs_model *m);
+
+/* Replace the dense linears of m by quantized ones: qw[l * 7 + i] (host weights, copied to the
+ * backend; NULL entries stay dense). The dense parameters stay allocated but unused. */
+int rs_model_set_quantized(rs_model *m, const struct rs_qweight *const *qw, const char *desc);
 
 /* Plan the activation buffers up front (forward grows them when a call needs more). */
 int rs_model_reserve(rs_model *m, int max_tokens, int max_logit_rows);

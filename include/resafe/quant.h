@@ -38,7 +38,7 @@ typedef struct {
     float outlier_threshold; /* RS_QFMT_INT8_OUTLIER: |w| above it makes a column an outlier */
 } rs_qspec;
 
-typedef struct {
+typedef struct rs_qweight {
     rs_qspec spec;
     int rows, cols;
     int group_size;         /* effective: cols when spec.group_size == 0, 64 for NF4/FP4 */
@@ -83,5 +83,29 @@ void rs_qweight_free(rs_qweight *q); /* host weights */
  * critical side matrix alone, for the size report. */
 size_t rs_qweight_bytes(const rs_qweight *q);
 size_t rs_qweight_critical_bytes(const rs_qweight *q);
+
+/* ---- additions (quant branch) */
+/* bitsandbytes' published codebooks, indexed by code. */
+extern const float rs_nf4_codebook[16];
+extern const float rs_fp4_codebook[16];
+/* The INT8_OUTLIER threshold in effect (outlier_threshold <= 0 means the default 6.0). */
+float rs_qspec_threshold(const rs_qspec *spec);
+/* Zero *q and fill spec, rows, cols, group_size, n_groups, packed_bytes (no arrays). */
+int rs_qweight_init(rs_qweight *q, const rs_qspec *spec, int rows, int cols);
+/* Row r of the effective weight (what rs_dequantize gives) into out[cols]; codes: cols bytes of
+ * scratch. Host weights only. */
+void rs_dequantize_row(const rs_qweight *q, int r, uint8_t *codes, float *out);
+/* Validate a host weight's arrays (geometry, code range and padding, finite scales, integer
+ * zeros in range, positive input_scale, outlier columns and CSR sorted and in range, finite fp16
+ * values): 0, or -1 + one line naming `label` and the offending array. */
+int rs_qweight_check(const rs_qweight *q, const char *label);
+
+/* Packing (src/quant_pack.c documents the layout): per row a little-endian bit stream of codes,
+ * padded to a multiple of 32 codes. */
+#define RS_QPACK_VERSION 1
+size_t rs_qpack_row_bytes(int cols, int bits);
+void rs_qpack_row(uint8_t *dst, const uint8_t *codes, int cols, int bits);
+void rs_qunpack_row(uint8_t *codes, const uint8_t *src, int cols, int bits);
+int rs_qpack_row_padding_zero(const uint8_t *src, int cols, int bits);
 
 #endif

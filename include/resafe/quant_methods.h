@@ -9,6 +9,7 @@
 #ifndef RESAFE_QUANT_METHODS_H
 #define RESAFE_QUANT_METHODS_H
 
+#include "resafe/chat.h"
 #include "resafe/model.h"
 #include "resafe/quant.h"
 #include "resafe/tokenizer.h"
@@ -55,6 +56,13 @@ typedef struct {
 /* SNIP scores |W * dL/dW| of the fp32 model for every targeted weight on a safety calibration set
  * (prompt + target completion, loss on the target tokens only, through the training core's
  * backward), and the global top-tau mask. masks: [n_layers*7] host arrays [rows, cols]. */
+/* The same with the prompt in a chat template (RS_CHAT_NONE = raw text, as rs_protect_masks):
+ * the prompt is one user turn with the generation prompt, the target follows it. */
+int rs_protect_masks_chat(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
+                          rs_chat_kind chat, float tau, int max_seq_len, uint8_t **masks);
+/* The scores behind the masks: host [N] in global order (layer, q..down, row-major), malloc'ed. */
+int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data,
+                      rs_chat_kind chat, int max_seq_len, float **scores, size_t *n_scores);
 int rs_protect_masks(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *data, float tau,
                      int max_seq_len, uint8_t **masks);
 

@@ -13,6 +13,7 @@ READERS = {  # corpus folder -> how the CLI reads it
     "hf_config": ["inspect", "--as", "config"],
     "tokenizer": ["inspect", "--as", "tokenizer"],
     "ini": ["config", "--check"],
+    "quant": ["inspect", "--as", "quant"],
 }
 
 
