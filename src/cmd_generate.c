@@ -58,24 +58,6 @@ static int usage_error(const char *fmt, const char *arg) {
 
 /* ---------------------------------------------------------------- argument parsing */
 
-static int parse_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_float(const char *s, float lo, float hi, float *out) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return -1;
-    *out = v;
-    return 0;
-}
-
 /* "1,2,3;4,5" -> prompts appended to o->ids. */
 static int parse_ids(options *o, const char *arg) {
     char *copy = rs_strdup(arg), *save = NULL;
@@ -85,7 +67,7 @@ static int parse_ids(options *o, const char *arg) {
         char *save2 = NULL;
         for (char *tok = strtok_r(seq, ", ", &save2); tok; tok = strtok_r(NULL, ", ", &save2)) {
             long v;
-            if (parse_long(tok, 0, INT32_MAX, &v) != 0) {
+            if (rs_parse_long(tok, 0, INT32_MAX, &v) != 0) {
                 free(ids), free(copy);
                 return -1;
             }
@@ -113,13 +95,13 @@ static void add_text(options *o, char *text) {
 static int parse_number(options *o, const char *flag, const char *v) {
     long n;
     if (strcmp(flag, "--max-new-tokens") == 0) {
-        if (parse_long(v, 0, 1 << 24, &n)) return usage_error("--max-new-tokens: '%s' is not an integer >= 0", v);
+        if (rs_parse_long(v, 0, 1 << 24, &n)) return usage_error("--max-new-tokens: '%s' is not an integer >= 0", v);
         o->gen.max_new_tokens = (int)n;
     } else if (strcmp(flag, "--top-k") == 0) {
-        if (parse_long(v, 0, INT32_MAX, &n)) return usage_error("--top-k: '%s' is not an integer >= 0", v);
+        if (rs_parse_long(v, 0, INT32_MAX, &n)) return usage_error("--top-k: '%s' is not an integer >= 0", v);
         o->gen.top_k = (int)n;
     } else if (strcmp(flag, "--batch-size") == 0) {
-        if (parse_long(v, 1, 1 << 20, &n)) return usage_error("--batch-size: '%s' is not an integer >= 1", v);
+        if (rs_parse_long(v, 1, 1 << 20, &n)) return usage_error("--batch-size: '%s' is not an integer >= 1", v);
         o->gen.batch_size = (int)n;
     } else if (strcmp(flag, "--seed") == 0) {
         char *end;
@@ -127,9 +109,9 @@ static int parse_number(options *o, const char *flag, const char *v) {
         o->gen.seed = strtoull(v, &end, 10);
         if (errno || end == v || *end || *v == '-') return usage_error("--seed: '%s' is not an integer >= 0", v);
     } else if (strcmp(flag, "--temperature") == 0) {
-        if (parse_float(v, 0, 1e6f, &o->gen.temperature)) return usage_error("--temperature: '%s' is not a number >= 0", v);
+        if (rs_parse_float(v, 0, 1e6f, &o->gen.temperature)) return usage_error("--temperature: '%s' is not a number >= 0", v);
     } else if (strcmp(flag, "--top-p") == 0) {
-        if (parse_float(v, 1e-6f, 1, &o->gen.top_p)) return usage_error("--top-p: '%s' is not a number in (0, 1]", v);
+        if (rs_parse_float(v, 1e-6f, 1, &o->gen.top_p)) return usage_error("--top-p: '%s' is not a number in (0, 1]", v);
     } else {
         return usage_error("unknown option '%s'", flag);
     }

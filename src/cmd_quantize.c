@@ -54,24 +54,6 @@ static int usage_error(const char *fmt, const char *arg) {
     return 2;
 }
 
-static int parse_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_float(const char *s, float lo, float hi, float *out) {
-    char *end;
-    errno = 0;
-    float v = strtof(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return -1;
-    *out = v;
-    return 0;
-}
-
 /* --method into the spec's format and the driver's method. */
 static int set_method(options *o, int bits_given, int group_given) {
     const char *m = o->method_name;
@@ -123,26 +105,26 @@ static int parse_value(options *o, const char *flag, const char *v, int *bits_gi
     else if (!strcmp(flag, "--export-dtype"))
         o->export_dtype = v;
     else if (!strcmp(flag, "--bits")) {
-        if (parse_long(v, 1, 16, &n)) return usage_error("--bits: '%s' is not 2, 3, 4 or 8", v);
+        if (rs_parse_long(v, 1, 16, &n)) return usage_error("--bits: '%s' is not 2, 3, 4 or 8", v);
         o->q.spec.bits = (int)n, *bits_given = 1;
     } else if (!strcmp(flag, "--group")) {
-        if (parse_long(v, 0, 1 << 20, &n)) return usage_error("--group: '%s' is not an integer", v);
+        if (rs_parse_long(v, 0, 1 << 20, &n)) return usage_error("--group: '%s' is not an integer", v);
         o->q.spec.group_size = (int)n, *group_given = 1;
     } else if (!strcmp(flag, "--threshold")) {
-        if (parse_float(v, 0.0f, 1e30f, &f)) return usage_error("--threshold: '%s' is not >= 0", v);
+        if (rs_parse_float(v, 0.0f, 1e30f, &f)) return usage_error("--threshold: '%s' is not >= 0", v);
         o->q.spec.outlier_threshold = f;
     } else if (!strcmp(flag, "--calib-max") || !strcmp(flag, "--protect-max")) {
-        if (parse_long(v, 1, 1 << 24, &n)) return usage_error("%s needs an integer >= 1", flag);
+        if (rs_parse_long(v, 1, 1 << 24, &n)) return usage_error("%s needs an integer >= 1", flag);
         *(flag[2] == 'c' ? &o->calib_max : &o->protect_max) = (int)n;
     } else if (!strcmp(flag, "--max-seq-len")) {
-        if (parse_long(v, 2, 1 << 20, &n)) return usage_error("--max-seq-len: '%s' is not >= 2", v);
+        if (rs_parse_long(v, 2, 1 << 20, &n)) return usage_error("--max-seq-len: '%s' is not >= 2", v);
         o->q.max_seq_len = (int)n;
     } else if (!strcmp(flag, "--protect-tau")) {
-        if (parse_float(v, 0.0f, 1.0f, &f))
+        if (rs_parse_float(v, 0.0f, 1.0f, &f))
             return usage_error("--protect-tau: '%s' is not in [0, 1]", v);
         o->q.protect_tau = f;
     } else if (!strcmp(flag, "--seed")) {
-        if (parse_long(v, 0, INT32_MAX, &n))
+        if (rs_parse_long(v, 0, INT32_MAX, &n))
             return usage_error("--seed: '%s' is not an integer >= 0", v);
         o->q.seed = (uint64_t)n;
     } else

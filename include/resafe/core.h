@@ -151,6 +151,11 @@ char *rs_path_join(const char *dir, const char *name);
 /* Create a directory and its parents (like mkdir -p). */
 int rs_mkdir_p(const char *path);
 
+/* Command-line numbers: the whole string must parse and lie in [lo, hi]; 0, or -1 (no message:
+ * the caller names the option). */
+int rs_parse_long(const char *s, long lo, long hi, long *out);
+int rs_parse_float(const char *s, float lo, float hi, float *out);
+
 /* Monotonic seconds, for progress and timing. */
 double rs_now(void);
 
