@@ -17,6 +17,7 @@
 #include "resafe/backend.h"
 #include "resafe/core.h"
 #include "test.h"
+#include "gpu_test_buffers.h"
 
 #include <math.h>
 #include <string.h>
@@ -50,48 +51,6 @@ static int backends_ready(const rs_backend *cpu, const rs_backend *gpu, int need
 
 static void seeded_rng(rs_rng *r, uint64_t salt) {
     rs_rng_seed(r, rs_test_seed() * 0x9e3779b97f4a7c15ull + salt);
-}
-
-static float round_bf16(float x) { return rs_bf16_to_f32(rs_f32_to_bf16(x)); }
-
-/* n normal values of mean mu and standard deviation sd, rounded to bf16. */
-static float *random_bf16(rs_rng *r, size_t n, float mu, float sd) {
-    float *x = rs_malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = round_bf16(mu + sd * rs_rng_normal(r));
-    return x;
-}
-
-static float *nan_array(size_t n) {
-    float *x = rs_malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = NAN;
-    return x;
-}
-
-/* Device buffer of n values of dtype t, filled from fp32 host values. */
-static void *upload(const rs_backend *be, rs_dtype t, const float *host, size_t n) {
-    void *p = be->alloc((n ? n : 1) * rs_dtype_size(t));
-    be->upload_f32(p, t, host, n);
-    return p;
-}
-
-/* Device buffer of n values of dtype t, filled with NaN (an output to be written). */
-static void *upload_nan(const rs_backend *be, rs_dtype t, size_t n) {
-    float *h = nan_array(n);
-    void *p = upload(be, t, h, n);
-    free(h);
-    return p;
-}
-
-static void *upload_bytes(const rs_backend *be, const void *host, size_t bytes) {
-    void *p = be->alloc(bytes ? bytes : 1);
-    be->to_device(p, host, bytes);
-    return p;
-}
-
-static float *download(const rs_backend *be, const void *p, rs_dtype t, size_t n) {
-    float *h = rs_malloc((n ? n : 1) * sizeof(float));
-    be->download_f32(h, p, t, n);
-    return h;
 }
 
 /* |got - want| <= rtol |want| + atol + atol_i[i] (atol_i may be NULL), NaN failing. Prints the

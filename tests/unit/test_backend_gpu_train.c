@@ -12,6 +12,7 @@
 #include "resafe/backend.h"
 #include "resafe/core.h"
 #include "test.h"
+#include "gpu_test_buffers.h"
 
 #include <math.h>
 #include <string.h>
@@ -46,14 +47,6 @@ static int backends_ready(const rs_backend *cpu, const rs_backend *gpu) {
     rs_rng_seed(&rng, rs_test_seed() * 0x9e3779b97f4a7c15ull + (salt));                            \
     rs_rng *r = &rng
 
-static float round_bf16(float x) { return rs_bf16_to_f32(rs_f32_to_bf16(x)); }
-
-static float *random_bf16(rs_rng *r, size_t n, float mu, float sd) {
-    float *x = rs_malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) x[i] = round_bf16(mu + sd * rs_rng_normal(r));
-    return x;
-}
-
 static uint8_t *random_mask(rs_rng *r, size_t n) {
     uint8_t *m = rs_malloc(n ? n : 1);
     for (size_t i = 0; i < n; i++) m[i] = rs_rng_uniform(r) < 0.5f;
@@ -64,32 +57,6 @@ static int32_t *random_ids(rs_rng *r, size_t n, int hi) {
     int32_t *ids = rs_malloc((n ? n : 1) * sizeof(int32_t));
     for (size_t i = 0; i < n; i++) ids[i] = (int32_t)(rs_rng_next(r) % (uint64_t)hi);
     return ids;
-}
-
-static void *upload(const rs_backend *be, rs_dtype t, const float *host, size_t n) {
-    void *p = be->alloc((n ? n : 1) * rs_dtype_size(t));
-    be->upload_f32(p, t, host, n);
-    return p;
-}
-
-static void *upload_nan(const rs_backend *be, rs_dtype t, size_t n) {
-    float *h = rs_malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) h[i] = NAN;
-    void *p = upload(be, t, h, n);
-    free(h);
-    return p;
-}
-
-static void *upload_bytes(const rs_backend *be, const void *host, size_t bytes) {
-    void *p = be->alloc(bytes ? bytes : 1);
-    be->to_device(p, host, bytes);
-    return p;
-}
-
-static float *download(const rs_backend *be, const void *p, rs_dtype t, size_t n) {
-    float *h = rs_malloc((n ? n : 1) * sizeof(float));
-    be->download_f32(h, p, t, n);
-    return h;
 }
 
 /* act (bf16 on cuda), weight and fp32 buffers of a backend */
