@@ -39,10 +39,11 @@ static const struct {
 #define PATH_KEY(s, k, d, by, doc) {s, k, RS_CFG_PATH, d, NULL, 0, 0, 0, by, doc}
 #define ENUM_KEY(s, k, d, allowed, by, doc) {s, k, RS_CFG_ENUM, d, allowed, 0, 0, 0, by, doc}
 
-#define LATER_QUANT "quantize (planned)"
-#define LATER_PATCH "triplets (planned)"
+#define LATER_QUANT "train, quantize"
+#define LATER_PATCH "train, triplets"
 #define DPO "dpo"
-#define LATER_EVAL "eval (planned)"
+#define LATER_EVAL "train, eval"
+#define MERGE "train, merge"
 #define LATER_DIST "dist (planned)"
 #define LATER_TRAIN "train (planned)"
 
@@ -70,6 +71,8 @@ static const rs_config_key g_schema[] = {
              "wrap the prompt in the chat template ([model] chat_template)"),
     STRING_KEY("generate", "system_prompt", "", "generate",
                "system message for chat prompts (empty = none)"),
+    INT_KEY("generate", "batch_size", "16", 1, 65536, "generate, triplets, eval",
+            "prompts generated together (one padded batch)"),
 
     ENUM_KEY("quant", "format", "int4", "int2|int3|int4|int8|nf4|fp4", LATER_QUANT,
              "weight format: grouped integers, or nf4/fp4 codebooks (absmax blocks of 64)"),
@@ -83,6 +86,11 @@ static const rs_config_key g_schema[] = {
              "calibration prompts for awq/gptq (CSV or JSONL)"),
     INT_KEY("quant", "calib_samples", "128", 1, 1000000, LATER_QUANT,
             "calibration prompts used"),
+    STRING_KEY("quant", "calib_column", "prompt", LATER_QUANT,
+               "CSV column / JSONL member of calib_file holding the text"),
+    PATH_KEY("quant", "model", "", "train, triplets, dpo, merge, eval",
+             "an existing quantized model directory to patch instead of quantizing [model] path "
+             "(empty = <out_dir>/quantize/model)"),
 
     PATH_KEY("patch", "harmful_file", "", LATER_PATCH, "harmful prompts (CSV or JSONL)"),
     PATH_KEY("patch", "benign_file", "", LATER_PATCH, "benign prompts (CSV or JSONL)"),
@@ -93,6 +101,12 @@ static const rs_config_key g_schema[] = {
     INT_KEY("patch", "max_new_tokens", "128", 1, 65536, LATER_PATCH, "response length at most"),
     FLOAT_KEY("patch", "temperature", "0", 0, 100, LATER_PATCH,
               "decoding of both responses; 0 = greedy (the paper's setting)"),
+    STRING_KEY("patch", "harmful_column", "prompt", LATER_PATCH,
+               "CSV column / JSONL member of harmful_file holding the prompt (AdvBench: goal)"),
+    STRING_KEY("patch", "benign_column", "prompt", LATER_PATCH,
+               "CSV column / JSONL member of benign_file holding the prompt"),
+    STRING_KEY("patch", "category_column", "category", LATER_PATCH,
+               "column holding a prompt's category, when the file has it (else the file's kind)"),
 
     POS_FLOAT_KEY("dpo", "beta", "0.01", 100, DPO, "DPO inverse temperature beta (paper: 0.01)"),
     POS_FLOAT_KEY("dpo", "lr", "5e-6", 1, DPO, "AdamW learning rate (paper: 5e-6)"),
@@ -143,7 +157,7 @@ static const rs_config_key g_schema[] = {
     BOOL_KEY("sft", "qat_symmetric", "true", "sft",
              "QAT grid per row: symmetric (no zero point) or asymmetric"),
 
-    POS_FLOAT_KEY("snip", "tau", "0.6", 1, DPO,
+    FLOAT_KEY("snip", "tau", "0.6", 0, 1, DPO,
                   "fraction of entries marked safety-critical and trainable (paper: 0.6)"),
     INT_KEY("snip", "reidentify_every", "1000", 1, 1000000000, DPO,
             "K: masks are re-identified every K steps (paper: 1000)"),
@@ -167,8 +181,13 @@ static const rs_config_key g_schema[] = {
               "dropout on the adapter's input during training (factor and none masks)"),
     STRING_KEY("lora", "targets", "all", DPO,
                "linears that get an adapter: all, or a comma list such as q_proj,v_proj"),
-    ENUM_KEY("lora", "merge", "grid", "grid|refit|adapter|exact", "merge (planned)",
+    ENUM_KEY("lora", "merge", "grid", "grid|refit|adapter|exact", MERGE,
              "fold the patch into the quantized model: grid (Q0's scales), refit, adapter, exact"),
+    STRING_KEY("lora", "merge_compare", "all", MERGE,
+               "merge modes also built and evaluated for the report: all, none, or a comma list"),
+    ENUM_KEY("lora", "group_constant", "auto", "auto|true|false", DPO,
+             "train A constant within each quantization group, so that the patch folds exactly "
+             "into the zero points (auto: true when merge = exact)"),
 
     PATH_KEY("eval", "harmful_file", "", LATER_EVAL, "harmful prompts for the attack success rate"),
     PATH_KEY("eval", "benign_file", "", LATER_EVAL, "benign tasks with checkable answers"),
@@ -178,6 +197,38 @@ static const rs_config_key g_schema[] = {
              "refusal judge: keyword = refusal phrases in the response"),
     BOOL_KEY("eval", "decoding_attacks", "false", LATER_EVAL,
              "also run the decoding-attack grid (temperature, top-k, top-p)"),
+    STRING_KEY("eval", "harmful_column", "prompt", LATER_EVAL,
+               "column / member of harmful_file holding the prompt (AdvBench: goal)"),
+    STRING_KEY("eval", "benign_column", "prompt", LATER_EVAL,
+               "column / member of benign_file holding the task"),
+    STRING_KEY("eval", "answer_column", "answer", LATER_EVAL,
+               "column / member of benign_file holding the expected answer"),
+    STRING_KEY("eval", "category_column", "category", LATER_EVAL,
+               "column holding a prompt's category, when the file has it"),
+    ENUM_KEY("eval", "answer_match", "contains", "contains|exact|last_number", LATER_EVAL,
+             "benign accuracy: the answer appears in the response, equals it, or equals the "
+             "response's last number (an answer's text after '####' counts as the answer)"),
+    PATH_KEY("eval", "safe_file", "", LATER_EVAL,
+             "safe prompts that look unsafe, for the over-refusal rate (XSTest style; empty = skip)"),
+    STRING_KEY("eval", "safe_column", "prompt", LATER_EVAL,
+               "column / member of safe_file holding the prompt"),
+    STRING_KEY("eval", "safe_filter", "", LATER_EVAL,
+               "keep only safe_file rows whose column equals a value, as column=value "
+               "(XSTest: label=safe)"),
+    PATH_KEY("eval", "heldout_file", "", LATER_EVAL,
+             "held-out text for perplexity (txt, CSV or JSONL; empty = skip)"),
+    STRING_KEY("eval", "heldout_column", "text", LATER_EVAL,
+               "column / member of heldout_file holding the text"),
+    PATH_KEY("eval", "refusal_phrases", "", LATER_EVAL,
+             "refusal phrases, one per line (empty = the standard AdvBench prefix list)"),
+    STRING_KEY("eval", "attack_temperatures", "0.5,0.7,1.0", LATER_EVAL,
+               "decoding attack: temperatures tried (each alone, top-k and top-p off)"),
+    STRING_KEY("eval", "attack_top_k", "20,50,200", LATER_EVAL,
+               "decoding attack: top-k values tried (temperature 1)"),
+    STRING_KEY("eval", "attack_top_p", "0.7,0.9,0.95", LATER_EVAL,
+               "decoding attack: top-p values tried (temperature 1)"),
+    INT_KEY("eval", "attack_samples", "1", 1, 1000, LATER_EVAL,
+            "samples per prompt and attack setting"),
 
     ENUM_KEY("dist", "launcher", "auto", "auto|none|mpi|slurm", LATER_DIST,
              "where rank and world size come from (auto: MPI or SLURM variables when set)"),
@@ -191,6 +242,8 @@ static const rs_config_key g_schema[] = {
     INT_KEY("run", "checkpoint_every", "100", 0, 1000000000, "sft, dpo",
             "training checkpoint every N steps (0 = only at the end and when interrupted)"),
     ENUM_KEY("run", "log_level", "info", "error|warn|info|debug", "all", "messages shown"),
+    ENUM_KEY("run", "progress", "auto", "auto|bar|lines|off", "all",
+             "progress of long stages: a bar on a terminal, plain lines in logs (auto picks)"),
 };
 #define N_KEYS (int)(sizeof g_schema / sizeof g_schema[0])
 

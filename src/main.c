@@ -16,6 +16,10 @@ static const struct {
     {"sft", cmd_sft, "supervised fine-tuning of every parameter (optionally QAT)"},
     {"quantize", cmd_quantize, "quantize a model (rtn, awq, gptq, nf4, fp4, int8; SNIP protection)"},
     {"dpo", cmd_dpo, "masked-LoRA DPO with SNIP masks: the Q-resafe patch"},
+    {"train", cmd_train, "the whole Q-resafe pipeline of a run config, resumable stage by stage"},
+    {"triplets", cmd_triplets, "build the patch set: FP winner / quantized loser responses"},
+    {"merge", cmd_merge, "fold the DPO adapter into the quantized model (grid, refit, adapter, exact)"},
+    {"eval", cmd_eval, "attack success rate, utility and token flips of model states; the report"},
 };
 
 static void usage(FILE *f) {

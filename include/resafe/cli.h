@@ -11,6 +11,10 @@ int cmd_config(int argc, char **argv);
 int cmd_sft(int argc, char **argv);
 int cmd_dpo(int argc, char **argv);
 int cmd_quantize(int argc, char **argv);
+int cmd_train(int argc, char **argv);    /* src/cmd_train.c */
+int cmd_triplets(int argc, char **argv); /* src/cmd_triplets.c */
+int cmd_merge(int argc, char **argv);    /* src/cmd_merge.c */
+int cmd_eval(int argc, char **argv);     /* src/cmd_eval.c */
 
 /* The training commands' shared command line (src/cmd_training.c). */
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,

@@ -421,10 +421,10 @@ def test_calib_txt_csv_jsonl(tmp_path):
 @pytest.mark.parametrize("name,content,column,needle", [
     ("bad.csv", 'text\n"open quote\n', "text", "bad.csv:2: unterminated"),
     ("bad2.csv", 'text,b\nx\n', "text", "bad2.csv:2: 1 fields"),
-    ("bad3.csv", 'a,b\n1,2\n', "text", "bad3.csv:1: no column named 'text'"),
-    ("bad.jsonl", '{"text": "ok"}\n{"text": 3}\n', "text", "bad.jsonl:2: no string member 'text'"),
+    ("bad3.csv", 'a,b\n1,2\n', "text", "bad3.csv: no column 'text' (columns: a, b)"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": null}\n', "text", "bad.jsonl:2: no string member 'text'"),
     ("bad2.jsonl", '{"text": "ok"}\n\n[1, 2\n', "text", "bad2.jsonl:3: not a JSON object"),
-    ("empty.txt", '\n\n', "text", "empty.txt: no calibration texts"),
+    ("empty.txt", '\n\n', "text", "empty.txt: no rows"),
 ])
 def test_calib_errors_name_file_and_line(tmp_path, name, content, column, needle):
     (tmp_path / name).write_text(content)
