@@ -72,4 +72,37 @@ int rs_quantize_model(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
                       uint8_t *const *masks, const rs_quant_opts *o, rs_quant_result *out);
 void rs_quant_result_free(rs_quant_result *r);
 
+/* ---------------------------------------------------------------- a whole quantization run
+ * What `resafe quantize` does and the quantize stage of `resafe train` reuses: load `model`
+ * (fp32, CPU; an already quantized model is an error), optional protection masks and
+ * calibration data, rs_quantize_model, then `out` (which must not exist): the quantized
+ * directory (or, with export_kind "dequant", a plain HF directory) plus resafe_manifest.json,
+ * written to out.tmp.<pid> and renamed. */
+typedef struct {
+    const char *model, *out;
+    const char *method_name;  /* rtn|awq|gptq|nf4|fp4|int8: also written into the metadata */
+    const char *calib, *calib_column;          /* calib NULL: none */
+    int calib_max;
+    const char *protect_data, *protect_column; /* with q.protect_tau > 0 */
+    int protect_max;
+    const char *export_kind;  /* NULL or "dequant" */
+    const char *export_dtype; /* "bf16", "f16", "f32" */
+    rs_quant_opts q;
+} rs_quantize_job;
+
+typedef struct {
+    int n; /* linears quantized */
+    size_t bytes, critical_bytes, dense_bytes;
+} rs_quant_sizes;
+
+/* The command's defaults: int4 g128 asymmetric, calib column "prompt" (128 items), protect
+ * column "prompt+target" (64 items), export bf16. */
+void rs_quantize_job_default(rs_quantize_job *j);
+/* Method name into format and method: nf4/fp4 default to 4 bits and blocks of 64, int8 to
+ * 8 bits per row symmetric, unless bits/group were given. -1 (no message) when unknown. */
+int rs_quantize_job_set_method(rs_quantize_job *j, const char *name, int bits_given,
+                               int group_given);
+/* Run it; sizes (may be NULL) receives the size report. 0, or -1 + message. */
+int rs_quantize_job_run(const rs_quantize_job *j, rs_quant_sizes *sizes);
+
 #endif
