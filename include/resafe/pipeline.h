@@ -32,8 +32,12 @@ int rs_run_paths_init(const rs_config *cfg, rs_run_paths *p);
 void rs_run_paths_free(rs_run_paths *p);
 
 /* ---------------------------------------------------------------- quantize stage
- * [quant] keys applied to fp_dir (as `resafe quantize`), written to out_dir (temp + rename). */
+ * [quant] keys applied to fp_dir (as `resafe quantize`), written to out_dir (temp + rename;
+ * out_dir must not exist). The mapping is in src/quantize_stage.c. */
 int rs_quantize_stage(const rs_config *cfg, const char *fp_dir, const char *out_dir);
+/* The [quant] keys' own consistency (nf4/fp4 need rtn, awq/gptq need calib_file, a valid
+ * spec), without touching any file: 0, or -1 + message. */
+int rs_quantize_stage_check(const rs_config *cfg);
 
 /* ---------------------------------------------------------------- triplets stage (patch set)
  * Prompts from [patch] harmful_file / benign_file (columns from [patch] *_column), mixed by
@@ -87,8 +91,12 @@ int rs_report_write(const rs_config *cfg, const rs_run_paths *p);
 
 /* ---------------------------------------------------------------- resafe train */
 /* Run every stage whose manifest is missing or whose inputs changed (from_stage: start there
- * regardless, NULL = first needed). Returns 0, -1 + message, or the signal number that
- * interrupted it. */
+ * regardless, NULL = first needed; force: every stage). Stages, in order: quantize, triplets,
+ * dpo, merge, eval, report (README "resafe train"; manifests: run_manifest.h). Returns 0,
+ * -1 + message, or the signal number that interrupted it (at a stage boundary, or inside dpo
+ * after its checkpoint). */
 int rs_train_run(const rs_config *cfg, const char *from_stage, int force);
+/* The stage names in order, NULL-terminated. */
+extern const char *const rs_train_stage_names[];
 
 #endif

@@ -1,0 +1,63 @@
+/* quantize_stage: the [quant] keys as an rs_quantize_job (what `resafe quantize` runs), for the
+ * quantize stage of `resafe train`.
+ *
+ *   format int2|int3|int4|int8  grouped integers, method rtn|awq|gptq (= --method M --bits N)
+ *   format nf4|fp4              codebooks (= --method nf4|fp4), method must be rtn; group_size
+ *                               left unset means blocks of 64, as the command's default
+ * group_size, symmetric, and for awq/gptq calib_file / calib_column / calib_samples map to
+ * --group, --sym, --calib, --calib-column, --calib-max. */
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "resafe/pipeline.h"
+#include "resafe/quant_methods.h"
+
+/* The job of the config; strings point into cfg. */
+static int job_of_config(const rs_config *cfg, rs_quantize_job *j) {
+    rs_quantize_job_default(j);
+    const char *format = rs_config_get_str(cfg, "quant", "format");
+    const char *method = rs_config_get_str(cfg, "quant", "method");
+    int group_given = rs_config_is_set(cfg, "quant", "group_size");
+    if (!strcmp(format, "nf4") || !strcmp(format, "fp4")) {
+        if (strcmp(method, "rtn"))
+            return RS_FAIL("[quant] method %s: applies to integer formats only (format %s needs "
+                           "method rtn)", method, format);
+        rs_quantize_job_set_method(j, format, 0, group_given);
+    } else {
+        rs_quantize_job_set_method(j, method, 1, 1);
+        j->q.spec.bits = format[3] - '0'; /* "int2" .. "int8" */
+    }
+    if (group_given || j->q.spec.format == RS_QFMT_INT)
+        j->q.spec.group_size = (int)rs_config_get_int(cfg, "quant", "group_size");
+    j->q.spec.symmetric = rs_config_get_bool(cfg, "quant", "symmetric");
+    if (j->q.method != RS_QMETHOD_RTN) {
+        j->calib = rs_config_get_str(cfg, "quant", "calib_file");
+        if (!j->calib[0]) return RS_FAIL("[quant] method %s needs [quant] calib_file", method);
+        j->calib_column = rs_config_get_str(cfg, "quant", "calib_column");
+        j->calib_max = (int)rs_config_get_int(cfg, "quant", "calib_samples");
+    }
+    if (rs_qspec_check(&j->q.spec) != 0) return rs_fail_context("[quant]");
+    return 0;
+}
+
+int rs_quantize_stage_check(const rs_config *cfg) {
+    rs_quantize_job j;
+    return job_of_config(cfg, &j);
+}
+
+int rs_quantize_stage(const rs_config *cfg, const char *fp_dir, const char *out_dir) {
+    rs_quantize_job j;
+    RS_TRY(job_of_config(cfg, &j));
+    int threads = (int)rs_config_get_int(cfg, "model", "threads");
+    if (threads > 0) omp_set_num_threads(threads);
+    j.model = fp_dir;
+    j.out = out_dir;
+    rs_quant_sizes sizes;
+    RS_TRY(rs_quantize_job_run(&j, &sizes));
+    char name[64];
+    rs_info("quantize: %s (%s), %d linears, %.2f MiB (fp16 dense %.2f MiB) -> %s",
+            rs_qspec_name(&j.q.spec, name, sizeof name), j.method_name, sizes.n,
+            sizes.bytes / 1048576.0, sizes.dense_bytes / 1048576.0, out_dir);
+    return 0;
+}
