@@ -1,4 +1,5 @@
-/* resafe train --config FILE [--set section.key=value]... [--from STAGE] [--force] [-v] */
+/* resafe train --config FILE [--set section.key=value]... [--from STAGE] [--to STAGE] [--force]
+ *              [-v] */
 #include <stdio.h>
 #include <string.h>
 
@@ -7,13 +8,15 @@
 #include "resafe/pipeline.h"
 
 static const char *g_usage =
-    "usage: resafe train --config FILE [--set section.key=value]... [--from STAGE] [--force] [-v]\n"
+    "usage: resafe train --config FILE [--set section.key=value]... [--from STAGE] [--to STAGE]\n"
+    "                    [--force] [-v]\n"
     "  Runs the Q-resafe pipeline into [run] out_dir: quantize, triplets, dpo, merge, eval,\n"
     "  report. A stage whose manifest matches its inputs is skipped; an interrupted run\n"
     "  continues where it stopped (dpo from its checkpoint) when the command is run again.\n"
     "  --config FILE      the run config (INI)\n"
     "  --set s.k=v        override one key (repeatable)\n"
     "  --from STAGE       rerun STAGE and every stage after it\n"
+    "  --to STAGE         stop after STAGE\n"
     "  --force            rerun every stage (no resume)\n"
     "  -v, --verbose      debug log\n";
 
@@ -35,17 +38,19 @@ static void set_log_level(const rs_config *cfg, int verbose) {
 
 /* Exit codes: 0 done, 1 error, 2 usage, 128 + signal when interrupted. */
 int cmd_train(int argc, char **argv) {
-    const char *path = NULL, *from = NULL;
+    const char *path = NULL, *from = NULL, *to = NULL;
     int force = 0, verbose = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return fputs(g_usage, stdout), 0;
         if (!strcmp(a, "--force")) force = 1;
         else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) verbose = 1;
-        else if (!strcmp(a, "--config") || !strcmp(a, "--set") || !strcmp(a, "--from")) {
+        else if (!strcmp(a, "--config") || !strcmp(a, "--set") || !strcmp(a, "--from") ||
+                   !strcmp(a, "--to")) {
             if (i + 1 >= argc) return usage_error("%s needs a value", a);
             if (!strcmp(a, "--config")) path = argv[i + 1];
             if (!strcmp(a, "--from")) from = argv[i + 1];
+            if (!strcmp(a, "--to")) to = argv[i + 1];
             i++;
         } else
             return usage_error("unknown argument '%s'", a);
@@ -56,11 +61,12 @@ int cmd_train(int argc, char **argv) {
     for (int i = 1; rc == 0 && i + 1 < argc; i++)
         if (!strcmp(argv[i], "--set") && rs_config_set_arg(cfg, argv[++i]) != 0)
             rc = rs_fail_context("--set");
-        else if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "--from"))
+        else if (!strcmp(argv[i], "--config") || !strcmp(argv[i], "--from") ||
+                 !strcmp(argv[i], "--to"))
             i++;
     if (rc == 0) {
         set_log_level(cfg, verbose);
-        rc = rs_train_run(cfg, from, force);
+        rc = rs_train_run_until(cfg, from, to, force);
     }
     rs_config_free(cfg);
     if (rc < 0) {

@@ -195,7 +195,7 @@ int rs_manifest_sha256(const char *stage_dir, char hex[65]) {
 int rs_manifest_current(const char *stage_dir, const char *run_dir, const char *inputs_hash,
                         const char **why) {
     cJSON *m = rs_manifest_load(stage_dir);
-    *why = "no manifest (never run, or interrupted)";
+    *why = "no manifest: never run, or interrupted";
     if (!m) return 0;
     const cJSON *h = cJSON_GetObjectItemCaseSensitive(m, "inputs_hash");
     const cJSON *outs = cJSON_GetObjectItemCaseSensitive(m, "outputs");

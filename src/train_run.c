@@ -566,10 +566,16 @@ static int stage_index(const char *name) {
 }
 
 int rs_train_run(const rs_config *cfg, const char *from_stage, int force) {
+    return rs_train_run_until(cfg, from_stage, NULL, force);
+}
+
+int rs_train_run_until(const rs_config *cfg, const char *from_stage, const char *to_stage,
+                       int force) {
     int from = from_stage ? stage_index(from_stage) : N_STAGES;
-    if (from < 0)
-        return RS_FAIL("--from %s: not a stage (quantize, triplets, dpo, merge, eval, report)",
-                       from_stage);
+    int to = to_stage ? stage_index(to_stage) : N_STAGES - 1;
+    if (from < 0 || to < 0)
+        return RS_FAIL("%s %s: not a stage (quantize, triplets, dpo, merge, eval, report)",
+                       from < 0 ? "--from" : "--to", from < 0 ? from_stage : to_stage);
     train_run r;
     int rc = setup(&r, cfg);
     if (rc != 0) {
@@ -583,7 +589,7 @@ int rs_train_run(const rs_config *cfg, const char *from_stage, int force) {
     if (threads > 0) omp_set_num_threads(threads);
     rs_train_catch_signals();
     printf("train: run directory %s\n", r.p.run_dir);
-    for (int s = 0; s < N_STAGES && rc == 0; s++) {
+    for (int s = 0; s <= to && rc == 0; s++) {
         int sig = rs_train_stop_signal();
         if (sig) {
             rc = sig;
@@ -600,7 +606,7 @@ int rs_train_run(const rs_config *cfg, const char *from_stage, int force) {
                     "to continue",
                     rc, rs_train_stage_names[s]);
     }
-    if (rc == 0) print_results(&r);
+    if (rc == 0 && to == N_STAGES - 1) print_results(&r);
     free_run(&r);
     return rc;
 }

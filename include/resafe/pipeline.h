@@ -96,6 +96,9 @@ int rs_report_write(const rs_config *cfg, const rs_run_paths *p);
  * -1 + message, or the signal number that interrupted it (at a stage boundary, or inside dpo
  * after its checkpoint). */
 int rs_train_run(const rs_config *cfg, const char *from_stage, int force);
+/* The same, stopping after stage to_stage (NULL = the last): `resafe train --to STAGE`. */
+int rs_train_run_until(const rs_config *cfg, const char *from_stage, const char *to_stage,
+                       int force);
 /* The stage names in order, NULL-terminated. */
 extern const char *const rs_train_stage_names[];
 
