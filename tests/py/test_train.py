@@ -385,3 +385,28 @@ def test_sigterm_during_dpo_then_resumed_is_byte_identical(files, reference_run,
     assert sorted(ref) == sorted(got)
     for name in ref:
         assert ref[name] == got[name], name
+
+
+@needs_stages
+def test_ablation_script_shares_quantize_and_triplets_and_writes_the_table(files, tmp_path):
+    cfg = config(files, tmp_path / "c.ini")
+    out = tmp_path / "abl"
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "ablation.sh"), cfg, str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(ENV, RESAFE=resafe_bin(), K_SMALL="2", TAUS="0"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = p.stdout.split("== ablation: ")[1:]
+    assert [r.split("\n")[0] for r in runs] == ["tau_0", "k_once", "k_2"]
+    for r in runs[1:]:  # only the first run quantizes and builds the patch set
+        assert "quantize: up to date" in r and "triplets: up to date" in r, r
+        assert "dpo: running" in r
+    with open(out / "ablation.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["setting"] for r in rows] == ["tau_0", "k_once", "k_2"]
+    assert rows[0]["tau"] == 0 and rows[1]["reidentify_every"] == "once"
+    assert rows[2]["reidentify_every"] == 2
+    assert all(r["asr_after_merge"] is not None for r in rows)
+    md = (out / "ablation.md").read_text()
+    assert "| tau_0 | 0 |" in md and "| k_once |" in md and "| k_2 |" in md
+    first = os.stat(out / "tau_0" / "triplets" / "patchset.h5")
+    assert os.stat(out / "k_2" / "triplets" / "patchset.h5").st_ino == first.st_ino
