@@ -127,8 +127,10 @@ fuzz-run: fuzz
 	  build/fuzz/fuzz_$$t $$dict -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
 	    build/fuzz/corpus_$$t tests/fuzz/seeds/$$t || exit 1; done
 
-demo: all
+# the pipeline on the tiny model organism (scripts/demo.sh); dependencies first, as `make test`
+demo:
 	@scripts/deps.sh --check || scripts/deps.sh
+	@$(MAKE) --no-print-directory all
 	@scripts/demo.sh
 
 clean:
