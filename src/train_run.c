@@ -486,9 +486,11 @@ static const cJSON *model_entry(const cJSON *root, const char *name) {
     return cJSON_GetObjectItemCaseSensitive(root, name);
 }
 
-static void print_cell(double v) {
+/* Rates are fractions in results.json, shown as percentages like report.md. */
+static void print_cell(double v, int pct) {
     if (isnan(v)) printf("  %12s", "-");
-    else printf("  %12.4g", v);
+    else if (pct) printf("  %11.1f%%", 100.0 * v);
+    else printf("  %12.3f", v);
 }
 
 /* The table of <eval>/results.json (else eval.json): ASR, benign accuracy, perplexity and
@@ -521,8 +523,8 @@ static void print_results(const train_run *r) {
             const cJSON *m = model_entry(root, names[i]);
             if (!m) continue;
             printf("%-16s", names[i]);
-            print_cell(metric(m, asr)), print_cell(metric(m, acc));
-            print_cell(metric(m, ppl)), print_cell(metric(m, over));
+            print_cell(metric(m, asr), 1), print_cell(metric(m, acc), 1);
+            print_cell(metric(m, ppl), 0), print_cell(metric(m, over), 1);
             putchar('\n');
         }
         printf("results: %s\n", path);
