@@ -53,7 +53,7 @@ static rs_config *config_copy(const rs_config *cfg) {
 }
 
 /* The merge modes to build: [lora] merge, then [lora] merge_compare's that apply (exact only
- * for an adapter trained constant within quantization groups). */
+ * for an adapter trained constant within quantization groups, and not on AWQ weights). */
 static int merge_modes(const rs_config *cfg, train_run *r) {
     const char *chosen = rs_config_get_str(cfg, "lora", "merge");
     const char *cmp = rs_config_get_str(cfg, "lora", "merge_compare");
@@ -61,6 +61,9 @@ static int merge_modes(const rs_config *cfg, train_run *r) {
     rs_merge_mode m;
     rs_merge_mode_from_name(chosen, &m);
     int group_constant = !strcmp(gc, "true") || (!strcmp(gc, "auto") && m == RS_MERGE_EXACT);
+    /* exact folds a group constant into the zero points: not through AWQ's input scales */
+    int awq = !rs_config_get_str(cfg, "quant", "model")[0] &&
+              !strcmp(rs_config_get_str(cfg, "quant", "method"), "awq");
     r->modes[0] = m, r->n_modes = 1;
     if (!strcmp(cmp, "none")) return 0;
     char *list = rs_strdup(!strcmp(cmp, "all") ? "grid,refit,adapter,exact" : cmp), *save = NULL;
@@ -73,7 +76,7 @@ static int merge_modes(const rs_config *cfg, train_run *r) {
         }
         int have = 0;
         for (int i = 0; i < r->n_modes; i++) have |= r->modes[i] == m;
-        if (have || (m == RS_MERGE_EXACT && !group_constant)) continue;
+        if (have || (m == RS_MERGE_EXACT && (!group_constant || awq))) continue;
         r->modes[r->n_modes++] = m;
     }
     free(list);
@@ -150,16 +153,21 @@ static const int g_upstream[N_STAGES][4] = {
     {-1}, {ST_QUANTIZE, -1}, {ST_QUANTIZE, ST_TRIPLETS, -1}, {ST_QUANTIZE, ST_DPO, -1},
     {ST_QUANTIZE, ST_MERGE, -1}, {ST_DPO, ST_MERGE, ST_EVAL, -1}};
 
-/* The dpo stage's config hash leaves out what only the merge decides ([lora] merge_compare, and
- * [lora] merge unless group_constant = auto makes the adapter depend on it). */
-static uint64_t dpo_config_hash(const rs_config *cfg) {
-    rs_config *c = config_copy(cfg);
-    if (!c) return 0;
+/* What only the merge decides ([lora] merge_compare, and [lora] merge unless group_constant =
+ * auto makes the adapter depend on it) set to fixed values, so that the dpo stage's inputs, its
+ * checkpoint's config hash and the adapter's bytes do not change with them. */
+static void neutralize_merge_keys(rs_config *c, const rs_config *cfg) {
     const char *merge = rs_config_get_str(cfg, "lora", "merge");
     int matters = !strcmp(rs_config_get_str(cfg, "lora", "group_constant"), "auto") &&
                   !strcmp(merge, "exact");
     rs_config_set(c, "lora", "merge", matters ? "exact" : "grid");
     rs_config_set(c, "lora", "merge_compare", "all");
+}
+
+static uint64_t dpo_config_hash(const rs_config *cfg) {
+    rs_config *c = config_copy(cfg);
+    if (!c) return 0;
+    neutralize_merge_keys(c, cfg);
     uint64_t h = rs_config_hash(c, g_sections[ST_DPO]);
     rs_config_free(c);
     return h;
@@ -557,6 +565,7 @@ static int setup(train_run *r, const rs_config *cfg) {
     if (!r->dpo_cfg) return -1;
     if (rs_config_get_str(cfg, "dpo", "data_file")[0])
         rs_warn("train: [dpo] data_file is ignored: the dpo stage trains on the run's patch set");
+    neutralize_merge_keys(r->dpo_cfg, cfg);
     RS_TRY(rs_config_set(r->dpo_cfg, "model", "path", r->p.q_dir));
     return rs_config_set(r->dpo_cfg, "dpo", "data_file", r->p.patchset);
 }
