@@ -410,3 +410,18 @@ def test_ablation_script_shares_quantize_and_triplets_and_writes_the_table(files
     assert "| tau_0 | 0 |" in md and "| k_once |" in md and "| k_2 |" in md
     first = os.stat(out / "tau_0" / "triplets" / "patchset.h5")
     assert os.stat(out / "k_2" / "triplets" / "patchset.h5").st_ino == first.st_ino
+
+
+@needs_stages
+def test_dpo_resumes_after_a_merge_only_change_and_its_adapter_is_unchanged(files, reference_run,
+                                                                             tmp_path):
+    d, _, _ = reference_run
+    cfg = config(files, tmp_path / "c.ini", lora__merge_compare="refit")
+    p = train(cfg, cwd=tmp_path, check=False, env=dict(ENV, RESAFE_TEST_STOP_AFTER="dpo"))
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    p = train(cfg, "--set", "lora.merge_compare=adapter", cwd=tmp_path)
+    assert "dpo: resuming from its checkpoint" in p.stdout
+    for name in ("adapter.h5", "metrics.jsonl", "checkpoint.h5"):
+        assert (d / "run" / "dpo" / name).read_bytes() == (tmp_path / "run" / "dpo" / name).read_bytes()
+    assert (tmp_path / "run" / "merge" / "adapter").is_dir()
+    assert not (tmp_path / "run" / "merge" / "refit").exists()
