@@ -1,4 +1,4 @@
-/* run_manifest: stage manifests, input fingerprints, output lists (include/resafe/run_manifest.h). */
+/* run_manifest: stage manifests, input fingerprints, output lists (run_manifest.h). */
 #include "resafe/run_manifest.h"
 
 #include <cJSON.h>

@@ -356,8 +356,8 @@ static int report_outputs(const train_run *r, cJSON *outs) {
 
 static int stage_outputs(const train_run *r, int s, cJSON *outs) {
     if (s == ST_REPORT) return report_outputs(r, outs);
-    return rs_outputs_add(r->p.run_dir, s == ST_QUANTIZE ? "quantize/model" : rs_train_stage_names[s],
-                          outs);
+    const char *rel = s == ST_QUANTIZE ? "quantize/model" : rs_train_stage_names[s];
+    return rs_outputs_add(r->p.run_dir, rel, outs);
 }
 
 /* Remove what an earlier attempt of stage s left (all of it, except the dpo checkpoint and
@@ -560,7 +560,8 @@ static int setup(train_run *r, const rs_config *cfg) {
     r->cfg = cfg;
     RS_TRY(rs_run_paths_init(cfg, &r->p));
     RS_TRY(validate(cfg, &r->p, r));
-    for (int s = 0; s < N_STAGES; s++) r->dir[s] = rs_path_join(r->p.run_dir, rs_train_stage_names[s]);
+    for (int s = 0; s < N_STAGES; s++)
+        r->dir[s] = rs_path_join(r->p.run_dir, rs_train_stage_names[s]);
     r->dpo_cfg = config_copy(cfg);
     if (!r->dpo_cfg) return -1;
     if (rs_config_get_str(cfg, "dpo", "data_file")[0])
