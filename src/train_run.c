@@ -227,6 +227,7 @@ static cJSON *stage_inputs(const train_run *r, int s) {
     char hex[65];
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
     cJSON_AddStringToObject(in, "config", hex);
+    cJSON_AddStringToObject(in, "resafe_version", RS_VERSION); /* a new version reruns */
     if (s == ST_MERGE || s == ST_EVAL || s == ST_REPORT) {
         cJSON *modes = cJSON_AddArrayToObject(in, "merge_modes");
         for (int i = 0; i < r->n_modes; i++)
@@ -604,6 +605,9 @@ int rs_train_run_until(const rs_config *cfg, const char *from_stage, const char 
     for (int s = 0; s <= to && rc == 0; s++) {
         int sig = rs_train_stop_signal();
         if (sig) {
+            rs_warn("train: interrupted (signal %d) before the %s stage; run the same command "
+                    "again to continue",
+                    sig, rs_train_stage_names[s]);
             rc = sig;
             break;
         }

@@ -4,6 +4,7 @@
  * <stage_dir>/manifest.json, written last (temporary name + rename):
  *   {"stage": "dpo", "version": "0.1.0",
  *    "inputs": {"config": "<fnv64 hex of the sections that decide the stage>",
+ *               "resafe_version": "0.1.0", "merge_modes": [...] (merge, eval, report),
  *               "upstream": {"<stage>": "<sha256 of its manifest.json>", ...},
  *               "files": {"<role>": <fingerprint>, ...}},
  *    "inputs_hash": "<sha256 of the inputs object printed unformatted>",
