@@ -277,6 +277,7 @@ def test_stage_stopped_before_its_manifest_is_redone(files, tmp_path):
     qdir = tmp_path / "b" / "run" / "quantize"
     assert (qdir / "model" / "model.safetensors").exists()
     assert not (qdir / "manifest.json").exists()
+    (qdir / "model" / "stray.bin").write_bytes(b"left by a killed run")  # emptied before rerun
     p = train(cfg, "--to", "quantize", cwd=tmp_path / "b")
     assert "quantize: running (no manifest" in p.stdout
     assert tree(tmp_path / "a" / "run") == tree(tmp_path / "b" / "run")
