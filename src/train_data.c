@@ -267,7 +267,17 @@ int rs_file_hash(const char *path, uint64_t *out) {
 
 static volatile sig_atomic_t g_stop_signal;
 
-static void on_stop_signal(int sig) { g_stop_signal = sig; }
+/* The first signal asks for a stop at the next boundary; a second one ends the process at once
+ * (the default action), for a user whose stage takes long to reach a boundary. Every output is
+ * written to a temporary name, so nothing looks finished that is not. */
+static void on_stop_signal(int sig) {
+    if (g_stop_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_stop_signal = sig;
+}
 
 void rs_train_catch_signals(void) {
     struct sigaction sa;

@@ -162,7 +162,8 @@ uint64_t rs_config_hash(const rs_config *cfg, const char *const *sections);
 int rs_file_hash(const char *path, uint64_t *out);
 
 /* SIGINT/SIGTERM set a flag that the loops read at step boundaries (the one piece of
- * process-wide state here besides the log level: a signal handler can do nothing else). */
+ * process-wide state here besides the log level: a signal handler can do nothing else); a
+ * second signal ends the process at once. */
 void rs_train_catch_signals(void);
 int rs_train_stop_signal(void); /* the signal number caught, 0 when none */
 

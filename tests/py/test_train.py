@@ -426,3 +426,34 @@ def test_dpo_resumes_after_a_merge_only_change_and_its_adapter_is_unchanged(file
         assert (d / "run" / "dpo" / name).read_bytes() == (tmp_path / "run" / "dpo" / name).read_bytes()
     assert (tmp_path / "run" / "merge" / "adapter").is_dir()
     assert not (tmp_path / "run" / "merge" / "refit").exists()
+
+
+def start_and_signal(cfg, cwd, signals):
+    """Start `resafe train`, send each signal once the quantize stage has started (AWQ on the
+    tiny model takes ~0.5 s), 10 ms apart; returns (returncode, stderr)."""
+    proc = subprocess.Popen([resafe_bin(), "train", "--config", cfg], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while not (cwd / "run" / "quantize" / "pending.json").exists() and time.time() < deadline:
+        time.sleep(0.001)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_signal_stops_at_the_next_stage_boundary_and_a_second_one_at_once(files, tmp_path):
+    over = {"quant__method": "awq", "quant__calib_file": files["harmful"],
+            "quant__calib_column": "goal"}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cfg = config(files, tmp_path / "c.ini", **over)
+    rc, err = start_and_signal(cfg, tmp_path / "a", [signal.SIGINT])
+    assert rc == 128 + signal.SIGINT, err
+    assert "interrupted (signal 2) before the triplets stage" in err
+    assert (tmp_path / "a" / "run" / "quantize" / "manifest.json").exists()  # finished its work
+    assert not (tmp_path / "a" / "run" / "triplets").exists()
+    rc, err = start_and_signal(cfg, tmp_path / "b", [signal.SIGINT, signal.SIGINT])
+    assert rc == -signal.SIGINT, err
+    assert not (tmp_path / "b" / "run" / "quantize" / "manifest.json").exists()
+    assert not (tmp_path / "b" / "run" / "quantize" / "model").exists()
