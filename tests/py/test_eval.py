@@ -444,6 +444,32 @@ def test_report_notes_missing_pieces(models, tmp_path):
     assert res["merge_modes"] == [] and res["dpo"] is None and res["models"]["q"]["ppl"] is None
 
 
+def test_plot_report_writes_pngs_and_says_when_matplotlib_is_missing(greedy_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(greedy_run["out"] / "eval.json", run / "eval" / "eval.json")
+    (run / "dpo").mkdir()
+    (run / "dpo" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 0.7 / (s + 1), "margin": 0.1 * s}) + "\n" for s in range(4)))
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps([{"bits": b, "asr_fp": 0.01, "asr_quantized": 0.1 * (8 - b),
+                                  "asr_patched": 0.02} for b in [8, 4, 3]]))
+    script = os.path.join(ROOT, "scripts", "plot_report.py")
+    # no matplotlib: a module of that name that fails to import stands in for its absence
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "matplotlib.py").write_text("raise ImportError('no matplotlib')\n")
+    p = subprocess.run([sys.executable, script, str(run)], capture_output=True, text=True,
+                       env=dict(ENV, PYTHONPATH=str(fake)))
+    assert p.returncode == 1 and "matplotlib is not installed" in p.stderr
+    pytest.importorskip("matplotlib")
+    p = subprocess.run([sys.executable, script, str(run), "--sweep", str(sweep)],
+                       capture_output=True, text=True, env=ENV, check=True)
+    for name in ["asr_benign.png", "dpo.png", "asr_vs_bits.png"]:
+        data = (run / "eval" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("case", ["missing_file", "bad_column", "bad_filter", "filter_column",
