@@ -66,7 +66,8 @@ typedef struct {
     int n_benign;
     int32_t **seq_ids;
     int *seq_len, *seq_prompt;
-    FILE *logp; /* the reference's log-probs (double [vocab]) at each response position, in order */
+    FILE *logp; /* per response position, in order: the reference's logits (float [vocab]) and
+                * their log-sum-exp (double) */
     long n_positions;
 } ev_reference;
 

@@ -141,7 +141,6 @@ static int run_positions(ev_model *em, int32_t *const *ids, const int *len, cons
 typedef struct {
     ev_reference *ref;
     int V;
-    double *row;
     int failed;
 } ref_ctx;
 
@@ -154,12 +153,15 @@ static void ref_first(void *user, int i, int t, const float *z, int target) {
     r->ref->first_gap[i] = logit_gap(z, r->V, a);
 }
 
+/* The reference's logits row as the model gave them (fp32) and its log-normaliser (double): the
+ * log-probs without a rounding step, in 4 V + 8 bytes per position. */
 static void ref_logp(void *user, int i, int t, const float *z, int target) {
     (void)i, (void)t, (void)target;
     ref_ctx *r = user;
     double lse = log_sum_exp(z, r->V);
-    for (int v = 0; v < r->V; v++) r->row[v] = (double)z[v] - lse;
-    if (fwrite(r->row, sizeof *r->row, (size_t)r->V, r->ref->logp) != (size_t)r->V) r->failed = 1;
+    if (fwrite(z, sizeof *z, (size_t)r->V, r->ref->logp) != (size_t)r->V ||
+        fwrite(&lse, sizeof lse, 1, r->ref->logp) != 1)
+        r->failed = 1;
     r->ref->n_positions++;
 }
 
@@ -197,7 +199,7 @@ int ev_reference_run(const eval_ctx *c, const char *dir, ev_reference *ref) {
     ev_model em;
     RS_TRY(ev_model_open(c, dir, &em));
     int V = ref->vocab = em.m.cfg.vocab_size, rc = 0;
-    ref_ctx r = {ref, V, NULL, 0};
+    ref_ctx r = {ref, V, 0};
     if (c->harmful.present) {
         int32_t **ids;
         int *lens, n = ref->n_harmful = c->harmful.n;
@@ -214,13 +216,11 @@ int ev_reference_run(const eval_ctx *c, const char *dir, ev_reference *ref) {
     if (rc == 0 && c->benign.present) {
         ref->logp = tmpfile();
         if (!ref->logp) rc = RS_FAIL("eval: cannot create a temporary file for the reference log-probs");
-        r.row = rs_malloc((size_t)V * sizeof *r.row);
         if (rc == 0)
             rc = run_positions(&em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
                                ref_logp, &r);
         if (rc == 0 && (r.failed || fflush(ref->logp) != 0))
             rc = RS_FAIL("eval: writing the reference log-probs to a temporary file failed (disk full?)");
-        free(r.row);
     }
     ev_model_close(&em);
     if (rc == 0) rs_info("eval: reference %s: %ld response positions (%.1f s)", dir, ref->n_positions, rs_now() - t0);
@@ -543,7 +543,8 @@ static int perplexity(model_run *r) {
 typedef struct {
     const ev_reference *ref;
     int V;
-    double *row, kl;
+    float *row;
+    double kl;
     long n;
     int failed;
 } kl_ctx;
@@ -551,12 +552,17 @@ typedef struct {
 static void kl_row(void *user, int i, int t, const float *z, int target) {
     (void)i, (void)t, (void)target;
     kl_ctx *k = user;
-    if (fread(k->row, sizeof *k->row, (size_t)k->V, k->ref->logp) != (size_t)k->V) {
+    double ref_lse;
+    if (fread(k->row, sizeof *k->row, (size_t)k->V, k->ref->logp) != (size_t)k->V ||
+        fread(&ref_lse, sizeof ref_lse, 1, k->ref->logp) != 1) {
         k->failed = 1;
         return;
     }
     double lse = log_sum_exp(z, k->V), kl = 0;
-    for (int v = 0; v < k->V; v++) kl += exp(k->row[v]) * (k->row[v] - ((double)z[v] - lse));
+    for (int v = 0; v < k->V; v++) {
+        double lr = (double)k->row[v] - ref_lse;
+        kl += exp(lr) * (lr - ((double)z[v] - lse));
+    }
     k->kl += kl;
     k->n++;
 }
@@ -568,7 +574,7 @@ static int kl_to_reference(model_run *r) {
         cJSON_AddNullToObject(r->json, "kl_positions");
         return 0;
     }
-    kl_ctx k = {ref, ref->vocab, rs_malloc((size_t)ref->vocab * sizeof(double)), 0, 0, 0};
+    kl_ctx k = {ref, ref->vocab, rs_malloc((size_t)ref->vocab * sizeof(float)), 0, 0, 0};
     rewind(ref->logp);
     int rc = run_positions(&r->em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
                            kl_row, &k);
