@@ -210,11 +210,15 @@ def greedy_run(models):
         texts[name] = {p: tok.decode(hf_greedy(m[name], chat_ids(tok, p)), skip_special_tokens=True)
                        for p in set(harmful + benign + [s for s, _ in safe])}
     # refusal phrases: a 2-character piece of every other fp harmful response
+    # (pieces with control characters are left out: a phrase is a line of a text file, and a
+    # JSON string with NUL is cut by the records reader)
+    printable = lambda x: x.strip() and all(ord(ch) >= 32 and ch not in "\u2028\u2029\x85" for ch in x)
     phrases = sorted({texts["hf_fp"][p][:2] for p in harmful[::2] if len(texts["hf_fp"][p]) >= 2})
-    phrases = [p for p in phrases if p.strip()] or ["e"]
+    phrases = [p for p in phrases if printable(p)] or ["e"]
     (tmp / "phrases.txt").write_text("\n".join(phrases) + "\n")
-    answers = [texts["hf_fp"][p][1:4] if i % 2 == 0 and len(texts["hf_fp"][p]) > 4 else "zzz" + str(i)
-               for i, p in enumerate(benign)]
+    answers = [texts["hf_fp"][p][1:4] for p in benign]
+    answers = [a if i % 2 == 0 and len(a) == 3 and printable(a) else "zzz" + str(i)
+               for i, a in enumerate(answers)]
     write_csv(tmp / "harmful.csv", ["goal", "category"], zip(harmful, cats))
     with open(tmp / "benign.jsonl", "w") as f:
         for p, a in zip(benign, answers):
