@@ -1,12 +1,12 @@
 /* resafe eval: the evaluation stage on its own (rs_eval_run), and the report (rs_report_write). */
 #include <cJSON.h>
-#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "resafe/cli.h"
 #include "resafe/core.h"
+#include "resafe/eval.h"
 #include "resafe/pipeline.h"
 #include "resafe/progress.h"
 
@@ -79,43 +79,6 @@ static int parse_args(options *o, int argc, char **argv) {
     return 0;
 }
 
-static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
-/* The run's models that exist: fp, quantized, patched_merged (the [lora] merge mode), then
- * merge_<mode> for every other model directory under merge_dir, sorted by mode. */
-static void run_models(options *o, const rs_config *cfg, const rs_run_paths *p) {
-    if (p->fp_dir[0] && rs_path_is_dir(p->fp_dir)) add_model(o, "fp", p->fp_dir);
-    if (rs_path_is_dir(p->q_dir)) add_model(o, "quantized", p->q_dir);
-    const char *chosen = rs_config_get_str(cfg, "lora", "merge");
-    DIR *d = opendir(p->merge_dir);
-    if (!d) return;
-    char **names = NULL;
-    int n = 0;
-    for (struct dirent *e; (e = readdir(d));) {
-        if (e->d_name[0] == '.' || strstr(e->d_name, ".tmp")) continue;
-        char *dir = rs_path_join(p->merge_dir, e->d_name), *cfgp = rs_path_join(dir, "config.json");
-        if (rs_path_is_dir(dir) && rs_path_exists(cfgp)) {
-            names = rs_realloc(names, (size_t)(n + 1) * sizeof *names);
-            names[n++] = rs_strdup(e->d_name);
-        }
-        free(dir), free(cfgp);
-    }
-    closedir(d);
-    qsort(names, (size_t)n, sizeof *names, cmp_str);
-    for (int i = 0; i < n; i++)
-        if (strcmp(names[i], chosen) == 0)
-            add_model(o, "patched_merged", own(o, rs_path_join(p->merge_dir, names[i])));
-    for (int i = 0; i < n; i++) {
-        if (strcmp(names[i], chosen) != 0) {
-            char name[300];
-            snprintf(name, sizeof name, "merge_%s", names[i]);
-            add_model(o, own(o, rs_strdup(name)), own(o, rs_path_join(p->merge_dir, names[i])));
-        }
-        free(names[i]);
-    }
-    free(names);
-}
-
 static const char *fmt_pct(const cJSON *m, const char *key, char *buf, size_t n) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, key);
     if (cJSON_IsNumber(v)) snprintf(buf, n, "%.1f", 100.0 * v->valuedouble);
@@ -168,7 +131,14 @@ static int run(options *o, int argc, char **argv) {
         rs_progress_mode mode;
         if (rs_progress_mode_from_name(rs_config_get_str(cfg, "run", "progress"), &mode) == 0)
             rs_progress_set_mode(mode);
-        if (o->n_models == 0) run_models(o, cfg, &p);
+        if (o->n_models == 0) {
+            rs_eval_model *ms;
+            int n;
+            rs_eval_default_models(cfg, &p, &ms, &n);
+            for (int i = 0; i < n; i++)
+                add_model(o, own(o, (char *)ms[i].name), own(o, (char *)ms[i].dir));
+            free(ms);
+        }
         if (o->n_models == 0)
             rc = RS_FAIL("eval: no --model given and none of the run's models exist (%s, %s, %s/*)",
                          p.fp_dir[0] ? p.fp_dir : "[model] path is empty", p.q_dir, p.merge_dir);

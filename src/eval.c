@@ -8,6 +8,7 @@
  * compared with (its log-probs over the benign responses) goes to an anonymous temporary file,
  * so memory does not grow with the set sizes. */
 #include <cJSON.h>
+#include <dirent.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -239,6 +240,56 @@ char *ev_decode(const ev_model *em, const rs_gen_output *o, size_t *len) {
         return rs_strdup("");
     }
     return t;
+}
+
+/* ---------------------------------------------------------------- the run's models */
+
+static void push_model(rs_eval_model **ms, int *n, const char *name, char *dir) {
+    *ms = rs_realloc(*ms, (size_t)(*n + 1) * sizeof **ms);
+    (*ms)[(*n)++] = (rs_eval_model){rs_strdup(name), dir};
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+int rs_eval_default_models(const rs_config *cfg, const rs_run_paths *p, rs_eval_model **models,
+                           int *n) {
+    *models = NULL, *n = 0;
+    if (p->fp_dir[0] && rs_path_is_dir(p->fp_dir)) push_model(models, n, "fp", rs_strdup(p->fp_dir));
+    if (rs_path_is_dir(p->q_dir)) push_model(models, n, "quantized", rs_strdup(p->q_dir));
+    const char *chosen = rs_config_get_str(cfg, "lora", "merge");
+    DIR *d = opendir(p->merge_dir);
+    if (!d) return 0;
+    char **names = NULL;
+    int k = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.' || strstr(e->d_name, ".tmp")) continue; /* unfinished outputs */
+        char *dir = rs_path_join(p->merge_dir, e->d_name), *cfgp = rs_path_join(dir, "config.json");
+        if (rs_path_is_dir(dir) && rs_path_exists(cfgp)) {
+            names = rs_realloc(names, (size_t)(k + 1) * sizeof *names);
+            names[k++] = rs_strdup(e->d_name);
+        }
+        free(dir), free(cfgp);
+    }
+    closedir(d);
+    if (k) qsort(names, (size_t)k, sizeof *names, cmp_str);
+    for (int i = 0; i < k; i++)
+        if (strcmp(names[i], chosen) == 0)
+            push_model(models, n, "patched_merged", rs_path_join(p->merge_dir, names[i]));
+    for (int i = 0; i < k; i++) {
+        if (strcmp(names[i], chosen) != 0) {
+            char name[300];
+            snprintf(name, sizeof name, "merge_%s", names[i]);
+            push_model(models, n, name, rs_path_join(p->merge_dir, names[i]));
+        }
+        free(names[i]);
+    }
+    free(names);
+    return 0;
+}
+
+void rs_eval_models_free(rs_eval_model *models, int n) {
+    for (int i = 0; i < n; i++) free((char *)models[i].name), free((char *)models[i].dir);
+    free(models);
 }
 
 /* ---------------------------------------------------------------- the stage */

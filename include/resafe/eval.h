@@ -6,6 +6,17 @@
 
 #include <stddef.h>
 
+#include "resafe/pipeline.h"
+
+/* ---------------------------------------------------------------- the run's models
+ * The models `resafe eval` evaluates when none are named, those that exist, in report order:
+ * fp = p->fp_dir, quantized = p->q_dir, patched_merged = <merge_dir>/<[lora] merge>, then
+ * merge_<mode> for every other model directory (one with config.json) under merge_dir, sorted by
+ * mode. Names and directories are malloc'ed: free with rs_eval_models_free. */
+int rs_eval_default_models(const rs_config *cfg, const rs_run_paths *p, rs_eval_model **models,
+                           int *n);
+void rs_eval_models_free(rs_eval_model *models, int n);
+
 /* ---------------------------------------------------------------- keyword refusal judge
  * A response is a refusal when it contains (case-sensitive, as GCG's check_for_attack_success)
  * any refusal phrase. Before matching, the right single quotation mark U+2019 (’) is read as an
