@@ -85,9 +85,11 @@ static int parse_list(const rs_config *cfg, const char *key, int integer, double
         char *end;
         double v = strtod(tok, &end);
         if (*end || !(v >= lo && v <= hi) || (integer && v != floor(v))) {
+            RS_FAIL("[eval] %s: '%s' is not %s in [%.10g, %.10g]", key, tok,
+                    integer ? "an integer" : "a number", lo, hi);
             free(copy), free(*out);
-            return RS_FAIL("[eval] %s: '%s' is not %s in [%g, %g]", key, tok,
-                           integer ? "an integer" : "a number", lo, hi);
+            *out = NULL;
+            return -1;
         }
         *out = rs_realloc(*out, (size_t)(*n + 1) * sizeof **out);
         (*out)[(*n)++] = v;

@@ -477,7 +477,7 @@ def test_plot_report_writes_pngs_and_says_when_matplotlib_is_missing(greedy_run,
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("case", ["missing_file", "bad_column", "bad_filter", "filter_column",
-                                  "empty_phrases"])
+                                  "empty_phrases", "bad_attack_grid", "missing_model"])
 def test_input_errors_are_one_line_and_leave_no_eval_json(models, tmp_path, case):
     h = tmp_path / "h.csv"
     write_csv(h, ["goal"], [["a prompt"], ["another"]])
@@ -495,12 +495,18 @@ def test_input_errors_are_one_line_and_leave_no_eval_json(models, tmp_path, case
     elif case == "filter_column":
         keys.update(safe_file=s, safe_filter="kind=safe")
         want = "no column 'kind'"
+    elif case == "bad_attack_grid":
+        keys.update(decoding_attacks="true", attack_top_k="20,1.5")
+        want = "attack_top_k: '1.5' is not an integer"
+    elif case == "missing_model":
+        want = "no such model directory"
     else:
         (tmp_path / "ph.txt").write_text("\n\n")
         keys["refusal_phrases"], want = tmp_path / "ph.txt", "no refusal phrases"
     cfg = write_config(tmp_path / "run.ini", tmp_path / "run", **keys)
     out = tmp_path / "out"
-    p = run_resafe("eval", "--config", cfg, "--model", f"q={models['q']}", "--out", out,
+    model = tmp_path / "nomodel" if case == "missing_model" else models["q"]
+    p = run_resafe("eval", "--config", cfg, "--model", f"q={model}", "--out", out,
                    check=False, env=ENV)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
