@@ -96,7 +96,7 @@ typedef void (*row_fn)(void *user, int seq, int t, const float *logits, int targ
  * position t in [start[i] - 1, len[i] - 2] with its logits and the next token (target), in order
  * of sequence then position. last_only: only the last position of each sequence (target -1). */
 static int run_positions(ev_model *em, int32_t *const *ids, const int *len, const int *start, int n,
-                         int last_only, row_fn fn, void *user) {
+                         int last_only, row_fn fn, void *user, rs_progress *bar) {
     int V = em->m.cfg.vocab_size, T = 0, rc = 0;
     for (int i = 0; i < n; i++) T = len[i] > T ? len[i] : T;
     if (n == 0 || T == 0) return 0;
@@ -130,6 +130,7 @@ static int run_positions(ev_model *em, int32_t *const *ids, const int *len, cons
             for (int t = start[i] - 1; t <= len[i] - 2; t++)
                 fn(user, i, t, logits + ((size_t)b * Tb + t) * V, ids[i][t + 1]);
         }
+        if (bar) rs_progress_update(bar, first + nb, bar->tokens + (long long)nb * Tb);
     }
     free(tok), free(pos), free(logits);
     rs_kv_cache_free(&em->m, &cache);
@@ -208,7 +209,7 @@ int ev_reference_run(const eval_ctx *c, const char *dir, ev_reference *ref) {
             ref->first_tok = rs_calloc((size_t)n + 1, sizeof *ref->first_tok);
             ref->first_p = rs_calloc((size_t)n + 1, sizeof *ref->first_p);
             ref->first_gap = rs_calloc((size_t)n + 1, sizeof *ref->first_gap);
-            rc = run_positions(&em, ids, lens, lens, n, 1, ref_first, &r);
+            rc = run_positions(&em, ids, lens, lens, n, 1, ref_first, &r, NULL);
             ev_free_ids(ids, lens, n);
         }
     }
@@ -218,7 +219,7 @@ int ev_reference_run(const eval_ctx *c, const char *dir, ev_reference *ref) {
         if (!ref->logp) rc = RS_FAIL("eval: cannot create a temporary file for the reference log-probs");
         if (rc == 0)
             rc = run_positions(&em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
-                               ref_logp, &r);
+                               ref_logp, &r, NULL);
         if (rc == 0 && (r.failed || fflush(ref->logp) != 0))
             rc = RS_FAIL("eval: writing the reference log-probs to a temporary file failed (disk full?)");
     }
@@ -323,7 +324,7 @@ static int harmful_greedy(model_run *r, int32_t **ids, int *lens) {
     const eval_ctx *c = r->c;
     int n = c->harmful.n, rc = 0, V = r->em.m.cfg.vocab_size;
     first_ctx f = {r->ref, V, rs_calloc((size_t)n + 1, sizeof(int32_t)), 0, 0, 0};
-    if (r->ref) rc = run_positions(&r->em, ids, lens, lens, n, 1, model_first, &f);
+    if (r->ref) rc = run_positions(&r->em, ids, lens, lens, n, 1, model_first, &f, NULL);
     rs_gen_output *out = rs_calloc((size_t)n + 1, sizeof *out);
     rs_progress bar;
     progress_begin(&bar, r, "harmful", n);
@@ -530,7 +531,10 @@ static int perplexity(model_run *r) {
         start[i] = 1;
     }
     ppl_ctx p = {r->em.m.cfg.vocab_size, 0, 0};
-    if (rc == 0) rc = run_positions(&r->em, ids, lens, start, n, 0, ppl_row, &p);
+    rs_progress bar;
+    progress_begin(&bar, r, "ppl", n);
+    if (rc == 0) rc = run_positions(&r->em, ids, lens, start, n, 0, ppl_row, &p, &bar);
+    rs_progress_end(&bar);
     ev_free_ids(ids, lens, n);
     free(start);
     if (p.n > 0) cJSON_AddNumberToObject(r->json, "ppl", exp(p.nll / (double)p.n));
@@ -576,8 +580,11 @@ static int kl_to_reference(model_run *r) {
     }
     kl_ctx k = {ref, ref->vocab, rs_malloc((size_t)ref->vocab * sizeof(float)), 0, 0, 0};
     rewind(ref->logp);
+    rs_progress bar;
+    progress_begin(&bar, r, "kl", ref->n_benign);
     int rc = run_positions(&r->em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
-                           kl_row, &k);
+                           kl_row, &k, &bar);
+    rs_progress_end(&bar);
     free(k.row);
     if (rc == 0 && (k.failed || k.n != ref->n_positions))
         rc = RS_FAIL("eval: reading the reference log-probs back failed");
