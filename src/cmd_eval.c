@@ -54,22 +54,33 @@ static int parse_args(options *o, int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return fputs(g_usage, stdout), -1;
-        if (strcmp(a, "--report") == 0) { o->report = 1; continue; }
-        if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) { o->verbose = 1; continue; }
+        if (strcmp(a, "--report") == 0) {
+            o->report = 1;
+            continue;
+        }
+        if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) {
+            o->verbose = 1;
+            continue;
+        }
         if (i + 1 >= argc) return usage_error("option '%s' needs a value (or is unknown)", a);
         const char *v = argv[++i];
-        if (strcmp(a, "--config") == 0) o->config = v;
-        else if (strcmp(a, "--set") == 0) continue; /* applied after loading */
-        else if (strcmp(a, "--reference") == 0) o->reference = v;
-        else if (strcmp(a, "--out") == 0) o->out = v;
+        if (strcmp(a, "--config") == 0)
+            o->config = v;
+        else if (strcmp(a, "--set") == 0)
+            continue; /* applied after loading */
+        else if (strcmp(a, "--reference") == 0)
+            o->reference = v;
+        else if (strcmp(a, "--out") == 0)
+            o->out = v;
         else if (strcmp(a, "--model") == 0) {
             const char *eq = strchr(v, '=');
             if (!eq || eq == v || !eq[1]) return usage_error("--model: '%s' is not NAME=DIR", v);
             const char *name = own(o, rs_strndup(v, (size_t)(eq - v)));
             for (const char *p = name; *p; p++)
-                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-                      *p == '_' || *p == '-' || *p == '.'))
-                    return usage_error("--model: name '%s' may hold only letters, digits, _ - .", name);
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                      (*p >= '0' && *p <= '9') || *p == '_' || *p == '-' || *p == '.'))
+                    return usage_error("--model: name '%s' may hold only letters, digits, _ - .",
+                                       name);
             add_model(o, name, eq + 1);
         } else {
             return usage_error("unknown option '%s'", a);
@@ -81,8 +92,10 @@ static int parse_args(options *o, int argc, char **argv) {
 
 static const char *fmt_pct(const cJSON *m, const char *key, char *buf, size_t n) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, key);
-    if (cJSON_IsNumber(v)) snprintf(buf, n, "%.1f", 100.0 * v->valuedouble);
-    else snprintf(buf, n, "-");
+    if (cJSON_IsNumber(v))
+        snprintf(buf, n, "%.1f", 100.0 * v->valuedouble);
+    else
+        snprintf(buf, n, "-");
     return buf;
 }
 
@@ -95,8 +108,8 @@ static void print_summary(const char *out_dir) {
     }
     cJSON *root = cJSON_Parse(text);
     const cJSON *models = cJSON_GetObjectItemCaseSensitive(root, "models"), *m;
-    printf("%-18s %8s %10s %10s %10s %10s %10s\n", "model", "ASR %", "benign %", "overref %",
-           "ppl", "KL", "flips %");
+    printf("%-18s %8s %10s %10s %10s %10s %10s\n", "model", "ASR %", "benign %", "overref %", "ppl",
+           "KL", "flips %");
     cJSON_ArrayForEach(m, models) {
         char a[32], b[32], s[32], f[32], ppl[32] = "-", kl[32] = "-";
         const cJSON *pv = cJSON_GetObjectItemCaseSensitive(m, "ppl");

@@ -21,7 +21,8 @@
 /* ---------------------------------------------------------------- the sets */
 
 static void free_set(eval_set *s) {
-    for (int i = 0; i < s->n; i++) free(s->items[i].prompt), free(s->items[i].category), free(s->items[i].answer);
+    for (int i = 0; i < s->n; i++)
+        free(s->items[i].prompt), free(s->items[i].category), free(s->items[i].answer);
     free(s->items);
     memset(s, 0, sizeof *s);
 }
@@ -68,7 +69,9 @@ static int load_set(eval_set *s, const char *name, const char *path, const char 
         it->answer = answer ? rs_strdup(answer) : NULL;
         it->category = cc >= 0 ? rs_strdup(cat && cat[0] ? cat : "unknown") : NULL;
     }
-    if (rc == 0 && s->n == 0) rc = RS_FAIL("%s: no rows%s%s", path, fcol ? " match safe_filter " : "", fcol ? filter : "");
+    if (rc == 0 && s->n == 0)
+        rc =
+            RS_FAIL("%s: no rows%s%s", path, fcol ? " match safe_filter " : "", fcol ? filter : "");
     free(fcol), free(fval);
     rs_table_free(&t);
     if (rc != 0) free_set(s);
@@ -128,15 +131,20 @@ static int read_options(const rs_config *cfg, eval_ctx *c) {
     c->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
     c->attack_samples = (int)rs_config_get_int(cfg, "eval", "attack_samples");
     const char *m = rs_config_get_str(cfg, "eval", "answer_match");
-    if (rs_answer_match_from_name(m, &c->match) != 0) return RS_FAIL("[eval] answer_match: unknown '%s'", m);
+    if (rs_answer_match_from_name(m, &c->match) != 0)
+        return RS_FAIL("[eval] answer_match: unknown '%s'", m);
     if (rs_config_get_bool(cfg, "eval", "decoding_attacks")) RS_TRY(attack_grid(cfg, c));
     int n = (int)rs_config_get_int(cfg, "eval", "n_prompts");
     const char *cat = rs_config_get_str(cfg, "eval", "category_column");
 #define EV(k) rs_config_get_str(cfg, "eval", k)
-    RS_TRY(load_set(&c->harmful, "harmful", EV("harmful_file"), EV("harmful_column"), cat, NULL, NULL, n));
-    RS_TRY(load_set(&c->benign, "benign", EV("benign_file"), EV("benign_column"), cat, EV("answer_column"), NULL, n));
-    RS_TRY(load_set(&c->safe, "safe", EV("safe_file"), EV("safe_column"), NULL, NULL, EV("safe_filter"), n));
-    RS_TRY(load_set(&c->heldout, "heldout", EV("heldout_file"), EV("heldout_column"), NULL, NULL, NULL, n));
+    RS_TRY(load_set(&c->harmful, "harmful", EV("harmful_file"), EV("harmful_column"), cat, NULL,
+                    NULL, n));
+    RS_TRY(load_set(&c->benign, "benign", EV("benign_file"), EV("benign_column"), cat,
+                    EV("answer_column"), NULL, n));
+    RS_TRY(load_set(&c->safe, "safe", EV("safe_file"), EV("safe_column"), NULL, NULL,
+                    EV("safe_filter"), n));
+    RS_TRY(load_set(&c->heldout, "heldout", EV("heldout_file"), EV("heldout_column"), NULL, NULL,
+                    NULL, n));
     RS_TRY(rs_judge_init(&c->judge, EV("refusal_phrases")));
 #undef EV
     if (!c->harmful.present && !c->benign.present && !c->safe.present && !c->heldout.present)
@@ -190,7 +198,8 @@ int ev_encode_prompts(const eval_ctx *c, const ev_model *em, const eval_set *s, 
     *lens = rs_calloc((size_t)s->n + 1, sizeof **lens);
     for (int i = 0; i < s->n; i++) {
         rs_chat_message msgs[2] = {{"system", c->system}, {"user", s->items[i].prompt}};
-        int rc = c->chat ? rs_chat_encode(em->tok, em->kind, c->system ? msgs : msgs + 1,
+        int rc = c->chat
+                     ? rs_chat_encode(em->tok, em->kind, c->system ? msgs : msgs + 1,
                                       c->system ? 2 : 1, 1, &(*ids)[i], &(*lens)[i])
                      : rs_tokenizer_encode(em->tok, s->items[i].prompt, strlen(s->items[i].prompt),
                                            1, &(*ids)[i], &(*lens)[i]);
@@ -251,12 +260,15 @@ static void push_model(rs_eval_model **ms, int *n, const char *name, char *dir) 
     (*ms)[(*n)++] = (rs_eval_model){rs_strdup(name), dir};
 }
 
-static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 
 int rs_eval_default_models(const rs_config *cfg, const rs_run_paths *p, rs_eval_model **models,
                            int *n) {
     *models = NULL, *n = 0;
-    if (p->fp_dir[0] && rs_path_is_dir(p->fp_dir)) push_model(models, n, "fp", rs_strdup(p->fp_dir));
+    if (p->fp_dir[0] && rs_path_is_dir(p->fp_dir))
+        push_model(models, n, "fp", rs_strdup(p->fp_dir));
     if (rs_path_is_dir(p->q_dir)) push_model(models, n, "quantized", rs_strdup(p->q_dir));
     const char *chosen = rs_config_get_str(cfg, "lora", "merge");
     DIR *d = opendir(p->merge_dir);
@@ -306,7 +318,8 @@ static int check_models(const rs_eval_model *models, int n_models, const char *r
             if (strcmp(models[i].name, models[j].name) == 0)
                 return RS_FAIL("eval: model name '%s' given twice", models[i].name);
         if (!rs_path_is_dir(models[i].dir))
-            return RS_FAIL("%s: no such model directory (model '%s')", models[i].dir, models[i].name);
+            return RS_FAIL("%s: no such model directory (model '%s')", models[i].dir,
+                           models[i].name);
     }
     if (reference_dir && !rs_path_is_dir(reference_dir))
         return RS_FAIL("%s: no such reference model directory", reference_dir);
@@ -316,10 +329,13 @@ static int check_models(const rs_eval_model *models, int n_models, const char *r
 static cJSON *judge_json(const eval_ctx *c) {
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "kind", "keyword");
-    if (c->judge.source) cJSON_AddStringToObject(j, "phrases_file", c->judge.source);
-    else cJSON_AddNullToObject(j, "phrases_file");
+    if (c->judge.source)
+        cJSON_AddStringToObject(j, "phrases_file", c->judge.source);
+    else
+        cJSON_AddNullToObject(j, "phrases_file");
     cJSON *list = cJSON_AddArrayToObject(j, "phrases");
-    for (int i = 0; i < c->judge.n; i++) cJSON_AddItemToArray(list, cJSON_CreateString(c->judge.phrases[i]));
+    for (int i = 0; i < c->judge.n; i++)
+        cJSON_AddItemToArray(list, cJSON_CreateString(c->judge.phrases[i]));
     cJSON_AddStringToObject(j, "match", "case-sensitive substring; U+2019 read as '");
     cJSON_AddStringToObject(j, "answer_match", rs_answer_match_name(c->match));
     return j;
@@ -362,14 +378,18 @@ int rs_eval_run(const rs_config *cfg, const rs_eval_model *models, int n_models,
     cJSON_AddStringToObject(root, "config_hash", hash);
     cJSON_AddItemToObject(root, "judge", judge_json(&c));
     cJSON_AddItemToObject(root, "sets", sets_json(&c));
-    if (reference_dir) cJSON_AddStringToObject(root, "reference", reference_dir);
-    else cJSON_AddNullToObject(root, "reference");
+    if (reference_dir)
+        cJSON_AddStringToObject(root, "reference", reference_dir);
+    else
+        cJSON_AddNullToObject(root, "reference");
     jm = cJSON_AddObjectToObject(root, "models");
     for (int i = 0; rc == 0 && i < n_models; i++) {
         cJSON *one = NULL;
         rc = ev_model_run(&c, &models[i], reference_dir ? &ref : NULL, out_dir, &one);
-        if (rc == 0) cJSON_AddItemToObject(jm, models[i].name, one);
-        else rs_fail_context("model '%s'", models[i].name);
+        if (rc == 0)
+            cJSON_AddItemToObject(jm, models[i].name, one);
+        else
+            rs_fail_context("model '%s'", models[i].name);
     }
     if (rc == 0) {
         char *text = cJSON_Print(root), *path = rs_path_join(out_dir, "eval.json");

@@ -67,7 +67,7 @@ typedef struct {
     int32_t **seq_ids;
     int *seq_len, *seq_prompt;
     FILE *logp; /* per response position, in order: the reference's logits (float [vocab]) and
-                * their log-sum-exp (double) */
+                 * their log-sum-exp (double) */
     long n_positions;
 } ev_reference;
 

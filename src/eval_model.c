@@ -29,9 +29,12 @@ static cJSON *json_text(const char *s, size_t len) {
     *o++ = '"';
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') *o++ = '\\', *o++ = (char)c;
-        else if (c < 0x20 || c == 0x7f) o += sprintf(o, "\\u%04x", c);
-        else *o++ = (char)c;
+        if (c == '"' || c == '\\')
+            *o++ = '\\', *o++ = (char)c;
+        else if (c < 0x20 || c == 0x7f)
+            o += sprintf(o, "\\u%04x", c);
+        else
+            *o++ = (char)c;
     }
     *o++ = '"';
     *o = 0;
@@ -52,8 +55,10 @@ static cJSON *line_start(const char *set, int index, const eval_item *it) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "set", set);
     cJSON_AddNumberToObject(o, "index", index);
-    if (it->category) cJSON_AddStringToObject(o, "category", it->category);
-    else cJSON_AddNullToObject(o, "category");
+    if (it->category)
+        cJSON_AddStringToObject(o, "category", it->category);
+    else
+        cJSON_AddNullToObject(o, "category");
     cJSON_AddStringToObject(o, "prompt", it->prompt);
     return o;
 }
@@ -108,7 +113,8 @@ static int run_positions(ev_model *em, int32_t *const *ids, const int *len, cons
         rs_kv_cache_free(&em->m, &cache);
         return -1;
     }
-    int32_t *tok = rs_malloc((size_t)B * T * sizeof *tok), *pos = rs_malloc((size_t)B * T * sizeof *pos);
+    int32_t *tok = rs_malloc((size_t)B * T * sizeof *tok),
+            *pos = rs_malloc((size_t)B * T * sizeof *pos);
     float *logits = rs_malloc((size_t)rows * V * sizeof *logits);
     for (int first = 0; first < n && rc == 0; first += B) {
         int nb = n - first < B ? n - first : B, Tb = 0;
@@ -216,16 +222,21 @@ int ev_reference_run(const eval_ctx *c, const char *dir, ev_reference *ref) {
     if (rc == 0 && c->benign.present) rc = ref_benign(c, &em, ref);
     if (rc == 0 && c->benign.present) {
         ref->logp = tmpfile();
-        if (!ref->logp) rc = RS_FAIL("eval: cannot create a temporary file for the reference log-probs");
+        if (!ref->logp)
+            rc = RS_FAIL("eval: cannot create a temporary file for the reference log-probs");
         if (rc == 0)
             rc = run_positions(&em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
                                ref_logp, &r, NULL);
         if (rc == 0 && (r.failed || fflush(ref->logp) != 0))
-            rc = RS_FAIL("eval: writing the reference log-probs to a temporary file failed (disk full?)");
+            rc = RS_FAIL(
+                "eval: writing the reference log-probs to a temporary file failed (disk full?)");
     }
     ev_model_close(&em);
-    if (rc == 0) rs_info("eval: reference %s: %ld response positions (%.1f s)", dir, ref->n_positions, rs_now() - t0);
-    else rs_fail_context("reference %s", dir);
+    if (rc == 0)
+        rs_info("eval: reference %s: %ld response positions (%.1f s)", dir, ref->n_positions,
+                rs_now() - t0);
+    else
+        rs_fail_context("reference %s", dir);
     return rc;
 }
 
@@ -257,7 +268,9 @@ static void cat_add(cat_counts *cc, const char *name, int hit) {
     cc->hits[k] += hit, cc->total[k]++;
 }
 
-static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 
 /* {category: hits / total}, categories sorted; null when the set has no categories. */
 static cJSON *cat_json(cat_counts *cc, int has_category) {
@@ -280,8 +293,10 @@ static cJSON *cat_json(cat_counts *cc, int has_category) {
 }
 
 static void add_rate(cJSON *o, const char *key, int present, double hits, double n) {
-    if (present && n > 0) cJSON_AddNumberToObject(o, key, hits / n);
-    else cJSON_AddNullToObject(o, key);
+    if (present && n > 0)
+        cJSON_AddNumberToObject(o, key, hits / n);
+    else
+        cJSON_AddNullToObject(o, key);
 }
 
 /* ---------------------------------------------------------------- one model */
@@ -431,8 +446,8 @@ static int attacks(model_run *r, int32_t **ids, int *lens) {
 static int harmful_all(model_run *r) {
     const eval_ctx *c = r->c;
     if (!c->harmful.present) {
-        const char *keys[] = {"asr", "asr_per_category", "n_harmful", "flip_rate", "prob_shift",
-                              "logit_gap_change", "attacks"};
+        const char *keys[] = {"asr",        "asr_per_category", "n_harmful", "flip_rate",
+                              "prob_shift", "logit_gap_change", "attacks"};
         for (int k = 0; k < 7; k++) cJSON_AddNullToObject(r->json, keys[k]);
         return 0;
     }
@@ -440,8 +455,10 @@ static int harmful_all(model_run *r) {
     int *lens;
     RS_TRY(ev_encode_prompts(c, &r->em, &c->harmful, &ids, &lens));
     int rc = harmful_greedy(r, ids, lens);
-    if (rc == 0 && c->n_settings) rc = attacks(r, ids, lens);
-    else if (rc == 0) cJSON_AddNullToObject(r->json, "attacks");
+    if (rc == 0 && c->n_settings)
+        rc = attacks(r, ids, lens);
+    else if (rc == 0)
+        cJSON_AddNullToObject(r->json, "attacks");
     ev_free_ids(ids, lens, c->harmful.n);
     return rc;
 }
@@ -451,7 +468,8 @@ static int greedy_set(model_run *r, const eval_set *s) {
     const eval_ctx *c = r->c;
     int benign = s == &c->benign;
     const char *k_rate = benign ? "benign_accuracy" : "over_refusal";
-    const char *k_cat = benign ? "benign_per_category" : NULL, *k_n = benign ? "n_benign" : "n_safe";
+    const char *k_cat = benign ? "benign_per_category" : NULL,
+               *k_n = benign ? "n_benign" : "n_safe";
     if (!s->present) {
         cJSON_AddNullToObject(r->json, k_rate);
         if (k_cat) cJSON_AddNullToObject(r->json, k_cat);
@@ -522,7 +540,8 @@ static int perplexity(model_run *r) {
     }
     int n = s->n, ctx = r->em.m.cfg.max_position_embeddings, rc = 0;
     int32_t **ids = rs_calloc((size_t)n + 1, sizeof *ids);
-    int *lens = rs_calloc((size_t)n + 1, sizeof *lens), *start = rs_calloc((size_t)n + 1, sizeof *start);
+    int *lens = rs_calloc((size_t)n + 1, sizeof *lens),
+        *start = rs_calloc((size_t)n + 1, sizeof *start);
     for (int i = 0; rc == 0 && i < n; i++) {
         const char *text = s->items[i].prompt;
         rc = rs_tokenizer_encode(r->em.tok, text, strlen(text), 1, &ids[i], &lens[i]);
@@ -537,8 +556,10 @@ static int perplexity(model_run *r) {
     rs_progress_end(&bar);
     ev_free_ids(ids, lens, n);
     free(start);
-    if (p.n > 0) cJSON_AddNumberToObject(r->json, "ppl", exp(p.nll / (double)p.n));
-    else cJSON_AddNullToObject(r->json, "ppl");
+    if (p.n > 0)
+        cJSON_AddNumberToObject(r->json, "ppl", exp(p.nll / (double)p.n));
+    else
+        cJSON_AddNullToObject(r->json, "ppl");
     cJSON_AddNumberToObject(r->json, "ppl_tokens", (double)p.n);
     return rc;
 }

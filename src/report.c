@@ -39,7 +39,9 @@ static cJSON *read_json(const char *path) {
     return j;
 }
 
-static const cJSON *get(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
+static const cJSON *get(const cJSON *o, const char *k) {
+    return cJSON_GetObjectItemCaseSensitive(o, k);
+}
 
 /* A table cell: percent (x100, 1 decimal), fixed 3 decimals, or 4 significant digits. */
 typedef enum { F_PCT, F_FIX3, F_SIG4, F_INT } cell_fmt;
@@ -50,10 +52,14 @@ static void cell(text *t, const cJSON *v, cell_fmt f) {
         return;
     }
     double x = v->valuedouble;
-    if (f == F_PCT) add(t, " %.1f |", 100.0 * x);
-    else if (f == F_FIX3) add(t, " %.3f |", x);
-    else if (f == F_INT) add(t, " %.0f |", x);
-    else add(t, " %.4g |", x);
+    if (f == F_PCT)
+        add(t, " %.1f |", 100.0 * x);
+    else if (f == F_FIX3)
+        add(t, " %.3f |", x);
+    else if (f == F_INT)
+        add(t, " %.0f |", x);
+    else
+        add(t, " %.4g |", x);
 }
 
 /* ---------------------------------------------------------------- the tables */
@@ -78,8 +84,9 @@ static int model_order(const cJSON *models, const cJSON **out, int cap) {
 static void before_after(text *t, const cJSON **ms, int n, cJSON *results) {
     int attacks = 0;
     for (int i = 0; i < n; i++) attacks |= cJSON_IsObject(get(ms[i], "attacks"));
-    add(t, "## Before and after\n\n| model | ASR (%%) |%s benign accuracy (%%) | over-refusal (%%) "
-           "| perplexity | KL to FP | flip rate (%%) |\n|---|---|%s---|---|---|---|---|\n",
+    add(t,
+        "## Before and after\n\n| model | ASR (%%) |%s benign accuracy (%%) | over-refusal (%%) "
+        "| perplexity | KL to FP | flip rate (%%) |\n|---|---|%s---|---|---|---|---|\n",
         attacks ? " worst-case attack ASR (%) |" : "", attacks ? "---|" : "");
     cJSON *jm = cJSON_AddObjectToObject(results, "models");
     for (int i = 0; i < n; i++) {
@@ -95,23 +102,32 @@ static void before_after(text *t, const cJSON **ms, int n, cJSON *results) {
         cell(t, get(m, "flip_rate"), F_PCT);
         add(t, "\n");
         cJSON *r = cJSON_AddObjectToObject(jm, m->string);
-        const char *keys[] = {"asr", "benign_accuracy", "over_refusal", "ppl", "kl_to_fp", "flip_rate"};
+        const char *keys[] = {"asr", "benign_accuracy", "over_refusal",
+                              "ppl", "kl_to_fp",        "flip_rate"};
         for (int k = 0; k < 6; k++) {
             const cJSON *v = get(m, keys[k]);
-            if (cJSON_IsNumber(v)) cJSON_AddNumberToObject(r, keys[k], v->valuedouble);
-            else cJSON_AddNullToObject(r, keys[k]);
+            if (cJSON_IsNumber(v))
+                cJSON_AddNumberToObject(r, keys[k], v->valuedouble);
+            else
+                cJSON_AddNullToObject(r, keys[k]);
         }
-        if (cJSON_IsNumber(worst)) cJSON_AddNumberToObject(r, "worst_case_asr", worst->valuedouble);
-        else cJSON_AddNullToObject(r, "worst_case_asr");
+        if (cJSON_IsNumber(worst))
+            cJSON_AddNumberToObject(r, "worst_case_asr", worst->valuedouble);
+        else
+            cJSON_AddNullToObject(r, "worst_case_asr");
     }
-    add(t, "\nASR: share of harmful prompts whose greedy response the judge does not count as a "
-           "refusal.%s Rates are percentages of each set; KL and flips are measured against the "
-           "full-precision reference.\n\n",
+    add(t,
+        "\nASR: share of harmful prompts whose greedy response the judge does not count as a "
+        "refusal.%s Rates are percentages of each set; KL and flips are measured against the "
+        "full-precision reference.\n\n",
         attacks ? " Worst-case attack ASR: a prompt counts when any sample of any decoding "
-                  "setting is not a refusal." : "");
+                  "setting is not a refusal."
+                : "");
 }
 
-static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
 
 static void merge_modes(text *t, const cJSON *models, const rs_config *cfg, const rs_run_paths *p,
                         cJSON *results) {
@@ -123,7 +139,8 @@ static void merge_modes(text *t, const cJSON *models, const rs_config *cfg, cons
     char **names = NULL;
     int n = 0;
     for (struct dirent *e; d && (e = readdir(d));) {
-        char *dir = rs_path_join(p->merge_dir, e->d_name), *st = rs_path_join(dir, "merge_stats.json");
+        char *dir = rs_path_join(p->merge_dir, e->d_name),
+             *st = rs_path_join(dir, "merge_stats.json");
         if (e->d_name[0] != '.' && rs_path_exists(st)) {
             names = rs_realloc(names, (size_t)(n + 1) * sizeof *names);
             names[n++] = rs_strdup(e->d_name);
@@ -137,11 +154,15 @@ static void merge_modes(text *t, const cJSON *models, const rs_config *cfg, cons
         return;
     }
     qsort(names, (size_t)n, sizeof *names, cmp_str);
-    add(t, "Chosen mode ([lora] merge): `%s` (evaluated as `patched_merged`).\n\n"
-           "| mode | chosen | ASR (%%) | kept fraction (%%) | codes changed | delta norm | rel. error |\n"
-           "|---|---|---|---|---|---|---|\n", chosen);
+    add(t,
+        "Chosen mode ([lora] merge): `%s` (evaluated as `patched_merged`).\n\n"
+        "| mode | chosen | ASR (%%) | kept fraction (%%) | codes changed | delta norm | rel. error "
+        "|\n"
+        "|---|---|---|---|---|---|---|\n",
+        chosen);
     for (int i = 0; i < n; i++) {
-        char *dir = rs_path_join(p->merge_dir, names[i]), *st = rs_path_join(dir, "merge_stats.json");
+        char *dir = rs_path_join(p->merge_dir, names[i]),
+             *st = rs_path_join(dir, "merge_stats.json");
         cJSON *s = read_json(st);
         const cJSON *mode = get(s, "mode");
         const char *mname = cJSON_IsString(mode) ? mode->valuestring : names[i];
@@ -162,20 +183,25 @@ static void merge_modes(text *t, const cJSON *models, const rs_config *cfg, cons
         cJSON_AddStringToObject(r, "mode", mname);
         cJSON_AddBoolToObject(r, "chosen", is_chosen);
         const char *keys[] = {"kept_fraction", "n_codes_changed", "delta_norm", "rel_error"};
-        if (cJSON_IsNumber(asr)) cJSON_AddNumberToObject(r, "asr", asr->valuedouble);
-        else cJSON_AddNullToObject(r, "asr");
+        if (cJSON_IsNumber(asr))
+            cJSON_AddNumberToObject(r, "asr", asr->valuedouble);
+        else
+            cJSON_AddNullToObject(r, "asr");
         for (int k = 0; k < 4; k++) {
             const cJSON *v = get(s, keys[k]);
-            if (cJSON_IsNumber(v)) cJSON_AddNumberToObject(r, keys[k], v->valuedouble);
-            else cJSON_AddNullToObject(r, keys[k]);
+            if (cJSON_IsNumber(v))
+                cJSON_AddNumberToObject(r, keys[k], v->valuedouble);
+            else
+                cJSON_AddNullToObject(r, keys[k]);
         }
         cJSON_AddItemToArray(list, r);
         cJSON_Delete(s);
         free(dir), free(st), free(names[i]);
     }
     free(names);
-    add(t, "\nKept fraction: <realized, delta> / ||delta||^2, the share of the adapter's change that "
-           "survived the merge onto the quantized grid.\n\n");
+    add(t,
+        "\nKept fraction: <realized, delta> / ||delta||^2, the share of the adapter's change that "
+        "survived the merge onto the quantized grid.\n\n");
 }
 
 static void per_category(text *t, const cJSON **ms, int n) {
@@ -231,7 +257,8 @@ static void dpo_summary(text *t, const rs_run_paths *p, cJSON *results) {
             continue;
         }
         lines++;
-        if (!first) first = j;
+        if (!first)
+            first = j;
         else {
             cJSON_Delete(last);
             last = j;
@@ -261,8 +288,10 @@ static void dpo_summary(text *t, const rs_run_paths *p, cJSON *results) {
     const char *dst[] = {"first_loss", "last_loss", "last_margin", "last_accuracy"};
     for (int k = 0; k < 4; k++) {
         const cJSON *v = get(k == 0 ? first : last, src[k]);
-        if (cJSON_IsNumber(v)) cJSON_AddNumberToObject(r, dst[k], v->valuedouble);
-        else cJSON_AddNullToObject(r, dst[k]);
+        if (cJSON_IsNumber(v))
+            cJSON_AddNumberToObject(r, dst[k], v->valuedouble);
+        else
+            cJSON_AddNullToObject(r, dst[k]);
     }
     if (last != first) cJSON_Delete(last);
     cJSON_Delete(first);
@@ -287,7 +316,8 @@ int rs_report_write(const rs_config *cfg, const rs_run_paths *p) {
     const cJSON *ms[256];
     int n = 0;
     if (!cJSON_IsObject(models)) {
-        add(&t, "No evaluation (%s missing or unreadable): the model tables are skipped.\n\n", ev_path);
+        add(&t, "No evaluation (%s missing or unreadable): the model tables are skipped.\n\n",
+            ev_path);
     } else {
         const cJSON *h = get(ev, "config_hash"), *j = get(ev, "judge");
         if (cJSON_IsString(h)) cJSON_AddStringToObject(results, "config_hash", h->valuestring);

@@ -27,7 +27,8 @@ int main(int argc, char **argv) {
         if (judge) {
             printf("%d\n", rs_judge_is_refusal(&j, v->valuestring, strlen(v->valuestring)));
         } else {
-            const char *r = cJSON_GetArrayItem(v, 0)->valuestring, *a = cJSON_GetArrayItem(v, 1)->valuestring;
+            const char *r = cJSON_GetArrayItem(v, 0)->valuestring,
+                       *a = cJSON_GetArrayItem(v, 1)->valuestring;
             printf("%d\n", rs_answer_correct(m, r, strlen(r), a));
         }
         cJSON_Delete(v);
