@@ -302,7 +302,7 @@ def test_ppl_kl_and_flips_equal_torch_on_the_hf_directories(models, greedy_run, 
             kl += float((lr[t].exp() * (lr[t] - lq[t])).sum())
             n += 1
     assert ev["q"]["kl_positions"] == n
-    assert ev["q"]["kl_to_fp"] == pytest.approx(kl / n, rel=2e-4, abs=1e-7)
+    assert ev["q"]["kl_to_fp"] == pytest.approx(kl / n, rel=1e-4, abs=1e-8)
     assert ev["fp"]["kl_to_fp"] == pytest.approx(0, abs=1e-9)
     # first response token on the harmful prompts
     flips, shift, gap = 0, 0.0, 0.0
@@ -319,8 +319,34 @@ def test_ppl_kl_and_flips_equal_torch_on_the_hf_directories(models, greedy_run, 
     assert ev["q"]["prob_shift"] == pytest.approx(shift / nh, rel=1e-3, abs=1e-6)
     assert ev["q"]["logit_gap_change"] == pytest.approx(gap / nh, rel=1e-3, abs=1e-5)
     assert ev["fp"]["flip_rate"] == 0 and ev["fp"]["prob_shift"] == pytest.approx(0, abs=1e-9)
-    print(f"ppl q {ev['q']['ppl']:.4f}, kl {ev['q']['kl_to_fp']:.4g} (torch {kl / n:.4g}), "
-          f"flips {flips}/{nh}")
+    print(f"ppl q {ev['q']['ppl']:.4f}, kl {ev['q']['kl_to_fp']:.6g} (torch {kl / n:.6g}, "
+          f"rel {abs(ev['q']['kl_to_fp'] - kl / n) / (kl / n):.2g}), flips {flips}/{nh}, "
+          f"prob shift {ev['q']['prob_shift']:.4g} (torch {shift / nh:.4g})")
+
+
+@pytest.mark.parametrize("variant", ["system_prompt", "no_chat"])
+def test_prompts_are_encoded_as_generate_does(models, tmp_path, variant):
+    m, tok = models, models["tok"]
+    rnd = random.Random(models["rnd"].random())
+    prompts = [sentence(rnd) for _ in range(3)]
+    (tmp_path / "h.txt").write_text("\n".join(prompts) + "\n")
+    system = sentence(rnd)
+    extra = f"[generate]\nsystem_prompt = {system}" if variant == "system_prompt" else \
+        "[generate]\nchat = false"
+    cfg = write_config(tmp_path / "run.ini", tmp_path / "run", extra=extra,
+                       harmful_file=tmp_path / "h.txt")
+    run_resafe("eval", "--config", cfg, "--model", f"fp={m['fp']}", "--out", tmp_path / "out", env=ENV)
+    rows = read_jsonl(tmp_path / "out" / "fp" / "responses.jsonl")
+    for r, p in zip(rows, prompts):
+        if variant == "system_prompt":
+            ids = tok.apply_chat_template([{"role": "system", "content": system},
+                                           {"role": "user", "content": p}],
+                                          add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = tok(p).input_ids
+        assert r["prompt"] == p and r["category"] is None
+        assert r["response"] == tok.decode(hf_greedy(m["hf_fp"], ids), skip_special_tokens=True)
 
 
 def test_decoding_attacks_worst_case_is_or_over_settings_and_seeded(models, tmp_path):
