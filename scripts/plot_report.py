@@ -31,6 +31,15 @@ def need_matplotlib():
                  "(scripts/deps.sh installs it, or: python3 -m pip install matplotlib)")
 
 
+def save(fig, plt, path, written):
+    """Written to a temporary name and renamed, like every resafe output."""
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    written.append(path)
+
+
 def ordered(models):
     names = [n for n in ORDER if n in models] + [n for n in models if n not in ORDER]
     return names
@@ -60,10 +69,7 @@ def plot_eval(plt, ev, out_dir, written):
     ax.set_title("Safety and utility per model state")
     ax.legend(frameon=False, loc="upper center", ncol=2)
     fig.tight_layout()
-    path = os.path.join(out_dir, "asr_benign.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    save(fig, plt, os.path.join(out_dir, "asr_benign.png"), written)
     with_attacks = [n for n in names if isinstance(models[n].get("attacks"), dict)]
     if not with_attacks:
         return
@@ -79,10 +85,7 @@ def plot_eval(plt, ev, out_dir, written):
     ax.legend(frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
-    path = os.path.join(out_dir, "attacks.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    save(fig, plt, os.path.join(out_dir, "attacks.png"), written)
 
 
 def plot_dpo(plt, metrics_path, out_dir, written):
@@ -108,10 +111,7 @@ def plot_dpo(plt, metrics_path, out_dir, written):
     ax[1].set_title("reward margin")
     ax[1].set_xlabel("step")
     fig.tight_layout()
-    path = os.path.join(out_dir, "dpo.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    save(fig, plt, os.path.join(out_dir, "dpo.png"), written)
 
 
 def plot_sweep(plt, sweep, out_dir, written):
@@ -130,10 +130,7 @@ def plot_sweep(plt, sweep, out_dir, written):
     ax.set_title("ASR against quantization bits")
     ax.legend(frameon=False)
     fig.tight_layout()
-    path = os.path.join(out_dir, "asr_vs_bits.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    save(fig, plt, os.path.join(out_dir, "asr_vs_bits.png"), written)
 
 
 def main():
