@@ -8,6 +8,7 @@
  * elementwise masks), metrics.jsonl, checkpoint.h5. */
 #include "resafe/checkpoint.h"
 #include "resafe/dpo.h"
+#include "resafe/quant.h"
 #include "resafe/snip.h"
 
 #include <math.h>
@@ -28,6 +29,7 @@ typedef struct {
     rs_mask_mode mask_mode;
     rs_snip_params snip;
     int reidentify_every, score_batches, snip_nll;
+    int group_constant; /* [lora] group_constant, auto resolved by [lora] merge */
     uint64_t seed, config_hash, data_hash;
 } dpo_options;
 
@@ -71,6 +73,9 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     if (o->dropout > 0 && o->mask_mode == RS_MASK_ELEMENTWISE)
         return RS_FAIL("[lora] dropout: not defined with [snip] mask = elementwise (the adapter is "
                        "merged into the weight); set it to 0");
+    const char *gc = rs_config_get_str(cfg, "lora", "group_constant");
+    o->group_constant = strcmp(gc, "auto") == 0 ? strcmp(rs_config_get_str(cfg, "lora", "merge"), "exact") == 0
+                                                : strcmp(gc, "true") == 0;
     o->snip.tau = rs_config_get_float(cfg, "snip", "tau");
     o->snip.scope = strcmp(rs_config_get_str(cfg, "snip", "scope"), "per_layer") == 0
                         ? RS_SNIP_PER_LAYER
@@ -123,6 +128,30 @@ static int load_inputs(dpo_run *r, const rs_config *cfg) {
     return rs_pref_load_jsonl(o->data_file, &enc, &r->data);
 }
 
+/* [lora] group_constant: A tied within the quantization groups of the model's INT format. */
+static int setup_group_constant(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    if (!o->group_constant) return 0;
+    if (!r->m.n_qweights) {
+        rs_warn("dpo: [lora] group_constant ignored: %s is not quantized (no groups)", o->model_dir);
+        return 0;
+    }
+    const rs_qspec *spec = &r->m.qweights[0].spec;
+    char name[64];
+    if (spec->format != RS_QFMT_INT)
+        return RS_FAIL("dpo: [lora] group_constant needs a grouped INT format; %s is %s", o->model_dir,
+                       rs_qspec_name(spec, name, sizeof name));
+    if (o->mask_mode == RS_MASK_ELEMENTWISE)
+        return RS_FAIL("dpo: [lora] group_constant needs [snip] mask = factor or none (an elementwise "
+                       "mask on B A is not constant within groups)");
+    r->lora.group_constant = 1;
+    r->lora.group_size = spec->group_size;
+    rs_lora_group_init(&r->lora);
+    rs_info("dpo: A constant within quantization groups of %d columns (%s)",
+            spec->group_size, rs_qspec_name(spec, name, sizeof name));
+    return 0;
+}
+
 static int setup(dpo_run *r) {
     dpo_options *o = &r->o;
     rs_rng init;
@@ -130,6 +159,7 @@ static int setup(dpo_run *r) {
     RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
                         o->mask_mode != RS_MASK_NONE, &init));
     r->lora.dropout = o->dropout;
+    RS_TRY(setup_group_constant(r));
     if (o->mask_mode != RS_MASK_NONE) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;
@@ -194,6 +224,7 @@ static int identify_masks(dpo_run *r) {
     int rc = rs_snip_score(&r->snip, snip_grad, r, idx, ns, n_b);
     rs_snip_report rep;
     if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
+    if (rc == 0) rs_lora_group_masks(&r->lora);
     if (rc == 0 && o->mask_mode == RS_MASK_FACTOR)
         rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
                 "(threshold %.3g); B rows trainable %.1f%%, A columns %.1f%%",
@@ -237,6 +268,7 @@ static int one_step(dpo_run *r) {
     rs_optim_zero_grads(&r->opt);
     rs_dpo_stats st;
     RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx, n, &st));
+    rs_lora_tie_grads(&r->lora);
     if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
     double norm = rs_optim_grad_norm(&r->opt);
     if (!isfinite(st.loss) || !isfinite(norm))

@@ -226,3 +226,63 @@ void rs_lora_zero_grads(rs_lora *l) {
     for (int i = 0; i < l->n_layers * RS_LORA_N_TARGETS; i++)
         if (l->lin[i].dW) l->be->zero_f32(l->lin[i].dW, (size_t)l->lin[i].out * l->lin[i].in);
 }
+
+/* ---------------------------------------------------------------- group-constant A (lora.h) */
+
+typedef enum { GROUP_FIRST, GROUP_SUM, GROUP_MAJORITY } group_op;
+
+/* Per row of a [rank, in] array: every group's members set to its first value, its sum, or (a
+ * 0/1 mask) whether at least half of it is 1. */
+static void group_rows_f32(float *a, int rank, int in, int gs, group_op op) {
+    for (int r = 0; r < rank; r++)
+        for (int c0 = 0; c0 < in; c0 += gs) {
+            float *g = a + (size_t)r * in + c0;
+            int n = c0 + gs < in ? gs : in - c0;
+            float v = g[0];
+            if (op == GROUP_SUM) {
+                double s = 0.0;
+                for (int c = 0; c < n; c++) s += g[c];
+                v = (float)s;
+            }
+            for (int c = 0; c < n; c++) g[c] = v;
+        }
+}
+
+static void group_rows_u8(uint8_t *a, int rank, int in, int gs) {
+    for (int r = 0; r < rank; r++)
+        for (int c0 = 0; c0 < in; c0 += gs) {
+            uint8_t *g = a + (size_t)r * in + c0;
+            int n = c0 + gs < in ? gs : in - c0, on = 0;
+            for (int c = 0; c < n; c++) on += g[c] != 0;
+            for (int c = 0; c < n; c++) g[c] = 2 * on >= n;
+        }
+}
+
+/* Apply op to A (or dA, or mask_A) of every targeted linear through a host copy. */
+static void group_apply(rs_lora *l, group_op op, int which) {
+    if (!l->group_constant) return;
+    for (int i = 0; i < l->n_layers * RS_LORA_N_TARGETS; i++) {
+        rs_lora_linear *x = &l->lin[i];
+        if (x->in == 0) continue;
+        int gs = l->group_size > 0 && l->group_size < x->in ? l->group_size : x->in;
+        size_t n = (size_t)l->rank * x->in;
+        if (which == 2) {
+            if (!x->mask_A) continue;
+            uint8_t *h = rs_malloc(n);
+            l->be->to_host(h, x->mask_A, n);
+            group_rows_u8(h, l->rank, x->in, gs);
+            l->be->to_device(x->mask_A, h, n);
+            free(h);
+            continue;
+        }
+        float *dev = which == 0 ? x->A : x->dA, *h = rs_malloc(n * sizeof *h);
+        l->be->to_host(h, dev, n * sizeof *h);
+        group_rows_f32(h, l->rank, x->in, gs, op);
+        l->be->to_device(dev, h, n * sizeof *h);
+        free(h);
+    }
+}
+
+void rs_lora_group_init(rs_lora *l) { group_apply(l, GROUP_FIRST, 0); }
+void rs_lora_tie_grads(rs_lora *l) { group_apply(l, GROUP_SUM, 1); }
+void rs_lora_group_masks(rs_lora *l) { group_apply(l, GROUP_MAJORITY, 2); }
