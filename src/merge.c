@@ -91,6 +91,14 @@ static int fold_all(merge_job *j, rs_merge_mode mode, rs_merge_stats *st) {
     rs_merge_sums s = {0};
     for (int i = 0; i < j->n_lin; i++) {
         const rs_lora_linear *lin = &j->ad.lin[i];
+        if (lin->in == 0 && mode == RS_MERGE_EXACT && j->spec.symmetric) {
+            /* one spec per file: exact makes a symmetric format asymmetric for every linear */
+            RS_TRY(rs_merge_exact_supported(&j->q0[i], "the model"));
+            double *zero = rs_calloc((size_t)j->q0[i].rows * j->q0[i].cols, sizeof *zero);
+            int rc = rs_merge_fold(mode, &j->q0[i], zero, &j->q1[i]);
+            free(zero);
+            RS_TRY(rc);
+        }
         if (lin->in == 0) continue;
         char name[128];
         linear_name(name, sizeof name, i);
