@@ -18,9 +18,13 @@ int rs_adapter_load_for(const char *path, const rs_model_config *cfg, const rs_b
     /* An adapter of a deeper model has datasets past our last layer: a different model. */
     rs_h5 *h;
     RS_TRY(rs_h5_open(path, &h));
-    char probe[64];
-    snprintf(probe, sizeof probe, "lora/layers.%d", cfg->n_layers);
-    int deeper = rs_h5_exists(h, probe);
+    int deeper = 0;
+    for (int t = 0; t < RS_LORA_N_TARGETS; t++) {
+        char probe[96];
+        snprintf(probe, sizeof probe, "lora/layers.%d.%s", cfg->n_layers,
+                 rs_lora_target_name((rs_lora_target)t));
+        if (info.targets & (1u << t)) deeper |= rs_h5_exists(h, probe) == 1;
+    }
     rs_h5_close(h);
     if (deeper)
         return RS_FAIL("%s: the adapter has more layers than the model (%d): made for another model",

@@ -225,6 +225,9 @@ static int identify_masks(dpo_run *r) {
     rs_snip_report rep;
     if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
     if (rc == 0) rs_lora_group_masks(&r->lora);
+    if (rc == 0 && rep.n_selected == 0)
+        rs_warn("dpo: step %lld: [snip] tau = %g selects no entry: nothing is trainable, the "
+                "adapter's delta stays zero", (long long)r->step, o->snip.tau);
     if (rc == 0 && o->mask_mode == RS_MASK_FACTOR)
         rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
                 "(threshold %.3g); B rows trainable %.1f%%, A columns %.1f%%",

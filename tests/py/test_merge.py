@@ -345,35 +345,39 @@ def test_group_constant_gradient_is_group_sum_of_torch_gradient(tmp_path, rng_se
             assert err <= 1e-4, f"{layer}.{t} dA': relative error {err:.2e}"
 
 
-def tiny_chat_model(tmp_path):
-    src = str(tmp_path / "m")
+@pytest.fixture(scope="module")
+def chat_q(tmp_path_factory):
+    """A tiny chat model (tokenizer included) quantized int4 g32, and a pairs file."""
+    tmp = tmp_path_factory.mktemp("chat")
+    src = str(tmp / "m")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_test_model.py"), src,
                     "--hidden", "64", "--layers", "2"], check=True, capture_output=True)
     words = "the cat dog sat ran on a mat hat big red blue fast slow sun moon".split()
     r = random.Random(0)
     sent = lambda k: " ".join(r.choice(words) for _ in range(k))  # noqa: E731
-    with open(tmp_path / "pairs.jsonl", "w") as f:
-        for _ in range(6):
-            f.write(json.dumps({"prompt": sent(4), "chosen": sent(5), "rejected": sent(6)}) + "\n")
-    return src
+    with open(tmp / "pairs.jsonl", "w") as f:
+        for _ in range(4):
+            f.write(json.dumps({"prompt": sent(3), "chosen": sent(4), "rejected": sent(5)}) + "\n")
+    q = str(tmp / "q")
+    quantize(src, q, "--method", "rtn", "--bits", "4", "--group", "32")
+    return q, tmp / "pairs.jsonl"
 
 
-def dpo_ini(tmp_path, q, extra):
+def dpo_ini(tmp_path, chat_q, extra):
+    q, pairs = chat_q
     ini = tmp_path / "dpo.ini"
     ini.write_text(f"[model]\npath = {q}\nbackend = cpu\nthreads = 1\n"
-                   f"[dpo]\ndata_file = {tmp_path / 'pairs.jsonl'}\nbeta = 0.5\nlr = 2e-2\n"
-                   "batch_size = 3\nmax_steps = 4\nwarmup_steps = 0\ngrad_clip = 0\n"
+                   f"[dpo]\ndata_file = {pairs}\nbeta = 0.5\nlr = 2e-2\n"
+                   "batch_size = 2\nmax_steps = 3\nwarmup_steps = 0\ngrad_clip = 0\n"
                    "[snip]\nreidentify_every = 2\nscore_batches = 1\n"
                    f"[lora]\nrank = 4\nalpha = 8\ndropout = 0\ntargets = q,v,down\n"
                    f"[run]\nout_dir = {tmp_path / 'out'}\nseed = 3\n" + extra)
     return str(ini)
 
 
-def test_group_constant_dpo_keeps_A_constant_within_groups_and_merges_exactly(tmp_path):
-    src = tiny_chat_model(tmp_path)
-    q = str(tmp_path / "q")
-    quantize(src, q, "--method", "rtn", "--bits", "4", "--group", "32")
-    ini = dpo_ini(tmp_path, q, "")
+def test_group_constant_dpo_keeps_A_constant_within_groups_and_merges_exactly(tmp_path, chat_q):
+    q = chat_q[0]
+    ini = dpo_ini(tmp_path, chat_q, "")
     run_resafe("dpo", "--config", ini, "--set", "lora.merge=exact", "--set", "snip.mask=factor",
                "--set", "snip.tau=0.5", env=ENV)
     adapter = tmp_path / "out" / "dpo" / "adapter.h5"
@@ -398,11 +402,8 @@ def test_group_constant_dpo_keeps_A_constant_within_groups_and_merges_exactly(tm
     assert man["merge"]["mode"] == "exact" and man["method"] == "rtn"
 
 
-def test_tau_zero_dpo_runs_and_leaves_B_zero(tmp_path):
-    src = tiny_chat_model(tmp_path)
-    q = str(tmp_path / "q")
-    quantize(src, q, "--method", "rtn", "--bits", "4", "--group", "32")
-    p = run_resafe("dpo", "--config", dpo_ini(tmp_path, q, ""), "--set", "snip.tau=0", "--set",
+def test_tau_zero_dpo_runs_and_leaves_B_zero(tmp_path, chat_q):
+    p = run_resafe("dpo", "--config", dpo_ini(tmp_path, chat_q, ""), "--set", "snip.tau=0", "--set",
                    "snip.mask=factor", env=ENV)
     assert "nothing is trainable" in p.stderr
     with h5py.File(tmp_path / "out" / "dpo" / "adapter.h5") as f:
@@ -424,10 +425,9 @@ def test_merge_errors_are_one_line_and_leave_no_output(base, tmp_path, rng_seed)
     gen = torch.Generator().manual_seed(1)
     wrong = random_adapter(other, gen, 4, ["q_proj"])
     write(tmp_path / "wrong.h5", wrong, 4, 8.0, ["q_proj"])
-    deeper = random_adapter(make_checkpoint(tmp_path / "d", "llama", rng_seed,
-                                            **dict(SIZES, num_hidden_layers=3))[0] if
-                            os.makedirs(tmp_path / "d", exist_ok=True) is None else None,
-                            gen, 4, ["q_proj"])
+    os.makedirs(tmp_path / "d")
+    deep, _ = make_checkpoint(tmp_path / "d", "llama", rng_seed, **dict(SIZES, num_hidden_layers=3))
+    deeper = random_adapter(deep, gen, 4, ["q_proj"])
     write(tmp_path / "deeper.h5", deeper, 4, 8.0, ["q_proj"])
     nf4 = str(base[2] / "q_nf4")
     if not os.path.exists(nf4):
