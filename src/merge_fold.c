@@ -2,13 +2,15 @@
  * quantized linear, per merge mode (README "resafe merge" states each rule; the tests re-implement
  * them in numpy). Every rule works on W' = fp32(dequant(Q0) + delta), evaluated in the formats'
  * own fp32 arithmetic (quant.c), so an independent implementation reproduces the codes.
- *   grid   codes re-rounded onto Q0's scales and zeros (int: clamp(rint(t / s) + z); symmetric:
+ *   grid   codes re-rounded onto Q0's scales and zeros (int: clamp(rint(t / s) + z), or
+ *          clamp(rint(t / s + z)) for fractional zeros (an exact merge's); symmetric:
  *          clamp(rint(t / s), -qs, qs) + 2^(bits-1); nf4/fp4: the nearest code of t / absmax;
  *          int8: the row's absmax scale), t = W' (times input_scale when AWQ); outlier columns
  *          and critical entries take fp16(W')
  *   refit  rs_quantize_rtn of W' with Q0's spec, AWQ input_scale and critical positions
  *   exact  the delta's mean c over each group of each row folded into the zero points:
- *          z' = z - c / s (symmetric formats become asymmetric with z = 2^(bits-1) - c / s);
+ *          z' = z - c / s (symmetric formats become asymmetric with z = 2^(bits-1) - c / s),
+ *          and the spec says float_zeros;
  *          critical entries take fp16(value + c). INT formats without input_scale only. */
 #include "merge_internal.h"
 
@@ -40,7 +42,8 @@ static uint8_t grid_code(const rs_qspec *spec, float t, float s, float z) {
             return (uint8_t)(v + (float)(1 << (spec->bits - 1)));
         } else {
             float qmax = (float)((1 << spec->bits) - 1);
-            return (uint8_t)fminf(fmaxf(rintf(t / s) + z, 0.0f), qmax);
+            float v = spec->float_zeros ? rintf(t / s + z) : rintf(t / s) + z;
+            return (uint8_t)fminf(fmaxf(v, 0.0f), qmax);
         }
     case RS_QFMT_NF4:
     case RS_QFMT_FP4: {
@@ -131,6 +134,7 @@ static int fold_exact(const rs_qweight *q0, const double *delta, rs_qweight *out
             out->zeros[i] = (float)(1 << (out->spec.bits - 1));
         out->spec.symmetric = 0;
     }
+    out->spec.float_zeros = 1;
     double *c = rs_malloc((size_t)ng * sizeof *c);
     for (int r = 0; r < out->rows; r++) {
         const double *d = delta + (size_t)r * cols;

@@ -18,14 +18,17 @@ static int check_codes(const rs_qweight *q, const char *label) {
 static int check_scales(const rs_qweight *q, const char *label) {
     size_t ng = (size_t)q->rows * q->n_groups;
     int codebook = q->spec.format == RS_QFMT_NF4 || q->spec.format == RS_QFMT_FP4;
+    float qmax = (float)((1 << q->spec.bits) - 1);
     for (size_t i = 0; i < ng; i++) {
         if (!isfinite(q->scales[i]) || (codebook && q->scales[i] < 0.0f))
             return RS_FAIL("%s.scales: entry %zu is %g (must be finite%s)", label, i, q->scales[i],
                            codebook ? " and >= 0" : "");
-        /* zeros are integers in [0, qmax] as quantizers write them; `resafe merge --mode exact`
-         * folds a group constant into them (z - c / s), so any finite value is valid */
-        if (q->zeros && !isfinite(q->zeros[i]))
+        if (q->zeros && q->spec.float_zeros && !isfinite(q->zeros[i]))
             return RS_FAIL("%s.zeros: entry %zu is %g (must be finite)", label, i, q->zeros[i]);
+        if (q->zeros && !q->spec.float_zeros &&
+            (!(q->zeros[i] >= 0.0f && q->zeros[i] <= qmax) || q->zeros[i] != rintf(q->zeros[i])))
+            return RS_FAIL("%s.zeros: entry %zu is %g (must be an integer in [0, %g])", label, i,
+                           q->zeros[i], qmax);
     }
     if (q->input_scale)
         for (int c = 0; c < q->cols; c++)

@@ -275,6 +275,10 @@ def test_exact_merge_of_group_constant_adapter_equals_adapter_mode(base, rng_see
     assert st["n_codes_changed"] == 0 and st["group_constant"] is True
     t0 = load_file(os.path.join(q, "model.safetensors"))
     t1 = load_file(os.path.join(ex, "model.safetensors"))
+    with open(os.path.join(ex, "model.safetensors"), "rb") as f:
+        head = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    qc = json.loads(head["__metadata__"]["quantization_config"])
+    assert qc["zero_point"] == "float" and qc["symmetric"] is False and qc["bits"] == bits
     for (layer, t), e in ad.items():  # zeros' = z - c / s, codes and scales unchanged
         b = linear(layer, t)
         cols = e["A"].shape[1]
