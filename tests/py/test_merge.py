@@ -397,13 +397,20 @@ def test_group_constant_dpo_keeps_A_constant_within_groups_and_merges_exactly(tm
                 assert (mA[:, c:c + 32] == mA[:, c:c + 1]).all(), name
             n_b += int((g["B"][...] != 0).sum())
         assert n_b > 0, "B never moved: nothing was trained"
-    out = tmp_path / "exact"
+    # defaults from the config: [quant] model, <out_dir>/dpo/adapter.h5, [lora] merge first and
+    # then merge_compare (all), each into <out_dir>/merge/<mode>
     p = run_resafe("merge", "--config", ini, "--set", "lora.merge=exact", "--set",
-                   "lora.merge_compare=none", "--quantized", q, "--out", str(out), env=ENV)
-    assert "merge exact: kept 100.0%" in p.stdout
+                   f"quant.model={q}", env=ENV)
+    lines = p.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["merge exact", "merge grid", "merge refit",
+                                                       "merge adapter"]
+    assert "merge exact: kept 100.0%" in lines[0]
+    out = tmp_path / "out" / "merge" / "exact"
     assert stats_of(str(out))["kept_fraction"] == pytest.approx(1, abs=1e-5)
+    assert stats_of(str(tmp_path / "out" / "merge" / "grid"))["kept_fraction"] < 0.999
     man = json.load(open(out / "resafe_manifest.json"))
     assert man["merge"]["mode"] == "exact" and man["method"] == "rtn"
+    assert man["merge"]["adapter"] == str(adapter)
 
 
 def test_tau_zero_dpo_runs_and_leaves_B_zero(tmp_path, chat_q):
