@@ -457,3 +457,44 @@ def test_merge_errors_are_one_line_and_leave_no_output(base, tmp_path, rng_seed)
         assert not [d for d in os.listdir(tmp_path) if ".tmp." in d]
     p = run_resafe("merge", "--quantized", q, "--adapter", apath, check=False)
     assert p.returncode == 2 and "--out" in p.stderr
+
+
+# ---------------------------------------------------------------- adapter at load, dense models
+
+@pytest.mark.parametrize("backend,mode", [("cpu", "factor"), ("cuda", "none"),
+                                          ("cuda", "elementwise")])
+def test_dense_model_with_adapter_file_applies_it_at_load(tmp_path, rng_seed, backend, mode):
+    """A plain HF directory holding resafe_adapter.h5: logits equal torch with W + delta (cpu:
+    1e-4; cuda: bf16, relative error 3e-2 as tests/py/test_model_gpu.py, and against our cpu)."""
+    if backend == "cuda" and os.environ.get("RESAFE_TEST_GPU") != "1":
+        pytest.skip("GPU tests run with RESAFE_TEST_GPU=1")
+    model, path = make_checkpoint(tmp_path, "qwen2", rng_seed, **SIZES)
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    gen = torch.Generator().manual_seed(rng_seed)
+    ad = random_adapter(model, gen, 4, targets, "elementwise" if mode == "elementwise" else "none")
+    if mode == "factor":  # the masks only froze training: the adapter is B A
+        for e in ad.values():
+            e["mask_A"] = (torch.rand(e["A"].shape, generator=gen) < 0.5).to(torch.uint8)
+            e["mask_B"] = (torch.rand(e["B"].shape, generator=gen) < 0.5).to(torch.uint8)
+    write(os.path.join(path, "resafe_adapter.h5"), ad, 4, 8.0, targets, mode)
+    seqs = random_batch(random.Random(rng_seed), model.config.vocab_size)
+    cpu = our_logits(path, seqs, tmp_path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for (layer, t), e in ad.items():
+            w = params[linear(layer, t) + ".weight"]
+            w.copy_((w.double() + torch.from_numpy(delta_of(e, 2.0))).float())
+    for b, s in enumerate(seqs):
+        diff = float(np.abs(cpu[b, :len(s)] - ref_logits(model, s)).max())
+        assert diff <= LOGIT_TOL, f"cpu sequence {b}: {diff}"
+    if backend == "cuda":
+        os.environ["RESAFE_BACKEND"] = "cuda"
+        try:
+            for extra in [(), ("--prefill", "3")]:
+                gpu = our_logits(path, seqs, tmp_path, *extra)
+                for b, s in enumerate(seqs):
+                    g, c = gpu[b, :len(s)], cpu[b, :len(s)]
+                    err = float(np.linalg.norm(g - c) / np.linalg.norm(c))
+                    assert err <= 3e-2, f"cuda sequence {b} {extra}: relative error {err}"
+        finally:
+            del os.environ["RESAFE_BACKEND"]
