@@ -27,8 +27,8 @@ int rs_adapter_load_for(const char *path, const rs_model_config *cfg, const rs_b
     }
     rs_h5_close(h);
     if (deeper)
-        return RS_FAIL("%s: the adapter has more layers than the model (%d): made for another model",
-                       path, cfg->n_layers);
+        return RS_FAIL("%s: the adapter has more layers than the model (%d): made for another "
+                       "model", path, cfg->n_layers);
     rs_model shell;
     memset(&shell, 0, sizeof shell);
     shell.cfg = *cfg;
@@ -42,8 +42,8 @@ int rs_adapter_load_for(const char *path, const rs_model_config *cfg, const rs_b
     l->dropout = info.dropout;
     if (rs_adapter_load(path, l) != 0) {
         rs_lora_free(l);
-        return rs_fail_context("%s: the adapter does not fit the model (%d layers, hidden %d)", path,
-                               cfg->n_layers, cfg->hidden_size);
+        return rs_fail_context("%s: the adapter does not fit the model (%d layers, hidden %d)",
+                               path, cfg->n_layers, cfg->hidden_size);
     }
     return 0;
 }

@@ -121,7 +121,8 @@ int rs_adapter_save(const char *path, const rs_lora *l, uint64_t config_hash,
     if (rc == 0) rc = rs_h5_set_attr_str(h, NULL, "config_hash", hash);
     if (rc == 0) rc = rs_h5_set_attr_str(h, NULL, "base_model", base_model ? base_model : "");
     if (rc == 0) rc = rs_h5_set_attr_i64(h, NULL, "group_constant", l->group_constant != 0);
-    if (rc == 0) rc = rs_h5_set_attr_i64(h, NULL, "group_size", l->group_constant ? l->group_size : 0);
+    if (rc == 0)
+        rc = rs_h5_set_attr_i64(h, NULL, "group_size", l->group_constant ? l->group_size : 0);
     if (rc == 0) rc = rs_adapter_write_tensors(h, "lora", l, 1, 1);
     free(targets);
     if (rc != 0) {
@@ -135,8 +136,10 @@ int rs_adapter_save(const char *path, const rs_lora *l, uint64_t config_hash,
 static int read_group_info(rs_h5 *h, const char *path, rs_adapter_info *info) {
     int64_t gc = 0, gs = 0;
     info->group_constant = info->group_size = 0;
-    if (rs_h5_has_attr(h, NULL, "group_constant") == 1) RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_constant", &gc));
-    if (rs_h5_has_attr(h, NULL, "group_size") == 1) RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_size", &gs));
+    if (rs_h5_has_attr(h, NULL, "group_constant") == 1)
+        RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_constant", &gc));
+    if (rs_h5_has_attr(h, NULL, "group_size") == 1)
+        RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_size", &gs));
     if ((gc != 0 && gc != 1) || gs < 0 || gs > (1 << 30))
         return RS_FAIL("%s: attributes group_constant = %lld, group_size = %lld are out of range",
                        path, (long long)gc, (long long)gs);

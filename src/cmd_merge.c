@@ -105,7 +105,8 @@ static int run(const rs_config *cfg, const options *o) {
         rc = RS_FAIL("--out names one directory: give --mode too ([lora] merge_compare asks for %d "
                      "modes)", n);
     for (int i = 0; rc == 0 && i < n; i++) {
-        char *out = o->out ? rs_strdup(o->out) : rs_path_join(p.merge_dir, rs_merge_mode_name(modes[i]));
+        const char *name = rs_merge_mode_name(modes[i]);
+        char *out = o->out ? rs_strdup(o->out) : rs_path_join(p.merge_dir, name);
         rs_merge_stats st;
         int r = rs_merge_run(cfg, q_dir, adapter, modes[i], out, &st);
         if (r == 0) {

@@ -74,8 +74,8 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
         return RS_FAIL("[lora] dropout: not defined with [snip] mask = elementwise (the adapter is "
                        "merged into the weight); set it to 0");
     const char *gc = rs_config_get_str(cfg, "lora", "group_constant");
-    o->group_constant = strcmp(gc, "auto") == 0 ? strcmp(rs_config_get_str(cfg, "lora", "merge"), "exact") == 0
-                                                : strcmp(gc, "true") == 0;
+    int exact = strcmp(rs_config_get_str(cfg, "lora", "merge"), "exact") == 0;
+    o->group_constant = strcmp(gc, "auto") == 0 ? exact : strcmp(gc, "true") == 0;
     o->snip.tau = rs_config_get_float(cfg, "snip", "tau");
     o->snip.scope = strcmp(rs_config_get_str(cfg, "snip", "scope"), "per_layer") == 0
                         ? RS_SNIP_PER_LAYER
@@ -133,17 +133,18 @@ static int setup_group_constant(dpo_run *r) {
     const dpo_options *o = &r->o;
     if (!o->group_constant) return 0;
     if (!r->m.n_qweights) {
-        rs_warn("dpo: [lora] group_constant ignored: %s is not quantized (no groups)", o->model_dir);
+        rs_warn("dpo: [lora] group_constant ignored: %s is not quantized (no groups)",
+                o->model_dir);
         return 0;
     }
     const rs_qspec *spec = &r->m.qweights[0].spec;
     char name[64];
     if (spec->format != RS_QFMT_INT)
-        return RS_FAIL("dpo: [lora] group_constant needs a grouped INT format; %s is %s", o->model_dir,
-                       rs_qspec_name(spec, name, sizeof name));
+        return RS_FAIL("dpo: [lora] group_constant needs a grouped INT format; %s is %s",
+                       o->model_dir, rs_qspec_name(spec, name, sizeof name));
     if (o->mask_mode == RS_MASK_ELEMENTWISE)
-        return RS_FAIL("dpo: [lora] group_constant needs [snip] mask = factor or none (an elementwise "
-                       "mask on B A is not constant within groups)");
+        return RS_FAIL("dpo: [lora] group_constant needs [snip] mask = factor or none (an "
+                       "elementwise mask on B A is not constant within groups)");
     r->lora.group_constant = 1;
     r->lora.group_size = spec->group_size;
     rs_lora_group_init(&r->lora);

@@ -53,6 +53,12 @@ static void linear_name(char *buf, size_t n, int j) {
 }
 
 static int read_inputs(merge_job *j) {
+    char *carried = rs_path_join(j->q_dir, RS_ADAPTER_FILE);
+    int has = rs_path_exists(carried);
+    free(carried);
+    if (has) /* its tensors alone are not the model it stands for */
+        return RS_FAIL("%s already carries an adapter (%s, from merge --mode adapter): merge into "
+                       "the quantized model it was made from", j->q_dir, RS_ADAPTER_FILE);
     RS_TRY(rs_hf_config_load(j->q_dir, &j->cfg));
     RS_TRY(rs_st_open(j->q_dir, &j->set));
     const char *qjson = rs_qconfig_of(&j->set);
@@ -151,7 +157,8 @@ static int add_qweight(rs_st_write_tensor *t, int *n, char **names, const char *
     if (q->input_scale)
         add_tensor(t, n, names, base, "input_scale", RS_F32, q->cols, -1, q->input_scale);
     if (q->n_outlier_cols) {
-        add_tensor(t, n, names, base, "outlier_cols", RS_I32, q->n_outlier_cols, -1, q->outlier_cols);
+        add_tensor(t, n, names, base, "outlier_cols", RS_I32, q->n_outlier_cols, -1,
+                   q->outlier_cols);
         add_tensor(t, n, names, base, "outlier_vals", RS_F16, q->rows, q->n_outlier_cols,
                    q->outlier_vals);
     }
@@ -205,7 +212,8 @@ static int write_tensors(const merge_job *j, const char *path) {
     int n_meta = 0;
     for (int i = 0; i < j->set.n_meta; i++) {
         keys[n_meta] = j->set.meta_keys[i];
-        vals[n_meta++] = strcmp(j->set.meta_keys[i], RS_QCONFIG_KEY) == 0 ? qjson : j->set.meta_values[i];
+        int is_q = strcmp(j->set.meta_keys[i], RS_QCONFIG_KEY) == 0;
+        vals[n_meta++] = is_q ? qjson : j->set.meta_values[i];
     }
     int rc = rs_st_write(path, t, n, keys, vals, n_meta);
     for (int i = 0; i < cap; i++) free(names[i]);

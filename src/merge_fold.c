@@ -166,7 +166,9 @@ int rs_merge_fold(rs_merge_mode mode, const rs_qweight *q0, const double *delta,
     case RS_MERGE_GRID: return fold_grid(q0, delta, out);
     case RS_MERGE_REFIT: return fold_refit(q0, delta, out);
     case RS_MERGE_EXACT: return fold_exact(q0, delta, out);
-    default: return RS_FAIL("merge: mode %s folds nothing into the weights", rs_merge_mode_name(mode));
+    default:
+        return RS_FAIL("merge: mode %s folds nothing into the weights",
+                       rs_merge_mode_name(mode));
     }
 }
 

@@ -443,7 +443,10 @@ def test_merge_errors_are_one_line_and_leave_no_output(base, tmp_path, rng_seed)
     nf4 = str(base[2] / "q_nf4")
     if not os.path.exists(nf4):
         quantize(base[1], nf4, "--method", "nf4")
+    carrying = str(tmp_path / "carrying")
+    merge(q, apath, carrying, "adapter")
     cases = [(q, str(tmp_path / "wrong.h5"), "grid", "does not fit"),
+             (carrying, apath, "grid", "already carries an adapter"),
              (q, str(tmp_path / "deeper.h5"), "refit", "more layers"),
              (nf4, apath, "exact", "merge exact needs a grouped INT format"),
              (base[1], apath, "grid", "not a quantized model directory")]
