@@ -501,3 +501,33 @@ def test_dense_model_with_adapter_file_applies_it_at_load(tmp_path, rng_seed, ba
                     assert err <= 3e-2, f"cuda sequence {b} {extra}: relative error {err}"
         finally:
             del os.environ["RESAFE_BACKEND"]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_grid_merge_on_codebook_formats_picks_nearest_code_with_q0_absmax(base, rng_seed, fmt):
+    from test_quant import NF4, FP4
+    cb = np.asarray(NF4 if fmt == "nf4" else FP4, f32)
+    targets = ["q_proj", "up_proj", "down_proj"]
+    model, q, ad, apath, scale = setup(base, fmt, ["--method", fmt], targets, seed=rng_seed)
+    out = str(base[2] / f"grid_{fmt}")
+    merge(q, apath, out, "grid")
+    t0 = load_file(os.path.join(q, "model.safetensors"))
+    t1 = load_file(os.path.join(out, "model.safetensors"))
+    pairs = []
+    for (layer, t), e in ad.items():
+        b = linear(layer, t)
+        cols = e["A"].shape[1]
+        c0 = decode(t0[b + ".qweight"], 4, cols)
+        c1 = decode(t1[b + ".qweight"], 4, cols)
+        amax = np.repeat(t0[b + ".scales"], 64, axis=1)[:, :cols]
+        assert np.array_equal(t0[b + ".scales"], t1[b + ".scales"])
+        w0 = (cb[c0] * amax).astype(f32)
+        d = delta_of(e, scale)
+        wp = (w0.astype(np.float64) + d).astype(f32)
+        inv = np.where(amax > 0, f32(1) / np.where(amax > 0, amax, f32(1)), f32(0)).astype(f32)
+        x = (wp * inv).astype(f32)
+        want = np.abs(x[..., None] - cb).argmin(-1)  # the lowest index on a tie
+        assert np.array_equal(c1, want), b
+        pairs.append((d, (cb[c1] * amax).astype(f32).astype(np.float64) - w0.astype(np.float64),
+                      c0, c1))
+    check_stats(stats_of(out), pairs)
