@@ -8,7 +8,6 @@
  * elementwise masks), metrics.jsonl, checkpoint.h5. */
 #include "resafe/checkpoint.h"
 #include "resafe/dpo.h"
-#include "resafe/quant.h"
 #include "resafe/snip.h"
 
 #include <math.h>
@@ -128,31 +127,6 @@ static int load_inputs(dpo_run *r, const rs_config *cfg) {
     return rs_pref_load_jsonl(o->data_file, &enc, &r->data);
 }
 
-/* [lora] group_constant: A tied within the quantization groups of the model's INT format. */
-static int setup_group_constant(dpo_run *r) {
-    const dpo_options *o = &r->o;
-    if (!o->group_constant) return 0;
-    if (!r->m.n_qweights) {
-        rs_warn("dpo: [lora] group_constant ignored: %s is not quantized (no groups)",
-                o->model_dir);
-        return 0;
-    }
-    const rs_qspec *spec = &r->m.qweights[0].spec;
-    char name[64];
-    if (spec->format != RS_QFMT_INT)
-        return RS_FAIL("dpo: [lora] group_constant needs a grouped INT format; %s is %s",
-                       o->model_dir, rs_qspec_name(spec, name, sizeof name));
-    if (o->mask_mode == RS_MASK_ELEMENTWISE)
-        return RS_FAIL("dpo: [lora] group_constant needs [snip] mask = factor or none (an "
-                       "elementwise mask on B A is not constant within groups)");
-    r->lora.group_constant = 1;
-    r->lora.group_size = spec->group_size;
-    rs_lora_group_init(&r->lora);
-    rs_info("dpo: A constant within quantization groups of %d columns (%s)",
-            spec->group_size, rs_qspec_name(spec, name, sizeof name));
-    return 0;
-}
-
 static int setup(dpo_run *r) {
     dpo_options *o = &r->o;
     rs_rng init;
@@ -160,7 +134,8 @@ static int setup(dpo_run *r) {
     RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
                         o->mask_mode != RS_MASK_NONE, &init));
     r->lora.dropout = o->dropout;
-    RS_TRY(setup_group_constant(r));
+    if (o->group_constant)
+        RS_TRY(rs_lora_setup_group_constant(&r->lora, &r->m, o->mask_mode, o->model_dir));
     if (o->mask_mode != RS_MASK_NONE) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;

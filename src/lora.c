@@ -9,6 +9,7 @@
  *   mask_W  elementwise mode: [out, in] uint8 per targeted linear
  * so that the optimizer can treat params/grads/mask as three parallel flat arrays. */
 #include "resafe/model_train.h"
+#include "resafe/quant.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -286,3 +287,25 @@ static void group_apply(rs_lora *l, group_op op, int which) {
 void rs_lora_group_init(rs_lora *l) { group_apply(l, GROUP_FIRST, 0); }
 void rs_lora_tie_grads(rs_lora *l) { group_apply(l, GROUP_SUM, 1); }
 void rs_lora_group_masks(rs_lora *l) { group_apply(l, GROUP_MAJORITY, 2); }
+
+int rs_lora_setup_group_constant(rs_lora *l, const rs_model *m, rs_mask_mode mask_mode,
+                                 const char *label) {
+    if (!m->n_qweights) {
+        rs_warn("[lora] group_constant ignored: %s is not quantized (no groups)", label);
+        return 0;
+    }
+    const rs_qspec *spec = &m->qweights[0].spec;
+    char name[64];
+    if (spec->format != RS_QFMT_INT)
+        return RS_FAIL("[lora] group_constant needs a grouped INT format; %s is %s", label,
+                       rs_qspec_name(spec, name, sizeof name));
+    if (mask_mode == RS_MASK_ELEMENTWISE)
+        return RS_FAIL("[lora] group_constant needs [snip] mask = factor or none (an elementwise "
+                       "mask on B A is not constant within groups)");
+    l->group_constant = 1;
+    l->group_size = spec->group_size;
+    rs_lora_group_init(l);
+    rs_info("LoRA: A constant within each quantization group (%s)",
+            rs_qspec_name(spec, name, sizeof name));
+    return 0;
+}
