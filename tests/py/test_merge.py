@@ -261,7 +261,8 @@ def test_adapter_mode_logits_equal_torch_with_delta_added(base, rng_seed, mode):
 
 @pytest.mark.parametrize("tag,qargs,bits,group", [
     ("int4_g32_asym", ["--bits", "4", "--group", "32"], 4, 32),
-    ("int3_g32_sym", ["--bits", "3", "--group", "32", "--sym"], 3, 32)])
+    ("int3_g32_sym", ["--bits", "3", "--group", "32", "--sym"], 3, 32),
+    ("int3_row_asym", ["--bits", "3", "--group", "0"], 3, 0)])
 def test_exact_merge_of_group_constant_adapter_equals_adapter_mode(base, rng_seed, tag, qargs, bits,
                                                                    group):
     targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
