@@ -365,11 +365,11 @@ def chat_q(tmp_path_factory):
             f.write(json.dumps({"prompt": sent(3), "chosen": sent(4), "rejected": sent(5)}) + "\n")
     q = str(tmp / "q")
     quantize(src, q, "--method", "rtn", "--bits", "4", "--group", "32")
-    return q, tmp / "pairs.jsonl"
+    return q, tmp / "pairs.jsonl", src
 
 
 def dpo_ini(tmp_path, chat_q, extra):
-    q, pairs = chat_q
+    q, pairs = chat_q[:2]
     ini = tmp_path / "dpo.ini"
     ini.write_text(f"[model]\npath = {q}\nbackend = cpu\nthreads = 1\n"
                    f"[dpo]\ndata_file = {pairs}\nbeta = 0.5\nlr = 2e-2\n"
@@ -532,3 +532,19 @@ def test_grid_merge_on_codebook_formats_picks_nearest_code_with_q0_absmax(base, 
         pairs.append((d, (cb[c1] * amax).astype(f32).astype(np.float64) - w0.astype(np.float64),
                       c0, c1))
     check_stats(stats_of(out), pairs)
+
+
+def test_group_constant_is_refused_on_nf4_and_ignored_on_a_dense_model(tmp_path, chat_q):
+    q, pairs, src = chat_q
+    nf4 = str(tmp_path / "nf4")
+    quantize(src, nf4, "--method", "nf4")
+    ini = dpo_ini(tmp_path, chat_q, "")
+    p = run_resafe("dpo", "--config", ini, "--set", f"model.path={nf4}", "--set",
+                   "lora.group_constant=true", check=False, env=ENV)
+    err = [line for line in p.stderr.splitlines() if "error" in line]
+    assert p.returncode == 1 and len(err) == 1 and "grouped INT format" in err[0], p.stderr
+    p = run_resafe("dpo", "--config", ini, "--set", f"model.path={src}", "--set",
+                   "lora.group_constant=true", "--set", "dpo.max_steps=1", "--force", env=ENV)
+    assert "group_constant ignored" in p.stderr
+    with h5py.File(tmp_path / "out" / "dpo" / "adapter.h5") as f:
+        assert f.attrs["group_constant"] == 0
