@@ -28,6 +28,7 @@ typedef struct {
     rs_mask_mode mask_mode;
     rs_snip_params snip;
     int reidentify_every, score_batches, snip_nll;
+    int group_constant; /* [lora] group_constant, auto resolved by [lora] merge */
     uint64_t seed, config_hash, data_hash;
 } dpo_options;
 
@@ -71,6 +72,9 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     if (o->dropout > 0 && o->mask_mode == RS_MASK_ELEMENTWISE)
         return RS_FAIL("[lora] dropout: not defined with [snip] mask = elementwise (the adapter is "
                        "merged into the weight); set it to 0");
+    const char *gc = rs_config_get_str(cfg, "lora", "group_constant");
+    int exact = strcmp(rs_config_get_str(cfg, "lora", "merge"), "exact") == 0;
+    o->group_constant = strcmp(gc, "auto") == 0 ? exact : strcmp(gc, "true") == 0;
     o->snip.tau = rs_config_get_float(cfg, "snip", "tau");
     o->snip.scope = strcmp(rs_config_get_str(cfg, "snip", "scope"), "per_layer") == 0
                         ? RS_SNIP_PER_LAYER
@@ -130,6 +134,8 @@ static int setup(dpo_run *r) {
     RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
                         o->mask_mode != RS_MASK_NONE, &init));
     r->lora.dropout = o->dropout;
+    if (o->group_constant)
+        RS_TRY(rs_lora_setup_group_constant(&r->lora, &r->m, o->mask_mode, o->model_dir));
     if (o->mask_mode != RS_MASK_NONE) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;
@@ -194,6 +200,10 @@ static int identify_masks(dpo_run *r) {
     int rc = rs_snip_score(&r->snip, snip_grad, r, idx, ns, n_b);
     rs_snip_report rep;
     if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
+    if (rc == 0) rs_lora_group_masks(&r->lora);
+    if (rc == 0 && rep.n_selected == 0)
+        rs_warn("dpo: step %lld: [snip] tau = %g selects no entry: nothing is trainable, the "
+                "adapter's delta stays zero", (long long)r->step, o->snip.tau);
     if (rc == 0 && o->mask_mode == RS_MASK_FACTOR)
         rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
                 "(threshold %.3g); B rows trainable %.1f%%, A columns %.1f%%",
@@ -237,6 +247,7 @@ static int one_step(dpo_run *r) {
     rs_optim_zero_grads(&r->opt);
     rs_dpo_stats st;
     RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx, n, &st));
+    rs_lora_tie_grads(&r->lora);
     if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
     double norm = rs_optim_grad_norm(&r->opt);
     if (!isfinite(st.loss) || !isfinite(norm))
