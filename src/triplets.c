@@ -334,6 +334,25 @@ static int write_part(rs_h5 *h, const char *part, const triplets *t, int which) 
     return rc;
 }
 
+/* The response as text (special tokens skipped). HDF5 strings end at a NUL byte, which a
+ * <0x00> byte token decodes to: it is stored as U+FFFD (the ids are the record; texts are for
+ * reading). */
+static char *decode_text(const rs_tokenizer *tok, const int32_t *ids, int n) {
+    size_t len = 0, nul = 0;
+    char *s = rs_tokenizer_decode_n(tok, ids, n, 1, &len);
+    if (!s) return rs_strdup(""); /* undecodable: the ids are what count */
+    for (size_t i = 0; i < len; i++) nul += s[i] == '\0';
+    if (!nul) return s;
+    char *out = rs_malloc(len + 2 * nul + 1), *o = out;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '\0') memcpy(o, "\xEF\xBF\xBD", 3), o += 3;
+        else *o++ = s[i];
+    }
+    *o = '\0';
+    free(s);
+    return out;
+}
+
 static int write_texts(rs_h5 *h, const triplets *t, const rs_tokenizer *tok) {
     int n = t->n_pairs, rc = 0;
     const char **s = rs_malloc((size_t)n * sizeof *s);
@@ -342,8 +361,7 @@ static int write_texts(rs_h5 *h, const triplets *t, const rs_tokenizer *tok) {
         dec[w] = rs_malloc((size_t)n * sizeof *dec[w]);
         for (int k = 0; k < n; k++) {
             const rs_gen_output *r = &t->out[w][t->pair_prompt[k]];
-            dec[w][k] = rs_tokenizer_decode(tok, r->ids, r->n_ids, 1);
-            if (!dec[w][k]) dec[w][k] = rs_strdup(""); /* undecodable: the ids are what count */
+            dec[w][k] = decode_text(tok, r->ids, r->n_ids);
         }
     }
     for (int k = 0; k < n; k++) s[k] = t->prompts[t->pair_prompt[k]].text;
