@@ -50,7 +50,7 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
         rs_run_paths_free(&p);
         o->is_patchset = 1;
         if (!rs_path_exists(o->data_file))
-            return RS_FAIL("resafe dpo: [dpo] data_file is empty and the run's patch set %s does "
+            return RS_FAIL("resafe dpo: [dpo] data_file is not set and the run's patch set %s does "
                            "not exist (run `resafe triplets` first, or set [dpo] data_file)",
                            o->data_file);
     } else {
