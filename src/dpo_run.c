@@ -154,6 +154,7 @@ static int load_patchset(dpo_run *r) {
     } else {
         rs_info("dpo: %d pairs and their reference log-probs from the patch set %s", r->data.n,
                 o->data_file);
+        rs_patchset_check_model(o->data_file, o->model_dir);
     }
     return 0;
 }

@@ -2,6 +2,7 @@
  * include/resafe/patchset.h). */
 #include "resafe/patchset.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,4 +131,20 @@ int rs_patchset_load(const char *path, rs_pref_set *set) {
     rs_h5_close(h);
     if (rc != 0) rs_pref_free(set);
     return rc;
+}
+
+void rs_patchset_check_model(const char *path, const char *model_dir) {
+    rs_h5 *h;
+    char *q = NULL;
+    if (rs_h5_open(path, &h) != 0) return;
+    if (rs_h5_get_attr_str(h, NULL, "quantized_model", &q) == 0) {
+        char a[PATH_MAX], b[PATH_MAX];
+        int same = realpath(q, a) && realpath(model_dir, b) && strcmp(a, b) == 0;
+        if (!same)
+            rs_warn("%s: its reference log-probs were computed on the quantized model %s, not on "
+                    "%s, the model being trained",
+                    path, q, model_dir);
+    }
+    free(q);
+    rs_h5_close(h);
 }

@@ -27,5 +27,9 @@
  * length, non-empty prompts and responses, ids >= 0, finite references <= 0); a bad file gives
  * -1 + one line naming the file and the dataset. */
 int rs_patchset_load(const char *path, rs_pref_set *set);
+/* Warn when model_dir is not the quantized model the patch set's reference was computed on
+ * (its 'quantized_model' attribute, compared as real paths): the stored reference log-probs are
+ * then another model's. Nothing is refused: a copied or moved model is the same model. */
+void rs_patchset_check_model(const char *path, const char *model_dir);
 
 #endif

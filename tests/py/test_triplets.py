@@ -263,6 +263,16 @@ def test_counts_follow_harmful_fraction_and_too_long_prompts_are_skipped(setup, 
     a = read_patchset(os.path.join(d, "run", "triplets", "patchset.h5"))["attrs"]
     assert (a["n_harmful_prompts"], a["n_benign_prompts"], a["n_too_long"]) == (3, 6, 1)
     assert a["n_pairs"] + a["n_identical"] == 8 and a["n_prompts_asked"] == 10
+    # harmful only: no benign file needed; 4 distinct rows of the 5
+    cfg = write_config(d, setup["fp"], setup["q"], n_prompts=4, harmful_fraction=1,
+                       benign_file="")
+    p = triplets(setup, cfg, check=False)
+    if p.returncode != 0:
+        assert "identical" in one_error_line(p)
+        return
+    ps = read_patchset(os.path.join(d, "run", "triplets", "patchset.h5"))
+    assert (ps["attrs"]["n_harmful_prompts"], ps["attrs"]["n_benign_prompts"]) == (4, 0)
+    assert set(ps["source"]) == {"harmful"} and len(set(ps["rows"])) == len(ps["rows"])
 
 
 def test_same_seed_same_bytes_other_seed_other_order(setup, tmp_path):
@@ -305,6 +315,13 @@ def test_errors_are_one_line_and_leave_no_file(setup, tmp_path):
     line = one_error_line(triplets(setup, cfg, check=False))
     assert "identical" in line
     no_patchset_left(d)
+    with open(os.path.join(d, "benign.jsonl"), "a") as f:
+        f.write(json.dumps({"text": "no prompt member"}) + "\n")
+    n_lines = len(open(os.path.join(d, "benign.jsonl")).readlines())
+    cfg = write_config(d, setup["fp"], setup["q"], n_prompts=20)  # every row drawn
+    line = one_error_line(triplets(setup, cfg, check=False))
+    assert f"benign.jsonl:{n_lines}: no string member 'prompt'" in line, line
+    no_patchset_left(d)
     p = run_resafe("triplets", "--config", cfg, "--bogus", check=False)
     assert p.returncode == 2
     p = run_resafe("triplets", check=False)
@@ -339,8 +356,12 @@ def test_dpo_on_the_patch_set_starts_at_log2_and_reads_the_stored_reference(setu
     c = 5.0
     with h5py.File(shifted, "r+") as f:
         f["ref_winner"][...] = f["ref_winner"][:] - np.float32(c)
-    m, _ = first_step(f"dpo.data_file={shifted}", f"model.path={setup['q']}")
+    m, err = first_step(f"dpo.data_file={shifted}", f"model.path={setup['q']}")
     assert abs(m["loss"] - math.log1p(math.exp(-0.1 * c))) < 1e-5, m
+    assert "were computed on the quantized model" not in err
+    # another model than the one the reference came from: a warning
+    _, err = first_step(f"dpo.data_file={ps}", f"model.path={setup['e']}")
+    assert "were computed on the quantized model" in err
     # responses cut by max_seq_len: the stored reference no longer applies and is recomputed
     longest = max(len(s) for s in read_patchset(ps)["prompt_ids"])
     m, err = first_step(f"dpo.max_seq_len={longest + 2}")
