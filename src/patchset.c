@@ -63,7 +63,8 @@ static int read_refs(rs_h5 *h, const char *name, int64_t n, float *dst) {
     RS_TRY(rs_h5_read(h, name, RS_F32, 1, &len, dst));
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(dst[i]) || dst[i] > 0)
-            return RS_FAIL("%s: dataset '%s': pair %lld: %g is not a log-probability (finite, <= 0)",
+            return RS_FAIL("%s: dataset '%s': pair %lld: %g is not a log-probability "
+                           "(finite, <= 0)",
                            rs_h5_path(h), name, (long long)i, (double)dst[i]);
     return 0;
 }

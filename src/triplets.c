@@ -122,7 +122,8 @@ static int load_source(triplets *t, int src, int want, rs_rng *rng) {
     RS_TRY(rs_table_load(file, 0, tab));
     int col;
     RS_TRY(rs_table_require(tab, rs_config_get_str(t->cfg, "patch", col_key[src]), &col));
-    int cat = tab->is_txt ? -1 : rs_table_col(tab, rs_config_get_str(t->cfg, "patch", "category_column"));
+    const char *cat_name = rs_config_get_str(t->cfg, "patch", "category_column");
+    int cat = tab->is_txt ? -1 : rs_table_col(tab, cat_name); /* optional */
     int take = want < tab->n_rows ? want : tab->n_rows;
     if (take < want)
         rs_warn("%s: %d rows, fewer than the %d %s prompts asked: taking all of them", file,
@@ -171,7 +172,8 @@ static int encode_prompts(triplets *t, const rs_tokenizer *tok, int max_new) {
     rs_chat_kind kind = RS_CHAT_NONE;
     if (chat) RS_TRY(rs_chat_kind_of_config(t->cfg, t->fp_dir, &kind));
     int limit = t->mcfg.max_position_embeddings;
-    if (t->mcfg.sliding_window > 0 && t->mcfg.sliding_window < limit) limit = t->mcfg.sliding_window;
+    if (t->mcfg.sliding_window > 0 && t->mcfg.sliding_window < limit)
+        limit = t->mcfg.sliding_window;
     for (int i = 0; i < t->n_prompts; i++) {
         trip_prompt *p = &t->prompts[i];
         rs_chat_message msgs[2] = {{"system", system}, {"user", p->text}};
@@ -498,7 +500,8 @@ int rs_triplets_run(const rs_config *cfg, const char *fp_dir, const char *q_dir,
     if (rc == 0) rc = draw_prompts(&t);
     rs_tokenizer *tok = NULL;
     if (rc == 0 && !(tok = rs_tokenizer_load(fp_dir))) rc = -1;
-    if (rc == 0) rc = encode_prompts(&t, tok, (int)rs_config_get_int(cfg, "patch", "max_new_tokens"));
+    int max_new = (int)rs_config_get_int(cfg, "patch", "max_new_tokens");
+    if (rc == 0) rc = encode_prompts(&t, tok, max_new);
     if (rc == 0) rc = answer_and_score(&t);
     if (rc == 0) rc = write_patchset(&t, tok);
     if (rc == 0)
