@@ -8,6 +8,8 @@
  * elementwise masks), metrics.jsonl, checkpoint.h5. */
 #include "resafe/checkpoint.h"
 #include "resafe/dpo.h"
+#include "resafe/patchset.h"
+#include "resafe/pipeline.h"
 #include "resafe/snip.h"
 
 #include <math.h>
@@ -17,6 +19,8 @@
 
 typedef struct {
     const char *model_dir, *data_file;
+    char *run_model, *run_patchset; /* the run's quantized model and patch set (data_file empty) */
+    int is_patchset;                /* data_file is a patch set (HDF5), not JSONL */
     char *stage_dir, *ckpt_path, *metrics_path, *adapter_path, *peft_dir;
     rs_dpo_params dp;
     rs_lr_schedule sched;
@@ -38,8 +42,23 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     memset(o, 0, sizeof *o);
     o->model_dir = rs_config_get_str(cfg, "model", "path");
     o->data_file = rs_config_get_str(cfg, "dpo", "data_file");
+    if (!o->data_file[0]) { /* the run's patch set, on the run's quantized model */
+        rs_run_paths p;
+        RS_TRY(rs_run_paths_init(cfg, &p));
+        o->model_dir = o->run_model = p.q_dir;
+        o->data_file = o->run_patchset = p.patchset;
+        p.q_dir = p.patchset = NULL;
+        rs_run_paths_free(&p);
+        o->is_patchset = 1;
+        if (!rs_path_exists(o->data_file))
+            return RS_FAIL("resafe dpo: [dpo] data_file is not set and the run's patch set %s does "
+                           "not exist (run `resafe triplets` first, or set [dpo] data_file)",
+                           o->data_file);
+    } else {
+        size_t n = strlen(o->data_file);
+        o->is_patchset = n >= 3 && strcmp(o->data_file + n - 3, ".h5") == 0;
+    }
     if (!o->model_dir[0]) return RS_FAIL("resafe dpo: [model] path is not set");
-    if (!o->data_file[0]) return RS_FAIL("resafe dpo: [dpo] data_file is not set");
     o->stage_dir = rs_path_join(rs_config_get_str(cfg, "run", "out_dir"), "dpo");
     o->ckpt_path = rs_path_join(o->stage_dir, "checkpoint.h5");
     o->metrics_path = rs_path_join(o->stage_dir, "metrics.jsonl");
@@ -90,6 +109,7 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
 }
 
 static void free_options(dpo_options *o) {
+    free(o->run_model), free(o->run_patchset);
     free(o->stage_dir), free(o->ckpt_path), free(o->metrics_path), free(o->adapter_path);
     free(o->peft_dir);
 }
@@ -114,11 +134,41 @@ typedef struct {
     int32_t *batch_idx;
 } dpo_run;
 
+/* A patch set: ids and stored reference log-probs. Responses longer than max_seq_len are cut as
+ * the JSONL path cuts them; the stored references then no longer apply, and all of them are
+ * recomputed (one code path, the same numbers as a run without stored references). */
+static int load_patchset(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    RS_TRY(rs_patchset_load(o->data_file, &r->data));
+    for (int i = 0; i < r->data.n; i++)
+        for (int k = 0; k < 2; k++) {
+            const rs_seq *s = k ? &r->data.rejected[i] : &r->data.chosen[i];
+            for (int t = 0; t < s->n; t++)
+                if (s->ids[t] >= r->m.cfg.vocab_size)
+                    return RS_FAIL("%s: pair %d: token id %d outside the vocabulary of %s (%d)",
+                                   o->data_file, i, s->ids[t], o->model_dir, r->m.cfg.vocab_size);
+        }
+    int cut = rs_pref_truncate(&r->data, o->max_seq_len, o->data_file);
+    if (cut < 0) return -1;
+    if (cut > 0) {
+        r->data.has_ref = 0;
+        rs_warn("%s: %d responses cut to max_seq_len %d tokens: the stored reference log-probs "
+                "no longer apply; recomputing them for every pair",
+                o->data_file, cut, o->max_seq_len);
+    } else {
+        rs_info("dpo: %d pairs and their reference log-probs from the patch set %s", r->data.n,
+                o->data_file);
+        rs_patchset_check_model(o->data_file, o->model_dir);
+    }
+    return 0;
+}
+
 static int load_inputs(dpo_run *r, const rs_config *cfg) {
     const dpo_options *o = &r->o;
     const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
     if (!be) return -1;
     RS_TRY(rs_model_load(o->model_dir, be, &r->m));
+    if (o->is_patchset) return load_patchset(r);
     r->tok = rs_tokenizer_load(o->model_dir);
     if (!r->tok) return -1;
     rs_encoder enc = {r->tok, RS_CHAT_NONE, NULL, -1, o->max_seq_len};
