@@ -57,7 +57,7 @@ FLAGS_STAMP := $(BUILD)/.flags
 FLAGS_NOW := $(RS_CFLAGS) $(CFLAGS) | $(NVCCFLAGS) | $(CUDA)
 $(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = "$(FLAGS_NOW)" ] || echo "$(FLAGS_NOW)" > $(FLAGS_STAMP))
 
-.PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench
+.PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench plots
 all: $(BUILD)/resafe $(BUILD)/test_unit $(TOOL_BINS)
 
 $(BUILD)/libresafe.a: $(LIB_OBJS)
@@ -132,6 +132,11 @@ demo:
 	@scripts/deps.sh --check || scripts/deps.sh
 	@$(MAKE) --no-print-directory all
 	@scripts/demo.sh
+
+# Report plots (scripts/plot_report.py) next to <RUN>/eval/report.md.
+plots:
+	@test -n "$(RUN)" || { echo "usage: make plots RUN=<run dir> [SWEEP=sweep.json]"; exit 2; }
+	@$(PYTHON) scripts/plot_report.py $(RUN) $(if $(SWEEP),--sweep $(SWEEP))
 
 clean:
 	rm -rf build

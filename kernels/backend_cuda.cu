@@ -3,6 +3,10 @@
  * stream, one cuBLAS handle with a workspace allocated once: ops never allocate. */
 #include "resafe/cuda_common.h"
 
+extern "C" {
+#include "resafe/quant.h"
+}
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +26,8 @@ static struct {
     float *staging; /* device fp32 buffer of STAGING_FLOATS */
     void *scratch;  /* the op scratch (training ops' temporaries), scratch_bytes long */
     size_t scratch_bytes;
+    void *qscratch; /* the dequantized bf16 weight of a quantized linear, qscratch_bytes long */
+    size_t qscratch_bytes;
     rs_backend table;
 } g_cuda;
 
@@ -287,6 +293,74 @@ static void cuda_dropout(void *out, const void *x, size_t n, float p, uint64_t s
     rs_cuda_dropout(g_cuda.stream, (bf16 *)out, (const bf16 *)x, n, p, seed);
 }
 
+/* ---------------------------------------------------------------- quantized linears
+ * Baseline: dequantize into a bf16 scratch the size of the largest quantized weight seen (grown,
+ * never shrunk), then cuBLAS. The scratch is separate from the op scratch so that the GEMM's own
+ * temporaries never alias it. */
+static bf16 *dequant_scratch(const rs_qweight *q) {
+    size_t bytes = (size_t)q->rows * (size_t)q->cols * sizeof(bf16);
+    if (bytes > g_cuda.qscratch_bytes) {
+        CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+        cuda_free(g_cuda.qscratch);
+        g_cuda.qscratch = cuda_alloc(bytes);
+        g_cuda.qscratch_bytes = bytes;
+        rs_debug("cuda backend: dequant scratch grown to %.1f MiB", bytes / 1048576.0);
+    }
+    bf16 *w = (bf16 *)g_cuda.qscratch;
+    rs_cuda_qdequantize(g_cuda.stream, w, q);
+    return w;
+}
+
+static void cuda_qmatmul(void *out, const void *x, const rs_qweight *w, const void *bias, int n,
+                         float beta) {
+    const bf16 *wd = dequant_scratch(w);
+    rs_cuda_linear_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)x, wd,
+                       (const bf16 *)bias, n, w->cols, w->rows, beta);
+}
+
+static void cuda_qmatmul_t(void *dx, const void *dout, const rs_qweight *w, int n, float beta) {
+    const bf16 *wd = dequant_scratch(w);
+    rs_cuda_linear_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, NULL, NULL, (const bf16 *)dout,
+                       NULL, wd, n, w->cols, w->rows, beta, NULL);
+}
+
+static void cuda_qdequantize(void *w, const rs_qweight *q) {
+    rs_cuda_qdequantize(g_cuda.stream, (bf16 *)w, q);
+}
+
+static void *dev_copy(const void *host, size_t bytes) {
+    if (!host) return NULL;
+    void *d = cuda_alloc(bytes);
+    cuda_to_device(d, host, bytes);
+    return d;
+}
+
+static int cuda_qweight_upload(rs_qweight *dst, const rs_qweight *h) {
+    size_t ng = (size_t)h->rows * h->n_groups;
+    *dst = *h;
+    dst->packed = (uint8_t *)dev_copy(h->packed, h->packed_bytes);
+    dst->scales = (float *)dev_copy(h->scales, ng * sizeof(float));
+    dst->zeros = (float *)dev_copy(h->zeros, ng * sizeof(float));
+    dst->input_scale = (float *)dev_copy(h->input_scale, (size_t)h->cols * sizeof(float));
+    dst->outlier_cols =
+        (int32_t *)dev_copy(h->outlier_cols, (size_t)h->n_outlier_cols * sizeof(int32_t));
+    dst->outlier_vals = (uint16_t *)dev_copy(
+        h->outlier_vals, (size_t)h->rows * h->n_outlier_cols * sizeof(uint16_t));
+    dst->crit_row_ptr =
+        (int64_t *)dev_copy(h->crit_row_ptr, (size_t)(h->rows + 1) * sizeof(int64_t));
+    dst->crit_cols = (int32_t *)dev_copy(h->crit_cols, (size_t)h->n_critical * sizeof(int32_t));
+    dst->crit_vals = (uint16_t *)dev_copy(h->crit_vals, (size_t)h->n_critical * sizeof(uint16_t));
+    return 0;
+}
+
+static void cuda_qweight_free(rs_qweight *w) {
+    if (!w) return;
+    cuda_free(w->packed), cuda_free(w->scales), cuda_free(w->zeros), cuda_free(w->input_scale);
+    cuda_free(w->outlier_cols), cuda_free(w->outlier_vals), cuda_free(w->crit_row_ptr);
+    cuda_free(w->crit_cols), cuda_free(w->crit_vals);
+    memset(w, 0, sizeof *w);
+}
+
 /* ---------------------------------------------------------------- set-up */
 /* 0 when a usable device is present (compute capability 8.0+ for bf16), else -1 with a debug log:
  * a machine without a GPU is normal, not an error. */
@@ -373,6 +447,11 @@ static void cuda_init(void) {
     b->snip_accumulate = cuda_snip_accumulate;
     b->zero_f32 = cuda_zero_f32;
     b->fake_quant_rows = cuda_fake_quant_rows;
+    b->qmatmul = cuda_qmatmul;
+    b->qmatmul_t = cuda_qmatmul_t;
+    b->qweight_upload = cuda_qweight_upload;
+    b->qweight_free = cuda_qweight_free;
+    b->qdequantize = cuda_qdequantize;
 }
 
 extern "C" const rs_backend *rs_backend_cuda(void) {

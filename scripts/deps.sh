@@ -4,8 +4,8 @@
 #   scripts/deps.sh --check  exit 0 when everything is present, 1 otherwise (installs nothing)
 set -u
 APT_PKGS="build-essential pkg-config libhdf5-dev hdf5-tools libcjson-dev libinih-dev clang libclang-rt-14-dev"
-PY_MODS="torch transformers tokenizers safetensors sentencepiece google.protobuf h5py numpy pytest peft"
-PIP_PKGS="torch transformers tokenizers safetensors sentencepiece protobuf h5py numpy pytest peft"
+PY_MODS="torch transformers tokenizers safetensors sentencepiece google.protobuf h5py numpy pytest peft matplotlib"
+PIP_PKGS="torch transformers tokenizers safetensors sentencepiece protobuf h5py numpy pytest peft matplotlib"
 PY=${PYTHON:-python3}
 
 missing_apt() {

@@ -120,6 +120,9 @@ int rs_adapter_save(const char *path, const rs_lora *l, uint64_t config_hash,
     if (rc == 0) rc = rs_h5_set_attr_str(h, NULL, "mask_mode", rs_mask_mode_name(l->mask_mode));
     if (rc == 0) rc = rs_h5_set_attr_str(h, NULL, "config_hash", hash);
     if (rc == 0) rc = rs_h5_set_attr_str(h, NULL, "base_model", base_model ? base_model : "");
+    if (rc == 0) rc = rs_h5_set_attr_i64(h, NULL, "group_constant", l->group_constant != 0);
+    if (rc == 0)
+        rc = rs_h5_set_attr_i64(h, NULL, "group_size", l->group_constant ? l->group_size : 0);
     if (rc == 0) rc = rs_adapter_write_tensors(h, "lora", l, 1, 1);
     free(targets);
     if (rc != 0) {
@@ -127,6 +130,21 @@ int rs_adapter_save(const char *path, const rs_lora *l, uint64_t config_hash,
         return -1;
     }
     return rs_h5_commit(h);
+}
+
+/* Optional attributes group_constant, group_size (older files: absent = 0). */
+static int read_group_info(rs_h5 *h, const char *path, rs_adapter_info *info) {
+    int64_t gc = 0, gs = 0;
+    info->group_constant = info->group_size = 0;
+    if (rs_h5_has_attr(h, NULL, "group_constant") == 1)
+        RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_constant", &gc));
+    if (rs_h5_has_attr(h, NULL, "group_size") == 1)
+        RS_TRY(rs_h5_get_attr_i64(h, NULL, "group_size", &gs));
+    if ((gc != 0 && gc != 1) || gs < 0 || gs > (1 << 30))
+        return RS_FAIL("%s: attributes group_constant = %lld, group_size = %lld are out of range",
+                       path, (long long)gc, (long long)gs);
+    info->group_constant = (int)gc, info->group_size = (int)gs;
+    return 0;
 }
 
 static int read_info(rs_h5 *h, const char *path, rs_adapter_info *info) {
@@ -150,6 +168,7 @@ static int read_info(rs_h5 *h, const char *path, rs_adapter_info *info) {
         rc = RS_FAIL("%s: attribute mask_mode = '%s' is not none, factor or elementwise", path,
                      mode);
     if (rc == 0) info->rank = (int)rank, info->alpha = (float)alpha, info->dropout = (float)dropout;
+    if (rc == 0) rc = read_group_info(h, path, info);
     free(targets), free(mode);
     return rc;
 }
@@ -174,6 +193,7 @@ int rs_adapter_load(const char *path, rs_lora *l) {
                      path, info.rank, rs_mask_mode_name(info.mask_mode), info.targets, l->rank,
                      rs_mask_mode_name(l->mask_mode), l->targets);
     if (rc == 0) rc = rs_adapter_read_tensors(h, "lora", l, 1, 1);
+    if (rc == 0) l->group_constant = info.group_constant, l->group_size = info.group_size;
     rs_h5_close(h);
     return rc;
 }

@@ -3,7 +3,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "resafe/adapter.h"
 #include "resafe/chat.h"
+#include "resafe/checkpoint.h"
 #include "resafe/cli.h"
 #include "resafe/h5store.h"
 #include "resafe/quant_io.h"
@@ -120,6 +122,27 @@ static int inspect_tokenizer(const char *path) {
     return 0;
 }
 
+/* resafe_adapter.h5 of a `resafe merge --mode adapter` directory: validated for this model
+ * (adapter.h), as rs_model_load will attach it. */
+static int inspect_adapter(const char *dir, const rs_model_config *cfg) {
+    char *path = rs_path_join(dir, RS_ADAPTER_FILE);
+    int rc = 0;
+    if (rs_path_exists(path)) {
+        rs_lora l;
+        rc = rs_adapter_load_for(path, cfg, rs_backend_cpu(), &l);
+        if (rc == 0) {
+            char *targets = rs_lora_targets_string(l.targets);
+            printf("adapter: %s, applied at load (rank %d, alpha %g, %s mask, %s%s)\n",
+                   RS_ADAPTER_FILE, l.rank, l.alpha, rs_mask_mode_name(l.mask_mode), targets,
+                   l.group_constant ? ", group-constant" : "");
+            free(targets);
+            rs_lora_free(&l);
+        }
+    }
+    free(path);
+    return rc;
+}
+
 static int inspect_model_dir(const char *dir, int all) {
     rs_model_config cfg;
     rs_st_set set;
@@ -130,6 +153,7 @@ static int inspect_model_dir(const char *dir, int all) {
     print_st_totals(&set);
     print_tensor_list(&set, all ? -1 : 16);
     rs_st_close(&set);
+    RS_TRY(inspect_adapter(dir, &cfg));
     char *tok_path = rs_path_join(dir, "tokenizer.json");
     if (rs_path_exists(tok_path)) {
         int rc = inspect_tokenizer(tok_path);

@@ -120,7 +120,8 @@ static const rs_config_key g_schema[] = {
     FLOAT_KEY("dpo", "sft_weight", "0", 0, 1000, DPO,
               "weight of an added -log p(winner) per response token term (0 = plain DPO)"),
     PATH_KEY("dpo", "data_file", "", DPO,
-             "preference pairs, JSONL {prompt, chosen, rejected[, ref_chosen, ref_rejected]}"),
+             "preference pairs: JSONL {prompt, chosen, rejected[, ref_chosen, ref_rejected]} or a "
+             "patch set (.h5); empty = the run's patch set, trained on the run's quantized model"),
     INT_KEY("dpo", "micro_batch_size", "0", 0, 65536, DPO,
             "pairs per forward pass, gradients accumulated over a step (0 = batch_size)"),
     ENUM_KEY("dpo", "schedule", "linear", "constant|linear|cosine", DPO,

@@ -97,6 +97,29 @@ int rs_pref_load_jsonl(const char *path, const rs_encoder *enc, rs_pref_set *set
     return 0;
 }
 
+static int cut_seq(rs_seq *s, int max_len) {
+    if (s->n <= max_len) return 0;
+    s->n = max_len;
+    return 1;
+}
+
+int rs_pref_truncate(rs_pref_set *set, int max_len, const char *label) {
+    int cut = 0;
+    set->max_len = 0;
+    for (int i = 0; i < set->n; i++) {
+        rs_seq *w = &set->chosen[i], *l = &set->rejected[i];
+        if (w->n_prompt >= max_len || l->n_prompt >= max_len)
+            return RS_FAIL("%s: pair %d: the prompt is %d tokens: no room for a response within "
+                           "max_seq_len %d",
+                           label, i, w->n_prompt, max_len);
+        cut += cut_seq(w, max_len) + cut_seq(l, max_len);
+        int len = w->n > l->n ? w->n : l->n;
+        if (len > set->max_len) set->max_len = len;
+    }
+    set->n_truncated += cut;
+    return cut;
+}
+
 /* ---------------------------------------------------------------- loss */
 
 /* log(1 + e^x) without overflow. */
@@ -154,8 +177,8 @@ static const rs_train_batch *pair_batch(rs_dpo_trainer *t, const int32_t *idx, i
 
 int rs_dpo_reference(rs_dpo_trainer *t) {
     rs_pref_set *d = t->data;
-    int enabled = t->lora->enabled, rc = 0;
-    t->lora->enabled = 0;
+    int enabled = t->lora ? t->lora->enabled : 0, rc = 0;
+    if (t->lora) t->lora->enabled = 0; /* the forward then takes the plain model's path */
     int32_t *idx = rs_malloc((size_t)t->p.micro_pairs * sizeof *idx);
     for (int a = 0; a < d->n && rc == 0; a += t->p.micro_pairs) {
         int k = d->n - a < t->p.micro_pairs ? d->n - a : t->p.micro_pairs;
@@ -166,7 +189,7 @@ int rs_dpo_reference(rs_dpo_trainer *t) {
             d->ref_rejected[a + i] = t->logp[k + i];
         }
     }
-    t->lora->enabled = enabled;
+    if (t->lora) t->lora->enabled = enabled;
     free(idx);
     if (rc == 0) d->has_ref = 1;
     return rc;

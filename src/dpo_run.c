@@ -8,6 +8,8 @@
  * elementwise masks), metrics.jsonl, checkpoint.h5. */
 #include "resafe/checkpoint.h"
 #include "resafe/dpo.h"
+#include "resafe/patchset.h"
+#include "resafe/pipeline.h"
 #include "resafe/snip.h"
 
 #include <math.h>
@@ -17,6 +19,8 @@
 
 typedef struct {
     const char *model_dir, *data_file;
+    char *run_model, *run_patchset; /* the run's quantized model and patch set (data_file empty) */
+    int is_patchset;                /* data_file is a patch set (HDF5), not JSONL */
     char *stage_dir, *ckpt_path, *metrics_path, *adapter_path, *peft_dir;
     rs_dpo_params dp;
     rs_lr_schedule sched;
@@ -28,6 +32,7 @@ typedef struct {
     rs_mask_mode mask_mode;
     rs_snip_params snip;
     int reidentify_every, score_batches, snip_nll;
+    int group_constant; /* [lora] group_constant, auto resolved by [lora] merge */
     uint64_t seed, config_hash, data_hash;
 } dpo_options;
 
@@ -37,8 +42,23 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     memset(o, 0, sizeof *o);
     o->model_dir = rs_config_get_str(cfg, "model", "path");
     o->data_file = rs_config_get_str(cfg, "dpo", "data_file");
+    if (!o->data_file[0]) { /* the run's patch set, on the run's quantized model */
+        rs_run_paths p;
+        RS_TRY(rs_run_paths_init(cfg, &p));
+        o->model_dir = o->run_model = p.q_dir;
+        o->data_file = o->run_patchset = p.patchset;
+        p.q_dir = p.patchset = NULL;
+        rs_run_paths_free(&p);
+        o->is_patchset = 1;
+        if (!rs_path_exists(o->data_file))
+            return RS_FAIL("resafe dpo: [dpo] data_file is not set and the run's patch set %s does "
+                           "not exist (run `resafe triplets` first, or set [dpo] data_file)",
+                           o->data_file);
+    } else {
+        size_t n = strlen(o->data_file);
+        o->is_patchset = n >= 3 && strcmp(o->data_file + n - 3, ".h5") == 0;
+    }
     if (!o->model_dir[0]) return RS_FAIL("resafe dpo: [model] path is not set");
-    if (!o->data_file[0]) return RS_FAIL("resafe dpo: [dpo] data_file is not set");
     o->stage_dir = rs_path_join(rs_config_get_str(cfg, "run", "out_dir"), "dpo");
     o->ckpt_path = rs_path_join(o->stage_dir, "checkpoint.h5");
     o->metrics_path = rs_path_join(o->stage_dir, "metrics.jsonl");
@@ -71,6 +91,9 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     if (o->dropout > 0 && o->mask_mode == RS_MASK_ELEMENTWISE)
         return RS_FAIL("[lora] dropout: not defined with [snip] mask = elementwise (the adapter is "
                        "merged into the weight); set it to 0");
+    const char *gc = rs_config_get_str(cfg, "lora", "group_constant");
+    int exact = strcmp(rs_config_get_str(cfg, "lora", "merge"), "exact") == 0;
+    o->group_constant = strcmp(gc, "auto") == 0 ? exact : strcmp(gc, "true") == 0;
     o->snip.tau = rs_config_get_float(cfg, "snip", "tau");
     o->snip.scope = strcmp(rs_config_get_str(cfg, "snip", "scope"), "per_layer") == 0
                         ? RS_SNIP_PER_LAYER
@@ -86,6 +109,7 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
 }
 
 static void free_options(dpo_options *o) {
+    free(o->run_model), free(o->run_patchset);
     free(o->stage_dir), free(o->ckpt_path), free(o->metrics_path), free(o->adapter_path);
     free(o->peft_dir);
 }
@@ -110,11 +134,41 @@ typedef struct {
     int32_t *batch_idx;
 } dpo_run;
 
+/* A patch set: ids and stored reference log-probs. Responses longer than max_seq_len are cut as
+ * the JSONL path cuts them; the stored references then no longer apply, and all of them are
+ * recomputed (one code path, the same numbers as a run without stored references). */
+static int load_patchset(dpo_run *r) {
+    const dpo_options *o = &r->o;
+    RS_TRY(rs_patchset_load(o->data_file, &r->data));
+    for (int i = 0; i < r->data.n; i++)
+        for (int k = 0; k < 2; k++) {
+            const rs_seq *s = k ? &r->data.rejected[i] : &r->data.chosen[i];
+            for (int t = 0; t < s->n; t++)
+                if (s->ids[t] >= r->m.cfg.vocab_size)
+                    return RS_FAIL("%s: pair %d: token id %d outside the vocabulary of %s (%d)",
+                                   o->data_file, i, s->ids[t], o->model_dir, r->m.cfg.vocab_size);
+        }
+    int cut = rs_pref_truncate(&r->data, o->max_seq_len, o->data_file);
+    if (cut < 0) return -1;
+    if (cut > 0) {
+        r->data.has_ref = 0;
+        rs_warn("%s: %d responses cut to max_seq_len %d tokens: the stored reference log-probs "
+                "no longer apply; recomputing them for every pair",
+                o->data_file, cut, o->max_seq_len);
+    } else {
+        rs_info("dpo: %d pairs and their reference log-probs from the patch set %s", r->data.n,
+                o->data_file);
+        rs_patchset_check_model(o->data_file, o->model_dir);
+    }
+    return 0;
+}
+
 static int load_inputs(dpo_run *r, const rs_config *cfg) {
     const dpo_options *o = &r->o;
     const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
     if (!be) return -1;
     RS_TRY(rs_model_load(o->model_dir, be, &r->m));
+    if (o->is_patchset) return load_patchset(r);
     r->tok = rs_tokenizer_load(o->model_dir);
     if (!r->tok) return -1;
     rs_encoder enc = {r->tok, RS_CHAT_NONE, NULL, -1, o->max_seq_len};
@@ -130,6 +184,8 @@ static int setup(dpo_run *r) {
     RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
                         o->mask_mode != RS_MASK_NONE, &init));
     r->lora.dropout = o->dropout;
+    if (o->group_constant)
+        RS_TRY(rs_lora_setup_group_constant(&r->lora, &r->m, o->mask_mode, o->model_dir));
     if (o->mask_mode != RS_MASK_NONE) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;
@@ -194,6 +250,10 @@ static int identify_masks(dpo_run *r) {
     int rc = rs_snip_score(&r->snip, snip_grad, r, idx, ns, n_b);
     rs_snip_report rep;
     if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
+    if (rc == 0) rs_lora_group_masks(&r->lora);
+    if (rc == 0 && rep.n_selected == 0)
+        rs_warn("dpo: step %lld: [snip] tau = %g selects no entry: nothing is trainable, the "
+                "adapter's delta stays zero", (long long)r->step, o->snip.tau);
     if (rc == 0 && o->mask_mode == RS_MASK_FACTOR)
         rs_info("dpo: step %lld: SNIP masks (%.1f s): %zu of %zu weight entries selected "
                 "(threshold %.3g); B rows trainable %.1f%%, A columns %.1f%%",
@@ -237,6 +297,7 @@ static int one_step(dpo_run *r) {
     rs_optim_zero_grads(&r->opt);
     rs_dpo_stats st;
     RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx, n, &st));
+    rs_lora_tie_grads(&r->lora);
     if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
     double norm = rs_optim_grad_norm(&r->opt);
     if (!isfinite(st.loss) || !isfinite(norm))

@@ -9,6 +9,7 @@
  *   mask_W  elementwise mode: [out, in] uint8 per targeted linear
  * so that the optimizer can treat params/grads/mask as three parallel flat arrays. */
 #include "resafe/model_train.h"
+#include "resafe/quant.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -225,4 +226,86 @@ void rs_lora_zero_grads(rs_lora *l) {
     l->be->zero_f32(l->flat_grads, l->n_flat);
     for (int i = 0; i < l->n_layers * RS_LORA_N_TARGETS; i++)
         if (l->lin[i].dW) l->be->zero_f32(l->lin[i].dW, (size_t)l->lin[i].out * l->lin[i].in);
+}
+
+/* ---------------------------------------------------------------- group-constant A (lora.h) */
+
+typedef enum { GROUP_FIRST, GROUP_SUM, GROUP_MAJORITY } group_op;
+
+/* Per row of a [rank, in] array: every group's members set to its first value, its sum, or (a
+ * 0/1 mask) whether at least half of it is 1. */
+static void group_rows_f32(float *a, int rank, int in, int gs, group_op op) {
+    for (int r = 0; r < rank; r++)
+        for (int c0 = 0; c0 < in; c0 += gs) {
+            float *g = a + (size_t)r * in + c0;
+            int n = c0 + gs < in ? gs : in - c0;
+            float v = g[0];
+            if (op == GROUP_SUM) {
+                double s = 0.0;
+                for (int c = 0; c < n; c++) s += g[c];
+                v = (float)s;
+            }
+            for (int c = 0; c < n; c++) g[c] = v;
+        }
+}
+
+static void group_rows_u8(uint8_t *a, int rank, int in, int gs) {
+    for (int r = 0; r < rank; r++)
+        for (int c0 = 0; c0 < in; c0 += gs) {
+            uint8_t *g = a + (size_t)r * in + c0;
+            int n = c0 + gs < in ? gs : in - c0, on = 0;
+            for (int c = 0; c < n; c++) on += g[c] != 0;
+            for (int c = 0; c < n; c++) g[c] = 2 * on >= n;
+        }
+}
+
+/* Apply op to A (or dA, or mask_A) of every targeted linear through a host copy. */
+static void group_apply(rs_lora *l, group_op op, int which) {
+    if (!l->group_constant) return;
+    for (int i = 0; i < l->n_layers * RS_LORA_N_TARGETS; i++) {
+        rs_lora_linear *x = &l->lin[i];
+        if (x->in == 0) continue;
+        int gs = l->group_size > 0 && l->group_size < x->in ? l->group_size : x->in;
+        size_t n = (size_t)l->rank * x->in;
+        if (which == 2) {
+            if (!x->mask_A) continue;
+            uint8_t *h = rs_malloc(n);
+            l->be->to_host(h, x->mask_A, n);
+            group_rows_u8(h, l->rank, x->in, gs);
+            l->be->to_device(x->mask_A, h, n);
+            free(h);
+            continue;
+        }
+        float *dev = which == 0 ? x->A : x->dA, *h = rs_malloc(n * sizeof *h);
+        l->be->to_host(h, dev, n * sizeof *h);
+        group_rows_f32(h, l->rank, x->in, gs, op);
+        l->be->to_device(dev, h, n * sizeof *h);
+        free(h);
+    }
+}
+
+void rs_lora_group_init(rs_lora *l) { group_apply(l, GROUP_FIRST, 0); }
+void rs_lora_tie_grads(rs_lora *l) { group_apply(l, GROUP_SUM, 1); }
+void rs_lora_group_masks(rs_lora *l) { group_apply(l, GROUP_MAJORITY, 2); }
+
+int rs_lora_setup_group_constant(rs_lora *l, const rs_model *m, rs_mask_mode mask_mode,
+                                 const char *label) {
+    if (!m->n_qweights) {
+        rs_warn("[lora] group_constant ignored: %s is not quantized (no groups)", label);
+        return 0;
+    }
+    const rs_qspec *spec = &m->qweights[0].spec;
+    char name[64];
+    if (spec->format != RS_QFMT_INT)
+        return RS_FAIL("[lora] group_constant needs a grouped INT format; %s is %s", label,
+                       rs_qspec_name(spec, name, sizeof name));
+    if (mask_mode == RS_MASK_ELEMENTWISE)
+        return RS_FAIL("[lora] group_constant needs [snip] mask = factor or none (an elementwise "
+                       "mask on B A is not constant within groups)");
+    l->group_constant = 1;
+    l->group_size = spec->group_size;
+    rs_lora_group_init(l);
+    rs_info("LoRA: A constant within each quantization group (%s)",
+            rs_qspec_name(spec, name, sizeof name));
+    return 0;
 }

@@ -1,6 +1,7 @@
 /* model: the activation plan, the KV cache and the forward pass of the Llama family
  * (equations in include/resafe/model.h). Loading lives in model_load.c. */
 #include "resafe/model.h"
+#include "resafe/adapter.h"
 #include "resafe/quant.h"
 
 #include <stdlib.h>
@@ -16,6 +17,7 @@ static void free_activations(rs_model *m) {
 
 void rs_model_free(rs_model *m) {
     if (m->be) {
+        rs_model_detach_adapter(m);
         free_activations(m);
         if (m->params) m->be->free(m->params);
         for (int i = 0; i < m->n_qweights; i++) m->be->qweight_free(&m->qweights[i]);
@@ -60,6 +62,7 @@ int rs_model_reserve(rs_model *m, int max_tokens, int max_logit_rows) {
     size_t n = (size_t)max_tokens, r = (size_t)max_logit_rows, as = rs_dtype_size(m->be->act_dtype);
     size_t D = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
     size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    size_t lora_rank = m->adapter ? (size_t)m->adapter->rank : 0;
     buffer_spec bufs[] = {
         {"x (residual) [n, hidden]", &a->x, mul(n, D), as},
         {"xn (normed) [n, hidden]", &a->xn, mul(n, D), as},
@@ -79,6 +82,7 @@ int rs_model_reserve(rs_model *m, int max_tokens, int max_logit_rows) {
         {"cache_rows [n]", (void **)&a->cache_rows, n, sizeof(int32_t)},
         {"real_rows [n]", (void **)&a->real_rows, n, sizeof(int32_t)},
         {"last_rows [rows]", (void **)&a->last_rows, r, sizeof(int32_t)},
+        {"lora_xa [n, rank] f32", (void **)&a->lora_xa, mul(n, lora_rank), sizeof(float)},
     };
     int n_bufs = (int)(sizeof bufs / sizeof bufs[0]);
     size_t total;
@@ -222,6 +226,9 @@ static void attention_block(rs_model *m, rs_kv_cache *cache, int l, int B, int T
     rs_linear_fwd(be, a->q, a->xn, w->wq, w->qwq, w->bq, n, D, Q, 0.0f);
     rs_linear_fwd(be, a->k, a->xn, w->wk, w->qwk, w->bk, n, D, KV, 0.0f);
     rs_linear_fwd(be, a->v, a->xn, w->wv, w->qwv, w->bv, n, D, KV, 0.0f);
+    rs_model_adapter_fwd(m, l, 0, a->q, a->xn, n);
+    rs_model_adapter_fwd(m, l, 1, a->k, a->xn, n);
+    rs_model_adapter_fwd(m, l, 2, a->v, a->xn, n);
     be->rope_fwd(a->q, a->pos, m->inv_freq, n, c->n_heads, hd);
     be->rope_fwd(a->k, a->pos, m->inv_freq, n, c->n_kv_heads, hd);
     write_cache(m, cache->k[l], a->k, n, n_real);
@@ -230,6 +237,7 @@ static void attention_block(rs_model *m, rs_kv_cache *cache, int l, int B, int T
                       c->n_heads, c->n_kv_heads, hd, c->attn_scale);
     if (m->capture) m->capture(m->capture_user, l, 3, a->att, n, Q);
     rs_linear_fwd(be, a->x, a->att, w->wo, w->qwo, w->bo, n, Q, D, 1.0f); /* beta = 1: residual */
+    rs_model_adapter_fwd(m, l, 3, a->x, a->att, n);
 }
 
 /* x += W_down (act(W_gate norm(x)) * W_up norm(x)) */
@@ -243,9 +251,12 @@ static void mlp_block(rs_model *m, int l, int n) {
     if (m->capture) m->capture(m->capture_user, l, 4, a->xn, n, D);
     rs_linear_fwd(be, a->gate, a->xn, w->w_gate, w->qw_gate, w->b_gate, n, D, F, 0.0f);
     rs_linear_fwd(be, a->up, a->xn, w->w_up, w->qw_up, w->b_up, n, D, F, 0.0f);
+    rs_model_adapter_fwd(m, l, 4, a->gate, a->xn, n);
+    rs_model_adapter_fwd(m, l, 5, a->up, a->xn, n);
     be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
     if (m->capture) m->capture(m->capture_user, l, 6, a->mlp, n, F);
     rs_linear_fwd(be, a->x, a->mlp, w->w_down, w->qw_down, w->b_down, n, F, D, 1.0f);
+    rs_model_adapter_fwd(m, l, 6, a->x, a->mlp, n);
 }
 
 /* logits = W_lm norm(x) for every row, or for the last real row of each sequence. */

@@ -3,6 +3,7 @@
  * and checked before anything is allocated, so a bad checkpoint fails with one line naming the
  * tensor. */
 #include "resafe/model.h"
+#include "resafe/adapter.h"
 #include "resafe/quant_io.h"
 #include "resafe/safetensors.h"
 
@@ -211,6 +212,9 @@ int rs_model_load(const char *dir, const rs_backend *be, rs_model *m) {
     free_host_qweights(qw, m->cfg.n_layers * RS_N_LINEARS);
     free(specs.items);
     rs_st_close(&set);
+    char *adapter = rs_path_join(dir, RS_ADAPTER_FILE);
+    if (rc == 0 && rs_path_exists(adapter)) rc = rs_model_attach_adapter(m, adapter);
+    free(adapter);
     if (rc != 0) {
         rs_model_free(m);
         return -1;

@@ -505,6 +505,9 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
         return NULL;
     }
     if (check_backend(be) != 0 || (lora && check_adapter_plan(m, lora) != 0)) return NULL;
+    if (m->adapter)
+        rs_warn("training ignores the adapter attached at load (resafe_adapter.h5): it trains and "
+                "scores the model without it");
     if (m->n_qweights && (!be->qmatmul || !be->qmatmul_t)) {
         RS_FAIL("the %s backend cannot train a quantized model (qmatmul ops missing)", be->name);
         return NULL;

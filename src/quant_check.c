@@ -23,7 +23,9 @@ static int check_scales(const rs_qweight *q, const char *label) {
         if (!isfinite(q->scales[i]) || (codebook && q->scales[i] < 0.0f))
             return RS_FAIL("%s.scales: entry %zu is %g (must be finite%s)", label, i, q->scales[i],
                            codebook ? " and >= 0" : "");
-        if (q->zeros &&
+        if (q->zeros && q->spec.float_zeros && !isfinite(q->zeros[i]))
+            return RS_FAIL("%s.zeros: entry %zu is %g (must be finite)", label, i, q->zeros[i]);
+        if (q->zeros && !q->spec.float_zeros &&
             (!(q->zeros[i] >= 0.0f && q->zeros[i] <= qmax) || q->zeros[i] != rintf(q->zeros[i])))
             return RS_FAIL("%s.zeros: entry %zu is %g (must be an integer in [0, %g])", label, i,
                            q->zeros[i], qmax);

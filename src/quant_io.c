@@ -24,6 +24,7 @@ char *rs_qconfig_json(const rs_qspec *spec, const char *method) {
     cJSON_AddBoolToObject(o, "symmetric", spec->symmetric != 0);
     cJSON_AddNumberToObject(o, "outlier_threshold", rs_qspec_threshold(spec));
     cJSON_AddStringToObject(o, "method", method ? method : "rtn");
+    if (spec->float_zeros) cJSON_AddStringToObject(o, "zero_point", "float");
     cJSON_AddStringToObject(o, "packing", RS_QPACKING_NAME);
     cJSON_AddNumberToObject(o, "packing_version", RS_QPACK_VERSION);
     char *s = cJSON_PrintUnformatted(o);
@@ -76,6 +77,11 @@ static int parse_fields(const char *file, const cJSON *o, rs_qspec *spec, char *
     if (thr && !cJSON_IsNumber(thr))
         return RS_FAIL("%s: quantization_config.outlier_threshold must be a number", file);
     spec->outlier_threshold = thr ? (float)thr->valuedouble : 0.0f;
+    const cJSON *zp = cJSON_GetObjectItemCaseSensitive(o, "zero_point");
+    if (zp && (!cJSON_IsString(zp) || (strcmp(zp->valuestring, "float") &&
+                                       strcmp(zp->valuestring, "integer"))))
+        return RS_FAIL("%s: quantization_config.zero_point must be \"integer\" or \"float\"", file);
+    spec->float_zeros = zp && !strcmp(zp->valuestring, "float");
     if (method) snprintf(method, n, "%s", cJSON_IsString(meth) ? meth->valuestring : "unknown");
     if (rs_qspec_check(spec) != 0) return rs_fail_context("%s", file);
     return 0;

@@ -15,7 +15,9 @@
  *
  * Adapter layout:
  *   attrs    rank, alpha, dropout, targets ("q_proj,v_proj"), mask_mode ("none" | "factor" |
- *            "elementwise"), config_hash (hex), base_model, format 1
+ *            "elementwise"), config_hash (hex), base_model, format 1; group_constant (0/1) and
+ *            group_size (0 = whole row) when A was trained constant within quantization groups
+ *            (absent: 0)
  *   lora/layers.<i>.<target>/A [rank, in], B [out, rank] (F32); mask_A, mask_B or mask_W (U8) in
  *   the masked modes. */
 #ifndef RESAFE_CHECKPOINT_H
@@ -58,9 +60,11 @@ typedef struct {
     float alpha, dropout;
     unsigned targets;
     rs_mask_mode mask_mode;
+    int group_constant, group_size; /* rs_lora's fields of the same names */
 } rs_adapter_info;
 int rs_adapter_info_read(const char *path, rs_adapter_info *info);
-/* Load A, B and masks into l, which must match the file's rank, targets and shapes. */
+/* Load A, B and masks into l, which must match the file's rank, targets and shapes; sets
+ * l->group_constant and l->group_size from the file. */
 int rs_adapter_load(const char *path, rs_lora *l);
 /* Datasets of every targeted linear under `group` ("lora"), for adapters and checkpoints. */
 int rs_adapter_write_tensors(rs_h5 *h, const char *group, const rs_lora *l, int with_factors,

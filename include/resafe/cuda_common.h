@@ -131,6 +131,10 @@ void rs_cuda_attention_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 
 /* glu.cu */
 void rs_cuda_glu_fwd(cudaStream_t s, bf16 *out, const bf16 *gate, const bf16 *up, size_t n,
                      rs_activation act);
+/* quant.cu: w[rows, cols] (bf16) = the quantized weight's effective matrix (rs_dequantize_row's
+ * semantics); q is a backend-resident rs_qweight (device arrays). */
+struct rs_qweight;
+extern "C" void rs_cuda_qdequantize(cudaStream_t s, bf16 *w, const struct rs_qweight *q);
 /* linear.cu */
 void rs_cuda_linear_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out, const bf16 *x, const bf16 *w,
                         const bf16 *bias, int n, int k, int m, float beta);

@@ -7,8 +7,8 @@
  * dL/dpi_w = -beta sigmoid(-beta z) / n  (- sft_weight / (n |winner|)),  dL/dpi_l = -dL/dpi_w's
  * DPO part: the backward of rs_train_forward turns these into dA, dB.
  *
- * Preference data: any source fills an rs_pref_set (token ids, optional reference log-probs).
- * Today that is a JSONL file; the patch-set HDF5 (a later stage) fills the same struct. */
+ * Preference data: any source fills an rs_pref_set (token ids, optional reference log-probs):
+ * a JSONL file (rs_pref_load_jsonl) or the patch set of `resafe triplets` (patchset.h). */
 #ifndef RESAFE_DPO_H
 #define RESAFE_DPO_H
 
@@ -29,6 +29,11 @@ typedef struct {
  * line must have them). Blank lines are skipped. Errors name the file and line. */
 int rs_pref_load_jsonl(const char *path, const rs_encoder *enc, rs_pref_set *set);
 void rs_pref_free(rs_pref_set *set);
+/* Cut responses so that no sequence is longer than max_len tokens (the JSONL path cuts while
+ * encoding; a patch set is cut here): returns the number of sequences cut (their reference
+ * log-probs, if any, no longer apply), or -1 + "label: pair i: ..." when a prompt leaves no room
+ * for a response token. */
+int rs_pref_truncate(rs_pref_set *set, int max_len, const char *label);
 /* An empty set of n pairs, for callers that fill the ids themselves (tests, patch sets). */
 void rs_pref_alloc(rs_pref_set *set, int n);
 
@@ -71,7 +76,9 @@ typedef struct {
 int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_set *data,
                         const rs_dpo_params *p);
 void rs_dpo_trainer_free(rs_dpo_trainer *t);
-/* Reference log-probs of every pair with the adapter switched off (data->has_ref set). */
+/* Reference log-probs of every pair with the adapter switched off (data->has_ref set); the
+ * trainer may have no adapter at all (lora NULL: `resafe triplets` computes the patch set's
+ * reference this way, the same path and batches as `resafe dpo`). */
 int rs_dpo_reference(rs_dpo_trainer *t);
 /* DPO loss of pairs idx[0..n) (mean over them) and its gradient ACCUMULATED into the adapter's
  * dA, dB (and dW where the adapter asks for it); the caller zeroes them. stats may be NULL. */
@@ -80,9 +87,11 @@ int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats
  * accumulated the same way (the SNIP option `loss = nll`). *loss may be NULL. */
 int rs_dpo_nll_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, double *loss);
 
-/* `resafe dpo`: masked-LoRA DPO of [model] path on [dpo] data_file with SNIP masks, outputs in
- * <[run] out_dir>/dpo. Returns 0, -1 + message, or the number of the signal that interrupted
- * it (after writing a checkpoint). */
+/* `resafe dpo`: masked-LoRA DPO of [model] path on [dpo] data_file (JSONL, or a patch set when
+ * it ends in .h5) with SNIP masks, outputs in <[run] out_dir>/dpo. With data_file empty it
+ * trains the run's quantized model (rs_run_paths_init: q_dir) on the run's patch set. Returns
+ * 0, -1 + message, or the number of the signal that interrupted it (after writing a
+ * checkpoint). */
 int rs_dpo_run(const rs_config *cfg, int resume, int force);
 
 #endif

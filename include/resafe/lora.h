@@ -43,7 +43,7 @@ typedef struct {
                          * in a scratch buffer of the train state, so it needs no dW here) */
 } rs_lora_linear;
 
-typedef struct {
+typedef struct rs_lora {
     int rank;
     float alpha, scale;     /* scale = alpha / rank */
     float dropout;          /* PEFT's lora_dropout, y = W x + scale * B A drop(x): the adapter's
@@ -57,6 +57,11 @@ typedef struct {
     rs_mask_mode mask_mode;
     int want_weight_grad;   /* also accumulate dW of every targeted linear (SNIP scores) */
     int enabled;            /* 0: the model runs without the adapter (reference log-probs) */
+    int group_constant;     /* A is constant within each quantization group of its input columns
+                             * ([lora] group_constant): a tied parameter A' [rank, n_groups],
+                             * see rs_lora_tie_grads; then B A is constant within groups and the
+                             * patch folds exactly into the zero points (merge exact) */
+    int group_size;         /* the groups' width (0 = the whole row), when group_constant */
     int n_layers;
     rs_lora_linear *lin;    /* [n_layers * RS_LORA_N_TARGETS]; in == 0 for untargeted ones */
     const rs_backend *be;
@@ -77,5 +82,18 @@ const char *rs_lora_target_name(rs_lora_target t); /* "q_proj", ..., "down_proj"
 static inline rs_lora_linear *rs_lora_at(rs_lora *l, int layer, rs_lora_target t) {
     return &l->lin[layer * RS_LORA_N_TARGETS + (int)t];
 }
+
+/* Group-constant adapters (group_constant set): the parameter is A' [rank, n_groups], stored
+ * expanded in A. rs_lora_group_init makes A group-constant (every entry of a group takes the
+ * value of the group's first column: the U(-1/sqrt(in), 1/sqrt(in)) init of A' keeps the variance
+ * of A x, since each group sums group_size inputs), rs_lora_group_masks makes factor-mode
+ * column masks of A group-constant (a group's columns train together when at least half of them
+ * were selected), and rs_lora_tie_grads replaces dA by its group sum broadcast to every member
+ * (the chain rule for the tied A'). AdamW is elementwise, so equal gradients, moments and values
+ * within a group stay equal bit for bit. Call the tie once per optimizer step, on the whole
+ * accumulated gradient (it is not idempotent). Host round trips: the adapter is small. */
+void rs_lora_group_init(rs_lora *l);
+void rs_lora_group_masks(rs_lora *l);
+void rs_lora_tie_grads(rs_lora *l);
 
 #endif

@@ -73,6 +73,7 @@ typedef struct {
     float *logits;              /* [logit rows, vocab] fp32 */
     int32_t *ids, *pos, *cache_rows, *real_rows, *last_rows; /* device index arrays */
     int32_t *host_ints;         /* host staging for the five index arrays */
+    float *lora_xa;             /* [tokens, rank] fp32: x A^T of an attached adapter (adapter.h) */
 } rs_activations;
 
 typedef struct {
@@ -98,6 +99,10 @@ typedef struct {
      * 3 (o), 4 (gate, up), 6 (down). NULL = off. */
     void (*capture)(void *user, int layer, int site, const void *x, int n, int in);
     void *capture_user;
+    /* An attached adapter (adapter.h: resafe_adapter.h5 of a merged directory), or NULL;
+     * adapter_delta[layer * 7 + i]: its dense deltas for elementwise masks (weight dtype). */
+    struct rs_lora *adapter;
+    void **adapter_delta;
 } rs_model;
 
 /* KV cache: per layer, k and v of [batch, max_seq_len, n_kv_heads, head_dim] in act dtype

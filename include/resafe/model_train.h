@@ -79,6 +79,11 @@ void rs_model_grads_free(const rs_model *m, rs_model_grads *g);
 int rs_lora_init(rs_lora *l, const rs_model *m, int rank, float alpha, unsigned targets,
                  rs_mask_mode mask_mode, int want_weight_grad, rs_rng *rng);
 void rs_lora_free(rs_lora *l);
+/* [lora] group_constant: tie A within the quantization groups of m's INT format (lora.h,
+ * rs_lora_group_init). A dense model: a warning, nothing tied; nf4/fp4/int8 or elementwise masks:
+ * -1 + message. label names the model in messages. */
+int rs_lora_setup_group_constant(rs_lora *l, const rs_model *m, rs_mask_mode mask_mode,
+                                 const char *label);
 void rs_lora_zero_grads(rs_lora *l);
 
 #endif

@@ -85,8 +85,10 @@ typedef struct {
 int rs_eval_run(const rs_config *cfg, const rs_eval_model *models, int n_models,
                 const char *reference_dir, const char *out_dir);
 
-/* The run's report: out_dir/report.md (and report.json) from <eval_dir>/eval.json, the merge
- * stats (<merge_dir>/merge.json) and the DPO metrics (<dpo_dir>/metrics.jsonl). */
+/* The run's report: <eval_dir>/report.md and results.json from <eval_dir>/eval.json, the merge
+ * stats (<merge_dir>/<mode>/merge_stats.json) and the DPO metrics (<dpo_dir>/metrics.jsonl);
+ * missing pieces are notes in the report (README: resafe eval). The run's default model list:
+ * rs_eval_default_models in eval.h. */
 int rs_report_write(const rs_config *cfg, const rs_run_paths *p);
 
 /* ---------------------------------------------------------------- resafe train */

@@ -36,6 +36,10 @@ typedef struct {
     int group_size;          /* RS_QFMT_INT: 32, 64, 128, or 0 = whole row; NF4/FP4: 64 */
     int symmetric;           /* RS_QFMT_INT only */
     float outlier_threshold; /* RS_QFMT_INT8_OUTLIER: |w| above it makes a column an outlier */
+    int float_zeros;         /* asymmetric INT: zero points may be any finite value, not only
+                              * integers in [0, 2^bits - 1] (`resafe merge --mode exact` folds a
+                              * group constant into them); quantization_config "zero_point":
+                              * "float" */
 } rs_qspec;
 
 typedef struct rs_qweight {

@@ -12,7 +12,8 @@
  * tool computes them with the adapter off and writes them).
  * OUT.h5:
  *   grad   attrs loss, margin, accuracy, logp_chosen, logp_rejected; ref/chosen, ref/rejected;
- *          grad/layers.<i>.<target>/A, B  (the DPO gradient, mean over all pairs)
+ *          grad/layers.<i>.<target>/A, B  (the DPO gradient, mean over all pairs; for an adapter
+ *          with attribute group_constant = 1, dA is tied: its group sums, broadcast)
  *   steps  N AdamW steps (beta1 0.9, beta2 0.999, eps 1e-8, no decay, no clipping), each on all
  *          pairs: flat/init, flat/final, flat/m, flat/v, flat/mask (the adapter's flat views)
  *          and the final adapter as lora/...
@@ -126,6 +127,7 @@ static int cmd_grad(rs_dpo_trainer *t, rs_h5 *h) {
     int rc = rs_dpo_accumulate(t, idx, n, &st);
     free(idx);
     RS_TRY(rc);
+    rs_lora_tie_grads(t->lora); /* group-constant adapters: dA' broadcast (no-op otherwise) */
     RS_TRY(rs_h5_set_attr_f64(h, NULL, "loss", st.loss));
     RS_TRY(rs_h5_set_attr_f64(h, NULL, "margin", st.margin));
     RS_TRY(rs_h5_set_attr_f64(h, NULL, "accuracy", st.accuracy));

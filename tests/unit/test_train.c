@@ -167,6 +167,42 @@ TEST(test_snip_decompose_rows_of_B_and_columns_of_A_by_majority) {
 
 /* ---------------------------------------------------------------- DPO loss */
 
+/* A patch set's pairs are cut as the JSONL path cuts them: responses only, to max_len tokens;
+ * a prompt that leaves no room is an error naming the pair. */
+TEST(test_pref_truncate_cuts_responses_counts_them_and_refuses_full_prompts) {
+    rs_rng r;
+    rs_rng_seed(&r, rs_test_seed());
+    int n = 12, max_len = 9, want_cut = 0, want_max = 0;
+    rs_pref_set set;
+    rs_pref_alloc(&set, n);
+    for (int i = 0; i < n; i++) {
+        int np = 1 + (int)(rs_rng_next(&r) % 8); /* 1 .. 8 < max_len */
+        rs_seq *s[2] = {&set.chosen[i], &set.rejected[i]};
+        int longest = 0;
+        for (int k = 0; k < 2; k++) {
+            int nr = 1 + (int)(rs_rng_next(&r) % 6);
+            s[k]->n_prompt = np, s[k]->n = np + nr;
+            s[k]->ids = malloc((size_t)s[k]->n * sizeof *s[k]->ids);
+            for (int t = 0; t < s[k]->n; t++) s[k]->ids[t] = t;
+            want_cut += s[k]->n > max_len;
+            int kept = s[k]->n > max_len ? max_len : s[k]->n;
+            longest = kept > longest ? kept : longest;
+        }
+        want_max = longest > want_max ? longest : want_max;
+    }
+    CHECK(rs_pref_truncate(&set, max_len, "x.h5") == want_cut, "cut count");
+    CHECK(set.max_len == want_max && set.n_truncated == want_cut, "max_len %d", set.max_len);
+    for (int i = 0; i < n; i++)
+        CHECK(set.chosen[i].n <= max_len && set.rejected[i].n <= max_len, "pair %d", i);
+    CHECK(rs_pref_truncate(&set, max_len, "x.h5") == 0, "a second cut changes nothing");
+    set.chosen[3].n_prompt = set.rejected[3].n_prompt = max_len; /* (lengths only: ids unread) */
+    set.chosen[3].n = set.rejected[3].n = max_len;
+    CHECK(rs_pref_truncate(&set, max_len, "x.h5") == -1 &&
+              strstr(rs_last_error(), "x.h5: pair 3") != NULL,
+          "%s", rs_last_error());
+    rs_pref_free(&set);
+}
+
 TEST(test_dpo_pair_loss_matches_log_sigmoid_and_its_derivative) {
     rs_rng r;
     rs_rng_seed(&r, rs_test_seed());
