@@ -3,7 +3,7 @@
 #   data -> random init -> resafe sft (compliant base) -> snap the base onto the RTN grid
 #   -> resafe sft (short safety tune) -> models/organism-tiny/
 # Each stage is skipped when its output exists (delete out/organism/<stage> to redo it).
-# On one CPU core the whole recipe takes about 20 minutes.
+# On one CPU core the whole recipe takes 15-26 minutes (26 measured on a loaded shared machine).
 #
 #   scripts/organism/build.sh            # environment: BUILD (build), PYTHON (python3), OUT
 set -euo pipefail
