@@ -52,8 +52,11 @@ static rs_config *config_copy(const rs_config *cfg) {
     return c;
 }
 
-/* The merge modes to build: [lora] merge, then [lora] merge_compare's that apply (exact only
- * for an adapter trained constant within quantization groups, and not on AWQ weights). */
+/* The merge modes to build: [lora] merge, then [lora] merge_compare's that apply. exact needs a
+ * grouped INT format without AWQ's input scales; a compared exact merge of an adapter that was
+ * not trained group-constant keeps only the delta's group means (the report says how much). With
+ * a given [quant] model the format is not known here: exact is compared only for a group-constant
+ * adapter then. */
 static int merge_modes(const rs_config *cfg, train_run *r) {
     const char *chosen = rs_config_get_str(cfg, "lora", "merge");
     const char *cmp = rs_config_get_str(cfg, "lora", "merge_compare");
@@ -62,8 +65,10 @@ static int merge_modes(const rs_config *cfg, train_run *r) {
     rs_merge_mode_from_name(chosen, &m);
     int group_constant = !strcmp(gc, "true") || (!strcmp(gc, "auto") && m == RS_MERGE_EXACT);
     /* exact folds a group constant into the zero points: not through AWQ's input scales */
-    int awq = !rs_config_get_str(cfg, "quant", "model")[0] &&
-              !strcmp(rs_config_get_str(cfg, "quant", "method"), "awq");
+    int given = rs_config_get_str(cfg, "quant", "model")[0] != '\0';
+    const char *fmt = rs_config_get_str(cfg, "quant", "format");
+    int awq = !given && !strcmp(rs_config_get_str(cfg, "quant", "method"), "awq");
+    int exact_ok = !awq && (given ? group_constant : !strncmp(fmt, "int", 3));
     r->modes[0] = m, r->n_modes = 1;
     if (!strcmp(cmp, "none")) return 0;
     char *list = rs_strdup(!strcmp(cmp, "all") ? "grid,refit,adapter,exact" : cmp), *save = NULL;
@@ -76,7 +81,7 @@ static int merge_modes(const rs_config *cfg, train_run *r) {
         }
         int have = 0;
         for (int i = 0; i < r->n_modes; i++) have |= r->modes[i] == m;
-        if (have || (m == RS_MERGE_EXACT && (!group_constant || awq))) continue;
+        if (have || (m == RS_MERGE_EXACT && !exact_ok)) continue;
         r->modes[r->n_modes++] = m;
     }
     free(list);
