@@ -108,12 +108,19 @@ os.replace(os.path.join(out, "ablation.json.tmp"), os.path.join(out, "ablation.j
 def cell(v):
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
+def pct(v):
+    return "-" if v is None else f"{100 * v:.1f}"
+
 lines = ["# Ablation: SNIP tau and mask re-identification K", "",
+         "'-' in the tau or K column: the config's value. Rates in %; ASR after merge = the",
+         "patched model after [lora] merge; kept fraction = the share of the delta's norm that",
+         "survived the merge.", "",
          "| setting | tau | K | ASR quantized | ASR after merge | benign accuracy | kept fraction |",
          "|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append("| " + " | ".join(cell(r[k]) for k in ("setting", "tau", "reidentify_every",
-                 "asr_quantized", "asr_after_merge", "benign_accuracy", "kept_fraction")) + " |")
+    lines.append("| " + " | ".join([cell(r["setting"]), cell(r["tau"]), cell(r["reidentify_every"]),
+                 pct(r["asr_quantized"]), pct(r["asr_after_merge"]), pct(r["benign_accuracy"]),
+                 pct(r["kept_fraction"])]) + " |")
 text = "\n".join(lines) + "\n"
 with open(os.path.join(out, "ablation.md.tmp"), "w") as f:
     f.write(text)

@@ -21,8 +21,28 @@ for stage in triplets merge eval; do
 done
 
 if [ -z "$missing" ]; then
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} "$RESAFE" train --config "$CONFIG"
-  exit $?
+  "$RESAFE" train --config "$CONFIG"
+  RUN=$("$RESAFE" config --check "$CONFIG" 2>/dev/null | sed -n 's/^out_dir = \([^ ;]*\).*/\1/p' | tr -d '"')
+  RUN=${RUN:-runs/organism-tiny}
+  # the same three model states on the real AdvBench prompts, when ../shared/data is beside us
+  # (the organism's synthetic world does not cover real wording: see scripts/organism/README.md)
+  ADV=${ADVBENCH:-../shared/data/advbench_harmful_behaviors.csv}
+  if [ -f "$ADV" ] && [ -f "$RUN/eval/results.json" ]; then
+    echo "demo: the same model states on AdvBench ($ADV, not asserted by the tests)"
+    MODEL=$("$RESAFE" config --check "$CONFIG" 2>/dev/null | sed -n 's/^path = \([^ ;]*\).*/\1/p' | head -1 | tr -d '"')
+    MERGE=$("$RESAFE" config --check "$CONFIG" 2>/dev/null | sed -n 's/^merge = \([^ ;]*\).*/\1/p' | head -1)
+    "$RESAFE" eval --config "$CONFIG" --set eval.harmful_file="$ADV" --set eval.harmful_column=goal \
+      --set eval.category_column=none --set run.progress=off \
+      --model fp="$MODEL" --model quantized="$RUN/quantize/model" \
+      --model patched_merged="$RUN/merge/$MERGE" --out "$RUN/eval-advbench" --report
+  fi
+  if "$PY" -c "import matplotlib" 2>/dev/null; then
+    "$PY" scripts/plot_report.py "$RUN" || true
+  else
+    echo "demo: matplotlib is not installed: no plots (pip install matplotlib; then make plots RUN=$RUN)"
+  fi
+  echo "demo: before/after table as JSON: $RUN/eval/results.json (report: $RUN/eval/report.md)"
+  exit 0
 fi
 
 echo "demo: $missing; running \`resafe generate\` on a random tiny model instead"

@@ -275,7 +275,8 @@ static void dpo_summary(text *t, const rs_run_paths *p, cJSON *results) {
     add(t, "| steps | first loss | last loss | last reward margin | last accuracy (%%) |\n"
            "|---|---|---|---|---|\n|");
     const cJSON *step = get(last, "step");
-    double steps = cJSON_IsNumber(step) ? step->valuedouble + 1 : (double)lines;
+    /* "step" counts optimizer steps taken (1-based: the first line is step 1) */
+    double steps = cJSON_IsNumber(step) ? step->valuedouble : (double)lines;
     add(t, " %.0f |", steps);
     cell(t, get(first, "loss"), F_SIG4);
     cell(t, get(last, "loss"), F_SIG4);

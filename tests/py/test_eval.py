@@ -412,9 +412,9 @@ def test_report_and_results_hold_the_eval_numbers(models, greedy_run, tmp_path):
              "n_codes_changed": 1234 if mode == "grid" else 0}))
     (run / "dpo").mkdir()
     with open(run / "dpo" / "metrics.jsonl", "w") as f:
-        for s in range(5):
-            f.write(json.dumps({"step": s, "loss": 0.7 - 0.1 * s, "margin": 0.05 * s,
-                                "accuracy": 0.2 * s}) + "\n")
+        for s in range(1, 6):  # resafe dpo's lines: "step" counts steps taken, from 1
+            f.write(json.dumps({"step": s, "loss": 0.7 - 0.1 * (s - 1), "margin": 0.05 * (s - 1),
+                                "accuracy": 0.2 * (s - 1)}) + "\n")
     held = tmp_path / "held.txt"
     held.write_text("The quick brown fox\nbake the bread\n")
     cfg = write_config(tmp_path / "run.ini", run, model_keys=f"path = {m['fp']}",
