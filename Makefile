@@ -57,7 +57,7 @@ FLAGS_STAMP := $(BUILD)/.flags
 FLAGS_NOW := $(RS_CFLAGS) $(CFLAGS) | $(NVCCFLAGS) | $(CUDA)
 $(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = "$(FLAGS_NOW)" ] || echo "$(FLAGS_NOW)" > $(FLAGS_STAMP))
 
-.PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench plots
+.PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench plots sweep
 all: $(BUILD)/resafe $(BUILD)/test_unit $(TOOL_BINS)
 
 $(BUILD)/libresafe.a: $(LIB_OBJS)
@@ -137,6 +137,9 @@ demo:
 plots:
 	@test -n "$(RUN)" || { echo "usage: make plots RUN=<run dir> [SWEEP=sweep.json]"; exit 2; }
 	@$(PYTHON) scripts/plot_report.py $(RUN) $(if $(SWEEP),--sweep $(SWEEP))
+
+sweep: all
+	@$(PYTHON) scripts/sweep_bits.py $(or $(CONFIG),configs/organism-tiny.ini) --bits $(or $(BITS),8,4,3,2)
 
 clean:
 	rm -rf build

@@ -129,9 +129,7 @@ static int run(options *o, int argc, char **argv) {
     rs_config *cfg = rs_config_load(o->config);
     if (!cfg) return -1;
     int rc = 0;
-    for (int i = 1; rc == 0 && i + 1 < argc; i++)
-        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[++i]) != 0)
-            rc = rs_fail_context("--set");
+    if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     rs_run_paths p;
     memset(&p, 0, sizeof p);
     if (rc == 0) rc = rs_run_paths_init(cfg, &p);

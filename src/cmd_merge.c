@@ -131,9 +131,7 @@ int cmd_merge(int argc, char **argv) {
     if (urc) return urc;
     rs_config *cfg = o.config ? rs_config_load(o.config) : rs_config_new();
     int rc = cfg ? 0 : -1;
-    for (int i = 1; rc == 0 && i + 1 < argc; i++)
-        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[++i]) != 0)
-            rc = rs_fail_context("--set");
+    if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     if (o.verbose) rs_set_log_level(RS_LOG_DEBUG);
     if (rc == 0) rc = run(cfg, &o);
     rs_config_free(cfg);

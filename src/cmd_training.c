@@ -38,9 +38,7 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
         return usage_error(name, usage, "%s", "--resume and --force exclude each other");
     rs_config *cfg = rs_config_load(path);
     int rc = cfg ? 0 : -1;
-    for (int i = 1; rc == 0 && i + 1 < argc; i++)
-        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[++i]) != 0)
-            rc = rs_fail_context("--set");
+    if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     if (rc == 0) {
         static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
         const char *names[] = {"error", "warn", "info", "debug"};

@@ -705,6 +705,13 @@ int rs_config_set_arg(rs_config *cfg, const char *assignment) {
     return rc;
 }
 
+int rs_config_apply_sets(rs_config *cfg, int argc, char **argv) {
+    for (int i = 1; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--set") == 0 && rs_config_set_arg(cfg, argv[++i]) != 0)
+            return rs_fail_context("--set");
+    return 0;
+}
+
 static const cfg_value *get(const rs_config *cfg, const char *section, const char *key,
                             rs_config_type want, int also_path_enum) {
     int idx = find_key(section, key);

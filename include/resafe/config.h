@@ -55,6 +55,9 @@ void rs_config_free(rs_config *cfg);
 int rs_config_set(rs_config *cfg, const char *section, const char *key, const char *value);
 /* "section.key=value" -> rs_config_set. */
 int rs_config_set_arg(rs_config *cfg, const char *assignment);
+/* Every "--set section.key=value" pair of a command line (argv[1..argc)), in order; the first
+ * failure returns -1 with "--set: " before its message. */
+int rs_config_apply_sets(rs_config *cfg, int argc, char **argv);
 
 /* Typed getters: the value set, else the default. Asking for a key the schema lacks, or with
  * the wrong type, is a bug in the caller and exits. get_str serves string, path and enum keys. */
