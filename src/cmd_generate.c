@@ -345,7 +345,14 @@ static int run(options *o) {
         p.seed = o->gen.seed, p.batch_size = o->gen.batch_size;
         progress_state ps = {rs_now()};
         if (o->n_ids > p.batch_size) p.progress = progress, p.progress_user = &ps;
+        double t0 = rs_now();
         rc = rs_generate(&m, (const int32_t *const *)o->ids, o->id_lens, o->n_ids, &p, out);
+        if (rc == 0) {
+            long long n_new = 0;
+            for (int i = 0; i < o->n_ids; i++) n_new += out[i].n_ids;
+            rs_debug("generate: %d prompts, %lld new tokens in %.6f s", o->n_ids, n_new,
+                     rs_now() - t0);
+        }
         for (int i = 0; rc == 0 && i < o->n_ids; i++) print_result(o, tok, i, &out[i]);
         if (rc == 0) rs_gen_output_free(out, o->n_ids);
     }

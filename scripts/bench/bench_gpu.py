@@ -11,6 +11,9 @@ times). Needs a built build/resafe with the CUDA backend, torch, transformers an
 2. Decode: greedy generation of 128 new tokens for 8 prompts of 32 tokens, `resafe generate`
    versus transformers `generate` (bf16, KV cache); per-token time from runs of 128 and 1 new
    tokens (difference), so loading and prefill cancel.
+3. Quantized decode: the same decode on the model's RTN INT4 g128 copy (`resafe quantize`), whose
+   linears go through the CUDA backend's dequantize-into-scratch path, versus resafe's own bf16
+   decode (the baseline the fused dequant-matmul kernels must beat).
 Peak GPU memory: torch.cuda.max_memory_allocated for PyTorch; for resafe the largest
 nvidia-smi "memory.used" sampled every 50 ms minus the idle value (coarser: it includes the CUDA
 context). Writes OUT_DIR/bench.json and prints a Markdown table."""
@@ -188,12 +191,18 @@ def torch_dpo_step(model_dir, pairs, a, steps=10, warm=3):
 
 
 def decode_resafe(model, n_new, a):
+    """(seconds inside rs_generate, as `resafe generate -v` reports it: loading excluded; new
+    tokens over all prompts; peak GPU bytes)."""
+    import re
     ids = ";".join(",".join(str(3 + (7 * i + 13 * j) % 300) for j in range(32)) for i in range(8))
     with MemPoll() as mp:
-        dt, p = timed([RESAFE, "generate", "--model", model, "--backend", "cuda", "--ids", ids,
-                       "--max-new-tokens", str(n_new), "--batch-size", "8", "--format", "jsonl"])
-    n = sum(len(json.loads(l)["ids"]) for l in p.stdout.splitlines() if l.strip())
-    return dt, n, (mp.peak - mp.idle) * 2**20
+        _, p = timed([RESAFE, "generate", "--model", model, "--backend", "cuda", "--ids", ids,
+                      "--max-new-tokens", str(n_new), "--batch-size", "8", "--format", "jsonl",
+                      "-v"])
+    m = re.search(r"generate: \d+ prompts, (\d+) new tokens in ([0-9.]+) s", p.stderr)
+    if not m:
+        raise SystemExit("resafe generate -v printed no timing line:\n" + p.stderr[-2000:])
+    return float(m.group(2)), int(m.group(1)), (mp.peak - mp.idle) * 2**20
 
 
 def decode_torch(model_dir, n_new):
@@ -224,7 +233,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--skip", default="", help="comma list: dpo,decode")
+    ap.add_argument("--skip", default="", help="comma list: dpo,decode,qdecode")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     work = os.path.join(a.out, "work")
@@ -253,6 +262,17 @@ def main():
         res["decode"] = {"resafe_s_per_token": rs_tok, "torch_s_per_token": pt_tok,
                          "speedup": pt_tok / rs_tok, "resafe_tokens": r128[1],
                          "resafe_peak_bytes": r128[2]}
+    if "qdecode" not in a.skip:
+        qdir = os.path.join(work, "model_int4")
+        timed([RESAFE, "quantize", "--model", model, "--method", "rtn", "--bits", "4", "--group",
+               "128", "--out", qdir])
+        d1, d128 = decode_resafe(model, 1, a), decode_resafe(model, 128, a)
+        q1, q128 = decode_resafe(qdir, 1, a), decode_resafe(qdir, 128, a)
+        dense = (d128[0] - d1[0]) / max(1, (d128[1] - d1[1]) / 8)
+        quant = (q128[0] - q1[0]) / max(1, (q128[1] - q1[1]) / 8)
+        res["qdecode"] = {"int4_s_per_token": quant, "bf16_s_per_token": dense,
+                          "speedup": dense / quant, "int4_peak_bytes": q128[2],
+                          "bf16_peak_bytes": d128[2]}
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res, indent=2))
