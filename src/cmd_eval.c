@@ -139,9 +139,7 @@ static int run(options *o, int argc, char **argv) {
         for (int i = 0; i < 4; i++)
             if (strcmp(level, names[i]) == 0) rs_set_log_level((rs_log_level)i);
         if (o->verbose) rs_set_log_level(RS_LOG_DEBUG);
-        rs_progress_mode mode;
-        if (rs_progress_mode_from_name(rs_config_get_str(cfg, "run", "progress"), &mode) == 0)
-            rs_progress_set_mode(mode);
+        rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
         if (o->n_models == 0) {
             rs_eval_model *ms;
             int n;

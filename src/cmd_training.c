@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "resafe/cli.h"
+#include "resafe/progress.h"
 #include "resafe/core.h"
 
 static int usage_error(const char *name, const char *usage, const char *fmt, const char *arg) {
@@ -46,6 +47,7 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
         for (int i = 0; i < 4; i++)
             if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
         if (verbose) rs_set_log_level(RS_LOG_DEBUG);
+        rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
         rc = run(cfg, resume, force);
     }
     rs_config_free(cfg);

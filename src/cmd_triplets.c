@@ -63,9 +63,7 @@ static void apply_logging(const rs_config *cfg, int verbose) {
     for (int i = 0; i < 4; i++)
         if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
     if (verbose) rs_set_log_level(RS_LOG_DEBUG);
-    rs_progress_mode mode;
-    if (rs_progress_mode_from_name(rs_config_get_str(cfg, "run", "progress"), &mode) == 0)
-        rs_progress_set_mode(mode);
+    rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
 }
 
 /* The summary, from the file just written. */

@@ -21,6 +21,11 @@ int rs_progress_mode_from_name(const char *name, rs_progress_mode *out) {
     return -1;
 }
 
+void rs_progress_set_mode_name(const char *name) {
+    rs_progress_mode m;
+    if (rs_progress_mode_from_name(name, &m) == 0) g_mode = m;
+}
+
 static void eta_text(double s, char *buf, size_t n) {
     if (s < 0 || s > 360000) {
         snprintf(buf, n, "?");

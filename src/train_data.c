@@ -1,6 +1,7 @@
 /* train_data: sequences, batches, data order and the small run helpers both training loops use
  * (config hash, stop signal, metrics log). */
 #include "resafe/train.h"
+#include "resafe/progress.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -291,9 +292,13 @@ void rs_train_catch_signals(void) {
 int rs_train_stop_signal(void) { return (int)g_stop_signal; }
 
 int rs_train_loop_run(const rs_train_loop *l) {
+    rs_progress pr;
+    int64_t step0 = *l->step;
+    rs_progress_start(&pr, l->stage, "steps", l->total_steps - step0);
     while (*l->step < l->total_steps) {
         int sig = rs_train_stop_signal();
         if (sig) {
+            rs_progress_end(&pr);
             RS_TRY(l->save_fn(l->user));
             rs_warn("%s: interrupted by signal %d after step %lld; checkpoint %s (continue with "
                     "--resume)",
@@ -301,9 +306,11 @@ int rs_train_loop_run(const rs_train_loop *l) {
             return sig;
         }
         RS_TRY(l->step_fn(l->user));
+        rs_progress_update(&pr, *l->step - step0, 0);
         if (l->checkpoint_every > 0 && *l->step % l->checkpoint_every == 0)
             RS_TRY(l->save_fn(l->user));
     }
+    rs_progress_end(&pr);
     return 0;
 }
 

@@ -600,9 +600,7 @@ int rs_train_run_until(const rs_config *cfg, const char *from_stage, const char 
         free_run(&r);
         return rc;
     }
-    rs_progress_mode mode;
-    if (rs_progress_mode_from_name(rs_config_get_str(cfg, "run", "progress"), &mode) == 0)
-        rs_progress_set_mode(mode);
+    rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
     rs_train_catch_signals();

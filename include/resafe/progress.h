@@ -16,6 +16,8 @@ typedef enum { RS_PROGRESS_AUTO = 0, RS_PROGRESS_BAR, RS_PROGRESS_LINES, RS_PROG
 void rs_progress_set_mode(rs_progress_mode mode);
 /* "auto|bar|lines|off" -> mode; -1 when unknown. */
 int rs_progress_mode_from_name(const char *name, rs_progress_mode *out);
+/* rs_progress_set_mode by name ([run] progress); an unknown name changes nothing. */
+void rs_progress_set_mode_name(const char *name);
 
 typedef struct {
     char stage[32], unit[16];
