@@ -134,12 +134,7 @@ static int run(options *o, int argc, char **argv) {
     memset(&p, 0, sizeof p);
     if (rc == 0) rc = rs_run_paths_init(cfg, &p);
     if (rc == 0) {
-        const char *names[] = {"error", "warn", "info", "debug"};
-        const char *level = rs_config_get_str(cfg, "run", "log_level");
-        for (int i = 0; i < 4; i++)
-            if (strcmp(level, names[i]) == 0) rs_set_log_level((rs_log_level)i);
-        if (o->verbose) rs_set_log_level(RS_LOG_DEBUG);
-        rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
+        cli_apply_run_settings(cfg, o->verbose);
         if (o->n_models == 0) {
             rs_eval_model *ms;
             int n;

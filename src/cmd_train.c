@@ -27,15 +27,6 @@ static int usage_error(const char *fmt, const char *arg) {
     return 2;
 }
 
-static void set_log_level(const rs_config *cfg, int verbose) {
-    static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
-    const char *names[] = {"error", "warn", "info", "debug"};
-    const char *level = rs_config_get_str(cfg, "run", "log_level");
-    for (int i = 0; i < 4; i++)
-        if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
-    if (verbose) rs_set_log_level(RS_LOG_DEBUG);
-}
-
 /* Exit codes: 0 done, 1 error, 2 usage, 128 + signal when interrupted. */
 int cmd_train(int argc, char **argv) {
     const char *path = NULL, *from = NULL, *to = NULL;
@@ -65,7 +56,7 @@ int cmd_train(int argc, char **argv) {
                  !strcmp(argv[i], "--to"))
             i++;
     if (rc == 0) {
-        set_log_level(cfg, verbose);
+        cli_apply_run_settings(cfg, verbose);
         rc = rs_train_run_until(cfg, from, to, force);
     }
     rs_config_free(cfg);

@@ -16,6 +16,16 @@ static int usage_error(const char *name, const char *usage, const char *fmt, con
 
 /* Parse, load the config, apply --set, run. Exit codes: 0 done, 1 error, 2 usage,
  * 128 + signal when interrupted (a checkpoint was written). */
+void cli_apply_run_settings(const rs_config *cfg, int verbose) {
+    static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    const char *level = rs_config_get_str(cfg, "run", "log_level");
+    for (int i = 0; i < 4; i++)
+        if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
+    if (verbose) rs_set_log_level(RS_LOG_DEBUG);
+    rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
+}
+
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,
                      int (*run)(const rs_config *cfg, int resume, int force)) {
     const char *path = NULL;
@@ -41,13 +51,7 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
     int rc = cfg ? 0 : -1;
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     if (rc == 0) {
-        static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
-        const char *names[] = {"error", "warn", "info", "debug"};
-        const char *level = rs_config_get_str(cfg, "run", "log_level");
-        for (int i = 0; i < 4; i++)
-            if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
-        if (verbose) rs_set_log_level(RS_LOG_DEBUG);
-        rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
+        cli_apply_run_settings(cfg, verbose);
         rc = run(cfg, resume, force);
     }
     rs_config_free(cfg);

@@ -56,16 +56,6 @@ static int parse_args(options *o, int argc, char **argv) {
     return 0;
 }
 
-static void apply_logging(const rs_config *cfg, int verbose) {
-    static const rs_log_level levels[] = {RS_LOG_ERROR, RS_LOG_WARN, RS_LOG_INFO, RS_LOG_DEBUG};
-    static const char *const names[] = {"error", "warn", "info", "debug"};
-    const char *level = rs_config_get_str(cfg, "run", "log_level");
-    for (int i = 0; i < 4; i++)
-        if (strcmp(level, names[i]) == 0) rs_set_log_level(levels[i]);
-    if (verbose) rs_set_log_level(RS_LOG_DEBUG);
-    rs_progress_set_mode_name(rs_config_get_str(cfg, "run", "progress"));
-}
-
 /* The summary, from the file just written. */
 static int print_summary(const char *path) {
     static const char *const keys[] = {"n_pairs", "n_harmful_pairs", "n_benign_pairs",
@@ -94,7 +84,7 @@ static int run(const options *o, int argc, char **argv) {
     rs_run_paths p;
     memset(&p, 0, sizeof p);
     if (rc == 0) {
-        apply_logging(cfg, o->verbose);
+        cli_apply_run_settings(cfg, o->verbose);
         rc = rs_run_paths_init(cfg, &p);
     }
     const char *fp = o->fp ? o->fp : p.fp_dir, *q = o->q ? o->q : p.q_dir;

@@ -16,6 +16,10 @@ int cmd_triplets(int argc, char **argv); /* src/cmd_triplets.c */
 int cmd_merge(int argc, char **argv);    /* src/cmd_merge.c */
 int cmd_eval(int argc, char **argv);     /* src/cmd_eval.c */
 
+/* [run] log_level (debug when verbose) and [run] progress, for the commands that take a run
+ * config (src/cmd_training.c). */
+void cli_apply_run_settings(const rs_config *cfg, int verbose);
+
 /* The training commands' shared command line (src/cmd_training.c). */
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,
                      int (*run)(const rs_config *cfg, int resume, int force));
