@@ -39,6 +39,69 @@ void rs_cuda_check_launch(cudaStream_t stream, const char *kernel, const char *f
                   cudaGetErrorName(err));
 }
 
+/* ---------------------------------------------------------------- memory accounting
+ * The size of every live allocation, in an open-addressing table keyed by pointer (allocations
+ * happen at set-up, never in a step loop, so the table's cost does not matter). */
+static struct {
+    void **ptr;
+    size_t *size;
+    size_t cap, used, live, peak;
+} g_mem;
+
+static size_t mem_slot(void *p, size_t cap) {
+    uintptr_t h = (uintptr_t)p >> 8;
+    h ^= h >> 17, h *= 0x9E3779B97F4A7C15ull;
+    return (size_t)(h & (cap - 1));
+}
+
+static void mem_track(void *p, size_t bytes) {
+    if (2 * (g_mem.used + 1) > g_mem.cap) { /* grow: rehash into twice the slots */
+        size_t cap = g_mem.cap ? 2 * g_mem.cap : 1024;
+        void **ptr = (void **)rs_calloc(cap, sizeof *ptr);
+        size_t *size = (size_t *)rs_calloc(cap, sizeof *size);
+        for (size_t i = 0; i < g_mem.cap; i++) {
+            if (!g_mem.ptr[i]) continue;
+            size_t j = mem_slot(g_mem.ptr[i], cap);
+            while (ptr[j]) j = (j + 1) & (cap - 1);
+            ptr[j] = g_mem.ptr[i], size[j] = g_mem.size[i];
+        }
+        free(g_mem.ptr), free(g_mem.size);
+        g_mem.ptr = ptr, g_mem.size = size, g_mem.cap = cap;
+    }
+    size_t j = mem_slot(p, g_mem.cap);
+    while (g_mem.ptr[j]) j = (j + 1) & (g_mem.cap - 1);
+    g_mem.ptr[j] = p, g_mem.size[j] = bytes, g_mem.used++;
+    g_mem.live += bytes;
+    if (g_mem.live > g_mem.peak) g_mem.peak = g_mem.live;
+}
+
+static void mem_untrack(void *p) {
+    if (!g_mem.cap) return;
+    size_t j = mem_slot(p, g_mem.cap);
+    while (g_mem.ptr[j] && g_mem.ptr[j] != p) j = (j + 1) & (g_mem.cap - 1);
+    if (!g_mem.ptr[j]) return;
+    g_mem.live -= g_mem.size[j];
+    g_mem.ptr[j] = NULL, g_mem.used--;
+    /* re-insert the rest of the probe run (deletion in linear probing) */
+    for (size_t k = (j + 1) & (g_mem.cap - 1); g_mem.ptr[k]; k = (k + 1) & (g_mem.cap - 1)) {
+        void *q = g_mem.ptr[k];
+        size_t sz = g_mem.size[k];
+        g_mem.ptr[k] = NULL, g_mem.used--, g_mem.live -= sz;
+        mem_track(q, sz);
+    }
+}
+
+static size_t cuda_peak_bytes(void) { return g_mem.peak; }
+static size_t cuda_live_bytes(void) { return g_mem.live; }
+
+static int cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    if (cudaMemGetInfo(free_bytes, total_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- memory */
 /* Never NULL: a zero-byte request gets a real (1-byte) allocation, as malloc may. */
 static void *cuda_alloc(size_t bytes) {
@@ -52,11 +115,14 @@ static void *cuda_alloc(size_t bytes) {
                bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0,
                cudaGetErrorString(err));
     }
+    mem_track(p, bytes ? bytes : 1);
     return p;
 }
 
 static void cuda_free(void *p) {
-    if (p) CUDA_CHECK(cudaFree(p));
+    if (!p) return;
+    mem_untrack(p);
+    CUDA_CHECK(cudaFree(p));
 }
 
 /* Copies return when complete, like memcpy: the host buffer may be reused at once. */
@@ -361,6 +427,11 @@ static void cuda_qweight_free(rs_qweight *w) {
     memset(w, 0, sizeof *w);
 }
 
+static size_t cuda_workspace_bytes(void) {
+    return CUBLAS_WORKSPACE_BYTES + STAGING_FLOATS * sizeof(float) + g_cuda.scratch_bytes +
+           g_cuda.qscratch_bytes;
+}
+
 /* ---------------------------------------------------------------- set-up */
 /* 0 when a usable device is present (compute capability 8.0+ for bf16), else -1 with a debug log:
  * a machine without a GPU is normal, not an error. */
@@ -419,6 +490,10 @@ static void cuda_init(void) {
     b->synchronize = cuda_synchronize;
     b->upload_f32 = cuda_upload_f32;
     b->download_f32 = cuda_download_f32;
+    b->peak_bytes = cuda_peak_bytes;
+    b->live_bytes = cuda_live_bytes;
+    b->workspace_bytes = cuda_workspace_bytes;
+    b->mem_info = cuda_mem_info;
     b->embedding_fwd = cuda_embedding_fwd;
     b->rmsnorm_fwd = cuda_rmsnorm_fwd;
     b->linear_fwd = cuda_linear_fwd;

@@ -15,13 +15,34 @@
 
 /* ---------------------------------------------------------------- memory */
 
+/* Every block carries its size in a 64-byte header (the accounting of backend.h's peak_bytes);
+ * the caller's pointer stays 64-byte aligned. */
+#define CPU_HEADER 64
+static size_t g_cpu_live, g_cpu_peak;
+
 static void *cpu_alloc(size_t bytes) {
-    void *p = aligned_alloc(64, rs_align64(bytes ? bytes : 1));
+    size_t rounded = rs_align64(bytes ? bytes : 1);
+    RS_CHECK(rounded <= SIZE_MAX - CPU_HEADER, "cannot allocate %zu bytes", bytes);
+    char *p = aligned_alloc(64, rounded + CPU_HEADER);
     RS_CHECK(p, "out of memory allocating %zu bytes", bytes);
-    return p;
+    memcpy(p, &rounded, sizeof rounded);
+    g_cpu_live += rounded;
+    if (g_cpu_live > g_cpu_peak) g_cpu_peak = g_cpu_live;
+    return p + CPU_HEADER;
 }
 
-static void cpu_free(void *p) { free(p); }
+static void cpu_free(void *p) {
+    if (!p) return;
+    char *base = (char *)p - CPU_HEADER;
+    size_t rounded;
+    memcpy(&rounded, base, sizeof rounded);
+    g_cpu_live -= rounded;
+    free(base);
+}
+
+static size_t cpu_peak_bytes(void) { return g_cpu_peak; }
+static size_t cpu_live_bytes(void) { return g_cpu_live; }
+static size_t cpu_workspace_bytes(void) { return 0; }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memmove(dst, src, bytes); }
 static void cpu_synchronize(void) {}
 
@@ -775,6 +796,10 @@ static const rs_backend g_cpu = {
     .synchronize = cpu_synchronize,
     .upload_f32 = cpu_upload_f32,
     .download_f32 = cpu_download_f32,
+    .peak_bytes = cpu_peak_bytes,
+    .live_bytes = cpu_live_bytes,
+    .workspace_bytes = cpu_workspace_bytes,
+    .mem_info = NULL,
     .embedding_fwd = cpu_embedding_fwd,
     .rmsnorm_fwd = cpu_rmsnorm_fwd,
     .linear_fwd = cpu_linear_fwd,

@@ -42,6 +42,15 @@ typedef struct rs_backend {
     void (*upload_f32)(void *dst, rs_dtype dst_dtype, const float *host_src, size_t n);
     /* Download n values of dtype src_dtype into fp32 host memory. */
     void (*download_f32)(float *host_dst, const void *src, rs_dtype src_dtype, size_t n);
+    /* Memory accounting. peak_bytes: the most bytes ever held through alloc at once (what the
+     * run's own buffers need; a CUDA context and library internals are not counted, as
+     * torch.cuda.max_memory_allocated does not count them). live_bytes: held now.
+     * workspace_bytes: the backend's own buffers among them (cuBLAS workspace, op scratch).
+     * mem_info (NULL where unknown, e.g. cpu): free and total device bytes now; 0 on success. */
+    size_t (*peak_bytes)(void);
+    size_t (*live_bytes)(void);
+    size_t (*workspace_bytes)(void);
+    int (*mem_info)(size_t *free_bytes, size_t *total_bytes);
 
     /* ---- forward ops */
     /* out[i, :] = table[ids[i], :] * scale   (Gemma scales by sqrt(dim); others pass 1) */
