@@ -9,6 +9,7 @@ extern "C" {
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20) /* cuBLAS's recommendation for Hopper */
 #define STAGING_FLOATS ((size_t)1 << 21)          /* 8 MiB: upload_f32/download_f32 chunks */
@@ -30,6 +31,82 @@ static struct {
     size_t qscratch_bytes;
     rs_backend table;
 } g_cuda;
+
+static void *op_scratch(size_t bytes);
+
+/* ---------------------------------------------------------------- profile
+ * RESAFE_CUDA_PROFILE=1: every op waits for the stream before and after itself and adds the
+ * wall time to its row; at exit a table of ops by total time goes to stderr, with the time
+ * between the first and the last op (the rest is host work between ops). The waits serialise
+ * host and device, so the run is slower: a tool for finding where the time goes, not for
+ * timing. RESAFE_CUDA_MEMSTATS=1 prints the peak of the memory allocated through the backend
+ * at exit (no slowdown). */
+#define PROF_MAX 64
+static struct {
+    int on, memstats, n;
+    const char *name[PROF_MAX];
+    double ms[PROF_MAX], max_ms[PROF_MAX];
+    long calls[PROF_MAX];
+    double first, last;
+} g_prof;
+
+static double prof_now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+static double prof_begin(void) {
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    double t = prof_now_ms();
+    if (g_prof.first == 0.0) g_prof.first = t;
+    return t;
+}
+
+static void prof_end(const char *name, double t0) {
+    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    double t = prof_now_ms();
+    g_prof.last = t;
+    int i = 0;
+    while (i < g_prof.n && g_prof.name[i] != name) i++;
+    if (i == g_prof.n) {
+        if (g_prof.n == PROF_MAX) return;
+        g_prof.name[g_prof.n++] = name;
+    }
+    g_prof.ms[i] += t - t0;
+    if (t - t0 > g_prof.max_ms[i]) g_prof.max_ms[i] = t - t0;
+    g_prof.calls[i]++;
+}
+
+#define PROF_BEGIN double prof_t0_ = g_prof.on ? prof_begin() : 0.0
+#define PROF_END(name)                                                                             \
+    do {                                                                                           \
+        if (g_prof.on) prof_end(name, prof_t0_);                                                   \
+    } while (0)
+
+static size_t cuda_peak_bytes(void);
+
+static void prof_report(void) {
+    if (g_prof.memstats)
+        fprintf(stderr, "cuda backend: peak memory allocated %zu bytes (%.2f GiB)\n",
+                cuda_peak_bytes(), cuda_peak_bytes() / 1073741824.0);
+    if (!g_prof.on || g_prof.n == 0) return;
+    double total = 0.0;
+    for (int i = 0; i < g_prof.n; i++) total += g_prof.ms[i];
+    fprintf(stderr, "cuda profile: %.1f ms in ops, %.1f ms from the first op to the last\n",
+            total, g_prof.last - g_prof.first);
+    fprintf(stderr, "  %-18s %10s %8s %6s %9s\n", "op", "ms", "calls", "%", "max ms");
+    int done[PROF_MAX] = {0};
+    for (int k = 0; k < g_prof.n; k++) {
+        int best = -1;
+        for (int i = 0; i < g_prof.n; i++)
+            if (!done[i] && (best < 0 || g_prof.ms[i] > g_prof.ms[best])) best = i;
+        done[best] = 1;
+        fprintf(stderr, "  %-18s %10.1f %8ld %6.1f %9.2f\n", g_prof.name[best], g_prof.ms[best],
+                g_prof.calls[best], total > 0 ? 100.0 * g_prof.ms[best] / total : 0.0,
+                g_prof.max_ms[best]);
+    }
+}
 
 void rs_cuda_check_launch(cudaStream_t stream, const char *kernel, const char *file, int line) {
     cudaError_t err = cudaGetLastError();
@@ -127,20 +204,28 @@ static void cuda_free(void *p) {
 
 /* Copies return when complete, like memcpy: the host buffer may be reused at once. */
 static void cuda_to_device(void *dst, const void *host_src, size_t bytes) {
-    if (bytes == 0) return;
-    CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_cuda.stream));
-    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    PROF_BEGIN;
+    if (bytes) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_cuda.stream));
+        CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    }
+    PROF_END("to_device");
 }
 
 static void cuda_to_host(void *host_dst, const void *src, size_t bytes) {
-    if (bytes == 0) return;
-    CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_cuda.stream));
-    CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    PROF_BEGIN;
+    if (bytes) {
+        CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_cuda.stream));
+        CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream));
+    }
+    PROF_END("to_host");
 }
 
 static void cuda_copy(void *dst, const void *src, size_t bytes) {
-    if (bytes == 0) return;
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_cuda.stream));
+    PROF_BEGIN;
+    if (bytes)
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_cuda.stream));
+    PROF_END("copy");
 }
 
 static void cuda_synchronize(void) { CUDA_CHECK(cudaStreamSynchronize(g_cuda.stream)); }
@@ -190,53 +275,97 @@ static void cuda_download_f32(float *host_dst, const void *src, rs_dtype src_dty
 /* ---------------------------------------------------------------- forward ops: bf16 act and w */
 static void cuda_embedding_fwd(void *out, const void *table, const int32_t *ids, int n, int dim,
                                float scale) {
+    PROF_BEGIN;
     rs_cuda_embedding_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)table, ids, n, dim, scale);
+    PROF_END("embedding_fwd");
 }
 
 static void cuda_rmsnorm_fwd(void *out, float *rstd, const void *x, const void *w, int n, int dim,
                              float eps, int add_one) {
+    PROF_BEGIN;
     rs_cuda_rmsnorm_fwd(g_cuda.stream, (bf16 *)out, rstd, (const bf16 *)x, (const bf16 *)w, n, dim,
                         eps, add_one);
+    PROF_END("rmsnorm_fwd");
 }
 
 static void cuda_linear_fwd(void *out, const void *x, const void *w, const void *bias, int n,
                             int k, int m, float beta) {
+    PROF_BEGIN;
     rs_cuda_linear_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)x,
                        (const bf16 *)w, (const bf16 *)bias, n, k, m, beta);
+    PROF_END("linear_fwd");
 }
 
 static void cuda_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, int n_tok,
                           int n_heads, int head_dim) {
+    PROF_BEGIN;
     rs_cuda_rope_fwd(g_cuda.stream, (bf16 *)x, pos, inv_freq, n_tok, n_heads, head_dim);
+    PROF_END("rope_fwd");
+}
+
+/* Which attention kernels run: RESAFE_CUDA_ATTENTION = gemm (tensor-core path where the shape
+ * fits), fused (the online-softmax kernels always) or unset (auto: gemm where it fits). Read at
+ * every call, so a test can compare both paths in one process. */
+static int use_attention_gemm(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
+    const char *mode = getenv("RESAFE_CUDA_ATTENTION");
+    if (mode && strcmp(mode, "fused") == 0) return 0;
+    return rs_cuda_attention_gemm_fits(Tq, Tk, n_heads, n_kv_heads, head_dim);
 }
 
 static void cuda_attention_fwd(void *out, const void *q, const void *k, const void *v,
                                const int32_t *q_pos, int B, int Tq, int Tk, int n_heads,
                                int n_kv_heads, int head_dim, float scale) {
-    rs_cuda_attention_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)q, (const bf16 *)k,
-                          (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim, scale);
+    PROF_BEGIN;
+    if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        void *scratch = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads,
+                                                                        n_kv_heads, head_dim, 0));
+        rs_cuda_attention_gemm_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)q,
+                                   (const bf16 *)k, (const bf16 *)v, q_pos, B, Tq, Tk, n_heads,
+                                   n_kv_heads, head_dim, scale, scratch);
+    } else {
+        rs_cuda_attention_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)q, (const bf16 *)k,
+                              (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim,
+                              scale);
+    }
+    PROF_END("attention_fwd");
 }
 
 static void cuda_glu_fwd(void *out, const void *gate, const void *up, size_t n,
                          rs_activation act) {
+    PROF_BEGIN;
     rs_cuda_glu_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act);
+    PROF_END("glu_fwd");
 }
 
 static void cuda_add_inplace(void *x, const void *y, size_t n) {
+    PROF_BEGIN;
     rs_cuda_add_inplace(g_cuda.stream, (bf16 *)x, (const bf16 *)y, n);
+    PROF_END("add_inplace");
 }
 
 static void cuda_scatter_rows(void *dst, const void *src, const int32_t *dst_rows, int n,
                               int dim) {
+    PROF_BEGIN;
     rs_cuda_scatter_rows(g_cuda.stream, (bf16 *)dst, (const bf16 *)src, dst_rows, n, dim);
+    PROF_END("scatter_rows");
 }
 
 static void cuda_gather_rows(void *dst, const void *src, const int32_t *src_rows, int n, int dim) {
+    PROF_BEGIN;
     rs_cuda_gather_rows(g_cuda.stream, (bf16 *)dst, (const bf16 *)src, src_rows, n, dim);
+    PROF_END("gather_rows");
+}
+
+static void cuda_argmax_rows(int32_t *ids, const void *x, int rows, int dim) {
+    PROF_BEGIN;
+    rs_cuda_argmax_rows(g_cuda.stream, ids, (const bf16 *)x, rows, dim);
+    PROF_END("argmax_rows");
 }
 
 static void cuda_act_to_f32(float *out, const void *x, size_t n) {
+    PROF_BEGIN;
     rs_cuda_convert_to_f32(g_cuda.stream, out, x, RS_BF16, n);
+    PROF_END("act_to_f32");
 }
 
 /* ---------------------------------------------------------------- training ops
@@ -257,106 +386,154 @@ static void *op_scratch(size_t bytes) {
 
 static void cuda_embedding_bwd(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
                                float scale) {
+    PROF_BEGIN;
     rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale);
+    PROF_END("embedding_bwd");
 }
 
 static void cuda_rmsnorm_bwd(void *dx, float *dw, const void *dout, const void *x, const void *w,
                              const float *rstd, int n, int dim, int add_one, float beta) {
+    PROF_BEGIN;
     void *scratch = dw ? op_scratch(rs_cuda_rmsnorm_bwd_scratch_bytes(n, dim)) : NULL;
     rs_cuda_rmsnorm_bwd(g_cuda.stream, (bf16 *)dx, dw, (const bf16 *)dout, (const bf16 *)x,
                         (const bf16 *)w, rstd, n, dim, add_one, beta, scratch);
+    PROF_END("rmsnorm_bwd");
 }
 
 static void cuda_linear_bwd(void *dx, float *dw, float *dbias, const void *dout, const void *x,
                             const void *w, int n, int k, int m, float beta) {
+    PROF_BEGIN;
     void *scratch = dbias ? op_scratch(rs_cuda_linear_bwd_scratch_bytes(n, m)) : NULL;
     rs_cuda_linear_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, dw, dbias, (const bf16 *)dout,
                        (const bf16 *)x, (const bf16 *)w, n, k, m, beta, scratch);
+    PROF_END("linear_bwd");
 }
 
 static void cuda_rope_bwd(void *dx, const int32_t *pos, const float *inv_freq, int n_tok,
                           int n_heads, int head_dim) {
+    PROF_BEGIN;
     rs_cuda_rope_bwd(g_cuda.stream, (bf16 *)dx, pos, inv_freq, n_tok, n_heads, head_dim);
+    PROF_END("rope_bwd");
 }
 
 static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, const void *q,
                                const void *k, const void *v, const int32_t *q_pos, int B, int Tq,
                                int Tk, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    void *scratch = op_scratch(rs_cuda_attention_bwd_scratch_bytes(B, Tq, n_heads));
-    rs_cuda_attention_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout,
-                          (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, q_pos, B, Tq, Tk,
-                          n_heads, n_kv_heads, head_dim, scale, scratch);
+    PROF_BEGIN;
+    if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        void *ws = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads, n_kv_heads,
+                                                                   head_dim, 1));
+        rs_cuda_attention_gemm_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dq, (bf16 *)dk,
+                                   (bf16 *)dv, (const bf16 *)dout, (const bf16 *)q,
+                                   (const bf16 *)k, (const bf16 *)v, q_pos, B, Tq, Tk, n_heads,
+                                   n_kv_heads, head_dim, scale, ws);
+    } else {
+        void *scratch = op_scratch(rs_cuda_attention_bwd_scratch_bytes(B, Tq, n_heads));
+        rs_cuda_attention_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv,
+                              (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+                              (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim,
+                              scale, scratch);
+    }
+    PROF_END("attention_bwd");
 }
 
 static void cuda_glu_bwd(void *dgate, void *dup, const void *dout, const void *gate,
                          const void *up, size_t n, rs_activation act) {
+    PROF_BEGIN;
     rs_cuda_glu_bwd(g_cuda.stream, (bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
                     (const bf16 *)gate, (const bf16 *)up, n, act);
+    PROF_END("glu_bwd");
 }
 
 static void cuda_logprob_fwd(float *logp, float *lse, const void *logits, const int32_t *targets,
                              int n, int vocab) {
+    PROF_BEGIN;
     rs_cuda_logprob_fwd(g_cuda.stream, logp, lse, (const bf16 *)logits, targets, n, vocab);
+    PROF_END("logprob_fwd");
 }
 
 static void cuda_logprob_bwd(void *dlogits, const float *dlogp, const void *logits,
                              const float *lse, const int32_t *targets, int n, int vocab) {
+    PROF_BEGIN;
     rs_cuda_logprob_bwd(g_cuda.stream, (bf16 *)dlogits, dlogp, (const bf16 *)logits, lse, targets,
                         n, vocab);
+    PROF_END("logprob_bwd");
 }
 
 static void cuda_lora_fwd(void *y, float *xa, const void *x, const float *A, const float *B, int n,
                           int k, int m, int r, float scale) {
+    PROF_BEGIN;
     void *scratch = op_scratch(rs_cuda_lora_scratch_bytes(n, k, m, r));
     rs_cuda_lora_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)y, xa, (const bf16 *)x, A, B, n, k, m,
                      r, scale, scratch);
+    PROF_END("lora_fwd");
 }
 
 static void cuda_lora_bwd(void *dx, float *dA, float *dB, const void *dy, const void *x,
                           const float *xa, const float *A, const float *B, int n, int k, int m,
                           int r, float scale, float beta) {
+    PROF_BEGIN;
     void *scratch = op_scratch(rs_cuda_lora_scratch_bytes(n, k, m, r));
     rs_cuda_lora_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, dA, dB, (const bf16 *)dy,
                      (const bf16 *)x, xa, A, B, n, k, m, r, scale, beta, scratch);
+    PROF_END("lora_bwd");
 }
 
 static void cuda_lora_merge(void *w_eff, const void *w, const float *A, const float *B,
                             const uint8_t *mask, int m, int k, int r, float scale) {
+    PROF_BEGIN;
     rs_cuda_lora_merge(g_cuda.stream, (bf16 *)w_eff, (const bf16 *)w, A, B, mask, m, k, r, scale);
+    PROF_END("lora_merge");
 }
 
 static void cuda_lora_masked_grad(float *dA, float *dB, const float *dw, const uint8_t *mask,
                                   const float *A, const float *B, int m, int k, int r,
                                   float scale) {
+    PROF_BEGIN;
     rs_cuda_lora_masked_grad(g_cuda.stream, dA, dB, dw, mask, A, B, m, k, r, scale);
+    PROF_END("lora_masked_grad");
 }
 
 static void cuda_adamw(float *p, const float *g, float *m, float *v, const uint8_t *mask, size_t n,
                        float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                        float grad_scale) {
+    PROF_BEGIN;
     rs_cuda_adamw(g_cuda.stream, p, g, m, v, mask, n, lr, beta1, beta2, eps, weight_decay, step,
                   grad_scale);
+    PROF_END("adamw");
 }
 
 static void cuda_sum_squares(double *out, const float *x, const uint8_t *mask, size_t n) {
+    PROF_BEGIN;
     rs_cuda_sum_squares(g_cuda.stream, out, x, mask, n,
                         op_scratch(rs_cuda_sum_squares_scratch_bytes()));
+    PROF_END("sum_squares");
 }
 
 static void cuda_snip_accumulate(float *score, const void *w, const float *dw, size_t n,
                                  float weight) {
+    PROF_BEGIN;
     rs_cuda_snip_accumulate(g_cuda.stream, score, (const bf16 *)w, dw, n, weight);
+    PROF_END("snip_accumulate");
 }
 
-static void cuda_zero_f32(float *x, size_t n) { rs_cuda_zero_f32(g_cuda.stream, x, n); }
+static void cuda_zero_f32(float *x, size_t n) {
+    PROF_BEGIN;
+    rs_cuda_zero_f32(g_cuda.stream, x, n);
+    PROF_END("zero_f32");
+}
 
 static void cuda_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits,
                                  int symmetric) {
+    PROF_BEGIN;
     rs_cuda_fake_quant_rows(g_cuda.stream, (bf16 *)w_q, w, rows, cols, bits, symmetric);
+    PROF_END("fake_quant_rows");
 }
 
 static void cuda_dropout(void *out, const void *x, size_t n, float p, uint64_t seed) {
+    PROF_BEGIN;
     rs_cuda_dropout(g_cuda.stream, (bf16 *)out, (const bf16 *)x, n, p, seed);
+    PROF_END("dropout");
 }
 
 /* ---------------------------------------------------------------- quantized linears
@@ -379,19 +556,25 @@ static bf16 *dequant_scratch(const rs_qweight *q) {
 
 static void cuda_qmatmul(void *out, const void *x, const rs_qweight *w, const void *bias, int n,
                          float beta) {
+    PROF_BEGIN;
     const bf16 *wd = dequant_scratch(w);
     rs_cuda_linear_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)x, wd,
                        (const bf16 *)bias, n, w->cols, w->rows, beta);
+    PROF_END("qmatmul");
 }
 
 static void cuda_qmatmul_t(void *dx, const void *dout, const rs_qweight *w, int n, float beta) {
+    PROF_BEGIN;
     const bf16 *wd = dequant_scratch(w);
     rs_cuda_linear_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, NULL, NULL, (const bf16 *)dout,
                        NULL, wd, n, w->cols, w->rows, beta, NULL);
+    PROF_END("qmatmul_t");
 }
 
 static void cuda_qdequantize(void *w, const rs_qweight *q) {
+    PROF_BEGIN;
     rs_cuda_qdequantize(g_cuda.stream, (bf16 *)w, q);
+    PROF_END("qdequantize");
 }
 
 static void *dev_copy(const void *host, size_t bytes) {
@@ -467,6 +650,10 @@ static int cuda_probe(void) {
 static void cuda_init(void) {
     const char *sync = getenv("RESAFE_CUDA_SYNC");
     g_cuda.sync_after_launch = sync && strcmp(sync, "1") == 0;
+    const char *prof = getenv("RESAFE_CUDA_PROFILE"), *mem = getenv("RESAFE_CUDA_MEMSTATS");
+    g_prof.on = prof && strcmp(prof, "1") == 0;
+    g_prof.memstats = mem && strcmp(mem, "1") == 0;
+    if (g_prof.on || g_prof.memstats) atexit(prof_report);
     CUDA_CHECK(cudaStreamCreateWithFlags(&g_cuda.stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g_cuda.cublas));
     CUBLAS_CHECK(cublasSetStream(g_cuda.cublas, g_cuda.stream));
@@ -504,6 +691,7 @@ static void cuda_init(void) {
     b->scatter_rows = cuda_scatter_rows;
     b->gather_rows = cuda_gather_rows;
     b->act_to_f32 = cuda_act_to_f32;
+    b->argmax_rows = cuda_argmax_rows;
     b->dropout = cuda_dropout;
     b->embedding_bwd = cuda_embedding_bwd;
     b->rmsnorm_bwd = cuda_rmsnorm_bwd;

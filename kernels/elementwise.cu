@@ -59,6 +59,43 @@ void rs_cuda_gather_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32
     CUDA_CHECK_LAUNCH(s, "gather_rows_kernel");
 }
 
+/* One block per row. Every thread starts from index 0 (as the host loop does) and keeps the
+ * first of its indices with a strictly larger value (a strided scan visits them in increasing
+ * order); the block then keeps the larger value and, on equal values, the smaller index. NaN
+ * never compares larger, so the result is the host loop's: the first index of the maximum, and
+ * 0 when row[0] is NaN. */
+#define ARGMAX_THREADS 256
+__global__ void argmax_rows_kernel(int32_t *ids, const bf16 *x, int dim) {
+    __shared__ float sv[ARGMAX_THREADS];
+    __shared__ int si[ARGMAX_THREADS];
+    const bf16 *row = x + (size_t)blockIdx.x * dim;
+    float best = __bfloat162float(row[0]);
+    int besti = 0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = __bfloat162float(row[i]);
+        if (v > best) best = v, besti = i;
+    }
+    sv[threadIdx.x] = best, si[threadIdx.x] = besti;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) {
+            float v = sv[threadIdx.x + o];
+            int vi = si[threadIdx.x + o];
+            float b = sv[threadIdx.x];
+            int bi = si[threadIdx.x];
+            if (v > b || (v == b && vi < bi)) sv[threadIdx.x] = v, si[threadIdx.x] = vi;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = si[0];
+}
+
+void rs_cuda_argmax_rows(cudaStream_t s, int32_t *ids, const bf16 *x, int rows, int dim) {
+    if (rows <= 0 || dim <= 0) return;
+    argmax_rows_kernel<<<rows, ARGMAX_THREADS, 0, s>>>(ids, x, dim);
+    CUDA_CHECK_LAUNCH(s, "argmax_rows_kernel");
+}
+
 /* ---------------------------------------------------------------- conversions
  * To bf16/f16: round to nearest even (NaN stays NaN), as rs_f32_to_bf16 on the host. */
 __global__ void f32_to_bf16_kernel(bf16 *dst, const float *src, size_t n) {

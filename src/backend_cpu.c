@@ -183,6 +183,17 @@ static void cpu_gather_rows(void *dst, const void *src, const int32_t *src_rows,
 
 static void cpu_act_to_f32(float *out, const void *x, size_t n) { memcpy(out, x, n * sizeof(float)); }
 
+static void cpu_argmax_rows(int32_t *ids, const void *x_, int rows, int dim) {
+    const float *x = x_;
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * dim;
+        int32_t best = 0;
+        for (int i = 1; i < dim; i++)
+            if (row[i] > row[best]) best = i;
+        ids[r] = best;
+    }
+}
+
 /* ---------------------------------------------------------------- linear */
 
 /* Dot product with LANES independent partial sums, so the compiler can vectorise it without
@@ -811,6 +822,7 @@ static const rs_backend g_cpu = {
     .scatter_rows = cpu_scatter_rows,
     .gather_rows = cpu_gather_rows,
     .act_to_f32 = cpu_act_to_f32,
+    .argmax_rows = cpu_argmax_rows,
     .embedding_bwd = cpu_embedding_bwd,
     .rmsnorm_bwd = cpu_rmsnorm_bwd,
     .linear_bwd = cpu_linear_bwd,

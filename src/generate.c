@@ -83,6 +83,8 @@ typedef struct {
     float *logits;    /* [batch, vocab] */
     int32_t *tokens, *pos;
     int *running;
+    int greedy;        /* temperature <= 0 and the backend has argmax_rows: ids, not logits */
+    int32_t *next_ids; /* [batch] the greedy step's ids */
 } gen_state;
 
 static int check_params(const rs_model *m, const int *lens, int n, const rs_gen_params *p) {
@@ -101,13 +103,21 @@ static int check_params(const rs_model *m, const int *lens, int n, const rs_gen_
     return 0;
 }
 
+/* One forward call: greedy decoding takes the argmax ids from the device, sampling the logits. */
+static int forward_step(rs_model *m, gen_state *g, int B, int T) {
+    if (g->greedy) return rs_model_forward_greedy(m, &g->cache, g->tokens, g->pos, B, T, g->next_ids);
+    return rs_model_forward(m, &g->cache, g->tokens, g->pos, B, T, RS_LOGITS_LAST, g->logits);
+}
+
 /* Sample one token for every running sequence; returns how many are still running. */
 static int sample_step(gen_state *g, const rs_model *m, int B, const rs_gen_params *p,
                        rs_gen_output *out) {
     int V = m->cfg.vocab_size, still = 0;
     for (int b = 0; b < B; b++) {
         if (!g->running[b]) continue;
-        int32_t id = rs_sampler_next(&g->sampler, g->logits + (size_t)b * V, p, &g->rngs[b]);
+        int32_t id = g->greedy ? g->next_ids[b]
+                               : rs_sampler_next(&g->sampler, g->logits + (size_t)b * V, p,
+                                                 &g->rngs[b]);
         out[b].ids[out[b].n_ids++] = id;
         out[b].hit_eos = is_eos(p, id);
         g->running[b] = !out[b].hit_eos && out[b].n_ids < p->max_new_tokens;
@@ -133,14 +143,14 @@ static int generate_batch(rs_model *m, gen_state *g, const int32_t *const *promp
         g->running[b] = p->max_new_tokens > 0;
     }
     if (p->max_new_tokens == 0) return 0;
-    RS_TRY(rs_model_forward(m, &g->cache, g->tokens, g->pos, B, T, RS_LOGITS_LAST, g->logits));
+    RS_TRY(forward_step(m, g, B, T));
     while (sample_step(g, m, B, p, out + first) > 0) {
         for (int b = 0; b < B; b++) { /* the token just drawn, at the next position */
             const rs_gen_output *o = &out[first + b];
             g->tokens[b] = g->running[b] ? o->ids[o->n_ids - 1] : 0;
             g->pos[b] = g->running[b] ? lens[first + b] + o->n_ids - 1 : -1;
         }
-        RS_TRY(rs_model_forward(m, &g->cache, g->tokens, g->pos, B, 1, RS_LOGITS_LAST, g->logits));
+        RS_TRY(forward_step(m, g, B, 1));
     }
     return 0;
 }
@@ -169,6 +179,8 @@ int rs_generate(rs_model *m, const int32_t *const *prompts, const int *prompt_le
     g.tokens = rs_malloc((size_t)batch * max_len * sizeof *g.tokens);
     g.pos = rs_malloc((size_t)batch * max_len * sizeof *g.pos);
     g.running = rs_malloc((size_t)batch * sizeof *g.running);
+    g.next_ids = rs_malloc((size_t)batch * sizeof *g.next_ids);
+    g.greedy = p->temperature <= 0.0f && m->be->argmax_rows != NULL;
     int rc = 0;
     long long n_tokens = 0;
     for (int first = 0; first < n_prompts && rc == 0; first += batch) {
@@ -179,7 +191,7 @@ int rs_generate(rs_model *m, const int32_t *const *prompts, const int *prompt_le
     }
     rs_kv_cache_free(m, &g.cache);
     rs_sampler_free(&g.sampler);
-    free(g.rngs), free(g.logits), free(g.tokens), free(g.pos), free(g.running);
+    free(g.rngs), free(g.logits), free(g.tokens), free(g.pos), free(g.running), free(g.next_ids);
     if (rc != 0) rs_gen_output_free(out, n_prompts);
     return rc;
 }

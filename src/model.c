@@ -278,6 +278,20 @@ static void logits_block(rs_model *m, int B, int T, rs_logits_mode mode, float *
     be->to_host(host_logits, a->logits, (size_t)rows * V * sizeof(float));
 }
 
+/* The argmax of the last real row of each sequence, on the device, into host ids[B]. */
+static void argmax_block(rs_model *m, int B, int T, int32_t *host_ids) {
+    const rs_backend *be = m->be;
+    const rs_model_config *c = &m->cfg;
+    rs_activations *a = &m->act;
+    int D = c->hidden_size, V = c->vocab_size;
+    (void)T;
+    be->gather_rows(a->x_last, a->x, a->last_rows, B, D);
+    be->rmsnorm_fwd(a->xn, NULL, a->x_last, m->final_norm, B, D, c->rms_norm_eps, c->norm_add_one);
+    be->linear_fwd(a->logits_act, a->xn, m->lm_head, NULL, B, D, V, 0.0f);
+    be->argmax_rows(a->ids, a->logits_act, B, V); /* ids [n >= B] is free after the embedding */
+    be->to_host(host_ids, a->ids, (size_t)B * sizeof(int32_t));
+}
+
 /* Gemma multiplies by sqrt(hidden) rounded to the activation dtype, as HF does. */
 float rs_model_embed_scale(const rs_model *m) {
     float v = m->cfg.embed_scale;
@@ -287,10 +301,11 @@ float rs_model_embed_scale(const rs_model *m) {
     return v;
 }
 
-int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
-                     int B, int T, rs_logits_mode mode, float *logits) {
+/* Everything up to the final hidden states a->x. */
+static int forward_layers(rs_model *m, rs_kv_cache *cache, const int32_t *tokens,
+                          const int32_t *pos, int B, int T, int logit_rows) {
     RS_TRY(check_inputs(m, cache, tokens, pos, B, T));
-    int n = B * T, logit_rows = mode == RS_LOGITS_ALL ? n : B;
+    int n = B * T;
     RS_TRY(rs_model_reserve(m, n, logit_rows));
     int n_real = stage_indices(m, cache, tokens, pos, B, T);
     const rs_model_config *c = &m->cfg;
@@ -300,7 +315,21 @@ int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, con
         attention_block(m, cache, l, B, T, n_real);
         mlp_block(m, l, n);
     }
+    return 0;
+}
+
+int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
+                     int B, int T, rs_logits_mode mode, float *logits) {
+    RS_TRY(forward_layers(m, cache, tokens, pos, B, T, mode == RS_LOGITS_ALL ? B * T : B));
     logits_block(m, B, T, mode, logits);
+    return 0;
+}
+
+int rs_model_forward_greedy(rs_model *m, rs_kv_cache *cache, const int32_t *tokens,
+                            const int32_t *pos, int B, int T, int32_t *ids) {
+    if (!m->be->argmax_rows) return RS_FAIL("the %s backend has no argmax_rows", m->be->name);
+    RS_TRY(forward_layers(m, cache, tokens, pos, B, T, B));
+    argmax_block(m, B, T, ids);
     return 0;
 }
 

@@ -89,6 +89,11 @@ typedef struct rs_backend {
     void (*gather_rows)(void *dst, const void *src, const int32_t *src_rows, int n, int dim);
     /* act -> fp32 logits for the sampler (may just copy on cpu). */
     void (*act_to_f32)(float *out, const void *x, size_t n);
+    /* ids[r] = the index of the largest value of act row r of x [rows, dim] (the first one on
+     * ties; NaN is never larger, so a row starting with NaN gives 0 as the host's argmax loop
+     * does). ids is a device int32 buffer. Greedy decoding downloads B ids instead of B x vocab
+     * logits. */
+    void (*argmax_rows)(int32_t *ids, const void *x, int rows, int dim);
 
     /* ---- backward ops (training). Each mirrors its forward op. Activation gradients are in
      * act dtype; gradients of parameters are fp32 and ACCUMULATED (+=) so that gradient

@@ -169,6 +169,21 @@ void rs_cuda_attention_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const b
                            const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *q_pos,
                            int B, int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim,
                            float scale, void *scratch);
+/* attention_gemm.cu: the tensor-core path for many queries (prefill, training); fits says whether
+ * a shape takes it; scratch of the bytes named (backward = 1 for the backward's). */
+extern "C" int rs_cuda_attention_gemm_fits(int Tq, int Tk, int n_heads, int n_kv_heads,
+                                           int head_dim);
+extern "C" size_t rs_cuda_attention_gemm_scratch_bytes(int B, int Tq, int Tk, int n_heads,
+                                                       int n_kv_heads, int head_dim, int backward);
+extern "C" void rs_cuda_attention_gemm_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out,
+                                           const bf16 *q, const bf16 *k, const bf16 *v,
+                                           const int32_t *q_pos, int B, int Tq, int Tk, int H,
+                                           int Hkv, int D, float scale, void *scratch);
+extern "C" void rs_cuda_attention_gemm_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dq, bf16 *dk,
+                                           bf16 *dv, const bf16 *dout, const bf16 *q,
+                                           const bf16 *k, const bf16 *v, const int32_t *q_pos,
+                                           int B, int Tq, int Tk, int H, int Hkv, int D,
+                                           float scale, void *scratch);
 /* logprob.cu */
 void rs_cuda_logprob_fwd(cudaStream_t s, float *logp, float *lse, const bf16 *logits,
                          const int32_t *targets, int n, int vocab);
@@ -207,6 +222,7 @@ void rs_cuda_dropout(cudaStream_t s, bf16 *out, const bf16 *x, size_t n, float p
 void rs_cuda_add_inplace(cudaStream_t s, bf16 *x, const bf16 *y, size_t n);
 void rs_cuda_scatter_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32_t *dst_rows,
                           int n, int dim);
+void rs_cuda_argmax_rows(cudaStream_t s, int32_t *ids, const bf16 *x, int rows, int dim);
 void rs_cuda_gather_rows(cudaStream_t s, bf16 *dst, const bf16 *src, const int32_t *src_rows,
                          int n, int dim);
 /* dst (dtype dst_dtype: F32, BF16 or F16) = src (fp32), n elements, round to nearest even. */

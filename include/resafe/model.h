@@ -136,7 +136,12 @@ void rs_kv_cache_free(const rs_model *m, rs_kv_cache *cache);
 
 /* Run tokens[B*T] at positions pos[B*T] (host arrays) through the model, writing their k/v
  * into the cache, and copy fp32 logits to the host array `logits` (see rs_logits_mode).
- * Returns 0, or -1 with a message for bad ids, positions or sizes. */
+ * Returns 0, or -1 with a message for bad ids, positions or sizes.
+ * _greedy: the same forward, but only ids[B] (host) come back: the argmax of each sequence's
+ * last real token's logits (the first index on ties), computed on the device (backend
+ * argmax_rows) so a greedy decoding step copies B ids instead of B x vocab floats. */
+int rs_model_forward_greedy(rs_model *m, rs_kv_cache *cache, const int32_t *tokens,
+                            const int32_t *pos, int B, int T, int32_t *ids);
 int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
                      int B, int T, rs_logits_mode mode, float *logits);
 

@@ -20,6 +20,7 @@
 #include "gpu_test_buffers.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BF16_RTOL (1.0f / 128.0f) /* 2^-7 = twice bf16's unit roundoff 2^-8 */
@@ -422,8 +423,14 @@ static void run_attention(const rs_backend *be, const attention_case *c, const f
     be->free(qd), be->free(kd), be->free(vd), be->free(pd), be->free(od);
 }
 
+/* mode: the value of RESAFE_CUDA_ATTENTION for the GPU side ("fused": the online-softmax
+ * kernel; "gemm": the tensor-core path where the shape takes it, see rs_cuda_attention_gemm_fits
+ * in kernels/attention_gemm.cu: Tq >= 16, Tk <= 4 Tq, head_dim % 8 == 0). The GEMM path rounds
+ * the probabilities to bf16 before P V (as FlashAttention does): each weight is off by at most
+ * u_bf16 = 2^-8 relative, the output by u_bf16 sum_j P_j |v_j| <= u_bf16 max|v|; 2x that is
+ * added to the tolerance in that mode. */
 static void check_attention(const rs_backend *cpu, const rs_backend *gpu, rs_rng *r,
-                            attention_case c) {
+                            attention_case c, const char *mode) {
     if (c.scale == 0.0f) c.scale = 1.0f / sqrtf((float)c.head_dim);
     int D = c.head_dim, key_len[64];
     REQUIRE(c.B <= 64 && c.Tq <= c.Tk, "bad test case");
@@ -442,11 +449,18 @@ static void check_attention(const rs_backend *cpu, const rs_backend *gpu, rs_rng
             }
     float *want, *got;
     run_attention(cpu, &c, q, k, v, q_pos, &want);
+    setenv("RESAFE_CUDA_ATTENTION", mode, 1);
     run_attention(gpu, &c, q, k_gpu, v_gpu, q_pos, &got);
+    unsetenv("RESAFE_CUDA_ATTENTION");
     double *tol = attention_tolerances(&c, q, k, v, q_pos);
-    char what[128];
-    snprintf(what, sizeof what, "attention B=%d Tq=%d Tk=%d heads=%d/%d D=%d pad=%d", c.B, c.Tq,
-             c.Tk, c.n_heads, c.n_kv_heads, D, c.pad);
+    if (strcmp(mode, "gemm") == 0) {
+        double vmax = 0;
+        for (size_t i = 0; i < nkv; i++) vmax = fabs(v[i]) > vmax ? fabs(v[i]) : vmax;
+        for (size_t i = 0; i < nq; i++) tol[i] += 2.0 * vmax / 256.0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "attention (%s) B=%d Tq=%d Tk=%d heads=%d/%d D=%d pad=%d", mode,
+             c.B, c.Tq, c.Tk, c.n_heads, c.n_kv_heads, D, c.pad);
     compare(what, got, want, nq, BF16_RTOL, 0.0, tol);
     for (int row = 0; row < c.B * c.Tq; row++)
         if (q_pos[row] < 0)
@@ -455,6 +469,42 @@ static void check_attention(const rs_backend *cpu, const rs_backend *gpu, rs_rng
                       "%s: padded query %d not zero", what, row);
     free(q), free(k), free(v), free(k_gpu), free(v_gpu), free(q_pos), free(want), free(got),
         free(tol);
+}
+
+/* argmax_rows on the GPU (bf16 rows) equals the CPU op on the same (bf16-exact) values: the
+ * first index of the maximum. Rows with a repeated maximum (ties at random places), a NaN at
+ * index 0 (the host loop's answer is 0) and NaNs elsewhere, a constant row, odd widths. */
+TEST(test_cuda_argmax_rows_matches_cpu) {
+    GPU_TEST_SETUP(1);
+    rs_rng r;
+    seeded_rng(&r, 11);
+    const int dims[4] = {1, 37, 1000, 32001};
+    for (int di = 0; di < 4; di++) {
+        int dim = dims[di], rows = 9;
+        size_t n = (size_t)rows * dim;
+        float *x = random_bf16(&r, n, 0.0f, 2.0f);
+        for (int row = 0; row < rows && dim > 2; row++) {
+            float *xr = x + (size_t)row * dim;
+            int a = (int)(rs_rng_next(&r) % (uint64_t)dim), b = (int)(rs_rng_next(&r) % (uint64_t)dim);
+            if (row % 3 == 0) xr[a] = xr[b] = 50.0f; /* a tie between two places */
+            if (row == 1) xr[0] = NAN;
+            if (row == 2) xr[b] = NAN;
+            if (row == 4)
+                for (int i = 0; i < dim; i++) xr[i] = 1.5f;
+        }
+        int32_t want[9], got[9];
+        for (int i = 0; i < rows; i++) got[i] = -7;
+        void *xc = upload(cpu, cpu->act_dtype, x, n), *xg = upload(gpu, gpu->act_dtype, x, n);
+        void *ic = cpu->alloc(sizeof want), *ig = upload_bytes(gpu, got, sizeof got);
+        cpu->argmax_rows(ic, xc, rows, dim);
+        gpu->argmax_rows(ig, xg, rows, dim);
+        cpu->to_host(want, ic, sizeof want);
+        gpu->to_host(got, ig, sizeof got);
+        for (int i = 0; i < rows; i++)
+            CHECK(got[i] == want[i], "argmax_rows dim %d row %d: cuda %d, cpu %d", dim, i, got[i],
+                  want[i]);
+        cpu->free(xc), cpu->free(ic), gpu->free(xg), gpu->free(ig), free(x);
+    }
 }
 
 TEST(test_cuda_attention_matches_cpu) {
@@ -470,9 +520,13 @@ TEST(test_cuda_attention_matches_cpu) {
         {2, 33, 33, 4, 1, 256, 1, 0.0f},  /* MQA, head_dim 256, left/right padding */
         {1, 17, 70, 2, 1, 32, 0, 0.5f},   /* head_dim 32, sharp softmax (scale 0.5) */
         {2, 64, 100, 3, 3, 96, 1, 0.0f},  /* several query blocks and key tiles */
+        {3, 128, 128, 8, 2, 128, 1, 0.0f}, /* training shape, GQA 4 (the GEMM path's case) */
+        {2, 50, 61, 4, 4, 64, 1, 0.0f},   /* odd Tq, Tk */
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        check_attention(cpu, gpu, &r, cases[i]);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        check_attention(cpu, gpu, &r, cases[i], "fused");
+        check_attention(cpu, gpu, &r, cases[i], "gemm");
+    }
 }
 
 /* ---------------------------------------------------------------- glu, add, rows */

@@ -15,6 +15,7 @@
 #include "gpu_test_buffers.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BF16_RTOL (1.0 / 128.0)  /* 2^-7 = twice bf16's unit roundoff */
@@ -286,8 +287,53 @@ TEST(test_cuda_rope_bwd_matches_cpu) {
  * between the sides by ~(Tk + D) u relative to the largest terms (< 1e-4 here); 1e-3 of the
  * tensor's largest value bounds that with room, far below a wrong term's O(max). Plus the bf16
  * rounding (rtol). Padded queries' dq and never-attended keys' dk, dv: exactly 0. */
+/* The GEMM path (mode "gemm", where kernels/attention_gemm.cu takes the shape) rounds P to
+ * bf16 before dV = P^T dO and dS to bf16 before dQ = dS K and dK = dS^T Q, as FlashAttention's
+ * backward does: each term is off by at most u_bf16 = 2^-8 relative, so the outputs by
+ *   dq: u sum_j |dS_ij| |k_j|,  dk: u sum_(i,h) |dS_ij| |q_i|,  dv: u sum_(i,h) P_ij |dout_i|,
+ * computed here in double from the inputs (dS includes the scale); 2x that is added. */
+static void gemm_rounding_tolerances(const float *q, const float *k, const float *v,
+                                     const float *dout, const int32_t *q_pos, int B, int Tq,
+                                     int Tk, int H, int Hkv, int D, float scale, double *tq,
+                                     double *tk, double *tv) {
+    int group = H / Hkv;
+    double *p = rs_malloc((size_t)Tk * sizeof(double)), *dp = rs_malloc((size_t)Tk * sizeof(double));
+    const double u2 = 2.0 / 256.0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < Tq; t++)
+            for (int h = 0; h < H; h++) {
+                int pos = q_pos[b * Tq + t], last = pos < 0 ? -1 : (pos < Tk ? pos : Tk - 1);
+                if (last < 0) continue;
+                int hk = h / group;
+                const float *qr = q + (((size_t)b * Tq + t) * H + h) * D;
+                const float *dr = dout + (((size_t)b * Tq + t) * H + h) * D;
+                double m = -INFINITY, l = 0, dsum = 0;
+                for (int j = 0; j <= last; j++) {
+                    const float *kr = k + (((size_t)b * Tk + j) * Hkv + hk) * D;
+                    const float *vr = v + (((size_t)b * Tk + j) * Hkv + hk) * D;
+                    double s = 0, d = 0;
+                    for (int e = 0; e < D; e++) s += (double)qr[e] * kr[e], d += (double)dr[e] * vr[e];
+                    p[j] = s * scale, dp[j] = d;
+                    if (p[j] > m) m = p[j];
+                }
+                for (int j = 0; j <= last; j++) p[j] = exp(p[j] - m), l += p[j];
+                for (int j = 0; j <= last; j++) p[j] /= l, dsum += p[j] * dp[j];
+                for (int j = 0; j <= last; j++) {
+                    double ds = fabs(scale * p[j] * (dp[j] - dsum));
+                    size_t kj = (((size_t)b * Tk + j) * Hkv + hk) * D;
+                    size_t qi = (((size_t)b * Tq + t) * H + h) * D;
+                    for (int e = 0; e < D; e++) {
+                        tq[qi + e] += u2 * ds * fabs(k[kj + e]);
+                        tk[kj + e] += u2 * ds * fabs(qr[e]);
+                        tv[kj + e] += u2 * p[j] * fabs(dr[e]);
+                    }
+                }
+            }
+    free(p), free(dp);
+}
+
 static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B, int Tq, int Tk,
-                                int H, int Hkv, int D) {
+                                int H, int Hkv, int D, const char *mode) {
     float scale = 1.0f / sqrtf((float)D);
     size_t nq = (size_t)B * Tq * H * D, nkv = (size_t)B * Tk * Hkv * D;
     float *q = random_bf16(r, nq, 0.0f, 1.0f), *k = random_bf16(r, nkv, 0.0f, 1.0f);
@@ -315,7 +361,9 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
         void *pd = upload_bytes(be, q_pos, (size_t)B * Tq * sizeof(int32_t));
         void *dq = upload_nan(be, ACT(be), nq), *dk = upload_nan(be, ACT(be), nkv);
         void *dv = upload_nan(be, ACT(be), nkv);
+        if (s) setenv("RESAFE_CUDA_ATTENTION", mode, 1);
         be->attention_bwd(dq, dk, dv, dod, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
+        unsetenv("RESAFE_CUDA_ATTENTION");
         g[s][0] = download(be, dq, ACT(be), nq);
         g[s][1] = download(be, dk, ACT(be), nkv);
         g[s][2] = download(be, dv, ACT(be), nkv);
@@ -324,12 +372,17 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
     }
     const char *names[3] = {"dq", "dk", "dv"};
     size_t sizes[3] = {nq, nkv, nkv};
+    double *tol[3] = {zeros_d(nq), zeros_d(nkv), zeros_d(nkv)};
+    if (strcmp(mode, "gemm") == 0)
+        gemm_rounding_tolerances(q, k, v, dout, q_pos, B, Tq, Tk, H, Hkv, D, scale, tol[0], tol[1],
+                                 tol[2]);
     for (int o = 0; o < 3; o++) {
-        char what[128];
-        snprintf(what, sizeof what, "attention_bwd %s B=%d Tq=%d Tk=%d heads=%d/%d D=%d", names[o],
-                 B, Tq, Tk, H, Hkv, D);
+        char what[160];
+        snprintf(what, sizeof what, "attention_bwd (%s) %s B=%d Tq=%d Tk=%d heads=%d/%d D=%d",
+                 mode, names[o], B, Tq, Tk, H, Hkv, D);
         compare(what, g[1][o], g[0][o], sizes[o], BF16_RTOL, 1e-3 * max_abs(g[0][o], sizes[o]),
-                NULL);
+                tol[o]);
+        free(tol[o]);
     }
     for (size_t e = 0; e < nq; e++)
         if (q_pos[e / ((size_t)H * D)] < 0) CHECK(g[1][0][e] == 0.0f, "padded query: dq not 0");
@@ -343,11 +396,16 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
 
 TEST(test_cuda_attention_bwd_matches_cpu) {
     GPU_TEST_SETUP(105);
-    check_attention_bwd(bes, r, 1, 1, 1, 1, 1, 64);     /* one key */
-    check_attention_bwd(bes, r, 2, 9, 9, 4, 4, 64);     /* prefill, multi-head, padding */
-    check_attention_bwd(bes, r, 2, 7, 40, 8, 2, 128);   /* GQA 4, Tk > Tq */
-    check_attention_bwd(bes, r, 3, 33, 50, 4, 1, 256);  /* MQA, head_dim 256 */
-    check_attention_bwd(bes, r, 2, 17, 17, 6, 3, 80);   /* head_dim not a multiple of 32 */
+    const char *modes[2] = {"fused", "gemm"};
+    for (int m = 0; m < 2; m++) {
+        check_attention_bwd(bes, r, 1, 1, 1, 1, 1, 64, modes[m]);    /* one key */
+        check_attention_bwd(bes, r, 2, 9, 9, 4, 4, 64, modes[m]);    /* prefill, padding */
+        check_attention_bwd(bes, r, 2, 7, 40, 8, 2, 128, modes[m]);  /* GQA 4, Tk > Tq */
+        check_attention_bwd(bes, r, 3, 33, 50, 4, 1, 256, modes[m]); /* MQA, head_dim 256 */
+        check_attention_bwd(bes, r, 2, 17, 17, 6, 3, 80, modes[m]);  /* head_dim 80 */
+        check_attention_bwd(bes, r, 3, 96, 96, 8, 2, 128, modes[m]); /* training shape, GQA */
+        check_attention_bwd(bes, r, 2, 41, 53, 4, 4, 64, modes[m]);  /* odd Tq, Tk */
+    }
 }
 
 /* ---------------------------------------------------------------- glu */
