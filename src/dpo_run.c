@@ -292,6 +292,7 @@ static int write_metrics(dpo_run *r, const rs_dpo_stats *s, double lr, double no
 
 static int one_step(dpo_run *r) {
     const dpo_options *o = &r->o;
+    double t0 = rs_now();
     if (r->have_snip && r->step % o->reidentify_every == 0) RS_TRY(identify_masks(r));
     int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
     rs_optim_zero_grads(&r->opt);
@@ -308,6 +309,8 @@ static int one_step(dpo_run *r) {
     rs_optim_step(&r->opt, lr, rs_clip_factor(norm, o->grad_clip));
     r->step++;
     RS_TRY(write_metrics(r, &st, lr, norm));
+    /* the gradient norm waited for the device, so this is the step's time up to the update */
+    rs_debug("dpo: step %lld took %.4f s", (long long)r->step, rs_now() - t0);
     if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
         r->last_print = rs_now();
         rs_info("dpo: step %lld/%d loss %.4f acc %.2f margin %.4g lr %.3g |g| %.3g",

@@ -11,7 +11,7 @@ Default shapes: Llama-2-7B (random bf16 weights, made on the GPU and saved once)
    128-token prompt and a 384-token response) versus PyTorch + PEFT doing the same DPO step (bf16
    model, sdpa attention, fp32 LoRA, AdamW, grad clip 1, reference log-probs computed before the
    timed steps, as `resafe dpo` computes them once before training). resafe's step time is the
-   difference of two runs (max_steps 8 and 3) / 5, which removes loading and the reference pass;
+   median of steps 2..6 as `resafe dpo -v` logs them (loading and the reference pass excluded);
    once without and once with [model] recompute = true. tokens/s = 4096 / step seconds.
 2. Decode: greedy generation of 128 new tokens after 32-token prompts at batch 1 and 64, `resafe
    generate` versus transformers `generate` (bf16, sdpa, KV cache); per-token time from runs of
@@ -154,9 +154,15 @@ checkpoint_every = 0
 """)
     env = dict(os.environ, RESAFE_CUDA_MEMSTATS="1")
     with MemPoll() as mp:
-        dt, p = timed([RESAFE, "dpo", "--config", cfg, "--force"], env=env)
+        _, p = timed([RESAFE, "dpo", "--config", cfg, "--force", "-v"], env=env)
+    import re
+    import statistics
+    took = [float(x) for x in re.findall(r"dpo: step \d+ took ([0-9.]+) s", p.stderr)]
+    if len(took) < 3:
+        raise SystemExit("resafe dpo -v printed no step times:\n" + p.stderr[-2000:])
     peak = peak_from(p.stderr)
-    return dt, peak if peak is not None else (mp.peak - mp.idle) * 2**20
+    # the median of the steps after the first (the first grows the op scratch, warms cuBLAS)
+    return statistics.median(took[1:]), peak if peak is not None else (mp.peak - mp.idle) * 2**20
 
 
 def torch_dpo_step(model_dir, pairs, a, steps=6, warm=2):
@@ -331,15 +337,11 @@ def main():
     if "dpo" not in skip:
         pairs = os.path.join(work, "pairs.jsonl")
         make_pairs(pairs, model, a.batch * 8, a)
-        t3, _ = resafe_dpo(model, pairs, work, 3, a, False)
-        t8, mem = resafe_dpo(model, pairs, work, 8, a, False)
-        step = (t8 - t3) / 5
+        step, mem = resafe_dpo(model, pairs, work, 6, a, False)
         metrics.update(dpo_tok_s=tokens / step, dpo_step_s=step, dpo_peak_gib=mem / 2**30)
         if "recompute" not in skip:
-            r3, _ = resafe_dpo(model, pairs, work, 3, a, True)
-            r8, rmem = resafe_dpo(model, pairs, work, 8, a, True)
-            metrics.update(dpo_recompute_tok_s=tokens / ((r8 - r3) / 5),
-                           dpo_recompute_peak_gib=rmem / 2**30)
+            rstep, rmem = resafe_dpo(model, pairs, work, 6, a, True)
+            metrics.update(dpo_recompute_tok_s=tokens / rstep, dpo_recompute_peak_gib=rmem / 2**30)
         if "peft" not in skip:
             pt_step, pt_mem = torch_dpo_step(model, pairs, a)
             metrics.update(dpo_peft_tok_s=tokens / pt_step, dpo_peft_peak_gib=pt_mem / 2**30,
