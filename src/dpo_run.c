@@ -177,8 +177,22 @@ static int load_inputs(dpo_run *r, const rs_config *cfg) {
     return rs_pref_load_jsonl(o->data_file, &enc, &r->data);
 }
 
+/* The memory the run holds, by part, from the backend's accounting (backend.h live_bytes). */
+static void print_memory_plan(const rs_backend *be, size_t weights, size_t adapter, size_t acts,
+                              size_t optim, int recompute) {
+    const double g = 1048576.0;
+    size_t ws = be->workspace_bytes ? be->workspace_bytes() : 0;
+    rs_info("dpo: memory on %s: weights %.1f MiB, adapter (A, B, gradients, masks, SNIP) %.1f "
+            "MiB, optimizer state %.1f MiB, activations %.1f MiB (recompute %s), backend "
+            "workspace %.1f MiB; %.1f MiB in all",
+            be->name, weights / g, adapter / g, optim / g, acts / g, recompute ? "on" : "off",
+            ws / g, be->live_bytes ? be->live_bytes() / g : 0.0);
+}
+
 static int setup(dpo_run *r) {
     dpo_options *o = &r->o;
+    const rs_backend *be = r->m.be;
+    size_t live0 = be->live_bytes ? be->live_bytes() : 0, live1, live2;
     rs_rng init;
     rs_rng_seed(&init, o->seed);
     RS_TRY(rs_lora_init(&r->lora, &r->m, o->rank, o->alpha, o->targets, o->mask_mode,
@@ -190,12 +204,19 @@ static int setup(dpo_run *r) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;
     }
+    live1 = be->live_bytes ? be->live_bytes() : 0;
     RS_TRY(rs_dpo_trainer_init(&r->t, &r->m, &r->lora, &r->data, &o->dp));
     rs_rng_seed(rs_train_state_rng(r->t.state), o->seed ^ 0xd0d0d0d0d0d0d0d0ull);
+    live2 = be->live_bytes ? be->live_bytes() : 0;
     rs_optim_init(&r->opt, r->m.be, 0.9f, 0.999f, 1e-8f, (float)o->weight_decay);
     rs_optim_add(&r->opt, "lora", r->lora.flat_params, r->lora.flat_grads, r->lora.flat_mask,
                  r->lora.n_flat, 1);
     rs_optim_alloc(&r->opt);
+    if (be->live_bytes) {
+        size_t live3 = be->live_bytes(), ws = be->workspace_bytes ? be->workspace_bytes() : 0;
+        print_memory_plan(be, live0 > ws ? live0 - ws : live0, live1 - live0, live2 - live1,
+                          live3 - live2, o->dp.recompute);
+    }
     rs_data_order_init(&r->order, r->data.n, o->seed);
     int per_epoch = rs_batches_per_epoch(r->data.n, o->batch_size);
     o->sched.total_steps = o->max_steps > 0 ? o->max_steps : o->epochs * per_epoch;
@@ -311,6 +332,10 @@ static int one_step(dpo_run *r) {
     RS_TRY(write_metrics(r, &st, lr, norm));
     /* the gradient norm waited for the device, so this is the step's time up to the update */
     rs_debug("dpo: step %lld took %.4f s", (long long)r->step, rs_now() - t0);
+    if (r->step == 1 && r->m.be->peak_bytes)
+        rs_debug("dpo: after the first step %.1f MiB held, peak %.1f MiB (the op scratch grows "
+                 "once, in the first step)",
+                 r->m.be->live_bytes() / 1048576.0, r->m.be->peak_bytes() / 1048576.0);
     if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
         r->last_print = rs_now();
         rs_info("dpo: step %lld/%d loss %.4f acc %.2f margin %.4g lr %.3g |g| %.3g",

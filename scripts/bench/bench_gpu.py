@@ -262,6 +262,7 @@ def decode_resafe(model, n_new, B):
 def decode_torch(model_dir, n_new, batches):
     import torch
     from transformers import AutoModelForCausalLM
+    torch.cuda.reset_peak_memory_stats()
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").cuda()
     res = {}

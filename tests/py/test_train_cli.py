@@ -382,3 +382,21 @@ def test_dpo_other_modes_resume_identically(tmp_path, tiny_model, over):
             m = f["lora/layers.0.q_proj/mask_W"][...]
             assert m.shape == (64, 64) and 0 < m.mean() < 1
     assert os.path.exists(f"{b}/dpo/adapter_peft") == (over["snip__mask"] != "elementwise")
+
+
+def test_dpo_prints_its_memory_by_part_and_the_parts_add_up(tiny_model, tmp_path):
+    import re
+    cfg = dpo_config(tmp_path, tiny_model, str(tmp_path / "m"), dpo__max_steps=1,
+                     model__recompute="true")
+    p = run_resafe("dpo", "--config", cfg, "-v", env=ENV)
+    m = re.search(r"dpo: memory on cpu: weights ([0-9.]+) MiB, adapter \(A, B, gradients, masks, "
+                  r"SNIP\) ([0-9.]+) MiB, optimizer state ([0-9.]+) MiB, activations ([0-9.]+) MiB "
+                  r"\(recompute on\), backend workspace ([0-9.]+) MiB; ([0-9.]+) MiB in all",
+                  p.stderr)
+    assert m, p.stderr
+    parts = [float(x) for x in m.groups()]
+    assert all(x > 0 for x in parts[:4]), parts
+    assert abs(sum(parts[:5]) - parts[5]) <= 0.5, parts  # rounding of five one-decimal numbers
+    # the activations are the training arena the plan printed at debug level
+    arena = re.search(r"memory plan: ([0-9.]+) MiB", p.stderr)
+    assert arena and abs(float(arena.group(1)) - parts[3]) <= 0.1, p.stderr
