@@ -5,8 +5,10 @@ padded-prefill and the KV-cache decode paths. Runs only with RESAFE_TEST_GPU=1 (
 Tolerance: bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per value); each of the ~10 ops
 per layer rounds its output once, and the tiny random models here have 2-3 layers, so the
 end-to-end relative error of the logits (Frobenius norm of the difference over the norm of the
-reference) is a few 2^-9 ~ 1e-2 at most; 3e-2 leaves room without hiding a wrong kernel (a wrong
-kernel gives errors of order 1)."""
+reference) is a few 2^-9 ~ 1e-2 typically; random weights can amplify it through the layers
+(3.4e-2 measured for llama_gqa at RESAFE_TEST_SEED=699251708 with either CUDA attention path,
+identical against the CPU and transformers, so it is the bf16 storage, not a kernel). 5e-2 leaves
+room without hiding a wrong kernel (a wrong kernel gives errors of order 1)."""
 import json
 import os
 import random
@@ -20,7 +22,7 @@ import test_model as tm
 from conftest import resafe_bin
 
 pytestmark = pytest.mark.skipif(not gpu_enabled(), reason="GPU tests run with RESAFE_TEST_GPU=1")
-REL_TOL = 3e-2
+REL_TOL = 5e-2
 
 
 def logits_on(backend, path, seqs, tmp_path, *extra):
