@@ -128,10 +128,9 @@ def peak_from(stderr):
     return int(m.group(1)) if m else None
 
 
-def resafe_dpo(model, pairs, work, steps, a, recompute):
-    tag = f"{steps}_{'rc' if recompute else 'full'}"
-    cfg = os.path.join(work, f"dpo_{tag}.ini")
-    with open(cfg, "w") as f:
+def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir):
+    """The `resafe dpo` config of the benchmarks: cuda, no chat template, no SNIP mask."""
+    with open(path, "w") as f:
         f.write(f"""[model]
 path = {model}
 backend = cuda
@@ -139,19 +138,26 @@ chat_template = none
 recompute = {"true" if recompute else "false"}
 [dpo]
 data_file = {pairs}
-batch_size = {a.batch}
+batch_size = {batch}
 max_steps = {steps}
-max_seq_len = {a.seq}
+max_seq_len = {seq}
 lr = 1e-5
 [snip]
 mask = none
 [lora]
-rank = {a.rank}
-alpha = {2 * a.rank}
+rank = {rank}
+alpha = {2 * rank}
 [run]
-out_dir = {work}/run_{tag}
+out_dir = {out_dir}
 checkpoint_every = 0
 """)
+    return path
+
+
+def resafe_dpo(model, pairs, work, steps, a, recompute):
+    tag = f"{steps}_{'rc' if recompute else 'full'}"
+    cfg = dpo_ini(os.path.join(work, f"dpo_{tag}.ini"), model, pairs, a.batch, steps, a.seq,
+                  a.rank, recompute, f"{work}/run_{tag}")
     env = dict(os.environ, RESAFE_CUDA_MEMSTATS="1")
     with MemPoll() as mp:
         _, p = timed([RESAFE, "dpo", "--config", cfg, "--force", "-v"], env=env)

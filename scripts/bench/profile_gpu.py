@@ -3,10 +3,10 @@
 backend op waits for the GPU before and after itself, so the per-op times add up; the run is
 slower than an unprofiled one, which is what scripts/bench/bench_gpu.py times).
 
-  scripts/bench/profile_gpu.py OUT_DIR [--hidden 4096 --layers 8 --inter 11008 --heads 32
+  scripts/bench/profile_gpu.py OUT_DIR [--hidden 4096 --layers 8 --inter 11008
                                         --rank 128 --pairs 4 --seq 512 --decode-batch 1,64]
 
-Builds a random Llama of the given shape (default: Llama-2-7B's layer shape, 8 layers), runs
+Builds a random Llama of the given shape (bench_gpu.make_model: head_dim 128) (default: Llama-2-7B's layer shape, 8 layers), runs
 `resafe dpo` for 2 steps and `resafe generate` at each decode batch, and prints each run's
 profile table (also written to OUT_DIR/profile.txt)."""
 import argparse
@@ -17,27 +17,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+import bench_gpu  # noqa: E402  (make_model, dpo_ini)
 RESAFE = os.path.join(ROOT, os.environ.get("RESAFE_BUILD", "build"), "resafe")
-
-
-def make_model(d, a):
-    import torch
-    import make_test_model as mtm
-    from transformers import LlamaConfig, LlamaForCausalLM
-    os.makedirs(d, exist_ok=True)
-    mtm.write_tokenizer(mtm.make_tokenizer(384), d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
-                      num_hidden_layers=a.layers, num_attention_heads=a.heads,
-                      num_key_value_heads=a.kv_heads or a.heads, max_position_embeddings=4096,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    m.save_pretrained(d, safe_serialization=True, max_shard_size="20GB")
-    del m
-    torch.cuda.empty_cache()
 
 
 def run(cmd, log, env_extra):
@@ -57,8 +39,6 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--inter", type=int, default=11008)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--pairs", type=int, default=4)
@@ -71,7 +51,7 @@ def main():
     model = os.path.join(a.out, "model")
     log = os.path.join(a.out, "profile.txt")
     if not os.path.exists(os.path.join(model, "config.json")):
-        make_model(model, a)
+        bench_gpu.make_model(model, a)
     # about 4 tokens a word with the test tokenizer: ~128 prompt tokens, responses cut at seq
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "blue", "map"]
     pairs = os.path.join(a.out, "pairs.jsonl")
@@ -81,28 +61,8 @@ def main():
                 return " ".join(words[(i * 7 + j * s) % len(words)] for j in range(n))
             f.write(json.dumps({"prompt": text(a.seq // 16, 3), "chosen": text(a.seq // 3, 1),
                                 "rejected": text(a.seq // 3, 7)}) + "\n")
-    cfg = os.path.join(a.out, "dpo.ini")
-    with open(cfg, "w") as f:
-        f.write(f"""[model]
-path = {model}
-backend = cuda
-chat_template = none
-recompute = {"true" if a.recompute else "false"}
-[dpo]
-data_file = {pairs}
-batch_size = {a.pairs}
-max_steps = {a.steps}
-max_seq_len = {a.seq}
-lr = 1e-5
-[snip]
-mask = none
-[lora]
-rank = {a.rank}
-alpha = {2 * a.rank}
-[run]
-out_dir = {a.out}/run
-checkpoint_every = 0
-""")
+    cfg = bench_gpu.dpo_ini(os.path.join(a.out, "dpo.ini"), model, pairs, a.pairs, a.steps,
+                            a.seq, a.rank, a.recompute, f"{a.out}/run")
     prof = {"RESAFE_CUDA_PROFILE": "1", "RESAFE_CUDA_MEMSTATS": "1"}
     run([RESAFE, "dpo", "--config", cfg, "--force", "-v"], log, prof)
     for b in [int(x) for x in a.decode_batch.split(",") if x]:
