@@ -4,6 +4,7 @@
 #include "resafe/cuda_common.h"
 
 extern "C" {
+#include "resafe/cuda_qmm.h"
 #include "resafe/quant.h"
 }
 
@@ -14,6 +15,7 @@ extern "C" {
 #define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20) /* cuBLAS's recommendation for Hopper */
 #define STAGING_FLOATS ((size_t)1 << 21)          /* 8 MiB: upload_f32/download_f32 chunks */
 #define SCRATCH_INITIAL_BYTES ((size_t)16 << 20)  /* op scratch at start; grows once if needed */
+#define QMM_COUNTERS 16384                        /* split-K tile counters of the fused qmatmul */
 
 /* The backend context: the one piece of state behind the op table (its signatures carry none). */
 static struct {
@@ -29,6 +31,7 @@ static struct {
     size_t scratch_bytes;
     void *qscratch; /* the dequantized bf16 weight of a quantized linear, qscratch_bytes long */
     size_t qscratch_bytes;
+    int *qmm_counters; /* QMM_COUNTERS ints, zero between fused qmatmul calls (qgemm.cu) */
     rs_backend table;
 } g_cuda;
 
@@ -554,9 +557,55 @@ static bf16 *dequant_scratch(const rs_qweight *q) {
     return w;
 }
 
+/* Which path qmatmul takes (cuda_qmm.h): set from the environment at start, or by
+ * rs_cuda_qmm_configure. */
+static struct {
+    rs_qmm_path path;
+    int max_m, nt, splits;
+} g_qmm = {RS_QMM_AUTO, RS_QMM_FUSED_MAX_M, 0, 0};
+
+extern "C" void rs_cuda_qmm_configure(rs_qmm_path path, int nt, int splits) {
+    g_qmm.path = path;
+    g_qmm.nt = nt;
+    g_qmm.splits = splits;
+}
+
+extern "C" int rs_cuda_qmm_fused_supported(const rs_qweight *q) { return rs_cuda_qmm_supported(q); }
+
+extern "C" void *rs_cuda_stream_handle(void) { return (void *)g_cuda.stream; }
+
+static void qmm_read_env(void) {
+    const char *path = getenv("RESAFE_CUDA_QMATMUL"), *max_m = getenv("RESAFE_CUDA_QMM_MAX_M");
+    if (path && strcmp(path, "fused") == 0) g_qmm.path = RS_QMM_FUSED;
+    else if (path && strcmp(path, "scratch") == 0) g_qmm.path = RS_QMM_SCRATCH;
+    else if (path && *path && strcmp(path, "auto") != 0)
+        rs_warn("RESAFE_CUDA_QMATMUL=%s: want fused, scratch or auto; using auto", path);
+    if (max_m && *max_m) {
+        char *end;
+        long v = strtol(max_m, &end, 10);
+        if (*end || v < 0 || v > 1000000)
+            rs_warn("RESAFE_CUDA_QMM_MAX_M=%s: want a row count; using %d", max_m, g_qmm.max_m);
+        else
+            g_qmm.max_m = (int)v;
+    }
+}
+
+static int qmm_use_fused(const rs_qweight *w, int n) {
+    if (g_qmm.path == RS_QMM_SCRATCH || !rs_cuda_qmm_supported(w)) return 0;
+    return g_qmm.path == RS_QMM_FUSED || n <= g_qmm.max_m;
+}
+
 static void cuda_qmatmul(void *out, const void *x, const rs_qweight *w, const void *bias, int n,
                          float beta) {
     PROF_BEGIN;
+    if (qmm_use_fused(w, n)) {
+        size_t ws_bytes = rs_cuda_qmm_workspace_bytes(w, x, n, g_qmm.nt, g_qmm.splits);
+        void *ws = ws_bytes ? op_scratch(ws_bytes) : NULL;
+        rs_cuda_qmm(g_cuda.stream, (bf16 *)out, (const bf16 *)x, w, (const bf16 *)bias, n, beta,
+                    ws, g_cuda.qmm_counters, QMM_COUNTERS, g_qmm.nt, g_qmm.splits);
+        PROF_END("qmatmul_fused");
+        return;
+    }
     const bf16 *wd = dequant_scratch(w);
     rs_cuda_linear_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)x, wd,
                        (const bf16 *)bias, n, w->cols, w->rows, beta);
@@ -612,7 +661,7 @@ static void cuda_qweight_free(rs_qweight *w) {
 
 static size_t cuda_workspace_bytes(void) {
     return CUBLAS_WORKSPACE_BYTES + STAGING_FLOATS * sizeof(float) + g_cuda.scratch_bytes +
-           g_cuda.qscratch_bytes;
+           g_cuda.qscratch_bytes + QMM_COUNTERS * sizeof(int);
 }
 
 /* ---------------------------------------------------------------- set-up */
@@ -654,6 +703,7 @@ static void cuda_init(void) {
     g_prof.on = prof && strcmp(prof, "1") == 0;
     g_prof.memstats = mem && strcmp(mem, "1") == 0;
     if (g_prof.on || g_prof.memstats) atexit(prof_report);
+    qmm_read_env();
     CUDA_CHECK(cudaStreamCreateWithFlags(&g_cuda.stream, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&g_cuda.cublas));
     CUBLAS_CHECK(cublasSetStream(g_cuda.cublas, g_cuda.stream));
@@ -663,6 +713,8 @@ static void cuda_init(void) {
     g_cuda.staging = (float *)cuda_alloc(STAGING_FLOATS * sizeof(float));
     g_cuda.scratch = cuda_alloc(SCRATCH_INITIAL_BYTES);
     g_cuda.scratch_bytes = SCRATCH_INITIAL_BYTES;
+    g_cuda.qmm_counters = (int *)cuda_alloc(QMM_COUNTERS * sizeof(int));
+    CUDA_CHECK(cudaMemsetAsync(g_cuda.qmm_counters, 0, QMM_COUNTERS * sizeof(int), g_cuda.stream));
 
     rs_backend *b = &g_cuda.table;
     memset(b, 0, sizeof *b);

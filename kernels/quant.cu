@@ -1,10 +1,10 @@
 /* quant: quantized linears on the GPU (quant.h formats, packing of src/quant_pack.c).
  *
- * This is the baseline path: the packed weight is dequantized into a bf16 scratch matrix by one
- * elementwise kernel (plus one for the sparse critical entries) and multiplied by cuBLAS. A fused
- * dequant-matmul kernel is the follow-up (issue: dequant-matmul kernels); this path is the
- * reference it is measured against. Semantics equal rs_dequantize_row: base value by format,
- * outlier columns replaced, divided by input_scale, critical entries replaced. */
+ * The dequantize-then-cuBLAS path: the packed weight is dequantized into a bf16 scratch matrix
+ * (plus one kernel for the sparse critical entries) and multiplied by cuBLAS. It serves large M
+ * (prefill, training: compute bound), the input gradient, and the formats the fused kernel of
+ * qgemm.cu does not take. Semantics equal rs_dequantize_row: base value by format, outlier
+ * columns replaced, divided by input_scale, critical entries replaced. */
 #include "resafe/cuda_common.h"
 
 extern "C" {
@@ -81,7 +81,21 @@ __global__ void qcritical_kernel(bf16 *w, const int64_t *row_ptr, const int32_t 
             w[(size_t)r * n_cols + cols[k]] = __float2bfloat16(__half2float(__ushort_as_half(vals[k])));
 }
 
+static void add_critical(cudaStream_t s, bf16 *w, const rs_qweight *q) {
+    if (q->crit_row_ptr && q->n_critical > 0) {
+        qcritical_kernel<<<rs_cuda_blocks((size_t)q->rows, RS_CUDA_THREADS), RS_CUDA_THREADS, 0,
+                           s>>>(w, q->crit_row_ptr, q->crit_cols, q->crit_vals, q->rows, q->cols);
+        CUDA_CHECK_LAUNCH(s, "qcritical_kernel");
+    }
+}
+
+/* The generic path below (one element per thread, outlier columns by binary search) serves
+ * LLM.int8 weights; the other formats take qgemm.cu's span-per-thread dequantizer. */
 extern "C" void rs_cuda_qdequantize(cudaStream_t s, bf16 *w, const rs_qweight *q) {
+    if (rs_cuda_qdequant_fast(s, w, q) == 0) {
+        add_critical(s, w, q);
+        return;
+    }
     upload_codebooks();
     qview v;
     v.packed = q->packed;
@@ -101,9 +115,5 @@ extern "C" void rs_cuda_qdequantize(cudaStream_t s, bf16 *w, const rs_qweight *q
     size_t n = (size_t)q->rows * (size_t)q->cols;
     qdequant_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(w, v);
     CUDA_CHECK_LAUNCH(s, "qdequant_kernel");
-    if (q->crit_row_ptr && q->n_critical > 0) {
-        qcritical_kernel<<<rs_cuda_blocks((size_t)q->rows, RS_CUDA_THREADS), RS_CUDA_THREADS, 0,
-                           s>>>(w, q->crit_row_ptr, q->crit_cols, q->crit_vals, q->rows, q->cols);
-        CUDA_CHECK_LAUNCH(s, "qcritical_kernel");
-    }
+    add_critical(s, w, q);
 }

@@ -1,0 +1,28 @@
+/* cuda_qmm: how the CUDA backend multiplies by quantized weights, and hooks for the tests and
+ * benchmarks that compare its paths (RS_HAVE_CUDA builds; kernels/qgemm.cu, kernels/quant.cu).
+ *
+ * qmatmul takes the fused dequant-matmul (weights stay packed) when x has at most
+ * RS_QMM_FUSED_MAX_M rows and the format allows it (integer 2/3/4/8 bits, NF4, FP4; not
+ * LLM.int8 outliers or critical entries), else it dequantizes into a bf16 scratch and calls
+ * cuBLAS. RESAFE_CUDA_QMATMUL=fused|scratch|auto in the environment forces a path (fused still
+ * falls back for the formats it does not take); RESAFE_CUDA_QMM_MAX_M=N moves the crossover. */
+#ifndef RESAFE_CUDA_QMM_H
+#define RESAFE_CUDA_QMM_H
+
+#include "resafe/quant.h"
+
+/* Measured on an H100 (scripts/bench/qmatmul, README performance section). */
+#define RS_QMM_FUSED_MAX_M 64
+
+typedef enum { RS_QMM_AUTO = 0, RS_QMM_SCRATCH = 1, RS_QMM_FUSED = 2 } rs_qmm_path;
+
+/* Force a path and the fused kernel's tile width (nt: 1, 2, 4 n-tiles of 8 rows per warp) and
+ * split-K count (0 = heuristics). The environment variables are read once, at backend start;
+ * this call overrides them. */
+void rs_cuda_qmm_configure(rs_qmm_path path, int nt, int splits);
+/* 1 when the fused kernel takes this (backend-resident) weight. */
+int rs_cuda_qmm_fused_supported(const rs_qweight *q);
+/* The backend's stream (a cudaStream_t), for benchmarks that time or capture its work. */
+void *rs_cuda_stream_handle(void);
+
+#endif

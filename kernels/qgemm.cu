@@ -1,0 +1,612 @@
+/* qgemm: fused dequant-matmul for quantized linears, and the fast dequantizer of the large-M path.
+ *
+ *   out[M, N] = beta * out + X[M, K] dequant(W)[N, K]^T (+ bias[N])
+ *
+ * The fused kernel is for few rows of X (decode, small batches), where the time is the weight
+ * read: W stays packed in global memory (the per-row bit stream of src/quant_pack.c, unchanged)
+ * and is dequantized in registers right before mma.sync m16n8k16 (bf16 in, fp32 accumulate), so
+ * a 4-bit weight moves a quarter of the bytes of its bf16 form. Large M (prefill, training) is
+ * compute bound: there the dequantizer below writes the bf16 weight once and cuBLAS multiplies
+ * (backend_cuda.cu picks by M; scripts/bench/qmatmul measures the crossover).
+ *
+ * Work split. A quad of lanes (lane = 4 g + t) owns one row n of W and 128 consecutive k per
+ * iteration (a "chunk"): lane t holds the 32 codes k0 = chunk * 128 + 32 t .. k0 + 31 (BITS
+ * 32-bit words: group sizes are multiples of 32, so the 32 codes share one scale and zero). A
+ * warp holds NT such 8-row tiles, a block 4 warps; blocks split N (grid.x), K (grid.y, "split-K":
+ * partial sums in fp32 go to a workspace and a second kernel adds them in a fixed order, so the
+ * result is deterministic) and M in blocks of 16 MT rows (grid.z).
+ *
+ * Fragments. m16n8k16 gives lane (g, t) the B entries (k = 2t, 2t+1, 2t+8, 2t+9; n = g) and the
+ * A entries (rows g, g+8; the same k). Any order of k works when A and B agree, so each mma step
+ * takes four of the lane's own codes: for a virtual word of 8 codes c0..c7 (k0 + 8i ..), step
+ * h = 0 feeds (c0, c4) and (c1, c5), step h = 1 (c2, c6) and (c3, c7). Those pairs are what one
+ * shift and mask give from a word of nibbles ((w >> 4p) & 0x000F000F: codes p and p + 4 in the
+ * two halves), and OR 0x4300 makes each half the bf16 number 128 + code. X is read as 8
+ * consecutive bf16 and the same pairs are formed with byte permutes.
+ *
+ * Dequantization (three modes, chosen per weight):
+ *   BF16 (integer codes of 2/3/4 bits with integer zero points, symmetric or not):
+ *        w = bf16((128 + c) - (128 + z)) * bf16(s) in bf16x2 arithmetic: c - z is exact, the
+ *        product is rounded once, but the fp32 scale is rounded to bf16 first, so an entry can
+ *        differ from the dequantizer's bf16((c - z) * s) by one bf16 step.
+ *   F32  (8-bit codes, float zero points): ((float)c - z) * s in fp32, then bf16: the
+ *        dequantizer's value exactly.
+ *   CB   (NF4, FP4): codebook[c] * absmax in fp32, then bf16: exact likewise.
+ * Weights with outlier columns (LLM.int8) or critical entries (SNIP protection) take the
+ * dequantize-then-cuBLAS path; an AWQ input_scale is applied to X first (x / s rounded to bf16,
+ * one extra rounding against the dequantizer's w / s). */
+#include "resafe/cuda_common.h"
+
+extern "C" {
+#include "resafe/quant.h"
+}
+
+#include <string.h>
+
+#define QMM_WARPS 4
+#define QMM_CHUNK 128 /* k per chunk: 4 lanes x 32 codes */
+
+enum { QMODE_BF16 = 0, QMODE_F32 = 1, QMODE_CB = 2 };
+
+struct qmm_params {
+    const bf16 *x; /* [M, ldx], 16-byte aligned, ldx % 8 == 0 */
+    int ldx;
+    const uint32_t *packed;
+    int row_words; /* 32-bit words per packed row */
+    const float *scales, *zeros;
+    int n_groups, gs;
+    float zero_sym; /* the zero point of symmetric codes: 2^(bits-1) */
+    int M, N, K;
+    int n_chunks, chunks_per_split;
+    float *partial; /* [splits, M, N], or NULL: write out directly */
+    int *counters;  /* per output tile, zero between calls; NULL: qmm_reduce_kernel adds */
+    bf16 *out;
+    const bf16 *bias;
+    float beta;
+    float cb[16]; /* NF4 / FP4 codebook */
+};
+
+/* ---------------------------------------------------------------- code extraction */
+template <int BITS> __device__ __forceinline__ void load_span(uint32_t (&w)[BITS], const uint32_t *p) {
+    if (BITS == 4) {
+        uint4 v = __ldg((const uint4 *)p);
+        w[0] = v.x, w[1] = v.y, w[2 % BITS] = v.z, w[3 % BITS] = v.w;
+    } else if (BITS == 8) {
+        uint4 v = __ldg((const uint4 *)p), u = __ldg((const uint4 *)p + 1);
+        w[0] = v.x, w[1] = v.y, w[2 % BITS] = v.z, w[3 % BITS] = v.w;
+        w[4 % BITS] = u.x, w[5 % BITS] = u.y, w[6 % BITS] = u.z, w[7 % BITS] = u.w;
+    } else if (BITS == 2) {
+        uint2 v = __ldg((const uint2 *)p);
+        w[0] = v.x, w[1 % BITS] = v.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < BITS; i++) w[i] = __ldg(p + i);
+    }
+}
+
+/* Virtual word i (codes 8i .. 8i+7 of a 32-code span, BITS <= 4) spread over the two halves:
+ * code 8i + p at bit BITS p, code 8i + 4 + p at bit 16 + BITS p (p = 0..3). */
+template <int BITS> __device__ __forceinline__ uint32_t vword(const uint32_t (&w)[BITS], int i) {
+    if (BITS == 4) return w[i % BITS];
+    if (BITS == 2) return __byte_perm(w[(i >> 1) % BITS], 0u, (i & 1) ? 0x4342 : 0x4140);
+    /* BITS == 3: 24 bits at bit 24 i of the 96-bit span */
+    const int bit = 24 * i, lo = bit >> 5, sh = bit & 31;
+    uint32_t v = lo + 1 < BITS ? __funnelshift_r(w[lo % BITS], w[(lo + 1) % BITS], sh)
+                               : w[lo % BITS] >> sh;
+    return (v & 0xFFFu) | ((v & 0xFFF000u) << 4);
+}
+
+/* Code j (0..31) of the span, any BITS (the dequantizer's generic path). */
+template <int BITS> __device__ __forceinline__ uint32_t code_of(const uint32_t (&w)[BITS], int j) {
+    const int bit = j * BITS, lo = bit >> 5, sh = bit & 31;
+    uint32_t v = (sh + BITS > 32 && lo + 1 < BITS)
+                     ? __funnelshift_r(w[lo % BITS], w[(lo + 1) % BITS], sh)
+                     : w[lo % BITS] >> sh;
+    return v & ((1u << BITS) - 1u);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_bits(bf16x2 v) { return *reinterpret_cast<uint32_t *>(&v); }
+__device__ __forceinline__ bf16x2 bits_bf16x2(uint32_t u) { return *reinterpret_cast<bf16x2 *>(&u); }
+
+/* The two bf16 weights of pair p (codes 8i + p, 8i + 4 + p) of virtual word i, one 32-bit
+ * register: low half the first. */
+template <int BITS, int MODE>
+__device__ __forceinline__ uint32_t dq_pair(const uint32_t (&w)[BITS], uint32_t u, int i, int p,
+                                            bf16x2 zz, bf16x2 ss, float s, float z,
+                                            const float *cb) {
+    if (MODE == QMODE_BF16) {
+        const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+        bf16x2 v = bits_bf16x2(((u >> (BITS * p)) & mask) | 0x43004300u);
+        return bf16x2_bits(__hmul2(__hsub2(v, zz), ss));
+    }
+    uint32_t ca, cb_;
+    if (BITS == 8) {
+        ca = (w[(2 * i) % BITS] >> (8 * p)) & 0xFFu;
+        cb_ = (w[(2 * i + 1) % BITS] >> (8 * p)) & 0xFFu;
+    } else {
+        ca = (u >> (BITS * p)) & ((1u << BITS) - 1u);
+        cb_ = (u >> (16 + BITS * p)) & ((1u << BITS) - 1u);
+    }
+    float fa, fb;
+    if (MODE == QMODE_CB) {
+        fa = cb[ca] * s, fb = cb[cb_] * s;
+    } else { /* 2^23 + c - 2^23 is (float)c exactly */
+        fa = ((__uint_as_float(0x4B000000u | ca) - 8388608.0f) - z) * s;
+        fb = ((__uint_as_float(0x4B000000u | cb_) - 8388608.0f) - z) * s;
+    }
+    return bf16x2_bits(__floats2bfloat162_rn(fa, fb));
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* ---------------------------------------------------------------- the fused kernel */
+/* Depth of a warp's load pipeline in chunks (the loads of chunk c + D are issued as chunk c is
+ * computed), as registers allow. */
+template <int BITS, int NT> struct qmm_batch {
+    static constexpr int value = NT * (BITS + 2) <= 12 ? 4 : NT * (BITS + 2) <= 24 ? 2 : 1;
+};
+
+template <int BITS> struct qmm_stage {
+    uint32_t w[BITS];
+    float s, z;
+};
+
+template <int BITS, int NT>
+__device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_params &p,
+                                         int n_warp, int g, int span, int span_limit) {
+    const int grp = min((span * 32) / p.gs, p.n_groups - 1);
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const int n = n_warp + j * 8 + g;
+        if (n < p.N && span < span_limit) {
+            load_span<BITS>(st[j].w, p.packed + (size_t)n * p.row_words + (size_t)span * BITS);
+            st[j].s = __ldg(p.scales + (size_t)n * p.n_groups + grp);
+            st[j].z = p.zeros ? __ldg(p.zeros + (size_t)n * p.n_groups + grp) : p.zero_sym;
+        } else {
+#pragma unroll
+            for (int b = 0; b < BITS; b++) st[j].w[b] = 0u;
+            st[j].s = 0.0f, st[j].z = 0.0f;
+        }
+    }
+}
+
+/* X's layout for MT > 1 (written by qmm_prep_x_kernel): per row, chunk c, virtual word i, lane t,
+ * the 8 values of k = 128 c + 32 t + 8 i + (0, 4, 1, 5, 2, 6, 3, 7): one 16-byte load gives
+ * the A registers of both mma steps, and a quad's loads are 64 contiguous bytes. */
+template <int BITS, int MODE, int MT, int NT>
+__device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_stage<BITS> (&cur)[NT],
+                                          const qmm_params &p, const bf16 *const (&xrow)[MT][2],
+                                          const bool (&xok)[MT][2], int c, int t,
+                                          const float *cb) {
+    const int k0 = c * QMM_CHUNK + 32 * t;
+    bf16x2 zz[NT], ss[NT];
+    if (MODE == QMODE_BF16) {
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            zz[j] = __float2bfloat162_rn(128.0f + cur[j].z);
+            ss[j] = __float2bfloat162_rn(cur[j].s);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint4 xa[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                if (MT > 1) {
+                    const int off = c * QMM_CHUNK + 32 * i + 8 * t;
+                    xa[mt][hr] = xok[mt][hr] ? __ldg((const uint4 *)(xrow[mt][hr] + off))
+                                             : make_uint4(0u, 0u, 0u, 0u);
+                } else {
+                    const int kk = k0 + 8 * i;
+                    xa[mt][hr] = (xok[mt][hr] && kk < p.K)
+                                     ? __ldg((const uint4 *)(xrow[mt][hr] + kk))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+        uint32_t u[NT];
+#pragma unroll
+        for (int j = 0; j < NT; j++) u[j] = BITS <= 4 ? vword<BITS>(cur[j].w, i) : 0u;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            uint32_t b0[NT], b1[NT];
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                b0[j] = dq_pair<BITS, MODE>(cur[j].w, u[j], i, 2 * h, zz[j], ss[j], cur[j].s,
+                                            cur[j].z, cb);
+                b1[j] = dq_pair<BITS, MODE>(cur[j].w, u[j], i, 2 * h + 1, zz[j], ss[j], cur[j].s,
+                                            cur[j].z, cb);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                uint32_t a0, a1, a2, a3;
+                if (MT > 1) {
+                    a0 = h ? xa[mt][0].z : xa[mt][0].x, a2 = h ? xa[mt][0].w : xa[mt][0].y;
+                    a1 = h ? xa[mt][1].z : xa[mt][1].x, a3 = h ? xa[mt][1].w : xa[mt][1].y;
+                } else {
+                    const uint32_t q0 = h ? xa[mt][0].y : xa[mt][0].x;
+                    const uint32_t q2 = h ? xa[mt][0].w : xa[mt][0].z;
+                    const uint32_t r0 = h ? xa[mt][1].y : xa[mt][1].x;
+                    const uint32_t r2 = h ? xa[mt][1].w : xa[mt][1].z;
+                    a0 = __byte_perm(q0, q2, 0x5410), a2 = __byte_perm(q0, q2, 0x7632);
+                    a1 = __byte_perm(r0, r2, 0x5410), a3 = __byte_perm(r0, r2, 0x7632);
+                }
+#pragma unroll
+                for (int j = 0; j < NT; j++) mma_16816(acc[mt][j], a0, a1, a2, a3, b0[j], b1[j]);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void qmm_store(const qmm_params &p, int m, int n, float v) {
+    bf16 *o = p.out + (size_t)m * p.N + n;
+    if (p.bias) v += __bfloat162float(p.bias[n]);
+    if (p.beta != 0.0f) v += p.beta * __bfloat162float(*o);
+    *o = __float2bfloat16(v);
+}
+
+template <int BITS, int MODE, int MT, int NT>
+__global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
+    __shared__ float cb[16];
+    __shared__ int s_last;
+    if (MODE == QMODE_CB) {
+        if (threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n_warp = (blockIdx.x * QMM_WARPS + warp) * NT * 8;
+    const int m_base = blockIdx.z * MT * 16;
+    const int c_begin = blockIdx.y * p.chunks_per_split;
+    const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
+    const int span_limit = (p.K + 31) / 32;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+
+    const bf16 *xrow[MT][2];
+    bool xok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int m = m_base + mt * 16 + g + 8 * hr;
+            xok[mt][hr] = m < p.M;
+            xrow[mt][hr] = p.x + (size_t)(xok[mt][hr] ? m : 0) * p.ldx;
+        }
+
+    constexpr int D = qmm_batch<BITS, NT>::value;
+    qmm_stage<BITS> st[D][NT];
+#pragma unroll
+    for (int d = 0; d < D; d++)
+        if (c_begin + d < c_end)
+            qmm_load<BITS, NT>(st[d], p, n_warp, g, (c_begin + d) * 4 + t, span_limit);
+    for (int c0 = c_begin; c0 < c_end; c0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int c = c0 + d;
+            if (c < c_end) {
+                qmm_chunk<BITS, MODE, MT, NT>(acc, st[d], p, xrow, xok, c, t, cb);
+                if (c + D < c_end)
+                    qmm_load<BITS, NT>(st[d], p, n_warp, g, (c + D) * 4 + t, span_limit);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = m_base + mt * 16 + g + (e >= 2 ? 8 : 0);
+                const int n = n_warp + j * 8 + 2 * t + (e & 1);
+                if (m >= p.M || n >= p.N) continue;
+                if (p.partial) p.partial[((size_t)blockIdx.y * p.M + m) * p.N + n] = acc[mt][j][e];
+                else qmm_store(p, m, n, acc[mt][j][e]);
+            }
+    if (!p.partial || !p.counters) return;
+    /* Split-K: the last block of a tile to finish adds the tile's partial sums, in split order
+     * (deterministic whichever block that is), and re-arms the tile's counter. */
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int rows_blk = QMM_WARPS * NT * 8, n0 = blockIdx.x * rows_blk;
+    for (int idx = threadIdx.x; idx < MT * 16 * rows_blk; idx += blockDim.x) {
+        const int m = m_base + idx / rows_blk, n = n0 + idx % rows_blk;
+        if (m >= p.M || n >= p.N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++)
+            v += __ldcg(p.partial + ((size_t)s * p.M + m) * p.N + n);
+        qmm_store(p, m, n, v);
+    }
+    if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
+/* out = sum over splits of partial (in split order) + bias + beta * out (when the tile counters
+ * do not cover the grid). */
+__global__ void qmm_reduce_kernel(bf16 *out, const float *partial, const bf16 *bias, int M, int N,
+                                  int splits, float beta) {
+    const size_t total = (size_t)M * (size_t)N;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++) v += partial[(size_t)s * total + i];
+        if (bias) v += __bfloat162float(bias[i % (size_t)N]);
+        if (beta != 0.0f) v += beta * __bfloat162float(out[i]);
+        out[i] = __float2bfloat16(v);
+    }
+}
+
+/* xs[M, ldx] = x / input_scale, columns past K zero; perm: in qmm_chunk's MT > 1 order. */
+__global__ void qmm_prep_x_kernel(bf16 *xs, const bf16 *x, const float *input_scale, int M, int K,
+                                  int ldx, int perm) {
+    const size_t total = (size_t)M * (size_t)ldx;
+    for (size_t o = blockIdx.x * (size_t)blockDim.x + threadIdx.x; o < total;
+         o += (size_t)gridDim.x * blockDim.x) {
+        const int m = (int)(o / (size_t)ldx), r = (int)(o % (size_t)ldx);
+        int k = r;
+        if (perm) { /* r = 128 c + 32 i + 8 t + e  ->  k = 128 c + 32 t + 8 i + src[e] */
+            const int c = r >> 7, i = (r >> 5) & 3, tt = (r >> 3) & 3, e = r & 7;
+            k = c * 128 + 32 * tt + 8 * i + ((e & 1) ? 4 : 0) + (e >> 1);
+        }
+        float v = 0.0f;
+        if (k < K) {
+            v = __bfloat162float(x[(size_t)m * K + k]);
+            if (input_scale) v /= input_scale[k];
+        }
+        xs[o] = __float2bfloat16(v);
+    }
+}
+
+/* ---------------------------------------------------------------- host side */
+static int qmm_mode(const rs_qweight *q) {
+    if (q->spec.format == RS_QFMT_NF4 || q->spec.format == RS_QFMT_FP4) return QMODE_CB;
+    if (q->spec.bits <= 4 && !(q->zeros && q->spec.float_zeros)) return QMODE_BF16;
+    return QMODE_F32;
+}
+
+extern "C" int rs_cuda_qmm_supported(const rs_qweight *q) {
+    const int fmt_ok = q->spec.format == RS_QFMT_INT || q->spec.format == RS_QFMT_NF4 ||
+                       q->spec.format == RS_QFMT_FP4;
+    const int bits_ok = q->spec.bits == 2 || q->spec.bits == 3 || q->spec.bits == 4 ||
+                        q->spec.bits == 8;
+    const int group_ok = q->group_size % 32 == 0 || q->n_groups == 1;
+    return fmt_ok && bits_ok && group_ok && q->n_critical == 0 && q->n_outlier_cols == 0 &&
+           q->rows > 0 && q->cols > 0;
+}
+
+static int qmm_sm_count(void) {
+    static int n = 0;
+    if (!n) {
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+        if (n < 1) n = 1;
+    }
+    return n;
+}
+
+typedef struct {
+    int mt, nt, splits, chunks_per_split, n_chunks, ldx, prep, perm;
+    dim3 grid;
+    size_t partial_bytes, xs_bytes;
+} qmm_plan;
+
+/* The launch shape for M rows: m-tiles per block by M, NT from tune_nt (0: 2), split-K so that
+ * the grid has about two blocks (eight warps) per SM, each warp streaming a long run of chunks
+ * through its load pipeline (tune_splits > 0 forces the split) while the fp32 partials stay at most half the packed weight's
+ * bytes (they go through L2 twice). Past 16 rows X is rewritten in qmm_chunk's order first. */
+static qmm_plan qmm_make_plan(const rs_qweight *q, const void *x, int M, int tune_nt,
+                              int tune_splits) {
+    qmm_plan pl = {};
+    pl.mt = M <= 16 ? 1 : M <= 32 ? 2 : 4;
+    pl.nt = tune_nt == 1 || tune_nt == 2 || tune_nt == 4 ? tune_nt : 2;
+    const int N = q->rows, K = q->cols, rows_per_block = QMM_WARPS * pl.nt * 8;
+    const int blocks_n = (N + rows_per_block - 1) / rows_per_block;
+    const int blocks_m = (M + 16 * pl.mt - 1) / (16 * pl.mt);
+    pl.n_chunks = (K + QMM_CHUNK - 1) / QMM_CHUNK;
+    int splits = tune_splits;
+    if (splits <= 0) {
+        const long want = 2L * qmm_sm_count();
+        splits = (int)((want + (long)blocks_n * blocks_m - 1) / ((long)blocks_n * blocks_m));
+        const double wbytes = (double)N * K * q->spec.bits / 8.0;
+        const int cap = (int)(wbytes / 2.0 / ((double)M * N * 4.0));
+        if (splits > cap) splits = cap;
+        if (splits > pl.n_chunks / 2) splits = pl.n_chunks / 2;
+    }
+    if (splits < 1) splits = 1;
+    if (splits > pl.n_chunks) splits = pl.n_chunks;
+    pl.chunks_per_split = (pl.n_chunks + splits - 1) / splits;
+    pl.splits = (pl.n_chunks + pl.chunks_per_split - 1) / pl.chunks_per_split;
+    pl.grid = dim3((unsigned)blocks_n, (unsigned)pl.splits, (unsigned)blocks_m);
+    pl.partial_bytes = pl.splits > 1 ? (size_t)pl.splits * M * N * sizeof(float) : 0;
+    pl.perm = pl.mt > 1;
+    pl.prep = pl.perm || q->input_scale || K % 8 != 0 || ((uintptr_t)x & 15u) != 0;
+    pl.ldx = pl.perm ? pl.n_chunks * QMM_CHUNK : pl.prep ? (K + 7) / 8 * 8 : K;
+    pl.xs_bytes = pl.prep ? ((size_t)M * pl.ldx * sizeof(bf16) + 255) / 256 * 256 : 0;
+    return pl;
+}
+
+extern "C" size_t rs_cuda_qmm_workspace_bytes(const rs_qweight *q, const void *x, int M,
+                                              int tune_nt, int tune_splits) {
+    qmm_plan pl = qmm_make_plan(q, x, M, tune_nt, tune_splits);
+    return pl.xs_bytes + pl.partial_bytes;
+}
+
+template <int BITS, int MODE, int MT>
+static void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    const dim3 block(QMM_WARPS * 32);
+    switch (pl.nt) {
+    case 1: qmm_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
+    case 4: qmm_kernel<BITS, MODE, MT, 4><<<pl.grid, block, 0, s>>>(p); break;
+    default: qmm_kernel<BITS, MODE, MT, 2><<<pl.grid, block, 0, s>>>(p); break;
+    }
+}
+
+template <int BITS, int MODE>
+static void qmm_launch_mt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    switch (pl.mt) {
+    case 1: qmm_launch_nt<BITS, MODE, 1>(pl, p, s); break;
+    case 2: qmm_launch_nt<BITS, MODE, 2>(pl, p, s); break;
+    default: qmm_launch_nt<BITS, MODE, 4>(pl, p, s); break;
+    }
+}
+
+/* The fused product (rs_cuda_qmm_supported(q) must hold). ws: at least
+ * rs_cuda_qmm_workspace_bytes(q, x, M, tune_nt, tune_splits) bytes, 256-byte aligned.
+ * counters: n_counters ints that are zero between calls (the kernel re-arms them), or NULL. */
+extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_qweight *q,
+                            const bf16 *bias, int M, float beta, void *ws, int *counters,
+                            int n_counters, int tune_nt, int tune_splits) {
+    if (M <= 0) return;
+    qmm_plan pl = qmm_make_plan(q, x, M, tune_nt, tune_splits);
+    qmm_params p;
+    memset(&p, 0, sizeof p);
+    p.x = x;
+    p.ldx = pl.ldx;
+    if (pl.prep) {
+        bf16 *xs = (bf16 *)ws;
+        const size_t n = (size_t)M * pl.ldx;
+        qmm_prep_x_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+            xs, x, q->input_scale, M, q->cols, pl.ldx, pl.perm);
+        CUDA_CHECK_LAUNCH(s, "qmm_prep_x_kernel");
+        p.x = xs;
+    }
+    p.packed = (const uint32_t *)q->packed;
+    p.row_words = (int)(rs_qpack_row_bytes(q->cols, q->spec.bits) / 4);
+    p.scales = q->scales;
+    p.zeros = q->zeros;
+    p.n_groups = q->n_groups;
+    p.gs = q->group_size;
+    p.zero_sym = (float)(1 << (q->spec.bits - 1));
+    p.M = M, p.N = q->rows, p.K = q->cols;
+    p.n_chunks = pl.n_chunks;
+    p.chunks_per_split = pl.chunks_per_split;
+    p.partial = pl.splits > 1 ? (float *)((char *)ws + pl.xs_bytes) : NULL;
+    const long tiles = (long)pl.grid.x * pl.grid.z;
+    p.counters = p.partial && counters && tiles <= n_counters ? counters : NULL;
+    p.out = out;
+    p.bias = bias;
+    p.beta = beta;
+    const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
+    for (int i = 0; i < 16; i++) p.cb[i] = book[i];
+
+    const int mode = qmm_mode(q);
+    if (mode == QMODE_CB) qmm_launch_mt<4, QMODE_CB>(pl, p, s);
+    else if (mode == QMODE_BF16 && q->spec.bits == 2) qmm_launch_mt<2, QMODE_BF16>(pl, p, s);
+    else if (mode == QMODE_BF16 && q->spec.bits == 3) qmm_launch_mt<3, QMODE_BF16>(pl, p, s);
+    else if (mode == QMODE_BF16) qmm_launch_mt<4, QMODE_BF16>(pl, p, s);
+    else if (q->spec.bits == 2) qmm_launch_mt<2, QMODE_F32>(pl, p, s);
+    else if (q->spec.bits == 3) qmm_launch_mt<3, QMODE_F32>(pl, p, s);
+    else if (q->spec.bits == 4) qmm_launch_mt<4, QMODE_F32>(pl, p, s);
+    else qmm_launch_mt<8, QMODE_F32>(pl, p, s);
+    CUDA_CHECK_LAUNCH(s, "qmm_kernel");
+    if (p.partial && !p.counters) {
+        const size_t n = (size_t)M * q->rows;
+        qmm_reduce_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+            out, p.partial, bias, M, q->rows, pl.splits, beta);
+        CUDA_CHECK_LAUNCH(s, "qmm_reduce_kernel");
+    }
+}
+
+/* ---------------------------------------------------------------- the dequantizer
+ * One thread per 8 codes (one 16-byte store; neighbouring threads store neighbouring bytes):
+ * w[n, k] = bf16(value / input_scale[k]) with the value of rs_dequantize_row (fp32 arithmetic,
+ * one rounding). The span's words are loaded whole by each of its four threads (L1 serves the
+ * repeats). */
+template <int BITS, int CB>
+__global__ void qdequant_fast_kernel(bf16 *w, const uint32_t *packed, int row_words,
+                                     const float *scales, const float *zeros,
+                                     const float *input_scale, int N, int K, int n_groups, int gs,
+                                     float zero_sym, qmm_params cbp) {
+    const int pieces = (K + 7) / 8;
+    const size_t total = (size_t)N * pieces;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const int n = (int)(idx / (size_t)pieces), pc = (int)(idx % (size_t)pieces);
+        const int sp = pc >> 2, v8 = pc & 3, kk = 8 * pc;
+        uint32_t raw[BITS];
+        load_span<BITS>(raw, packed + (size_t)n * row_words + (size_t)sp * BITS);
+        const int grp = min(sp * 32 / gs, n_groups - 1);
+        const float sc = scales[(size_t)n * n_groups + grp];
+        const float z = zeros ? zeros[(size_t)n * n_groups + grp] : zero_sym;
+        float f[8];
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            if (v != v8) continue;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const uint32_t c = code_of<BITS>(raw, 8 * v + e);
+                f[e] = CB ? cbp.cb[c] * sc : ((float)c - z) * sc;
+            }
+        }
+        if (input_scale)
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (kk + e < K) f[e] /= input_scale[kk + e];
+        bf16 *dst = w + (size_t)n * K + kk;
+        if (K % 8 == 0) {
+            uint4 o;
+            o.x = bf16x2_bits(__floats2bfloat162_rn(f[0], f[1]));
+            o.y = bf16x2_bits(__floats2bfloat162_rn(f[2], f[3]));
+            o.z = bf16x2_bits(__floats2bfloat162_rn(f[4], f[5]));
+            o.w = bf16x2_bits(__floats2bfloat162_rn(f[6], f[7]));
+            *(uint4 *)dst = o;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (kk + e < K) dst[e] = __float2bfloat16(f[e]);
+        }
+    }
+}
+
+/* The weight's dense bf16 matrix without critical entries (the caller adds them), for the
+ * formats rs_cuda_qmm_supported takes apart from the critical entries; 0 when done, -1 when the
+ * format needs the generic dequantizer (outlier columns). */
+extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *q) {
+    if (q->n_outlier_cols > 0 || q->rows <= 0 || q->cols <= 0) return -1;
+    if (q->spec.format == RS_QFMT_INT8_OUTLIER) return -1;
+    if (!(q->group_size % 32 == 0 || q->n_groups == 1)) return -1;
+    qmm_params cbp;
+    memset(&cbp, 0, sizeof cbp);
+    const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
+    for (int i = 0; i < 16; i++) cbp.cb[i] = book[i];
+    const int rw = (int)(rs_qpack_row_bytes(q->cols, q->spec.bits) / 4);
+    const size_t total = (size_t)q->rows * ((q->cols + 7) / 8);
+    const unsigned blocks = rs_cuda_blocks(total, RS_CUDA_THREADS);
+    const float zs = (float)(1 << (q->spec.bits - 1));
+    const uint32_t *pk = (const uint32_t *)q->packed;
+#define QDQ_ARGS w, pk, rw, q->scales, q->zeros, q->input_scale, q->rows, q->cols, q->n_groups, \
+                 q->group_size, zs, cbp
+    if (q->spec.format != RS_QFMT_INT)
+        qdequant_fast_kernel<4, 1><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
+    else if (q->spec.bits == 2)
+        qdequant_fast_kernel<2, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
+    else if (q->spec.bits == 3)
+        qdequant_fast_kernel<3, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
+    else if (q->spec.bits == 4)
+        qdequant_fast_kernel<4, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
+    else if (q->spec.bits == 8)
+        qdequant_fast_kernel<8, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
+    else
+        return -1;
+#undef QDQ_ARGS
+    CUDA_CHECK_LAUNCH(s, "qdequant_fast_kernel");
+    return 0;
+}

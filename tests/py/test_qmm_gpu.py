@@ -1,0 +1,73 @@
+"""The CUDA quantized matmuls (kernels/qgemm.cu fused dequant-matmul, kernels/quant.cu
+dequantize-then-cuBLAS, and the input gradient) against a float64 product with rs_dequantize's
+effective weight (the CPU dequantizer, itself checked against bitsandbytes' codebooks and the
+quantization tests), at every format, odd M/N/K and the Llama-2-7B / Llama-3-8B linear shapes.
+build/tools/qmm_tool does the work (random W, x, dout, bias from the seed; the output is
+poisoned with NaN before a beta = 0 call) and prints max |y - ref| / max |ref| per path.
+
+Tolerance 1.2e-2: the output is rounded to bf16 (up to 2^-9 = 2e-3 of the largest entry), each
+weight is rounded to bf16 (the fused kernel's bf16 arithmetic rounds the scale and the product:
+up to 2 x 2^-9 relative per weight, random in sign, so a dot product moves by ~2^-8 of its rms);
+measured errors are 2e-3..5e-3. A wrong code, scale, zero or group index gives errors of order 1.
+Runs only with RESAFE_TEST_GPU=1 (make test-gpu)."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import BUILD, gpu_enabled
+
+pytestmark = pytest.mark.skipif(not gpu_enabled(), reason="GPU tests run with RESAFE_TEST_GPU=1")
+TOOL = os.path.join(BUILD, "tools", "qmm_tool")
+TOL = 1.2e-2
+
+# name: (format, bits, group, symmetric, extra options, fused expected)
+FORMATS = {
+    "int4_g128_asym": ("int", 4, 128, 0, [], 1),
+    "int4_g128_sym": ("int", 4, 128, 1, [], 1),
+    "int4_g32_asym": ("int", 4, 32, 0, [], 1),
+    "int4_g64_floatzero": ("int", 4, 64, 0, ["floatzero"], 1),
+    "int4_g128_awq": ("int", 4, 128, 0, ["awq"], 1),
+    "int3_g64_sym": ("int", 3, 64, 1, [], 1),
+    "int3_g128_asym": ("int", 3, 128, 0, [], 1),
+    "int2_row_asym": ("int", 2, 0, 0, [], 1),
+    "int2_g64_asym": ("int", 2, 64, 0, [], 1),
+    "int8_g128_asym": ("int", 8, 128, 0, [], 1),
+    "int8_row_sym": ("int", 8, 0, 1, [], 1),
+    "nf4": ("nf4", 4, 64, 0, [], 1),
+    "fp4": ("fp4", 4, 64, 0, [], 1),
+    "int4_g128_critical": ("int", 4, 128, 0, ["crit"], 0),
+    "int8_outlier": ("int8o", 8, 0, 0, [], 0),
+}
+
+# (M, N, K): odd sizes (K not a multiple of 8 or 32, N not a multiple of 8), M across the m-tile
+# counts (1, 2, 4 tiles of 16) and past the fused kernel's one block of 64 rows
+SHAPES = [(1, 72, 256), (5, 37, 77), (16, 96, 200), (17, 130, 384), (33, 64, 160), (64, 40, 136),
+          (100, 24, 520)]
+LLAMA = [(1, 4096, 4096), (16, 11008, 4096), (7, 4096, 11008), (32, 14336, 4096),
+         (64, 4096, 4096)]
+
+
+def check(fmt, seed, M, N, K):
+    f, bits, group, sym, extra, fused = FORMATS[fmt]
+    p = subprocess.run([TOOL, "check", f, str(bits), str(group), str(sym), str(seed), str(M),
+                        str(N), str(K), *extra], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    words = p.stdout.split()
+    vals = {words[i]: float(words[i + 1]) for i in range(0, len(words), 2)}
+    print(fmt, M, N, K, vals)
+    assert vals["supported"] == fused
+    for key in ("fused0", "scratch0", "fused1", "scratch1", "dgrad"):
+        assert vals[key] <= TOL, (key, vals)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_qmatmul_paths_match_float64_reference_odd_shapes(fmt, rng_seed):
+    for i, (M, N, K) in enumerate(SHAPES):
+        check(fmt, rng_seed + i, M, N, K)
+
+
+@pytest.mark.parametrize("fmt", ["int4_g128_asym", "int3_g128_asym", "nf4", "int8_g128_asym"])
+def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
+    for i, (M, N, K) in enumerate(LLAMA):
+        check(fmt, rng_seed + 100 + i, M, N, K)
