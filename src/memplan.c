@@ -6,6 +6,7 @@
 #include "resafe/snip.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -165,17 +166,26 @@ int rs_mem_plan_free_bytes(const rs_backend *be, size_t *free_bytes) {
     return -1;
 }
 
+/* "12.55 GiB" from 1 GiB up, else "3.2 MiB". */
+static const char *human(char *buf, size_t n, size_t bytes) {
+    if (bytes >= ((size_t)1 << 30))
+        snprintf(buf, n, "%.2f GiB", bytes / 1073741824.0);
+    else
+        snprintf(buf, n, "%.1f MiB", bytes / 1048576.0);
+    return buf;
+}
+
 int rs_mem_plan_check(const char *who, const rs_mem_plan *p, const rs_backend *be, size_t held,
                       const char *hint) {
     size_t free_bytes;
     if (rs_mem_plan_free_bytes(be, &free_bytes) != 0) return 0;
     size_t need = p->total > held ? p->total - held : 0;
     if (need <= free_bytes) return 0;
-    const double g = 1073741824.0;
-    return RS_FAIL("%s: the memory plan needs %.2f GiB (weights %.2f, adapter %.2f, optimizer "
-                   "%.2f, activations %.2f, workspace %.2f) but only %.2f GiB are free on %s: "
-                   "%s",
-                   who, need / g, p->weights / g, p->adapter / g, p->optimizer / g,
-                   p->activations / g, p->workspace / g, free_bytes / g,
-                   be ? be->name : "the device", hint);
+    char b[7][32];
+    return RS_FAIL("%s: the memory plan needs %s (weights %s, adapter %s, optimizer %s, "
+                   "activations %s, workspace %s) but only %s are free on %s: %s",
+                   who, human(b[0], 32, need), human(b[1], 32, p->weights),
+                   human(b[2], 32, p->adapter), human(b[3], 32, p->optimizer),
+                   human(b[4], 32, p->activations), human(b[5], 32, p->workspace),
+                   human(b[6], 32, free_bytes), be ? be->name : "the device", hint);
 }
