@@ -17,6 +17,8 @@ from conftest import run_resafe
 from test_train_cli import ENV, dpo_config, make_model, tiny_model  # noqa: F401 (fixture)
 
 PLAN = re.compile(r"dpo: memory plan on (\w+) .*?: weights ([0-9.]+) MiB.*?; ([0-9.]+) MiB in all")
+PARTS = re.compile(r"weights ([0-9.]+) MiB.*?, adapter \(A, B, gradients, masks, SNIP\) ([0-9.]+) "
+                   r"MiB, optimizer state ([0-9.]+) MiB, activations ([0-9.]+) MiB")
 HELD = re.compile(r"dpo: memory on \w+: .*?; ([0-9.]+) MiB in all \(planned ([0-9.]+) MiB\)")
 PEAK = re.compile(r"after the first step [0-9.]+ MiB held, peak ([0-9.]+) MiB")
 GIB = re.compile(r"MiB in all \(([0-9.]+) GiB\)")
@@ -40,6 +42,11 @@ def test_dpo_plan_is_within_15_percent_of_the_measured_memory_on_cpu(tmp_path, t
     assert float(held.group(2)) == planned
     for measured in (float(held.group(1)), float(peak.group(1))):
         assert abs(measured - planned) <= 0.15 * measured, (over, planned, measured)
+    # part by part too (the measured line follows the plan's)
+    lines = [l for l in p.stderr.splitlines() if "memory plan on" in l or "memory on" in l]
+    want, got = ([float(x) for x in PARTS.search(l).groups()] for l in lines[:2])
+    for w, g in zip(want, got):
+        assert abs(w - g) <= 0.15 * g + 0.05, (over, want, got)  # + half the printed 0.1 MiB
     assert "exceeds the memory plan" not in p.stderr
     # printed before the weights are read
     assert p.stderr.index("memory plan on") < p.stderr.index("parameters (")
