@@ -124,3 +124,18 @@ def test_dpo_plan_needs_config_json_and_sft_has_no_plan(tmp_path, tiny_model):
     assert p.returncode == 1 and "config.json" in p.stderr, p.stderr
     p = run_resafe("sft", "--config", cfg, "--plan", check=False, env=ENV)
     assert p.returncode == 2 and "unknown argument '--plan'" in p.stderr, p.stderr
+
+
+def test_train_plan_plans_the_dpo_stage_on_model_path_before_the_quantized_model_exists(tmp_path):
+    model = tmp_path / "llama2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA2_7B))
+    cfg = dpo_config(tmp_path, str(model), str(tmp_path / "run"), model__backend="cuda",
+                     dpo__data_file="", dpo__batch_size=4, dpo__micro_batch_size=0,
+                     dpo__max_seq_len=512, snip__mask="none", lora__rank=128,
+                     lora__targets="all", lora__dropout=0)
+    p = run_resafe("train", "--config", cfg, "--plan", check=False, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert "does not exist yet: planning [model] path" in p.stderr
+    assert PLAN.search(p.stderr) and "for 8 x 512 tokens" in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "run" / "quantize")
