@@ -531,6 +531,12 @@ static void list_buffers(spec_list *l, rs_train_state *s, const rs_model_config 
     list_step_buffers(l, s, c, act, rs_dtype_size(weight_dtype));
 }
 
+/* The logit chunks and log-prob buffers (the plan counts them apart), by where they go. */
+static int is_logit_buffer(const rs_train_state *s, void **slot) {
+    return slot == (void **)&s->logits || slot == (void **)&s->dlogits ||
+           slot == (void **)&s->logp || slot == (void **)&s->lse || slot == (void **)&s->dlogp;
+}
+
 int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_dtype weight_dtype,
                               const rs_train_adapter_shape *lora, int max_B, int max_T,
                               int recompute, size_t *bytes, size_t *logit_bytes) {
@@ -543,9 +549,7 @@ int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_d
     int rc = plan_total(s, &specs, bytes);
     *logit_bytes = 0;
     for (int i = 0; i < specs.n && rc == 0; i++)
-        if (specs.items[i].slot == (void **)&s->logits || specs.items[i].slot == (void **)&s->dlogits ||
-            specs.items[i].slot == (void **)&s->logp || specs.items[i].slot == (void **)&s->lse ||
-            specs.items[i].slot == (void **)&s->dlogp)
+        if (is_logit_buffer(s, specs.items[i].slot))
             *logit_bytes += rs_align64(specs.items[i].elems * specs.items[i].elem_size);
     rs_train_state_free(s);
     return rc;
