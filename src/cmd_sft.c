@@ -13,5 +13,5 @@ static const char *g_usage =
     "  SIGINT/SIGTERM write a checkpoint at the next step boundary and exit 128 + signal.\n";
 
 int cmd_sft(int argc, char **argv) {
-    return cli_run_training(argc, argv, "sft", g_usage, rs_sft_run);
+    return cli_run_training(argc, argv, "sft", g_usage, rs_sft_run, NULL);
 }

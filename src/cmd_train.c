@@ -1,15 +1,16 @@
 /* resafe train --config FILE [--set section.key=value]... [--from STAGE] [--to STAGE] [--force]
- *              [-v] */
+ *              [--plan] [-v] */
 #include <stdio.h>
 #include <string.h>
 
 #include "resafe/cli.h"
 #include "resafe/core.h"
+#include "resafe/dpo.h"
 #include "resafe/pipeline.h"
 
 static const char *g_usage =
     "usage: resafe train --config FILE [--set section.key=value]... [--from STAGE] [--to STAGE]\n"
-    "                    [--force] [-v]\n"
+    "                    [--force] [--plan] [-v]\n"
     "  Runs the Q-resafe pipeline into [run] out_dir: quantize, triplets, dpo, merge, eval,\n"
     "  report. A stage whose manifest matches its inputs is skipped; an interrupted run\n"
     "  continues where it stopped (dpo from its checkpoint) when the command is run again.\n"
@@ -18,6 +19,9 @@ static const char *g_usage =
     "  --from STAGE       rerun STAGE and every stage after it\n"
     "  --to STAGE         stop after STAGE\n"
     "  --force            rerun every stage (no resume)\n"
+    "  --plan             print the dpo stage's memory plan and exit (as `resafe dpo --plan`:\n"
+    "                     the run's quantized model, or [model] path's dense weights before it\n"
+    "                     exists; nothing is run)\n"
     "  -v, --verbose      debug log\n";
 
 static int usage_error(const char *fmt, const char *arg) {
@@ -30,11 +34,12 @@ static int usage_error(const char *fmt, const char *arg) {
 /* Exit codes: 0 done, 1 error, 2 usage, 128 + signal when interrupted. */
 int cmd_train(int argc, char **argv) {
     const char *path = NULL, *from = NULL, *to = NULL;
-    int force = 0, verbose = 0;
+    int force = 0, verbose = 0, planning = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return fputs(g_usage, stdout), 0;
         if (!strcmp(a, "--force")) force = 1;
+        else if (!strcmp(a, "--plan")) planning = 1;
         else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) verbose = 1;
         else if (!strcmp(a, "--config") || !strcmp(a, "--set") || !strcmp(a, "--from") ||
                    !strcmp(a, "--to")) {
@@ -57,7 +62,9 @@ int cmd_train(int argc, char **argv) {
             i++;
     if (rc == 0) {
         cli_apply_run_settings(cfg, verbose);
-        rc = rs_train_run_until(cfg, from, to, force);
+        /* the dpo stage trains the run's quantized model on the run's patch set */
+        if (planning) rc = rs_config_set(cfg, "dpo", "data_file", "") == 0 ? rs_dpo_plan(cfg) : -1;
+        else rc = rs_train_run_until(cfg, from, to, force);
     }
     rs_config_free(cfg);
     if (rc < 0) {

@@ -1,5 +1,5 @@
 /* The command line shared by the training commands (resafe sft, resafe dpo):
- *   --config FILE [--set section.key=value]... [--resume | --force] [-v] */
+ *   --config FILE [--set section.key=value]... [--resume | --force] [--plan] [-v] */
 #include <stdio.h>
 #include <string.h>
 
@@ -27,13 +27,15 @@ void cli_apply_run_settings(const rs_config *cfg, int verbose) {
 }
 
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,
-                     int (*run)(const rs_config *cfg, int resume, int force)) {
+                     int (*run)(const rs_config *cfg, int resume, int force),
+                     int (*plan)(const rs_config *cfg)) {
     const char *path = NULL;
-    int resume = 0, force = 0, verbose = 0;
+    int resume = 0, force = 0, verbose = 0, planning = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return fputs(usage, stdout), 0;
         if (strcmp(a, "--resume") == 0) resume = 1;
+        else if (plan && strcmp(a, "--plan") == 0) planning = 1;
         else if (strcmp(a, "--force") == 0) force = 1;
         else if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) verbose = 1;
         else if (strcmp(a, "--config") == 0 || strcmp(a, "--set") == 0) {
@@ -52,7 +54,7 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     if (rc == 0) {
         cli_apply_run_settings(cfg, verbose);
-        rc = run(cfg, resume, force);
+        rc = planning ? plan(cfg) : run(cfg, resume, force);
     }
     rs_config_free(cfg);
     if (rc < 0) {

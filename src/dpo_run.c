@@ -8,6 +8,7 @@
  * elementwise masks), metrics.jsonl, checkpoint.h5. */
 #include "resafe/checkpoint.h"
 #include "resafe/dpo.h"
+#include "resafe/memplan.h"
 #include "resafe/patchset.h"
 #include "resafe/pipeline.h"
 #include "resafe/snip.h"
@@ -38,19 +39,28 @@ typedef struct {
 
 static const char *const g_dpo_sections[] = {"dpo", "snip", "lora", NULL};
 
-static int read_options(const rs_config *cfg, dpo_options *o) {
+/* planning: no data needed, and a run's quantized model that does not exist yet is planned
+ * from [model] path (the same architecture, dense). */
+static int read_options(const rs_config *cfg, dpo_options *o, int planning) {
     memset(o, 0, sizeof *o);
     o->model_dir = rs_config_get_str(cfg, "model", "path");
     o->data_file = rs_config_get_str(cfg, "dpo", "data_file");
     if (!o->data_file[0]) { /* the run's patch set, on the run's quantized model */
         rs_run_paths p;
         RS_TRY(rs_run_paths_init(cfg, &p));
-        o->model_dir = o->run_model = p.q_dir;
+        char *q_config = rs_path_join(p.q_dir, "config.json");
+        if (!planning || rs_path_exists(q_config) || !o->model_dir[0])
+            o->model_dir = p.q_dir;
+        else
+            rs_info("dpo: the run's quantized model %s does not exist yet: planning [model] path "
+                    "%s (its weights dense)", p.q_dir, o->model_dir);
+        free(q_config);
+        o->run_model = p.q_dir;
         o->data_file = o->run_patchset = p.patchset;
         p.q_dir = p.patchset = NULL;
         rs_run_paths_free(&p);
         o->is_patchset = 1;
-        if (!rs_path_exists(o->data_file))
+        if (!planning && !rs_path_exists(o->data_file))
             return RS_FAIL("resafe dpo: [dpo] data_file is not set and the run's patch set %s does "
                            "not exist (run `resafe triplets` first, or set [dpo] data_file)",
                            o->data_file);
@@ -105,7 +115,7 @@ static int read_options(const rs_config *cfg, dpo_options *o) {
     o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
     o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
     o->config_hash = rs_config_hash(cfg, g_dpo_sections);
-    return rs_file_hash(o->data_file, &o->data_hash);
+    return planning ? 0 : rs_file_hash(o->data_file, &o->data_hash);
 }
 
 static void free_options(dpo_options *o) {
@@ -118,6 +128,8 @@ static void free_options(dpo_options *o) {
 
 typedef struct {
     dpo_options o;
+    rs_mem_plan_input plan_in; /* its cfg is the model's config.json, read before the weights */
+    rs_mem_plan plan;
     rs_model m;
     rs_tokenizer *tok;
     rs_pref_set data;
@@ -144,9 +156,10 @@ static int load_patchset(dpo_run *r) {
         for (int k = 0; k < 2; k++) {
             const rs_seq *s = k ? &r->data.rejected[i] : &r->data.chosen[i];
             for (int t = 0; t < s->n; t++)
-                if (s->ids[t] >= r->m.cfg.vocab_size)
+                if (s->ids[t] >= r->plan_in.cfg.vocab_size)
                     return RS_FAIL("%s: pair %d: token id %d outside the vocabulary of %s (%d)",
-                                   o->data_file, i, s->ids[t], o->model_dir, r->m.cfg.vocab_size);
+                                   o->data_file, i, s->ids[t], o->model_dir,
+                                   r->plan_in.cfg.vocab_size);
         }
     int cut = rs_pref_truncate(&r->data, o->max_seq_len, o->data_file);
     if (cut < 0) return -1;
@@ -163,30 +176,72 @@ static int load_patchset(dpo_run *r) {
     return 0;
 }
 
-static int load_inputs(dpo_run *r, const rs_config *cfg) {
+static int load_data(dpo_run *r, const rs_config *cfg) {
     const dpo_options *o = &r->o;
-    const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
-    if (!be) return -1;
-    RS_TRY(rs_model_load(o->model_dir, be, &r->m));
     if (o->is_patchset) return load_patchset(r);
     r->tok = rs_tokenizer_load(o->model_dir);
     if (!r->tok) return -1;
     rs_encoder enc = {r->tok, RS_CHAT_NONE, NULL, -1, o->max_seq_len};
     RS_TRY(rs_chat_kind_of_config(cfg, o->model_dir, &enc.kind));
-    if (r->m.cfg.n_eos > 0) enc.eos_id = r->m.cfg.eos_token_ids[0];
+    if (r->plan_in.cfg.n_eos > 0) enc.eos_id = r->plan_in.cfg.eos_token_ids[0];
     return rs_pref_load_jsonl(o->data_file, &enc, &r->data);
 }
 
-/* The memory the run holds, by part, from the backend's accounting (backend.h live_bytes). */
-static void print_memory_plan(const rs_backend *be, size_t weights, size_t adapter, size_t acts,
-                              size_t optim, int recompute) {
+/* The run's shape into a plan's input (its model already read by rs_mem_plan_load_model):
+ * sequences of seq_len tokens (a run: its longest pair; a plan: max_seq_len). */
+static void plan_shape(const dpo_options *o, const char *backend, int seq_len,
+                       rs_mem_plan_input *in) {
+    in->backend = backend;
+    in->lora_rank = o->rank;
+    in->lora_targets = o->targets;
+    in->mask_mode = o->mask_mode;
+    in->lora_dropout = o->dropout > 0;
+    in->batch_seqs = 2 * o->dp.micro_pairs;
+    in->seq_len = seq_len;
+    in->recompute = o->dp.recompute;
+}
+
+static const char *const g_plan_hint =
+    "set [model] recompute = true, or lower [dpo] micro_batch_size (pairs per forward), "
+    "[dpo] max_seq_len or [lora] rank";
+
+/* The model's config and the data first, then the plan (printed, refused when it cannot fit),
+ * and only then the weights. */
+static int load_inputs(dpo_run *r, const rs_config *cfg) {
+    const dpo_options *o = &r->o;
+    const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
+    if (!be) return -1;
+    RS_TRY(rs_mem_plan_load_model(o->model_dir, &r->plan_in));
+    RS_TRY(load_data(r, cfg));
+    plan_shape(o, be->name, r->data.max_len, &r->plan_in);
+    RS_TRY(rs_mem_plan_compute(&r->plan_in, &r->plan));
+    rs_mem_plan_print("dpo", &r->plan_in, &r->plan);
+    RS_TRY(rs_mem_plan_check("dpo", &r->plan, be, be->live_bytes ? be->live_bytes() : 0,
+                             g_plan_hint));
+    return rs_model_load(o->model_dir, be, &r->m);
+}
+
+/* A measured total against the plan's: a warning past 10% more (the plan missed something). */
+static void check_against_plan(const char *what, size_t measured, size_t planned) {
+    if (planned > 0 && (double)measured > 1.1 * (double)planned)
+        rs_warn("dpo: %s %.1f MiB exceeds the memory plan's %.1f MiB by %.0f%% (the plan missed "
+                "an allocation: please report it)",
+                what, measured / 1048576.0, planned / 1048576.0,
+                100.0 * ((double)measured / (double)planned - 1.0));
+}
+
+/* The memory the run holds, by part, from the backend's accounting (backend.h live_bytes),
+ * next to the plan made before allocating. */
+static void print_memory_held(const rs_backend *be, size_t weights, size_t adapter, size_t acts,
+                              size_t optim, int recompute, size_t planned) {
     const double g = 1048576.0;
-    size_t ws = be->workspace_bytes ? be->workspace_bytes() : 0;
+    size_t ws = be->workspace_bytes ? be->workspace_bytes() : 0, live = be->live_bytes();
     rs_info("dpo: memory on %s: weights %.1f MiB, adapter (A, B, gradients, masks, SNIP) %.1f "
             "MiB, optimizer state %.1f MiB, activations %.1f MiB (recompute %s), backend "
-            "workspace %.1f MiB; %.1f MiB in all",
+            "workspace %.1f MiB; %.1f MiB in all (planned %.1f MiB)",
             be->name, weights / g, adapter / g, optim / g, acts / g, recompute ? "on" : "off",
-            ws / g, be->live_bytes ? be->live_bytes() / g : 0.0);
+            ws / g, live / g, planned / g);
+    check_against_plan("memory held after setup", live, planned);
 }
 
 static int setup(dpo_run *r) {
@@ -214,8 +269,8 @@ static int setup(dpo_run *r) {
     rs_optim_alloc(&r->opt);
     if (be->live_bytes) {
         size_t live3 = be->live_bytes(), ws = be->workspace_bytes ? be->workspace_bytes() : 0;
-        print_memory_plan(be, live0 > ws ? live0 - ws : live0, live1 - live0, live2 - live1,
-                          live3 - live2, o->dp.recompute);
+        print_memory_held(be, live0 > ws ? live0 - ws : live0, live1 - live0, live2 - live1,
+                          live3 - live2, o->dp.recompute, r->plan.total);
     }
     rs_data_order_init(&r->order, r->data.n, o->seed);
     int per_epoch = rs_batches_per_epoch(r->data.n, o->batch_size);
@@ -332,10 +387,13 @@ static int one_step(dpo_run *r) {
     RS_TRY(write_metrics(r, &st, lr, norm));
     /* the gradient norm waited for the device, so this is the step's time up to the update */
     rs_debug("dpo: step %lld took %.4f s", (long long)r->step, rs_now() - t0);
-    if (r->step == 1 && r->m.be->peak_bytes)
+    if (r->step == 1 && r->m.be->peak_bytes) {
         rs_debug("dpo: after the first step %.1f MiB held, peak %.1f MiB (the op scratch grows "
-                 "once, in the first step)",
-                 r->m.be->live_bytes() / 1048576.0, r->m.be->peak_bytes() / 1048576.0);
+                 "once, in the first step; planned %.1f MiB)",
+                 r->m.be->live_bytes() / 1048576.0, r->m.be->peak_bytes() / 1048576.0,
+                 r->plan.total / 1048576.0);
+        check_against_plan("the peak of the first step", r->m.be->peak_bytes(), r->plan.total);
+    }
     if (rs_now() - r->last_print >= 1.0 || r->step == o->sched.total_steps) {
         r->last_print = rs_now();
         rs_info("dpo: step %lld/%d loss %.4f acc %.2f margin %.4g lr %.3g |g| %.3g",
@@ -388,7 +446,7 @@ int rs_dpo_run(const rs_config *cfg, int resume, int force) {
     memset(&r, 0, sizeof r);
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
-    int rc = read_options(cfg, &r.o);
+    int rc = read_options(cfg, &r.o, 0);
     if (rc == 0) rc = load_inputs(&r, cfg);
     if (rc == 0) rc = setup(&r);
     if (rc == 0) rc = start_or_resume(&r, resume, force);
@@ -399,5 +457,38 @@ int rs_dpo_run(const rs_config *cfg, int resume, int force) {
     if (rc == 0) rc = save_checkpoint(&r);
     if (rc == 0) rc = write_outputs(&r);
     free_run(&r);
+    return rc;
+}
+
+int rs_dpo_plan(const rs_config *cfg) {
+    dpo_options o;
+    rs_mem_plan_input in;
+    rs_mem_plan plan;
+    memset(&o, 0, sizeof o);
+    memset(&in, 0, sizeof in);
+    const char *backend = rs_mem_plan_backend_name(rs_config_get_str(cfg, "model", "backend"));
+    int rc = backend ? read_options(cfg, &o, 1) : -1;
+    if (rc == 0) rc = rs_mem_plan_load_model(o.model_dir, &in);
+    if (rc == 0) {
+        plan_shape(&o, backend, o.max_seq_len, &in);
+        rc = rs_mem_plan_compute(&in, &plan);
+    }
+    if (rc == 0) {
+        rs_mem_plan_print("dpo", &in, &plan);
+        /* the device's free memory only where that backend runs here (cpu: unknown) */
+        const rs_backend *be = strcmp(backend, "cuda") == 0 ? rs_backend_cuda() : NULL;
+        size_t free_bytes, held = be && be->live_bytes ? be->live_bytes() : 0;
+        const double g = 1073741824.0;
+        if (rs_mem_plan_free_bytes(be, &free_bytes) != 0)
+            rs_info("dpo: free memory on %s unknown here: nothing checked", backend);
+        else if (rs_mem_plan_check("dpo", &plan, be, held, g_plan_hint) == 0)
+            rs_info("dpo: the plan fits: %.2f GiB free", free_bytes / g);
+        else
+            rs_warn("%s", rs_last_error());
+        rs_info("dpo: planned for sequences of max_seq_len %d tokens; a run plans for its longest "
+                "pair, at most that",
+                o.max_seq_len);
+    }
+    free_options(&o);
     return rc;
 }

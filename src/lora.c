@@ -170,6 +170,34 @@ static void place(rs_lora *l, const lora_layout *lay, const size_t *a_off, const
     }
 }
 
+/* The one device allocation of the layout (the order of the header comment). */
+static size_t block_bytes(const lora_layout *lay, rs_mask_mode mask_mode) {
+    return 2 * lay->n_flat * sizeof(float) + lay->n_dw * sizeof(float) + lay->n_mask_w +
+           (mask_mode == RS_MASK_FACTOR ? rs_align64(lay->n_flat) : 0);
+}
+
+int rs_lora_plan_bytes(const rs_model_config *c, int rank, unsigned targets,
+                       rs_mask_mode mask_mode, int want_weight_grad, size_t *n_flat,
+                       size_t *bytes) {
+    rs_lora l = {.rank = rank, .targets = targets, .mask_mode = mask_mode,
+                 .n_layers = c->n_layers};
+    int n_lin = c->n_layers * RS_LORA_N_TARGETS;
+    l.lin = rs_calloc((size_t)n_lin, sizeof *l.lin);
+    for (int i = 0; i < n_lin; i++)
+        if (targets & (1u << (i % RS_LORA_N_TARGETS)))
+            target_shape(c, (rs_lora_target)(i % RS_LORA_N_TARGETS), &l.lin[i].in, &l.lin[i].out);
+    size_t *off = rs_malloc(3 * (size_t)n_lin * sizeof *off);
+    lora_layout lay;
+    int rc = plan_layout(&l, want_weight_grad, mask_mode == RS_MASK_ELEMENTWISE, &lay, off,
+                         off + n_lin, off + 2 * n_lin);
+    free(off);
+    free(l.lin);
+    if (rc != 0) return -1;
+    *n_flat = lay.n_flat;
+    *bytes = block_bytes(&lay, mask_mode);
+    return 0;
+}
+
 static int check_init_args(const rs_model *m, int rank, float alpha, unsigned targets,
                            rs_mask_mode mask_mode) {
     if (rank < 1 || rank > 65536) return RS_FAIL("LoRA: rank %d outside [1, 65536]", rank);
@@ -204,8 +232,7 @@ int rs_lora_init(rs_lora *l, const rs_model *m, int rank, float alpha, unsigned 
         return -1;
     }
     l->n_flat = lay.n_flat;
-    l->block_bytes = 2 * lay.n_flat * sizeof(float) + lay.n_dw * sizeof(float) + lay.n_mask_w +
-                     (mask_mode == RS_MASK_FACTOR ? rs_align64(lay.n_flat) : 0);
+    l->block_bytes = block_bytes(&lay, mask_mode);
     l->block = m->be->alloc(l->block_bytes);
     place(l, &lay, off, off + n_lin, off + 2 * n_lin);
     fill_initial(l, off, off + n_lin, rng);

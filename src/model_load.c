@@ -149,6 +149,18 @@ static int upload_parameters(rs_model *m, spec_list *l) {
     return 0;
 }
 
+size_t rs_model_plan_bytes(const rs_model_config *c, rs_dtype weight_dtype, int quantized) {
+    rs_model m = {.cfg = *c};
+    m.layers = rs_calloc((size_t)c->n_layers, sizeof *m.layers);
+    spec_list specs = {0};
+    list_parameters(&m, &specs, quantized);
+    size_t wsize = rs_dtype_size(weight_dtype), total = 0;
+    for (int i = 0; i < specs.n; i++) total += rs_align64(spec_numel(&specs.items[i]) * wsize);
+    free(specs.items);
+    free(m.layers);
+    return total + rs_align64((size_t)(c->head_dim / 2) * sizeof(float)); /* inv_freq */
+}
+
 /* A quantized directory (quant_io.h): read every linear's quantized tensors (host, validated). */
 static int read_quantized(const char *dir, const rs_st_set *set, const char *qjson, rs_model *m,
                           rs_qweight **qw, int *n_tensors) {

@@ -409,8 +409,8 @@ static void list_layer_buffers(spec_list *l, rs_train_state *s, const rs_model_c
 
 #define ONE(l, name, elems, size, field) add(l, name, elems, size, 1, (void **)&(field), 0)
 
-static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model *m, size_t act) {
-    const rs_model_config *c = &m->cfg;
+static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model_config *c,
+                              size_t act, size_t wsize) {
     size_t n = (size_t)s->max_tokens, D = c->hidden_size, F = c->intermediate_size;
     size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
     size_t V = c->vocab_size, C = (size_t)s->chunk_rows, f = sizeof(float), i32 = sizeof(int32_t);
@@ -437,7 +437,7 @@ static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model *m
         ONE(l, "dropout dx [n,max in]", mul(n, max_in), act, s->drop_dx);
     }
     if (s->lora_elementwise) {
-        ONE(l, "merged weight [max out*in]", max_w, rs_dtype_size(m->be->weight_dtype), s->w_eff);
+        ONE(l, "merged weight [max out*in]", max_w, wsize, s->w_eff);
         ONE(l, "dW scratch [max out*in]", max_w, f, s->dw_tmp);
     }
     ONE(l, "ids [n]", n, i32, s->ids);
@@ -445,16 +445,24 @@ static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model *m
     ONE(l, "targets [n]", n, i32, s->targets);
 }
 
-/* Sizes, then one allocation carved in list order. */
-static int allocate_plan(rs_train_state *s, const rs_backend *be, const spec_list *l) {
-    size_t total = 0;
+/* The bytes of the listed buffers, each 64-byte aligned. */
+static int plan_total(const rs_train_state *s, const spec_list *l, size_t *total) {
+    *total = 0;
     for (int i = 0; i < l->n; i++) {
         size_t one = rs_align64(mul(l->items[i].elems, l->items[i].elem_size));
         if (l->items[i].elems == SIZE_MAX || one < l->items[i].elems ||
-            rs_add_size(total, mul(one, (size_t)l->items[i].count), &total) != 0 || total == SIZE_MAX)
+            rs_add_size(*total, mul(one, (size_t)l->items[i].count), total) != 0 ||
+            *total == SIZE_MAX)
             return RS_FAIL("training activations for %d tokens overflow the address space",
                            s->max_tokens);
     }
+    return 0;
+}
+
+/* Sizes, then one allocation carved in list order. */
+static int allocate_plan(rs_train_state *s, const rs_backend *be, const spec_list *l) {
+    size_t total;
+    RS_TRY(plan_total(s, l, &total));
     s->plan.base = be->alloc(total);
     s->plan.capacity = total;
     for (int i = 0; i < l->n; i++) {
@@ -497,6 +505,56 @@ static int check_adapter_plan(const rs_model *m, const rs_lora *lora) {
     return 0;
 }
 
+/* A state with its shape and pointer tables, nothing on the device yet. */
+static rs_train_state *new_state(const rs_model_config *c, const rs_train_adapter_shape *lora,
+                                 int max_tokens, int recompute) {
+    rs_train_state *s = rs_calloc(1, sizeof *s);
+    s->n_layers = c->n_layers;
+    s->max_tokens = max_tokens;
+    s->recompute = recompute != 0;
+    size_t rows = LOGIT_CHUNK_ELEMS / (size_t)c->vocab_size;
+    s->chunk_rows = rows < 1 ? 1 : rows > (size_t)s->max_tokens ? s->max_tokens : (int)rows;
+    s->lora_rank = lora->rank;
+    s->lora_targets = lora->targets;
+    s->lora_elementwise = lora->elementwise != 0;
+    s->lora_dropout = lora->dropout != 0;
+    s->x = rs_calloc((size_t)c->n_layers + 1, sizeof *s->x);
+    s->layer = rs_calloc(s->recompute ? 1 : (size_t)c->n_layers, sizeof *s->layer);
+    s->dropout_seed = rs_calloc((size_t)c->n_layers * RS_LORA_N_TARGETS, sizeof *s->dropout_seed);
+    return s;
+}
+
+static void list_buffers(spec_list *l, rs_train_state *s, const rs_model_config *c,
+                         rs_dtype act_dtype, rs_dtype weight_dtype) {
+    size_t act = rs_dtype_size(act_dtype);
+    list_layer_buffers(l, s, c, act);
+    list_step_buffers(l, s, c, act, rs_dtype_size(weight_dtype));
+}
+
+/* The logit chunks and log-prob buffers (the plan counts them apart), by where they go. */
+static int is_logit_buffer(const rs_train_state *s, void **slot) {
+    return slot == (void **)&s->logits || slot == (void **)&s->dlogits ||
+           slot == (void **)&s->logp || slot == (void **)&s->lse || slot == (void **)&s->dlogp;
+}
+
+int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_dtype weight_dtype,
+                              const rs_train_adapter_shape *lora, int max_B, int max_T,
+                              int recompute, size_t *bytes, size_t *logit_bytes) {
+    if (max_B < 1 || max_T < 1 || (int64_t)max_B * max_T > INT32_MAX)
+        return RS_FAIL("train state: batch %d x %d tokens must be positive and below 2^31", max_B,
+                       max_T);
+    rs_train_state *s = new_state(c, lora, max_B * max_T, recompute);
+    spec_list specs = {.n = 0};
+    list_buffers(&specs, s, c, act_dtype, weight_dtype);
+    int rc = plan_total(s, &specs, bytes);
+    *logit_bytes = 0;
+    for (int i = 0; i < specs.n && rc == 0; i++)
+        if (is_logit_buffer(s, specs.items[i].slot))
+            *logit_bytes += rs_align64(specs.items[i].elems * specs.items[i].elem_size);
+    rs_train_state_free(s);
+    return rc;
+}
+
 rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
                                    int recompute) {
     const rs_backend *be = m->be;
@@ -512,27 +570,15 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
         RS_FAIL("the %s backend cannot train a quantized model (qmatmul ops missing)", be->name);
         return NULL;
     }
-    const rs_model_config *c = &m->cfg;
-    rs_train_state *s = rs_calloc(1, sizeof *s);
+    rs_train_adapter_shape shape = {0};
+    if (lora)
+        shape = (rs_train_adapter_shape){lora->rank, lora->targets,
+                                         lora->mask_mode == RS_MASK_ELEMENTWISE,
+                                         lora->dropout > 0.0f};
+    rs_train_state *s = new_state(&m->cfg, &shape, max_B * max_T, recompute);
     s->be = be;
-    s->n_layers = c->n_layers;
-    s->max_tokens = max_B * max_T;
-    s->recompute = recompute != 0;
-    size_t rows = LOGIT_CHUNK_ELEMS / (size_t)c->vocab_size;
-    s->chunk_rows = rows < 1 ? 1 : rows > (size_t)s->max_tokens ? s->max_tokens : (int)rows;
-    if (lora) {
-        s->lora_rank = lora->rank;
-        s->lora_targets = lora->targets;
-        s->lora_elementwise = lora->mask_mode == RS_MASK_ELEMENTWISE;
-        s->lora_dropout = lora->dropout > 0.0f;
-    }
-    s->x = rs_calloc((size_t)c->n_layers + 1, sizeof *s->x);
-    s->layer = rs_calloc(s->recompute ? 1 : (size_t)c->n_layers, sizeof *s->layer);
-    s->dropout_seed = rs_calloc((size_t)c->n_layers * RS_LORA_N_TARGETS, sizeof *s->dropout_seed);
     spec_list specs = {.n = 0};
-    size_t act = rs_dtype_size(be->act_dtype);
-    list_layer_buffers(&specs, s, c, act);
-    list_step_buffers(&specs, s, m, act);
+    list_buffers(&specs, s, &m->cfg, be->act_dtype, be->weight_dtype);
     if (allocate_plan(s, be, &specs) != 0) {
         rs_train_state_free(s);
         return NULL;
@@ -550,7 +596,7 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
 
 void rs_train_state_free(rs_train_state *s) {
     if (!s) return;
-    if (s->plan.base) s->be->free(s->plan.base);
+    if (s->plan.base) s->be->free(s->plan.base); /* NULL be: a plan that allocated nothing */
     free(s->x);
     free(s->layer);
     free(s->dropout_seed);

@@ -145,6 +145,19 @@ int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora) {
     return 0;
 }
 
+size_t rs_snip_plan_bytes(const rs_model_config *c, unsigned targets, rs_dtype weight_dtype) {
+    size_t bytes = 0, max_w = 0;
+    for (int t = 0; t < RS_LORA_N_TARGETS; t++) {
+        if (!(targets & (1u << t))) continue;
+        int out, in;
+        rs_linear_shape(c, t, &out, &in);
+        size_t n = (size_t)out * in;
+        bytes += (size_t)c->n_layers * rs_align64(n * sizeof(float));
+        max_w = n > max_w ? n : max_w;
+    }
+    return bytes + rs_align64(max_w * rs_dtype_size(weight_dtype)); /* the score block, w_eff */
+}
+
 static void attach_dW(rs_snip *s, int on) {
     for (int i = 0; i < s->n_lin; i++)
         rs_lora_at(s->lora, s->lin_layer[i], s->lin_target[i])->dW = on ? s->dW[i] : NULL;

@@ -20,8 +20,10 @@ int cmd_eval(int argc, char **argv);     /* src/cmd_eval.c */
  * config (src/cmd_training.c). */
 void cli_apply_run_settings(const rs_config *cfg, int verbose);
 
-/* The training commands' shared command line (src/cmd_training.c). */
+/* The training commands' shared command line (src/cmd_training.c). plan (NULL: the command
+ * has no --plan): what --plan runs instead of run (a dry run). */
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,
-                     int (*run)(const rs_config *cfg, int resume, int force));
+                     int (*run)(const rs_config *cfg, int resume, int force),
+                     int (*plan)(const rs_config *cfg));
 
 #endif

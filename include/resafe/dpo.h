@@ -93,5 +93,10 @@ int rs_dpo_nll_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, double *
  * 0, -1 + message, or the number of the signal that interrupted it (after writing a
  * checkpoint). */
 int rs_dpo_run(const rs_config *cfg, int resume, int force);
+/* `resafe dpo --plan`: the memory plan of that run (memplan.h) for sequences of [dpo]
+ * max_seq_len tokens on [model] backend (cuda planned in bf16 on any machine), from the model's
+ * config.json alone: no weights or data are read. Says whether it fits where the free memory is
+ * known. 0, or -1 + message. */
+int rs_dpo_plan(const rs_config *cfg);
 
 #endif

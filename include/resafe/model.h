@@ -123,6 +123,9 @@ typedef enum {
  * weight dtype). Errors name the missing or mis-shaped tensor. */
 int rs_model_load(const char *dir, const rs_backend *be, rs_model *m);
 void rs_model_free(rs_model *m);
+/* The bytes rs_model_load allocates on the device for config c's parameters (memplan.h);
+ * quantized: without the 7 linears of each layer (their packed weights are the caller's sum). */
+size_t rs_model_plan_bytes(const rs_model_config *c, rs_dtype weight_dtype, int quantized);
 
 /* Replace the dense linears of m by quantized ones: qw[l * 7 + i] (host weights, copied to the
  * backend; NULL entries stay dense). The dense parameters stay allocated but unused. */

@@ -48,6 +48,17 @@ typedef struct rs_train_state rs_train_state; /* opaque: the activation arena an
 rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
                                    int recompute);
 void rs_train_state_free(rs_train_state *s);
+/* The adapter shape a train state makes room for (rank 0: none). */
+typedef struct {
+    int rank;
+    unsigned targets;
+    int elementwise, dropout;
+} rs_train_adapter_shape;
+/* The bytes rs_train_state_new allocates on the device (the arena, exactly, without
+ * allocating it; memplan.h), and among them the logit chunks and log-prob buffers. */
+int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_dtype weight_dtype,
+                              const rs_train_adapter_shape *lora, int max_B, int max_T,
+                              int recompute, size_t *bytes, size_t *logit_bytes);
 size_t rs_train_state_bytes(const rs_train_state *s);
 /* The rng the LoRA dropout masks are drawn from (seeded with 0 by rs_train_state_new): seed it,
  * or save and restore it with a checkpoint to resume bit-identically. */
@@ -78,6 +89,11 @@ void rs_model_grads_free(const rs_model *m, rs_model_grads *g);
  * 1/sqrt(in)); B zero), their gradients, and masks for mask_mode. */
 int rs_lora_init(rs_lora *l, const rs_model *m, int rank, float alpha, unsigned targets,
                  rs_mask_mode mask_mode, int want_weight_grad, rs_rng *rng);
+/* The bytes rs_lora_init allocates on the device for config c (one block; memplan.h), and
+ * the trainable values n_flat (with the alignment gaps, as the optimizer holds them). */
+int rs_lora_plan_bytes(const rs_model_config *c, int rank, unsigned targets,
+                       rs_mask_mode mask_mode, int want_weight_grad, size_t *n_flat,
+                       size_t *bytes);
 void rs_lora_free(rs_lora *l);
 /* [lora] group_constant: tie A within the quantization groups of m's INT format (lora.h,
  * rs_lora_group_init). A dense model: a warning, nothing tied; nf4/fp4/int8 or elementwise masks:

@@ -71,6 +71,8 @@ typedef struct {
 } rs_snip;
 
 int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora);
+/* The device bytes rs_snip_init allocates for an adapter on `targets` of config c (memplan.h). */
+size_t rs_snip_plan_bytes(const rs_model_config *c, unsigned targets, rs_dtype weight_dtype);
 void rs_snip_free(rs_snip *s); /* re-attaches the dW buffers */
 /* The model's frozen weight of a targeted linear (device, weight dtype). */
 void *rs_snip_weight(rs_model *m, int layer, rs_lora_target t);
