@@ -132,8 +132,10 @@ static int slot_tokens(const gen_state *g, int b, const int *lens, int T) {
 }
 
 /* The call's tokens per sequence: 1 when every slot decodes; while some prefill, the longest
- * chunk whose padding (slots that feed fewer tokens) stays within the real tokens, or within
- * the backend's free rows. *B: the sequences up to the last busy slot. */
+ * chunk whose padding (slots that feed fewer tokens) stays within a quarter of the real tokens
+ * (on cpu every row costs its arithmetic: a prompt beside decoding slots is fed a token per
+ * call), or whose rows stay within the backend's free rows (a GPU call costs the weights'
+ * read up to there). *B: the sequences up to the last busy slot. */
 static int call_width(const gen_state *g, const rs_model *m, const int *lens, int *B) {
     int longest = 1;
     *B = 0;
@@ -147,7 +149,7 @@ static int call_width(const gen_state *g, const rs_model *m, const int *lens, in
     for (int t = 2; t <= longest && t <= g->max_T; t++) {
         long long real = 0;
         for (int b = 0; b < *B; b++) real += slot_tokens(g, b, lens, t);
-        if ((long long)*B * t <= 2 * real || (long long)*B * t <= m->be->free_rows) T = t;
+        if (4LL * *B * t <= 5 * real || (long long)*B * t <= m->be->free_rows) T = t;
     }
     return T;
 }

@@ -8,10 +8,11 @@
  * every busy slot: a decoding slot feeds its last token (T = 1 when no slot prefills), a slot
  * with prompt tokens not yet cached feeds the next chunk of them, right-padded to the call's T
  * (model.h: the cache row is the position, so sequences of one call may be anywhere). T is
- * the longest chunk whose padding stays within the call's real tokens or within the backend's
- * free_rows (backend.h), so a new prompt beside decoding slots is fed over a few calls instead
- * of padding every decoding slot to its length. A slot's first token is drawn after the call
- * that cached its prompt's last token.
+ * the longest chunk whose padding stays within a quarter of the call's real tokens, or whose
+ * rows stay within the backend's free_rows (backend.h): a new prompt beside decoding slots is
+ * fed over several calls instead of padding every decoding slot to its length (on cpu, one
+ * token a call). A slot's first token is drawn after the call that cached its prompt's last
+ * token.
  *
  * Each prompt draws from its own rs_rng, seeded from (seed, prompt index) or from seeds[i], so
  * its tokens depend on neither the batch size nor its neighbours. A response ends at a stop id
