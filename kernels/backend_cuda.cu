@@ -721,6 +721,7 @@ static void cuda_init(void) {
     b->name = "cuda";
     b->act_dtype = RS_BF16;
     b->weight_dtype = RS_BF16;
+    b->free_rows = 256;
     b->alloc = cuda_alloc;
     b->free = cuda_free;
     b->to_device = cuda_to_device;

@@ -799,6 +799,7 @@ static const rs_backend g_cpu = {
     .name = "cpu",
     .act_dtype = RS_F32,
     .weight_dtype = RS_F32,
+    .free_rows = 0,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .to_device = cpu_to_device,

@@ -25,7 +25,7 @@ static const char *g_usage =
     "  --top-k K              0 = off (default)\n"
     "  --top-p P              1 = off (default)\n"
     "  --seed S               prompt i samples from seed S and index i (default 0)\n"
-    "  --batch-size B         prompts per batch (default 8)\n"
+    "  --batch-size B         sequences generated at once (default 8)\n"
     "  --backend NAME         cpu, cuda or auto (default auto)\n"
     "  --format FMT           text (default) or jsonl: one object per prompt with prompt_ids,\n"
     "                         ids (generated, the stop id included) and text\n"
@@ -34,7 +34,7 @@ static const char *g_usage =
     "  --set section.key=V    override one config key (repeatable; implies the defaults\n"
     "                         of every other key when no --config is given)\n"
     "  --no-chat              plain prompts even when the config says chat = true\n"
-    "  -v, --verbose          debug log (memory plans)\n";
+    "  -v, --verbose          debug log (memory plans, forward calls)\n";
 
 typedef struct {
     const char *model_dir, *prompts_file, *system, *backend, *format;
@@ -300,10 +300,13 @@ static void print_result(const options *o, const rs_tokenizer *tok, int i, const
 
 typedef struct {
     double start;
+    int every, next; /* a line each time `every` more prompts are done (a batch's worth) */
 } progress_state;
 
 static void progress(void *user, int done, int total, long long tokens) {
-    const progress_state *s = user;
+    progress_state *s = user;
+    if (done < s->next && done < total) return;
+    s->next = (done / s->every + 1) * s->every;
     double dt = rs_now() - s->start;
     fprintf(stderr, "generate: %d/%d prompts, %lld tokens, %.1f tokens/s\n", done, total, tokens,
             dt > 0 ? tokens / dt : 0.0);
@@ -343,7 +346,7 @@ static int run(options *o) {
         if (o->gen.max_new_tokens >= 0) p.max_new_tokens = o->gen.max_new_tokens;
         p.temperature = o->gen.temperature, p.top_k = o->gen.top_k, p.top_p = o->gen.top_p;
         p.seed = o->gen.seed, p.batch_size = o->gen.batch_size;
-        progress_state ps = {rs_now()};
+        progress_state ps = {rs_now(), p.batch_size, p.batch_size};
         if (o->n_ids > p.batch_size) p.progress = progress, p.progress_user = &ps;
         double t0 = rs_now();
         rc = rs_generate(&m, (const int32_t *const *)o->ids, o->id_lens, o->n_ids, &p, out);

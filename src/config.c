@@ -72,7 +72,7 @@ static const rs_config_key g_schema[] = {
     STRING_KEY("generate", "system_prompt", "", "generate",
                "system message for chat prompts (empty = none)"),
     INT_KEY("generate", "batch_size", "16", 1, 65536, "generate, triplets, eval",
-            "prompts generated together (one padded batch)"),
+            "sequences generated together (KV-cache slots refilled as responses end)"),
 
     ENUM_KEY("quant", "format", "int4", "int2|int3|int4|int8|nf4|fp4", LATER_QUANT,
              "weight format: grouped integers, or nf4/fp4 codebooks (absmax blocks of 64)"),

@@ -75,16 +75,24 @@ static int is_eos(const rs_gen_params *p, int32_t id) {
 
 /* ---------------------------------------------------------------- the loop */
 
-/* Per batch scratch, sized once for the largest batch. */
+/* One KV-cache slot: the prompt it holds (-1: idle) and how many of its tokens are cached. */
+typedef struct {
+    int prompt, fed;
+} gen_slot;
+
+/* Scratch of the whole run, sized once: batch slots, calls of up to batch x max_T tokens. */
 typedef struct {
     rs_kv_cache cache;
     rs_sampler sampler;
-    rs_rng *rngs;
-    float *logits;    /* [batch, vocab] */
+    gen_slot *slots;
+    rs_rng *rngs;      /* [batch] the generator of each slot's prompt */
+    float *logits;     /* [batch, vocab] */
     int32_t *tokens, *pos;
-    int *running;
+    int batch, max_T;
     int greedy;        /* temperature <= 0 and the backend has argmax_rows: ids, not logits */
     int32_t *next_ids; /* [batch] the greedy step's ids */
+    int next_prompt, n_done;
+    long long n_tokens, n_calls, n_rows, n_real; /* generated; forward calls and their rows */
 } gen_state;
 
 static int check_params(const rs_model *m, const int *lens, int n, const rs_gen_params *p) {
@@ -103,56 +111,124 @@ static int check_params(const rs_model *m, const int *lens, int n, const rs_gen_
     return 0;
 }
 
+/* Slot b takes the next waiting prompt, or goes idle when none is left. */
+static void refill(gen_state *g, int b, int n_prompts, const rs_gen_params *p, rs_gen_output *out) {
+    gen_slot *s = &g->slots[b];
+    s->prompt = g->next_prompt < n_prompts ? g->next_prompt++ : -1;
+    s->fed = 0;
+    if (s->prompt < 0) return;
+    int i = s->prompt;
+    rs_rng_seed(&g->rngs[b], p->seeds ? p->seeds[i] : rs_gen_seed(p->seed, i));
+    out[i].ids = rs_malloc((size_t)p->max_new_tokens * sizeof(int32_t));
+}
+
+/* Tokens slot b feeds in a call of T per sequence: the rest of its prompt (at most T), else
+ * its last generated token. */
+static int slot_tokens(const gen_state *g, int b, const int *lens, int T) {
+    const gen_slot *s = &g->slots[b];
+    if (s->prompt < 0) return 0;
+    int left = lens[s->prompt] - s->fed;
+    return left == 0 ? 1 : left < T ? left : T;
+}
+
+/* The call's tokens per sequence: 1 when every slot decodes; while some prefill, the longest
+ * chunk whose padding (slots that feed fewer tokens) stays within a quarter of the real tokens
+ * (on cpu every row costs its arithmetic: a prompt beside decoding slots is fed a token per
+ * call), or whose rows stay within the backend's free rows (a GPU call costs the weights'
+ * read up to there). *B: the sequences up to the last busy slot. */
+static int call_width(const gen_state *g, const rs_model *m, const int *lens, int *B) {
+    int longest = 1;
+    *B = 0;
+    for (int b = 0; b < g->batch; b++) {
+        if (g->slots[b].prompt < 0) continue;
+        *B = b + 1;
+        int left = lens[g->slots[b].prompt] - g->slots[b].fed;
+        longest = left > longest ? left : longest;
+    }
+    int T = 1;
+    for (int t = 2; t <= longest && t <= g->max_T; t++) {
+        long long real = 0;
+        for (int b = 0; b < *B; b++) real += slot_tokens(g, b, lens, t);
+        if (4LL * *B * t <= 5 * real || (long long)*B * t <= m->be->free_rows) T = t;
+    }
+    return T;
+}
+
+/* Fill tokens/pos [B, T]: each slot's next tokens at their positions, padding after them. */
+static void stage_call(gen_state *g, const int32_t *const *prompts, const int *lens,
+                       const rs_gen_output *out, int B, int T) {
+    for (int b = 0; b < B; b++) {
+        const gen_slot *s = &g->slots[b];
+        int k = slot_tokens(g, b, lens, T);
+        for (int t = 0; t < T; t++) {
+            int32_t id = 0, at = -1;
+            if (t < k && s->fed < lens[s->prompt]) {
+                id = prompts[s->prompt][s->fed + t], at = s->fed + t;
+            } else if (t < k) {
+                const rs_gen_output *o = &out[s->prompt];
+                id = o->ids[o->n_ids - 1], at = lens[s->prompt] + o->n_ids - 1;
+            }
+            g->tokens[b * T + t] = id;
+            g->pos[b * T + t] = at;
+        }
+        g->n_real += k;
+    }
+    g->n_rows += (long long)B * T;
+    g->n_calls++;
+}
+
 /* One forward call: greedy decoding takes the argmax ids from the device, sampling the logits. */
 static int forward_step(rs_model *m, gen_state *g, int B, int T) {
     if (g->greedy) return rs_model_forward_greedy(m, &g->cache, g->tokens, g->pos, B, T, g->next_ids);
     return rs_model_forward(m, &g->cache, g->tokens, g->pos, B, T, RS_LOGITS_LAST, g->logits);
 }
 
-/* Sample one token for every running sequence; returns how many are still running. */
-static int sample_step(gen_state *g, const rs_model *m, int B, const rs_gen_params *p,
-                       rs_gen_output *out) {
-    int V = m->cfg.vocab_size, still = 0;
+/* After a call: every slot whose prompt is now cached takes its next token; a finished
+ * response frees its slot for the next prompt. Returns how many prompts finished. */
+static int take_tokens(rs_model *m, gen_state *g, const int *lens, int n_prompts, int B, int T,
+                       const rs_gen_params *p, rs_gen_output *out) {
+    int V = m->cfg.vocab_size, finished = 0;
     for (int b = 0; b < B; b++) {
-        if (!g->running[b]) continue;
+        gen_slot *s = &g->slots[b];
+        if (s->prompt < 0) continue;
+        int k = slot_tokens(g, b, lens, T);
+        if (s->fed < lens[s->prompt]) s->fed += k;
+        if (s->fed < lens[s->prompt]) continue; /* a prefill chunk: no token yet */
+        rs_gen_output *o = &out[s->prompt];
         int32_t id = g->greedy ? g->next_ids[b]
                                : rs_sampler_next(&g->sampler, g->logits + (size_t)b * V, p,
                                                  &g->rngs[b]);
-        out[b].ids[out[b].n_ids++] = id;
-        out[b].hit_eos = is_eos(p, id);
-        g->running[b] = !out[b].hit_eos && out[b].n_ids < p->max_new_tokens;
-        still += g->running[b];
+        o->ids[o->n_ids++] = id;
+        o->hit_eos = is_eos(p, id);
+        g->n_tokens++;
+        if (o->hit_eos || o->n_ids == p->max_new_tokens) {
+            finished++;
+            refill(g, b, n_prompts, p, out);
+        }
     }
-    return still;
+    return finished;
 }
 
-/* Prompts [first, first + B): prefill, then decode until every sequence stopped. */
-static int generate_batch(rs_model *m, gen_state *g, const int32_t *const *prompts,
-                          const int *lens, int first, int B, const rs_gen_params *p,
-                          rs_gen_output *out) {
-    int T = 0;
-    for (int b = 0; b < B; b++) T = lens[first + b] > T ? lens[first + b] : T;
-    for (int b = 0; b < B; b++) {
-        int i = first + b;
-        for (int t = 0; t < T; t++) {
-            g->tokens[b * T + t] = t < lens[i] ? prompts[i][t] : 0;
-            g->pos[b * T + t] = t < lens[i] ? t : -1;
-        }
-        rs_rng_seed(&g->rngs[b], p->seeds ? p->seeds[i] : rs_gen_seed(p->seed, i));
-        out[i].ids = rs_malloc((size_t)(p->max_new_tokens ? p->max_new_tokens : 1) * sizeof(int32_t));
-        g->running[b] = p->max_new_tokens > 0;
-    }
-    if (p->max_new_tokens == 0) return 0;
-    RS_TRY(forward_step(m, g, B, T));
-    while (sample_step(g, m, B, p, out + first) > 0) {
-        for (int b = 0; b < B; b++) { /* the token just drawn, at the next position */
-            const rs_gen_output *o = &out[first + b];
-            g->tokens[b] = g->running[b] ? o->ids[o->n_ids - 1] : 0;
-            g->pos[b] = g->running[b] ? lens[first + b] + o->n_ids - 1 : -1;
-        }
-        RS_TRY(forward_step(m, g, B, 1));
+/* Continuous batching: the slots run until every prompt has been answered. */
+static int generate_all(rs_model *m, gen_state *g, const int32_t *const *prompts, const int *lens,
+                        int n_prompts, const rs_gen_params *p, rs_gen_output *out) {
+    for (int b = 0; b < g->batch; b++) refill(g, b, n_prompts, p, out);
+    while (g->n_done < n_prompts) {
+        int B, T = call_width(g, m, lens, &B);
+        stage_call(g, prompts, lens, out, B, T);
+        RS_TRY(forward_step(m, g, B, T));
+        int finished = take_tokens(m, g, lens, n_prompts, B, T, p, out);
+        g->n_done += finished;
+        if (finished && p->progress) p->progress(p->progress_user, g->n_done, n_prompts, g->n_tokens);
     }
     return 0;
+}
+
+static void gen_state_free(const rs_model *m, gen_state *g) {
+    rs_kv_cache_free(m, &g->cache);
+    rs_sampler_free(&g->sampler);
+    free(g->slots), free(g->rngs), free(g->logits), free(g->tokens), free(g->pos);
+    free(g->next_ids);
 }
 
 int rs_generate(rs_model *m, const int32_t *const *prompts, const int *prompt_lens, int n_prompts,
@@ -160,38 +236,39 @@ int rs_generate(rs_model *m, const int32_t *const *prompts, const int *prompt_le
     memset(out, 0, (size_t)n_prompts * sizeof *out);
     RS_TRY(check_params(m, prompt_lens, n_prompts, p));
     if (n_prompts == 0) return 0;
+    if (p->max_new_tokens == 0) { /* nothing to run: every response is empty */
+        for (int i = 0; i < n_prompts; i++) out[i].ids = rs_malloc(sizeof(int32_t));
+        return 0;
+    }
     int max_len = 0, batch = p->batch_size < n_prompts ? p->batch_size : n_prompts;
     for (int i = 0; i < n_prompts; i++) max_len = prompt_lens[i] > max_len ? prompt_lens[i] : max_len;
+    /* any prompt may land in any slot: each slot holds the longest prompt and its response */
     int max_seq = max_len + p->max_new_tokens;
     if (max_seq > m->cfg.max_position_embeddings)
         rs_warn("generate: up to %d positions, beyond the model's max_position_embeddings %d",
                 max_seq, m->cfg.max_position_embeddings);
     gen_state g;
     memset(&g, 0, sizeof g);
+    g.batch = batch;
+    g.max_T = max_len;
     RS_TRY(rs_kv_cache_init(m, batch, max_seq, &g.cache));
     if (rs_model_reserve(m, batch * max_len, batch) != 0) {
         rs_kv_cache_free(m, &g.cache);
         return -1;
     }
     rs_sampler_init(&g.sampler, m->cfg.vocab_size);
+    g.slots = rs_malloc((size_t)batch * sizeof *g.slots);
     g.rngs = rs_malloc((size_t)batch * sizeof *g.rngs);
     g.logits = rs_malloc((size_t)batch * m->cfg.vocab_size * sizeof *g.logits);
     g.tokens = rs_malloc((size_t)batch * max_len * sizeof *g.tokens);
     g.pos = rs_malloc((size_t)batch * max_len * sizeof *g.pos);
-    g.running = rs_malloc((size_t)batch * sizeof *g.running);
     g.next_ids = rs_malloc((size_t)batch * sizeof *g.next_ids);
     g.greedy = p->temperature <= 0.0f && m->be->argmax_rows != NULL;
-    int rc = 0;
-    long long n_tokens = 0;
-    for (int first = 0; first < n_prompts && rc == 0; first += batch) {
-        int B = n_prompts - first < batch ? n_prompts - first : batch;
-        rc = generate_batch(m, &g, prompts, prompt_lens, first, B, p, out);
-        for (int b = 0; b < B; b++) n_tokens += out[first + b].n_ids;
-        if (rc == 0 && p->progress) p->progress(p->progress_user, first + B, n_prompts, n_tokens);
-    }
-    rs_kv_cache_free(m, &g.cache);
-    rs_sampler_free(&g.sampler);
-    free(g.rngs), free(g.logits), free(g.tokens), free(g.pos), free(g.running), free(g.next_ids);
+    int rc = generate_all(m, &g, prompts, prompt_lens, n_prompts, p, out);
+    if (rc == 0)
+        rs_debug("generate: %lld forward calls over %d slots, %lld token rows (%lld real)",
+                 g.n_calls, batch, g.n_rows, g.n_real);
+    gen_state_free(m, &g);
     if (rc != 0) rs_gen_output_free(out, n_prompts);
     return rc;
 }

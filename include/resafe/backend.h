@@ -30,6 +30,10 @@ typedef struct rs_backend {
     const char *name;
     rs_dtype act_dtype;    /* activations */
     rs_dtype weight_dtype; /* frozen weights */
+    /* Token rows a forward call carries at about the cost of one: a GPU decoding step is bound
+     * by reading the weights, so padding up to this many rows is nearly free (generation pads
+     * prefill chunks within it); 0 on cpu, where every row costs its arithmetic. */
+    int free_rows;
 
     /* ---- memory */
     void *(*alloc)(size_t bytes); /* dies on failure */

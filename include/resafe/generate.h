@@ -2,11 +2,22 @@
  * and top-p (transformers' semantics: logits / temperature, then top-k, then top-p, then a
  * draw from the softmax of what is left).
  *
- * Prompts of different lengths share a batch: one right-padded prefill, then one decode step per
- * new token for every sequence still running. Each prompt draws from its own rs_rng, seeded from
- * (seed, prompt index) or from seeds[i], so its tokens depend on neither the batch size nor its
- * neighbours. A response ends at a stop id (included in the output, as transformers does) or
- * after max_new_tokens. */
+ * Continuous batching: the KV cache has batch_size slots (fewer when there are fewer prompts),
+ * each sized for the longest prompt + max_new_tokens. Slots take prompts in order; when a
+ * response ends, its slot takes the next waiting prompt at once. Every forward call advances
+ * every busy slot: a decoding slot feeds its last token (T = 1 when no slot prefills), a slot
+ * with prompt tokens not yet cached feeds the next chunk of them, right-padded to the call's T
+ * (model.h: the cache row is the position, so sequences of one call may be anywhere). T is
+ * the longest chunk whose padding stays within a quarter of the call's real tokens, or whose
+ * rows stay within the backend's free_rows (backend.h): a new prompt beside decoding slots is
+ * fed over several calls instead of padding every decoding slot to its length (on cpu, one
+ * token a call). A slot's first token is drawn after the call that cached its prompt's last
+ * token.
+ *
+ * Each prompt draws from its own rs_rng, seeded from (seed, prompt index) or from seeds[i], so
+ * its tokens depend on neither the batch size nor its neighbours. A response ends at a stop id
+ * (included in the output, as transformers does) or after max_new_tokens. Outputs keep the
+ * order of the prompts. */
 #ifndef RESAFE_GENERATE_H
 #define RESAFE_GENERATE_H
 
@@ -19,10 +30,11 @@ typedef struct {
     float top_p;          /* >= 1: off */
     uint64_t seed;        /* prompt i draws from rs_rng seeded with rs_gen_seed(seed, i) */
     const uint64_t *seeds;/* optional [n_prompts] per-prompt seeds (e.g. global indices of a shard) */
-    int batch_size;       /* prompts per batch; default 8 */
+    int batch_size;       /* KV-cache slots (sequences generated at once); default 8 */
     int n_eos;            /* stop ids */
     int32_t eos_ids[RS_MAX_EOS];
-    /* optional: called after each batch with the prompts done so far and tokens generated */
+    /* optional: called after each forward call that ended a response, with the responses done
+     * so far (in any order of prompts) and the tokens generated */
     void (*progress)(void *user, int prompts_done, int n_prompts, long long tokens);
     void *progress_user;
 } rs_gen_params;

@@ -10,10 +10,12 @@ away from 0, logits of order 1-10), saves it as fp32 safetensors, and compares:
 fp32 on both sides: 1e-4 absolute on logits of order 10 leaves two orders of magnitude over
 fp32 rounding and catches any wrong term (a missing bias or scale moves logits by > 1e-2).
 """
+import collections
 import copy
 import json
 import os
 import random
+import re
 import subprocess
 
 import numpy as np
@@ -214,6 +216,48 @@ def test_batched_generation_equals_one_by_one(tmp_path, rng_seed):
         single = generate_jsonl(path, prompts, "--max-new-tokens", 12, "--batch-size", 1, *sample)
         pairs = generate_jsonl(path, prompts, "--max-new-tokens", 12, "--batch-size", 2, *sample)
         assert batched == single == pairs, f"{sample}: batch composition changed the output"
+
+
+def token_rows(stderr):
+    """Token rows (padding included) of all forward calls, from `resafe generate -v`."""
+    found = re.findall(r"generate: \d+ forward calls over \d+ slots, (\d+) token rows", stderr)
+    assert len(found) == 1, stderr
+    return int(found[0])
+
+
+def test_continuous_batching_equals_one_by_one(tmp_path, rng_seed):
+    """Slots refill as responses end: prompts of 1 to 40 tokens, responses of different lengths
+    (the eight ids a free run draws most often are made stop ids), 10 prompts in 3 slots (seven
+    refills, prefills beside decoding slots) and in 16 slots (more slots than prompts). Every
+    response equals the one generated alone, greedy and sampled, and the 3-slot run computes
+    fewer token rows than fixed batches of 3 would (each batch padded to its longest prompt,
+    then decoding until its longest response ends): what a call costs on the cpu backend."""
+    model, path = make_checkpoint(tmp_path, "llama", rng_seed)
+    rnd = random.Random(rng_seed + 7)
+    lens = [1, 40, 2, 31, 5, 1, 22, 3, 36, 9]
+    rnd.shuffle(lens)
+    prompts = [random_batch(rnd, model.config.vocab_size, n=1, lo=n, hi=n)[0] for n in lens]
+    sample = ("--temperature", "1.5", "--top-k", "40", "--top-p", "0.95", "--seed", "5")
+    free = generate_jsonl(path, prompts, "--max-new-tokens", 24, *sample)
+    counts = collections.Counter(t for r in free for t in r)
+    gc_path = os.path.join(path, "generation_config.json")
+    gc = json.load(open(gc_path))
+    gc["eos_token_id"] = [t for t, _ in counts.most_common(8)]
+    json.dump(gc, open(gc_path, "w"))
+    for decoding in [(), sample]:
+        args = ("--max-new-tokens", 24, *decoding)
+        alone = generate_jsonl(path, prompts, *args, "--batch-size", 1)
+        slots = run_resafe("generate", "--model", path, "--backend", "cpu", "--format", "jsonl",
+                           "--ids", ";".join(",".join(map(str, s)) for s in prompts), *args,
+                           "--batch-size", 3, "-v")
+        three = [json.loads(line)["ids"] for line in slots.stdout.splitlines()]
+        many = generate_jsonl(path, prompts, *args, "--batch-size", 16)
+        assert three == alone, f"{decoding}: 3 slots changed the output"
+        assert many == alone, f"{decoding}: 16 slots changed the output"
+        assert len({len(r) for r in alone}) > 1, "responses of one length: nothing refilled early"
+        fixed = sum(len(alone[i:i + 3]) * (max(lens[i:i + 3]) + max(map(len, alone[i:i + 3])) - 1)
+                    for i in range(0, len(alone), 3))
+        assert token_rows(slots.stderr) < fixed, slots.stderr
 
 
 def test_sampling_is_seeded(tmp_path, rng_seed):
