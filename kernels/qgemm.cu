@@ -67,7 +67,8 @@ struct qmm_params {
 };
 
 /* ---------------------------------------------------------------- code extraction */
-template <int BITS> __device__ __forceinline__ void load_span(uint32_t (&w)[BITS], const uint32_t *p) {
+template <int BITS>
+__device__ __forceinline__ void load_span(uint32_t (&w)[BITS], const uint32_t *p) {
     if (BITS == 4) {
         uint4 v = __ldg((const uint4 *)p);
         w[0] = v.x, w[1] = v.y, w[2 % BITS] = v.z, w[3 % BITS] = v.w;
@@ -80,7 +81,8 @@ template <int BITS> __device__ __forceinline__ void load_span(uint32_t (&w)[BITS
         w[0] = v.x, w[1 % BITS] = v.y;
     } else {
 #pragma unroll
-        for (int i = 0; i < BITS; i++) w[i] = __ldg(p + i);
+        for (int i = 0; i < BITS; i++)
+            w[i] = __ldg(p + i);
     }
 }
 
@@ -91,8 +93,8 @@ template <int BITS> __device__ __forceinline__ uint32_t vword(const uint32_t (&w
     if (BITS == 2) return __byte_perm(w[(i >> 1) % BITS], 0u, (i & 1) ? 0x4342 : 0x4140);
     /* BITS == 3: 24 bits at bit 24 i of the 96-bit span */
     const int bit = 24 * i, lo = bit >> 5, sh = bit & 31;
-    uint32_t v = lo + 1 < BITS ? __funnelshift_r(w[lo % BITS], w[(lo + 1) % BITS], sh)
-                               : w[lo % BITS] >> sh;
+    uint32_t v =
+        lo + 1 < BITS ? __funnelshift_r(w[lo % BITS], w[(lo + 1) % BITS], sh) : w[lo % BITS] >> sh;
     return (v & 0xFFFu) | ((v & 0xFFF000u) << 4);
 }
 
@@ -105,8 +107,12 @@ template <int BITS> __device__ __forceinline__ uint32_t code_of(const uint32_t (
     return v & ((1u << BITS) - 1u);
 }
 
-__device__ __forceinline__ uint32_t bf16x2_bits(bf16x2 v) { return *reinterpret_cast<uint32_t *>(&v); }
-__device__ __forceinline__ bf16x2 bits_bf16x2(uint32_t u) { return *reinterpret_cast<bf16x2 *>(&u); }
+__device__ __forceinline__ uint32_t bf16x2_bits(bf16x2 v) {
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ bf16x2 bits_bf16x2(uint32_t u) {
+    return *reinterpret_cast<bf16x2 *>(&u);
+}
 
 /* The two bf16 weights of pair p (codes 8i + p, 8i + 4 + p) of virtual word i, one 32-bit
  * register: low half the first. */
@@ -158,8 +164,8 @@ template <int BITS> struct qmm_stage {
 };
 
 template <int BITS, int NT>
-__device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_params &p,
-                                         int n_warp, int g, int span, int span_limit) {
+__device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_params &p, int n_warp,
+                                         int g, int span, int span_limit) {
     const int grp = min((span * 32) / p.gs, p.n_groups - 1);
 #pragma unroll
     for (int j = 0; j < NT; j++) {
@@ -170,7 +176,8 @@ __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_pa
             st[j].z = p.zeros ? __ldg(p.zeros + (size_t)n * p.n_groups + grp) : p.zero_sym;
         } else {
 #pragma unroll
-            for (int b = 0; b < BITS; b++) st[j].w[b] = 0u;
+            for (int b = 0; b < BITS; b++)
+                st[j].w[b] = 0u;
             st[j].s = 0.0f, st[j].z = 0.0f;
         }
     }
@@ -182,8 +189,7 @@ __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_pa
 template <int BITS, int MODE, int MT, int NT>
 __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_stage<BITS> (&cur)[NT],
                                           const qmm_params &p, const bf16 *const (&xrow)[MT][2],
-                                          const bool (&xok)[MT][2], int c, int t,
-                                          const float *cb) {
+                                          const bool (&xok)[MT][2], int c, int t, const float *cb) {
     const int k0 = c * QMM_CHUNK + 32 * t;
     bf16x2 zz[NT], ss[NT];
     if (MODE == QMODE_BF16) {
@@ -213,7 +219,8 @@ __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_sta
             }
         uint32_t u[NT];
 #pragma unroll
-        for (int j = 0; j < NT; j++) u[j] = BITS <= 4 ? vword<BITS>(cur[j].w, i) : 0u;
+        for (int j = 0; j < NT; j++)
+            u[j] = BITS <= 4 ? vword<BITS>(cur[j].w, i) : 0u;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             uint32_t b0[NT], b1[NT];
@@ -239,7 +246,8 @@ __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_sta
                     a1 = __byte_perm(r0, r2, 0x5410), a3 = __byte_perm(r0, r2, 0x7632);
                 }
 #pragma unroll
-                for (int j = 0; j < NT; j++) mma_16816(acc[mt][j], a0, a1, a2, a3, b0[j], b1[j]);
+                for (int j = 0; j < NT; j++)
+                    mma_16816(acc[mt][j], a0, a1, a2, a3, b0[j], b1[j]);
             }
         }
     }
@@ -273,7 +281,8 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+            for (int e = 0; e < 4; e++)
+                acc[mt][j][e] = 0.0f;
 
     const bf16 *xrow[MT][2];
     bool xok[MT][2];
@@ -313,8 +322,10 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
                 const int m = m_base + mt * 16 + g + (e >= 2 ? 8 : 0);
                 const int n = n_warp + j * 8 + 2 * t + (e & 1);
                 if (m >= p.M || n >= p.N) continue;
-                if (p.partial) p.partial[((size_t)blockIdx.y * p.M + m) * p.N + n] = acc[mt][j][e];
-                else qmm_store(p, m, n, acc[mt][j][e]);
+                if (p.partial)
+                    p.partial[((size_t)blockIdx.y * p.M + m) * p.N + n] = acc[mt][j][e];
+                else
+                    qmm_store(p, m, n, acc[mt][j][e]);
             }
     if (!p.partial || !p.counters) return;
     /* Split-K: the last block of a tile to finish adds the tile's partial sums, in split order
@@ -346,7 +357,8 @@ __global__ void qmm_reduce_kernel(bf16 *out, const float *partial, const bf16 *b
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = 0.0f;
-        for (int s = 0; s < splits; s++) v += partial[(size_t)s * total + i];
+        for (int s = 0; s < splits; s++)
+            v += partial[(size_t)s * total + i];
         if (bias) v += __bfloat162float(bias[i % (size_t)N]);
         if (beta != 0.0f) v += beta * __bfloat162float(out[i]);
         out[i] = __float2bfloat16(v);
@@ -384,8 +396,8 @@ static int qmm_mode(const rs_qweight *q) {
 extern "C" int rs_cuda_qmm_supported(const rs_qweight *q) {
     const int fmt_ok = q->spec.format == RS_QFMT_INT || q->spec.format == RS_QFMT_NF4 ||
                        q->spec.format == RS_QFMT_FP4;
-    const int bits_ok = q->spec.bits == 2 || q->spec.bits == 3 || q->spec.bits == 4 ||
-                        q->spec.bits == 8;
+    const int bits_ok =
+        q->spec.bits == 2 || q->spec.bits == 3 || q->spec.bits == 4 || q->spec.bits == 8;
     const int group_ok = q->group_size % 32 == 0 || q->n_groups == 1;
     return fmt_ok && bits_ok && group_ok && q->n_critical == 0 && q->n_outlier_cols == 0 &&
            q->rows > 0 && q->cols > 0;
@@ -411,8 +423,9 @@ typedef struct {
 /* The launch shape for M rows: m-tiles per block by M, NT from tune_nt (0: 2), split-K so that
  * the grid has about two blocks (eight warps) per SM, each warp streaming a run of chunks
  * through its load pipeline (tune_splits > 0 forces the split; scripts/bench/qmatmul --sweep
- * measured four blocks per SM about 8% faster at M <= 16, not yet adopted) while the fp32 partials stay at most half the packed weight's
- * bytes (they go through L2 twice). Past 16 rows X is rewritten in qmm_chunk's order first. */
+ * measured four blocks per SM about 8% faster at M <= 16, not yet adopted) while the fp32 partials
+ * stay at most half the packed weight's bytes (they go through L2 twice). Past 16 rows X is
+ * rewritten in qmm_chunk's order first. */
 static qmm_plan qmm_make_plan(const rs_qweight *q, const void *x, int M, int tune_nt,
                               int tune_splits) {
     qmm_plan pl = {};
@@ -506,17 +519,26 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
     p.bias = bias;
     p.beta = beta;
     const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
-    for (int i = 0; i < 16; i++) p.cb[i] = book[i];
+    for (int i = 0; i < 16; i++)
+        p.cb[i] = book[i];
 
     const int mode = qmm_mode(q);
-    if (mode == QMODE_CB) qmm_launch_mt<4, QMODE_CB>(pl, p, s);
-    else if (mode == QMODE_BF16 && q->spec.bits == 2) qmm_launch_mt<2, QMODE_BF16>(pl, p, s);
-    else if (mode == QMODE_BF16 && q->spec.bits == 3) qmm_launch_mt<3, QMODE_BF16>(pl, p, s);
-    else if (mode == QMODE_BF16) qmm_launch_mt<4, QMODE_BF16>(pl, p, s);
-    else if (q->spec.bits == 2) qmm_launch_mt<2, QMODE_F32>(pl, p, s);
-    else if (q->spec.bits == 3) qmm_launch_mt<3, QMODE_F32>(pl, p, s);
-    else if (q->spec.bits == 4) qmm_launch_mt<4, QMODE_F32>(pl, p, s);
-    else qmm_launch_mt<8, QMODE_F32>(pl, p, s);
+    if (mode == QMODE_CB)
+        qmm_launch_mt<4, QMODE_CB>(pl, p, s);
+    else if (mode == QMODE_BF16 && q->spec.bits == 2)
+        qmm_launch_mt<2, QMODE_BF16>(pl, p, s);
+    else if (mode == QMODE_BF16 && q->spec.bits == 3)
+        qmm_launch_mt<3, QMODE_BF16>(pl, p, s);
+    else if (mode == QMODE_BF16)
+        qmm_launch_mt<4, QMODE_BF16>(pl, p, s);
+    else if (q->spec.bits == 2)
+        qmm_launch_mt<2, QMODE_F32>(pl, p, s);
+    else if (q->spec.bits == 3)
+        qmm_launch_mt<3, QMODE_F32>(pl, p, s);
+    else if (q->spec.bits == 4)
+        qmm_launch_mt<4, QMODE_F32>(pl, p, s);
+    else
+        qmm_launch_mt<8, QMODE_F32>(pl, p, s);
     CUDA_CHECK_LAUNCH(s, "qmm_kernel");
     if (p.partial && !p.counters) {
         const size_t n = (size_t)M * q->rows;
@@ -587,14 +609,16 @@ extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *
     qmm_params cbp;
     memset(&cbp, 0, sizeof cbp);
     const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
-    for (int i = 0; i < 16; i++) cbp.cb[i] = book[i];
+    for (int i = 0; i < 16; i++)
+        cbp.cb[i] = book[i];
     const int rw = (int)(rs_qpack_row_bytes(q->cols, q->spec.bits) / 4);
     const size_t total = (size_t)q->rows * ((q->cols + 7) / 8);
     const unsigned blocks = rs_cuda_blocks(total, RS_CUDA_THREADS);
     const float zs = (float)(1 << (q->spec.bits - 1));
     const uint32_t *pk = (const uint32_t *)q->packed;
-#define QDQ_ARGS w, pk, rw, q->scales, q->zeros, q->input_scale, q->rows, q->cols, q->n_groups, \
-                 q->group_size, zs, cbp
+#define QDQ_ARGS                                                                                   \
+    w, pk, rw, q->scales, q->zeros, q->input_scale, q->rows, q->cols, q->n_groups, q->group_size,  \
+        zs, cbp
     if (q->spec.format != RS_QFMT_INT)
         qdequant_fast_kernel<4, 1><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
     else if (q->spec.bits == 2)

@@ -32,15 +32,20 @@ static const rs_backend *g_be;
 
 static void spec_from_args(char **a, rs_qspec *sp) {
     memset(sp, 0, sizeof *sp);
-    if (strcmp(a[0], "nf4") == 0) sp->format = RS_QFMT_NF4;
-    else if (strcmp(a[0], "fp4") == 0) sp->format = RS_QFMT_FP4;
-    else if (strcmp(a[0], "int8o") == 0) sp->format = RS_QFMT_INT8_OUTLIER;
-    else RS_CHECK(strcmp(a[0], "int") == 0, "qmm_tool: unknown format %s", a[0]);
+    if (strcmp(a[0], "nf4") == 0)
+        sp->format = RS_QFMT_NF4;
+    else if (strcmp(a[0], "fp4") == 0)
+        sp->format = RS_QFMT_FP4;
+    else if (strcmp(a[0], "int8o") == 0)
+        sp->format = RS_QFMT_INT8_OUTLIER;
+    else
+        RS_CHECK(strcmp(a[0], "int") == 0, "qmm_tool: unknown format %s", a[0]);
     sp->bits = atoi(a[1]);
     sp->group_size = atoi(a[2]);
     sp->symmetric = atoi(a[3]);
     if (sp->format == RS_QFMT_NF4 || sp->format == RS_QFMT_FP4) sp->bits = 4, sp->group_size = 64;
-    if (sp->format == RS_QFMT_INT8_OUTLIER) sp->bits = 8, sp->group_size = 0, sp->outlier_threshold = 2.5f;
+    if (sp->format == RS_QFMT_INT8_OUTLIER)
+        sp->bits = 8, sp->group_size = 0, sp->outlier_threshold = 2.5f;
     if (rs_qspec_check(sp) != 0) rs_die_last();
 }
 
@@ -61,7 +66,8 @@ static void *dev_upload(const float *h, size_t n) {
 
 static double max_abs(const double *v, size_t n) {
     double m = 0.0;
-    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(v[i]));
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs(v[i]));
     return m;
 }
 
@@ -95,56 +101,70 @@ static double run_fwd(rs_qmm_path path, const rs_qweight *dq, const float *x, co
 }
 
 static int cmd_check(int argc, char **argv) {
-    RS_CHECK(argc >= 10, "usage: qmm_tool check FMT BITS GROUP SYM SEED M N K [awq] [floatzero] [crit]");
+    RS_CHECK(argc >= 10,
+             "usage: qmm_tool check FMT BITS GROUP SYM SEED M N K [awq] [floatzero] [crit]");
     rs_qspec sp;
     spec_from_args(argv + 2, &sp);
     uint64_t seed = strtoull(argv[6], NULL, 10);
     int M = atoi(argv[7]), N = atoi(argv[8]), K = atoi(argv[9]), awq = 0, fz = 0, crit = 0;
     for (int i = 10; i < argc; i++) {
-        if (strcmp(argv[i], "awq") == 0) awq = 1;
-        else if (strcmp(argv[i], "floatzero") == 0) fz = 1;
-        else if (strcmp(argv[i], "crit") == 0) crit = 1;
-        else RS_DIE("qmm_tool: unknown option %s", argv[i]);
+        if (strcmp(argv[i], "awq") == 0)
+            awq = 1;
+        else if (strcmp(argv[i], "floatzero") == 0)
+            fz = 1;
+        else if (strcmp(argv[i], "crit") == 0)
+            crit = 1;
+        else
+            RS_DIE("qmm_tool: unknown option %s", argv[i]);
     }
     rs_rng r;
     rs_rng_seed(&r, seed);
     size_t nw = (size_t)N * K;
     float *w = rs_malloc(nw * sizeof *w), *x = rs_malloc((size_t)M * K * sizeof *x);
-    float *dout = rs_malloc((size_t)M * N * sizeof *dout), *bias = rs_malloc((size_t)N * sizeof *bias);
-    float *out0 = rs_malloc((size_t)M * N * sizeof *out0), *nan0 = rs_malloc((size_t)M * N * sizeof *nan0);
+    float *dout = rs_malloc((size_t)M * N * sizeof *dout),
+          *bias = rs_malloc((size_t)N * sizeof *bias);
+    float *out0 = rs_malloc((size_t)M * N * sizeof *out0),
+          *nan0 = rs_malloc((size_t)M * N * sizeof *nan0);
     fill_normal(&r, w, nw, 0.05f, 0);
     if (sp.format == RS_QFMT_INT8_OUTLIER)
-        for (size_t i = 0; i < nw; i += 97) w[i] *= 80.0f; /* some outlier columns */
+        for (size_t i = 0; i < nw; i += 97)
+            w[i] *= 80.0f; /* some outlier columns */
     fill_normal(&r, x, (size_t)M * K, 1.0f, 1);
     fill_normal(&r, dout, (size_t)M * N, 1.0f, 1);
     fill_normal(&r, bias, (size_t)N, 1.0f, 1);
     fill_normal(&r, out0, (size_t)M * N, 1.0f, 1);
-    for (size_t i = 0; i < (size_t)M * N; i++) nan0[i] = NAN;
+    for (size_t i = 0; i < (size_t)M * N; i++)
+        nan0[i] = NAN;
     float *in_scale = NULL;
     if (awq) {
         in_scale = rs_malloc((size_t)K * sizeof *in_scale);
-        for (int k = 0; k < K; k++) in_scale[k] = 0.5f + 1.5f * rs_rng_uniform(&r);
+        for (int k = 0; k < K; k++)
+            in_scale[k] = 0.5f + 1.5f * rs_rng_uniform(&r);
     }
     uint8_t *protect = NULL;
     if (crit) {
         protect = rs_malloc(nw);
-        for (size_t i = 0; i < nw; i++) protect[i] = rs_rng_uniform(&r) < 0.01f;
+        for (size_t i = 0; i < nw; i++)
+            protect[i] = rs_rng_uniform(&r) < 0.01f;
     }
     if (fz) sp.float_zeros = 1;
     rs_qweight q;
     if (rs_quantize_rtn(w, N, K, &sp, protect, in_scale, &q) != 0) rs_die_last();
     if (fz && q.zeros)
-        for (size_t i = 0; i < (size_t)N * q.n_groups; i++) q.zeros[i] += 0.25f + 0.5f * rs_rng_uniform(&r);
+        for (size_t i = 0; i < (size_t)N * q.n_groups; i++)
+            q.zeros[i] += 0.25f + 0.5f * rs_rng_uniform(&r);
     float *weff = rs_malloc(nw * sizeof *weff);
     if (rs_dequantize(&q, weff) != 0) rs_die_last();
 
-    double *ref0 = rs_malloc((size_t)M * N * sizeof *ref0), *ref1 = rs_malloc((size_t)M * N * sizeof *ref1);
+    double *ref0 = rs_malloc((size_t)M * N * sizeof *ref0),
+           *ref1 = rs_malloc((size_t)M * N * sizeof *ref1);
     double *refdx = rs_malloc((size_t)M * K * sizeof *refdx);
 #pragma omp parallel for collapse(2)
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
             double s = 0.0;
-            for (int k = 0; k < K; k++) s += (double)x[(size_t)m * K + k] * weff[(size_t)n * K + k];
+            for (int k = 0; k < K; k++)
+                s += (double)x[(size_t)m * K + k] * weff[(size_t)n * K + k];
             ref0[(size_t)m * N + n] = s;
             ref1[(size_t)m * N + n] = s + bias[n] + out0[(size_t)m * N + n];
         }
@@ -152,7 +172,8 @@ static int cmd_check(int argc, char **argv) {
     for (int m = 0; m < M; m++)
         for (int k = 0; k < K; k++) {
             double s = 0.0;
-            for (int n = 0; n < N; n++) s += (double)dout[(size_t)m * N + n] * weff[(size_t)n * K + k];
+            for (int n = 0; n < N; n++)
+                s += (double)dout[(size_t)m * N + n] * weff[(size_t)n * K + k];
             refdx[(size_t)m * K + k] = s;
         }
 
@@ -164,8 +185,10 @@ static int cmd_check(int argc, char **argv) {
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
     void *ddout = dev_upload(dout, (size_t)M * N), *ddx;
-    float *nanx = rs_malloc((size_t)M * K * sizeof *nanx), *gx = rs_malloc((size_t)M * K * sizeof *gx);
-    for (size_t i = 0; i < (size_t)M * K; i++) nanx[i] = NAN;
+    float *nanx = rs_malloc((size_t)M * K * sizeof *nanx),
+          *gx = rs_malloc((size_t)M * K * sizeof *gx);
+    for (size_t i = 0; i < (size_t)M * K; i++)
+        nanx[i] = NAN;
     ddx = dev_upload(nanx, (size_t)M * K);
     g_be->qmatmul_t(ddx, ddout, &dq, M, 0.0f);
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
@@ -193,12 +216,14 @@ typedef void (*op_fn)(void *ctx, int i);
  * backend's stream (launch overhead excluded, as a decode loop with graphs would see it). */
 static double time_op(op_fn op, void *ctx, int reps) {
     cudaStream_t s = (cudaStream_t)rs_cuda_stream_handle();
-    for (int i = 0; i < 3; i++) op(ctx, i); /* warm: scratch growth, cuBLAS heuristics */
+    for (int i = 0; i < 3; i++)
+        op(ctx, i); /* warm: scratch growth, cuBLAS heuristics */
     g_be->synchronize();
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < reps; i++) op(ctx, i);
+    for (int i = 0; i < reps; i++)
+        op(ctx, i);
     CU(cudaStreamEndCapture(s, &graph));
     CU(cudaGraphInstantiate(&exec, graph, 0));
     CU(cudaGraphLaunch(exec, s));
@@ -260,8 +285,10 @@ static int cmd_bench(int argc, char **argv) {
     spec_from_args(argv + 2, &sp);
     int N = atoi(argv[6]), K = atoi(argv[7]), sweep = 0, dgrad = 0;
     for (int i = 9; i < argc; i++) {
-        if (strcmp(argv[i], "sweep") == 0) sweep = 1;
-        else if (strcmp(argv[i], "dgrad") == 0) dgrad = 1;
+        if (strcmp(argv[i], "sweep") == 0)
+            sweep = 1;
+        else if (strcmp(argv[i], "dgrad") == 0)
+            dgrad = 1;
     }
     int ms[32], n_m = 0, max_m = 1;
     for (char *tok = strtok(argv[8], ","); tok && n_m < 32; tok = strtok(NULL, ","))
@@ -300,7 +327,8 @@ static int cmd_bench(int argc, char **argv) {
         double t_scratch = time_op(op_q, c, reps);
         double t_fused = -1.0, t_best = -1.0;
         int best_nt = 0, best_split = 0;
-        if (sup && M <= 256) { /* the fused kernel is for few rows; past 256 it is not a contender */
+        if (sup &&
+            M <= 256) { /* the fused kernel is for few rows; past 256 it is not a contender */
             rs_cuda_qmm_configure(RS_QMM_FUSED, 0, 0);
             t_fused = time_op(op_q, c, reps);
             if (sweep) {
@@ -310,7 +338,8 @@ static int cmd_bench(int argc, char **argv) {
                         if (splits[b] > (K + 127) / 128) continue;
                         rs_cuda_qmm_configure(RS_QMM_FUSED, nts[a], splits[b]);
                         double t = time_op(op_q, c, reps);
-                        if (t_best < 0 || t < t_best) t_best = t, best_nt = nts[a], best_split = splits[b];
+                        if (t_best < 0 || t < t_best)
+                            t_best = t, best_nt = nts[a], best_split = splits[b];
                     }
             }
         }
@@ -321,7 +350,8 @@ static int cmd_bench(int argc, char **argv) {
             t_dd = time_op(op_dense_dgrad, c, reps);
             t_qd = time_op(op_q_dgrad, c, reps);
         }
-        printf("{\"N\": %d, \"K\": %d, \"M\": %d, \"bits\": %d, \"group\": %d, \"fused_supported\": %d, "
+        printf("{\"N\": %d, \"K\": %d, \"M\": %d, \"bits\": %d, \"group\": %d, "
+               "\"fused_supported\": %d, "
                "\"qbytes\": %zu, \"dense_bytes\": %.0f, \"us_cublas\": %.3f, \"us_scratch\": %.3f, "
                "\"us_fused\": %.3f, \"us_auto\": %.3f, \"us_best\": %.3f, \"best_nt\": %d, "
                "\"best_split\": %d, \"us_cublas_dgrad\": %.3f, \"us_q_dgrad\": %.3f}\n",
@@ -329,7 +359,8 @@ static int cmd_bench(int argc, char **argv) {
                t_fused, t_auto, t_best, best_nt, best_split, t_dd, t_qd);
         fflush(stdout);
     }
-    for (int i = 0; i < c->n_copies; i++) g_be->qweight_free(&c->q[i]), g_be->free(c->w[i]);
+    for (int i = 0; i < c->n_copies; i++)
+        g_be->qweight_free(&c->q[i]), g_be->free(c->w[i]);
     g_be->free(c->x), g_be->free(c->y), g_be->free(c->dy), g_be->free(c->dx);
     rs_qweight_free(&q);
     free(w), free(xh), free(c);
