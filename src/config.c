@@ -237,8 +237,8 @@ static const rs_config_key g_schema[] = {
     PATH_KEY("dist", "nccl_id_file", "", LATER_DIST,
              "shared-filesystem file through which rank 0 hands the NCCL unique id to the others "
              "(empty = through MPI)"),
-    FLOAT_KEY("dist", "id_timeout_s", "120", 1, 86400, LATER_DIST,
-              "seconds a rank waits for rank 0's id in nccl_id_file before it gives up"),
+    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, LATER_DIST,
+                  "seconds a rank waits for rank 0's id in nccl_id_file before it gives up"),
 
     PATH_KEY("run", "out_dir", "runs/default", "sft, dpo",
              "run directory: every stage's outputs and manifests"),
