@@ -231,7 +231,8 @@ static const rs_config_key g_schema[] = {
     INT_KEY("eval", "attack_samples", "1", 1, 1000, LATER_EVAL,
             "samples per prompt and attack setting"),
 
-    ENUM_KEY("dist", "launcher", "auto", "auto|none|mpi|slurm", "train, sft, dpo",
+    ENUM_KEY("dist", "launcher", "auto", "auto|none|mpi|slurm",
+             "train, sft, dpo, triplets, eval",
              "where rank and world size come from: auto = OpenMPI's variables, else SLURM's "
              "inside an srun step, else one process; mpi/slurm require theirs; none = one process"),
     PATH_KEY("dist", "nccl_id_file", "", LATER_DIST,

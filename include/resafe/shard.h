@@ -16,7 +16,8 @@
  * means would weight entries of the smaller slices more). A loss that is a mean over tokens (SFT)
  * weights by tokens: local target tokens / global target tokens (the global count is one more
  * all-reduce of an integer). A world larger than the batch would leave ranks without data: an
- * error.
+ * error. SNIP scoring batches (drawn from their own order at re-identification) are sliced the
+ * same way, and the ranks' score sums all-reduced, so every rank selects identical masks.
  *
  * Prompts (patch-set generation, evaluation). Prompt i goes to rank i mod world, as its
  * (i / world)-th prompt: strided rather than in blocks, because prompt files are often grouped

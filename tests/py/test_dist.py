@@ -51,7 +51,7 @@ def error_lines(p):
     return [l for l in p.stderr.splitlines() if l.strip()]
 
 
-@pytest.mark.parametrize("command", ["dpo", "sft", "train"])
+@pytest.mark.parametrize("command", ["dpo", "sft", "train", "triplets", "eval"])
 @pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
 def test_world_above_one_is_refused_in_one_line_naming_rank_and_world(config, command, launcher,
                                                                      rng_seed):
