@@ -158,10 +158,10 @@ int rs_dist_id_publish(const char *path, const rs_dist *d, const uint8_t id[RS_D
     FILE *f = fopen(tmp, "wb");
     if (!f) return RS_FAIL("rank %d: cannot write %s: %s", d->rank, tmp, strerror(errno));
     int ok = fwrite(buf, 1, sizeof buf, f) == sizeof buf && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int err = errno;
-    ok = fclose(f) == 0 && ok;
-    if (ok && rename(tmp, path) == 0) return 0;
-    err = ok ? errno : err;
+    int err = errno; /* of the first failure */
+    if (fclose(f) != 0 && ok) ok = 0, err = errno;
+    if (ok && rename(tmp, path) != 0) ok = 0, err = errno;
+    if (ok) return 0;
     unlink(tmp);
     return RS_FAIL("rank %d: cannot write %s: %s", d->rank, path, strerror(err));
 }

@@ -447,3 +447,13 @@ TEST(test_id_wait_ignores_a_stale_file_of_another_job_or_an_old_one) {
     CHECK(rs_dist_id_wait(path, &now, 0.2, got) == -1, "took a text file as an id");
     CHECK(strstr(rs_last_error(), "not a resafe id file"), "%s", rs_last_error());
 }
+
+TEST(test_id_publish_into_a_missing_directory_names_rank_and_path) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/no-such-dir/nccl_id", rs_test_tmpdir());
+    rs_dist d = rank_of(0, 2, "job-1");
+    uint8_t id[RS_DIST_ID_BYTES] = {0};
+    CHECK(rs_dist_id_publish(path, &d, id) == -1, "wrote into a missing directory");
+    CHECK(strstr(rs_last_error(), "rank 0") && strstr(rs_last_error(), "no-such-dir"), "%s",
+          rs_last_error());
+}
