@@ -130,6 +130,7 @@ static int run(options *o, int argc, char **argv) {
     if (!cfg) return -1;
     int rc = 0;
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
+    if (rc == 0) rc = cli_check_single_process(cfg);
     rs_run_paths p;
     memset(&p, 0, sizeof p);
     if (rc == 0) rc = rs_run_paths_init(cfg, &p);

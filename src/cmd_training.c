@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "resafe/cli.h"
+#include "resafe/dist.h"
 #include "resafe/progress.h"
 #include "resafe/core.h"
 
@@ -12,6 +13,15 @@ static int usage_error(const char *name, const char *usage, const char *fmt, con
     fprintf(stderr, fmt, arg);
     fprintf(stderr, "\n%s", usage);
     return 2;
+}
+
+int cli_check_single_process(const rs_config *cfg) {
+    rs_dist d;
+    RS_TRY(rs_dist_from_config(cfg, &d));
+    char who[96];
+    if (d.world > 1) return rs_dist_require_single(&d);
+    rs_debug("dist: %s", rs_dist_describe(&d, who, sizeof who));
+    return 0;
 }
 
 /* Parse, load the config, apply --set, run. Exit codes: 0 done, 1 error, 2 usage,
@@ -54,7 +64,8 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     if (rc == 0) {
         cli_apply_run_settings(cfg, verbose);
-        rc = planning ? plan(cfg) : run(cfg, resume, force);
+        if (planning) rc = plan(cfg);
+        else rc = cli_check_single_process(cfg) == 0 ? run(cfg, resume, force) : -1;
     }
     rs_config_free(cfg);
     if (rc < 0) {

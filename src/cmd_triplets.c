@@ -85,7 +85,8 @@ static int run(const options *o, int argc, char **argv) {
     memset(&p, 0, sizeof p);
     if (rc == 0) {
         cli_apply_run_settings(cfg, o->verbose);
-        rc = rs_run_paths_init(cfg, &p);
+        rc = cli_check_single_process(cfg);
+        if (rc == 0) rc = rs_run_paths_init(cfg, &p);
     }
     const char *fp = o->fp ? o->fp : p.fp_dir, *q = o->q ? o->q : p.q_dir;
     const char *out = o->out ? o->out : p.patchset;

@@ -231,10 +231,15 @@ static const rs_config_key g_schema[] = {
     INT_KEY("eval", "attack_samples", "1", 1, 1000, LATER_EVAL,
             "samples per prompt and attack setting"),
 
-    ENUM_KEY("dist", "launcher", "auto", "auto|none|mpi|slurm", LATER_DIST,
-             "where rank and world size come from (auto: MPI or SLURM variables when set)"),
+    ENUM_KEY("dist", "launcher", "auto", "auto|none|mpi|slurm",
+             "train, sft, dpo, triplets, eval",
+             "where rank and world size come from: auto = OpenMPI's variables, else SLURM's "
+             "inside an srun step, else one process; mpi/slurm require theirs; none = one process"),
     PATH_KEY("dist", "nccl_id_file", "", LATER_DIST,
-             "shared-filesystem file for the NCCL unique id (empty = through MPI)"),
+             "shared-filesystem file through which rank 0 hands the NCCL unique id to the others "
+             "(empty = through MPI)"),
+    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, LATER_DIST,
+                  "seconds a rank waits for rank 0's id in nccl_id_file before it gives up"),
 
     PATH_KEY("run", "out_dir", "runs/default", "sft, dpo",
              "run directory: every stage's outputs and manifests"),

@@ -20,6 +20,12 @@ int cmd_eval(int argc, char **argv);     /* src/cmd_eval.c */
  * config (src/cmd_training.c). */
 void cli_apply_run_settings(const rs_config *cfg, int verbose);
 
+/* Rank and world of this process ([dist] launcher); -1 + message when the launcher's variables
+ * are malformed, or when world > 1: data parallel needs the NCCL build, which does not exist yet,
+ * and world copies of one job would race on the same outputs. The commands that will run data
+ * parallel call it (train, sft, dpo, triplets, eval; src/cmd_training.c). */
+int cli_check_single_process(const rs_config *cfg);
+
 /* The training commands' shared command line (src/cmd_training.c). plan (NULL: the command
  * has no --plan): what --plan runs instead of run (a dry run). */
 int cli_run_training(int argc, char **argv, const char *name, const char *usage,

@@ -182,6 +182,27 @@ def test_nan_loss_stops_cleanly_and_leaves_the_last_checkpoint(uninterrupted_dpo
     assert read(f"{a}/dpo/metrics.jsonl") == read(f"{d}/dpo/metrics.jsonl")
 
 
+def test_checkpoint_holds_nothing_of_the_launcher_and_resumes_under_another(uninterrupted_dpo,
+                                                                          tiny_model):
+    """A run started as OpenMPI's rank 0 of 1 stops at step 5 and resumes as SLURM's rank 0 of 1
+    (srun step): the same outputs as the plain uninterrupted run. (Other world sizes are refused
+    until the NCCL build; the global order across world sizes is tests/unit/test_dist.c.)"""
+    tmp, a = uninterrupted_dpo
+    e = str(tmp / "e")
+    cfg = dpo_config(tmp, tiny_model, e, run__checkpoint_every=2)
+    mpi = dict(ENV, OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="1",
+               OMPI_COMM_WORLD_LOCAL_RANK="0", RESAFE_TEST_NAN_STEP="5")
+    p = run_resafe("dpo", "--config", cfg, check=False, env=mpi)
+    assert p.returncode == 1 and "step 6: the loss is nan" in p.stderr, p.stderr
+    with h5py.File(os.path.join(e, "dpo", "checkpoint.h5")) as f:
+        assert int(f.attrs["step"]) == 4
+        names = set(f.attrs) | set(f.keys())
+    assert not any("rank" in n or "world" in n for n in names), names
+    slurm = dict(ENV, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_STEP_ID="0")
+    run_resafe("dpo", "--config", cfg, "--resume", env=slurm)
+    assert_same_dpo_outputs(a, e)
+
+
 def test_resume_refuses_a_different_config(uninterrupted_dpo, tiny_model):
     tmp, a = uninterrupted_dpo
     cfg = dpo_config(tmp, tiny_model, a)
