@@ -160,10 +160,23 @@ def rel_err(got, want):
 
 # ---------------------------------------------------------------- tests
 
+def lora_grads(model, ad, scale, mode, pairs, beta, ref):
+    patch = LoraPatch(model, ad, scale, mode)
+    loss, pw, pl = dpo_loss(model, pairs, beta, ref)
+    loss.backward()
+    patch.restore()
+    return patch, loss, pw, pl
+
+
 @pytest.mark.parametrize("arch,mode", [("llama", "none"), ("llama", "factor"),
                                        ("qwen2", "elementwise"), ("gemma", "factor"),
                                        ("llama", "elementwise")])
 def test_dpo_loss_and_lora_gradients_match_torch(tmp_path, rng_seed, arch, mode):
+    """Our fp32 loss and LoRA gradients against float64 autograd on the same weights. The
+    gradient tolerance is GRAD_TOL, or 4x the error of PyTorch's own fp32 gradients against the
+    float64 ones where the instance is worse conditioned (attention's softmax backward at some
+    seeds: RESAFE_TEST_SEED=2004060790 gives PyTorch fp32 1.5e-4 and us 3.8e-4 in layer 0's
+    q/k gradients, 1e-5 elsewhere)."""
     model, path, ad, scale, pairs = setup_case(tmp_path, arch, rng_seed, mode)
     beta = 0.5
     with torch.no_grad():  # reference log-probs: the plain model
@@ -173,20 +186,26 @@ def test_dpo_loss_and_lora_gradients_match_torch(tmp_path, rng_seed, arch, mode)
     (tmp_path / "pairs.json").write_text(json.dumps({"beta": beta, "micro": 2, "pairs": pairs}))
     run_tool("grad", path, tmp_path / "adapter.h5", tmp_path / "pairs.json", tmp_path / "out.h5")
 
-    patch = LoraPatch(model, ad, scale, mode)
-    loss, pw, pl = dpo_loss(model, pairs, beta, ref)
-    loss.backward()
-    patch.restore()
+    fp32, _, _, _ = lora_grads(model, ad, scale, mode, pairs, beta, ref)
+    model = model.double()
+    ad = {k: {n: (v.double() if v.is_floating_point() else v) for n, v in e.items()}
+          for k, e in ad.items()}
+    with torch.no_grad():
+        ref = dpo_loss(model, pairs, beta)
+    patch, loss, pw, pl = lora_grads(model, ad, scale, mode, pairs, beta, ref)
     with h5py.File(tmp_path / "out.h5") as f:
         assert abs(f.attrs["loss"] - loss.item()) <= 1e-5, (f.attrs["loss"], loss.item())
         assert abs(f.attrs["logp_chosen"] - pw.mean().item()) <= 1e-4 * abs(pw.mean().item())
         assert abs(f.attrs["logp_rejected"] - pl.mean().item()) <= 1e-4 * abs(pl.mean().item())
         for key, (A, B) in patch.params.items():
-            for name, ref_grad in (("A", A.grad), ("B", B.grad)):
+            A32, B32 = fp32.params[key]
+            for name, ref_grad, g32 in (("A", A.grad, A32.grad), ("B", B.grad, B32.grad)):
                 got = torch.from_numpy(f[f"grad/layers.{key[0]}.{key[1]}/{name}"][...])
-                got = got.reshape(ref_grad.shape)
-                err = rel_err(got, ref_grad)
-                assert err <= GRAD_TOL, f"{key} d{name}: relative error {err:.2e}"
+                got = got.reshape(ref_grad.shape).double()
+                err, torch_err = rel_err(got, ref_grad), rel_err(g32.double(), ref_grad)
+                tol = max(GRAD_TOL, 4 * torch_err)
+                assert err <= tol, (f"{key} d{name}: relative error {err:.2e} (PyTorch fp32: "
+                                    f"{torch_err:.2e})")
 
 
 def test_dpo_reference_logps_match_torch_and_first_loss_is_log2(tmp_path, rng_seed):
