@@ -225,6 +225,8 @@ void rs_cuda_snip_accumulate(cudaStream_t s, float *score, const bf16 *w, const 
 void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n);
 void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows, int cols,
                              int bits, int symmetric);
+void rs_cuda_fake_quant_groups(cudaStream_t s, bf16 *x, size_t n_groups, int group, int bits,
+                               int symmetric);
 void rs_cuda_dropout(cudaStream_t s, bf16 *out, const bf16 *x, size_t n, float p, uint64_t seed);
 
 /* elementwise.cu */
