@@ -227,8 +227,7 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
  * Linear inputs: per token, symmetric; K (after RoPE) and V: per token and kv head,
  * asymmetric. */
 static void quant_act(const pass *p, void *x, int width) {
-    if (p->s->act_bits)
-        p->be->fake_quant_groups(x, (size_t)p->n, width, p->s->act_bits, 1);
+    if (p->s->act_bits) p->be->fake_quant_groups(x, (size_t)p->n, width, p->s->act_bits, 1);
 }
 
 static void quant_kv(const pass *p, void *kv) {

@@ -79,7 +79,8 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->qat_kv_bits = (int)rs_config_get_int(cfg, "sft", "qat_kv_bits");
     if (o->qat_act_bits == 1 || o->qat_kv_bits == 1)
         return RS_FAIL("resafe sft: [sft] qat_act_bits = %d, qat_kv_bits = %d: each is 0 (off) or "
-                       "2..8", o->qat_act_bits, o->qat_kv_bits);
+                       "2..8",
+                       o->qat_act_bits, o->qat_kv_bits);
     o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
     o->recompute = rs_config_get_bool(cfg, "model", "recompute");
     o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
@@ -358,9 +359,9 @@ static void print_plan(const sft_run *r, size_t master_bytes) {
     for (int i = 0; i < r->opt.n_params; i++)
         optim += 2 * rs_align64(r->opt.params[i].n * sizeof(float));
     rs_info("sft: %s%s on %s: weights %.1f MiB (%s), fp32 masters %.1f MiB, gradients %.1f MiB, "
-            "optimizer %.1f MiB, activations %.1f MiB%s%s", r->o.qat ? "QAT, " : "",
-            mixed_precision(be) ? "mixed precision" : "fp32", be->name, r->m.params_bytes / mib,
-            rs_dtype_name(be->weight_dtype), master_bytes / mib,
+            "optimizer %.1f MiB, activations %.1f MiB%s%s",
+            r->o.qat ? "QAT, " : "", mixed_precision(be) ? "mixed precision" : "fp32", be->name,
+            r->m.params_bytes / mib, rs_dtype_name(be->weight_dtype), master_bytes / mib,
             r->grads.n * sizeof(float) / mib, optim / mib, rs_train_state_bytes(r->state) / mib,
             r->o.qat_act_bits ? ", fake-quantized activations" : "",
             r->o.qat_kv_bits ? ", fake-quantized KV" : "");
