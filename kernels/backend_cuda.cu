@@ -390,7 +390,8 @@ static void *op_scratch(size_t bytes) {
 static void cuda_embedding_bwd(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
                                float scale) {
     PROF_BEGIN;
-    rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale);
+    rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale,
+                          op_scratch(rs_cuda_embedding_bwd_scratch_bytes(n)));
     PROF_END("embedding_bwd");
 }
 

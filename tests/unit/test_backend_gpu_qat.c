@@ -106,3 +106,49 @@ TEST(test_cuda_qat_cast_f32_to_weight_rounds_to_nearest_even) {
     gpu->free(xd), gpu->free(wd);
     free(x), free(got), free(want), free(copy);
 }
+
+/* Full-parameter SFT repeats and resumes bit-identically only if every gradient is the same bits
+ * every run: embedding_bwd on cuda groups the tokens by id instead of adding with atomics.
+ * Many repeated ids (vocab 7 for 500 tokens) and padding (-1, adds nothing); two calls give the
+ * same bits, and the CPU's sum within fp32 summation error (only the order of the adds differs:
+ * the GPU sums an id's rows first, then adds to the table; 4 (L + 4) u times the magnitude). */
+TEST(test_cuda_qat_embedding_bwd_is_deterministic) {
+    const rs_backend *cpu = rs_backend_cpu(), *gpu = rs_backend_cuda();
+    if (!qat_backends_ready(cpu, gpu)) return;
+    rs_rng rng;
+    rs_rng_seed(&rng, rs_test_seed() * 0x9e3779b97f4a7c15ull + 203);
+    const int n = 500, dim = 77, vocab = 7;
+    const float scale = 0.75f;
+    float *dout = random_bf16(&rng, (size_t)n * dim, 0.0f, 1.0f);
+    float *table0 = random_bf16(&rng, (size_t)vocab * dim, 0.0f, 1.0f);
+    int32_t *ids = rs_malloc((size_t)n * sizeof *ids);
+    for (int i = 0; i < n; i++)
+        ids[i] = i % 11 == 5 ? -1 : (int32_t)(rs_rng_next(&rng) % vocab);
+    float *res[3];
+    const rs_backend *order[3] = {cpu, gpu, gpu};
+    for (int s = 0; s < 3; s++) {
+        const rs_backend *be = order[s];
+        void *dd = upload(be, be->act_dtype, dout, (size_t)n * dim);
+        float *dt = upload(be, RS_F32, table0, (size_t)vocab * dim);
+        void *id = upload_bytes(be, ids, (size_t)n * sizeof(int32_t));
+        be->embedding_bwd(dt, dd, id, n, dim, scale);
+        res[s] = download(be, dt, RS_F32, (size_t)vocab * dim);
+        be->free(dd), be->free(dt), be->free(id);
+    }
+    CHECK(memcmp(res[1], res[2], (size_t)vocab * dim * sizeof(float)) == 0,
+          "two cuda embedding_bwd calls differ");
+    size_t bad = 0;
+    for (int v = 0; v < vocab; v++)
+        for (int d = 0; d < dim; d++) {
+            double mag = fabs(table0[(size_t)v * dim + d]);
+            for (int i = 0; i < n; i++)
+                if (ids[i] == v) mag += fabs(scale * dout[(size_t)i * dim + d]);
+            double tol = 4.0 * (n + 4.0) * (1.0 / 16777216.0) * mag;
+            size_t e = (size_t)v * dim + d;
+            if (!(fabs((double)res[1][e] - res[0][e]) <= tol) && bad++ < 5)
+                fprintf(stderr, "embedding_bwd [%d, %d]: cuda %.9g, cpu %.9g\n", v, d, res[1][e],
+                        res[0][e]);
+        }
+    CHECK(bad == 0, "embedding_bwd: %zu entries differ from the cpu beyond summation error", bad);
+    free(dout), free(table0), free(ids), free(res[0]), free(res[1]), free(res[2]);
+}
