@@ -6,18 +6,20 @@ the CPU op) are the C unit tests test_cuda_qat_* (tests/unit/test_backend_gpu_qa
 Runs only with RESAFE_TEST_GPU=1.
 
 Tolerances, cuda against cpu (the tiny char-level Llama of test_train_cli, hidden 64, 2 layers,
-the copy task, 30 steps of batch 16):
-  - Loss curve: the step-1 loss differs only by the forward's bf16 rounding (weights and every
-    activation rounded to 8 significant bits, unit roundoff 2^-9, over ~15 sequential ops: a
-    relative error of order 1e-2 in the logits, much less in the mean NLL). The runs then diverge
-    slowly: bf16 gradients differ by ~1% from fp32 ones and Adam normalises each entry's update,
-    so entries whose gradients are near zero take different-signed steps. Allowed: each step's
-    loss within 5% of the cpu loss + 0.02 nats (the loss starts at ln 259 = 5.6), and both runs
-    learn (last loss < 60% of the first). A broken GPU path (masters not stepped, weights not
-    refreshed from them, a wrong gradient) fails the curve by far more: the loss would not fall.
-  - Written weights: per tensor ||w_cuda - w_cpu|| <= 0.5 ||w_cpu - w_0|| + 1e-6 ||w_0|| (the two
-    updates agree to within half their size; the near-zero-gradient entries above carry a
-    small share of the update's norm), and the whole update's cosine similarity >= 0.9.
+the copy task, 30 steps of batch 16, lr 2e-3):
+  - Loss curve: each step's loss within 2% of the cpu loss + 0.01 nats, and both runs learn (last
+    loss < 60% of the first). The step-1 loss differs only by the forward's bf16 rounding
+    (weights and activations rounded to 8 significant bits, unit roundoff 2^-9); later the runs
+    drift apart slowly: bf16 gradients differ from fp32 ones by ~1%, and Adam normalises each
+    entry's update, so entries with near-zero gradients may step differently. Measured on an
+    emulation in PyTorch (this model and task, the same AdamW, schedule and clipping; model run
+    in bf16 end to end, gradients in bf16, fp32 masters): at most 0.2% apart over the 30 steps,
+    a tenth of the tolerance.
+  - Written weights: per tensor ||w_cuda - w_cpu|| <= 0.15 ||w_cpu - w_0|| (the emulation: 1.8%
+    at worst), and the cosine similarity of the two whole-model updates >= 0.99 (emulation:
+    0.99993). A broken GPU path fails by far more: weights not refreshed from the masters (the
+    loss stops falling), a tensor without a master or not stepped (its update is 0: difference
+    100%), gradients of the wrong input.
 """
 import json
 import os
@@ -69,7 +71,7 @@ def test_sft_on_cuda_follows_the_cpu_run(char_task):
     print("loss cpu ", np.round(cpu, 4).tolist())
     print("loss cuda", np.round(gpu, 4).tolist())
     assert len(cpu) == len(gpu) == 30
-    assert np.all(np.abs(gpu - cpu) <= 0.05 * cpu + 0.02), np.abs(gpu - cpu).max()
+    assert np.all(np.abs(gpu - cpu) <= 0.02 * cpu + 0.01), np.abs(gpu - cpu).max()
     assert gpu[-1] < 0.6 * gpu[0] and cpu[-1] < 0.6 * cpu[0]
 
     w0 = weights(model)
@@ -81,7 +83,7 @@ def test_sft_on_cuda_follows_the_cpu_run(char_task):
     for k in wc:
         dc, dg = (wc[k] - w0[k]).astype(np.float64), (wg[k] - w0[k]).astype(np.float64)
         diff = np.linalg.norm(wg[k] - wc[k].astype(np.float64))
-        bound = 0.5 * np.linalg.norm(dc) + 1e-6 * np.linalg.norm(w0[k])
+        bound = 0.15 * np.linalg.norm(dc) + 1e-6 * np.linalg.norm(w0[k])
         worst = max(worst, diff / max(np.linalg.norm(dc), 1e-30))
         assert diff <= bound, f"{k}: cuda and cpu weights differ by {diff:.3g} (bound {bound:.3g})"
         dots += float(np.sum(dc * dg))
@@ -90,7 +92,7 @@ def test_sft_on_cuda_follows_the_cpu_run(char_task):
     cosine = dots / np.sqrt(norms_c * norms_g)
     print(f"update cosine cuda vs cpu {cosine:.4f}, worst per-tensor difference {worst:.3g} "
           f"of the cpu update")
-    assert cosine >= 0.9
+    assert cosine >= 0.99
 
 
 @pytest.mark.parametrize("qat", [{}, dict(sft__qat="true", sft__qat_bits=4, sft__qat_act_bits=8,
