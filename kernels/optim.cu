@@ -148,6 +148,51 @@ void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows
     CUDA_CHECK_LAUNCH(s, "fake_quant_rows_kernel");
 }
 
+/* Activation / KV fake quantization in place: one warp per group (groups are a token's row or
+ * one head of it: a few dozen to a few thousand values), min and max by warp shuffles, then the
+ * reference's fp32 expressions on the bf16 values, rounded to bf16 once. Blocks hold whole
+ * warps, so a warp past the last group leaves as a whole. */
+__global__ void fake_quant_groups_kernel(bf16 *x, size_t n_groups, int group, int bits,
+                                         int symmetric) {
+    const size_t g = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (g >= n_groups) return;
+    bf16 *row = x + g * (size_t)group;
+    float lo = INFINITY, hi = -INFINITY;
+    for (int l = lane; l < group; l += 32) {
+        float v = __bfloat162float(row[l]);
+        lo = fminf(lo, v), hi = fmaxf(hi, v);
+    }
+    hi = rs_warp_max(hi);
+    lo = -rs_warp_max(-lo);
+    if (lo == hi) return; /* constant: unchanged */
+    if (symmetric) {
+        const float q_max = (float)((1 << (bits - 1)) - 1), scale = fmaxf(-lo, hi) / q_max;
+        for (int l = lane; l < group; l += 32)
+            row[l] = __float2bfloat16(
+                fminf(fmaxf(rintf(__bfloat162float(row[l]) / scale), -q_max), q_max) * scale);
+    } else {
+        const float q_max = (float)((1 << bits) - 1), scale = (hi - lo) / q_max;
+        const float zero = rintf(-lo / scale);
+        for (int l = lane; l < group; l += 32)
+            row[l] = __float2bfloat16(
+                (fminf(fmaxf(rintf(__bfloat162float(row[l]) / scale) + zero, 0.0f), q_max) -
+                 zero) * scale);
+    }
+}
+
+void rs_cuda_fake_quant_groups(cudaStream_t s, bf16 *x, size_t n_groups, int group, int bits,
+                               int symmetric) {
+    RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_groups: %d bits (allowed 2..8)", bits);
+    RS_CHECK(group > 0, "fake_quant_groups: group of %d values", group);
+    if (n_groups == 0) return;
+    const int warps_per_block = RS_CUDA_THREADS / 32;
+    size_t blocks = (n_groups + warps_per_block - 1) / warps_per_block;
+    fake_quant_groups_kernel<<<(unsigned)blocks, RS_CUDA_THREADS, 0, s>>>(x, n_groups, group, bits,
+                                                                          symmetric);
+    CUDA_CHECK_LAUNCH(s, "fake_quant_groups_kernel");
+}
+
 /* ---------------------------------------------------------------- dropout */
 /* splitmix64's output for counter i (backend.h): a pure function of (seed, i), identical to the
  * CPU backend's, so both keep the same elements. */

@@ -711,7 +711,7 @@ static void fake_quant_row(float *out, const float *w, int cols, int bits, int s
     float lo = INFINITY, hi = -INFINITY;
     for (int l = 0; l < cols; l++) lo = w[l] < lo ? w[l] : lo, hi = w[l] > hi ? w[l] : hi;
     if (lo == hi) {
-        memcpy(out, w, (size_t)cols * sizeof *out);
+        if (out != w) memcpy(out, w, (size_t)cols * sizeof *out);
         return;
     }
     if (symmetric) {
@@ -730,6 +730,20 @@ static void cpu_fake_quant_rows(void *w_q, const float *w, int rows, int cols, i
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)rows * cols))
     for (int i = 0; i < rows; i++)
         fake_quant_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
+}
+
+/* fake_quant_row works in place (every value is read before it is written). */
+static void cpu_fake_quant_groups(void *x, size_t n_groups, int group, int bits, int symmetric) {
+    RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_groups: %d bits (allowed 2..8)", bits);
+    RS_CHECK(group > 0, "fake_quant_groups: group of %d values", group);
+    float *v = x;
+#pragma omp parallel for schedule(static) if (PARALLEL(n_groups * (size_t)group))
+    for (size_t i = 0; i < n_groups; i++)
+        fake_quant_row(v + i * group, v + i * group, group, bits, symmetric);
+}
+
+static void cpu_cast_f32_to_weight(void *dst, const float *src, size_t n) {
+    if (dst != src) memmove(dst, src, n * sizeof *src);
 }
 
 /* ---------------------------------------------------------------- quantized linears */
@@ -841,6 +855,8 @@ static const rs_backend g_cpu = {
     .snip_accumulate = cpu_snip_accumulate,
     .zero_f32 = cpu_zero_f32,
     .fake_quant_rows = cpu_fake_quant_rows,
+    .cast_f32_to_weight = cpu_cast_f32_to_weight,
+    .fake_quant_groups = cpu_fake_quant_groups,
     .qmatmul = cpu_qmatmul,
     .qmatmul_t = cpu_qmatmul_t,
     .qweight_upload = cpu_qweight_upload,

@@ -157,6 +157,10 @@ static const rs_config_key g_schema[] = {
     INT_KEY("sft", "qat_bits", "4", 2, 8, "sft", "QAT grid bits"),
     BOOL_KEY("sft", "qat_symmetric", "true", "sft",
              "QAT grid per row: symmetric (no zero point) or asymmetric"),
+    INT_KEY("sft", "qat_act_bits", "0", 0, 8, "sft",
+            "LLM-QAT: fake-quantize each linear's input per token, symmetric (0 = off, else 2..8)"),
+    INT_KEY("sft", "qat_kv_bits", "0", 0, 8, "sft",
+            "LLM-QAT: fake-quantize K (after RoPE) and V per token and head, asymmetric (0 = off)"),
 
     FLOAT_KEY("snip", "tau", "0.6", 0, 1, DPO,
                   "fraction of entries marked safety-critical and trainable (paper: 0.6)"),

@@ -182,6 +182,15 @@ typedef struct rs_backend {
      * is reproduced exactly. */
     void (*fake_quant_rows)(void *w_q, const float *w, int rows, int cols, int bits,
                             int symmetric);
+    /* Mixed-precision training: dst[n] (weight dtype) = src[n] (fp32 master), rounded to
+     * nearest even (a copy on cpu, where weights are fp32; dst == src allowed there). */
+    void (*cast_f32_to_weight)(void *dst, const float *src, size_t n);
+    /* LLM-QAT activation / KV fake quantization, in place on x (act dtype): each of n_groups runs
+     * of `group` consecutive values (a token's row, or one head of it) onto its own grid with
+     * fake_quant_rows's formulas, computed in fp32 from the act values and rounded to act dtype
+     * once (cuda = bf16 of cpu's result on the same inputs). A constant run is left unchanged.
+     * Straight-through estimator: the backward is the identity, so there is no backward op. */
+    void (*fake_quant_groups)(void *x, size_t n_groups, int group, int bits, int symmetric);
 
     /* ---- quantized linears (quant.h). w is a backend-resident rs_qweight, m = w->rows,
      * k = w->cols. The cpu backend dequantizes and multiplies (the reference); cuda fuses. */

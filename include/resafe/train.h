@@ -201,8 +201,10 @@ int rs_metrics_write(rs_metrics_log *l, const char *json_line);
 void rs_metrics_close(rs_metrics_log *l);
 
 /* ---------------------------------------------------------------- SFT */
-/* `resafe sft`: full-parameter supervised fine-tuning (optionally QAT) of [model] path on
- * [sft] data_file, written as a Hugging Face model directory. resume: continue from the stage's
+/* `resafe sft`: full-parameter supervised fine-tuning (optionally QAT: weights, and LLM-QAT's
+ * activations and KV) of [model] path on [sft] data_file, on any backend (mixed precision with
+ * fp32 masters where the backend's weights are not fp32), written as a Hugging Face model
+ * directory. resume: continue from the stage's
  * checkpoint; force: start over even if one exists. Returns 0, -1 + message, or the number of
  * the signal that interrupted it (after writing a checkpoint). */
 int rs_sft_run(const rs_config *cfg, int resume, int force);

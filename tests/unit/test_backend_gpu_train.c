@@ -93,8 +93,8 @@ static double max_abs(const float *x, size_t n) {
 
 /* ---------------------------------------------------------------- embedding */
 
-/* Same fp32 products on both sides; only the order of a repeated id's adds differs (atomics):
- * SUM_TOL over the row's terms. */
+/* Same fp32 products on both sides; only the order of a repeated id's adds differs (the GPU sums
+ * an id's rows first, then adds them to the table): SUM_TOL over the row's terms. */
 TEST(test_cuda_embedding_bwd_matches_cpu) {
     GPU_TEST_SETUP(101);
     const int n = 300, dim = 129, vocab = 40;
