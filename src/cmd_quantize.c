@@ -85,10 +85,11 @@ static int parse_train_value(options *o, const char *flag, const char *v, int *r
         const char *flag;
         int *dst;
         long lo, hi;
-    } ints[] = {{"--steps", &t->steps, 0, 1000000000},  {"--epochs", &t->epochs, 1, 10000},
-                {"--batch", &t->batch_size, 1, 65536},  {"--micro-batch", &t->micro_batch_size, 1, 65536},
-                {"--threads", &t->threads, 0, 4096},    {"--act-bits", &t->act_bits, 0, 16},
-                {"--kv-bits", &t->kv_bits, 0, 16},      {"--rank", &t->rank, 1, 65536}};
+    } ints[] = {
+        {"--steps", &t->steps, 0, 1000000000}, {"--epochs", &t->epochs, 1, 10000},
+        {"--batch", &t->batch_size, 1, 65536}, {"--micro-batch", &t->micro_batch_size, 1, 65536},
+        {"--threads", &t->threads, 0, 4096},   {"--act-bits", &t->act_bits, 0, 16},
+        {"--kv-bits", &t->kv_bits, 0, 16},     {"--rank", &t->rank, 1, 65536}};
     *rc = 0;
     for (size_t i = 0; i < sizeof ints / sizeof *ints; i++)
         if (!strcmp(flag, ints[i].flag)) {
@@ -101,13 +102,17 @@ static int parse_train_value(options *o, const char *flag, const char *v, int *r
     if (!strcmp(flag, "--lr")) { /* a double, as the config's [quant] train_lr */
         char *end;
         double x = strtod(v, &end);
-        if (end == v || *end || !(x > 0 && x <= 1)) *rc = usage_error("--lr: '%s' is not in (0, 1]", v);
-        else t->lr = x;
+        if (end == v || *end || !(x > 0 && x <= 1))
+            *rc = usage_error("--lr: '%s' is not in (0, 1]", v);
+        else
+            t->lr = x;
         return 1;
     }
     if (!strcmp(flag, "--alpha")) {
-        if (rs_parse_float(v, 1e-30f, 1e6f, &f)) *rc = usage_error("--alpha: '%s' is not > 0", v);
-        else t->alpha = f;
+        if (rs_parse_float(v, 1e-30f, 1e6f, &f))
+            *rc = usage_error("--alpha: '%s' is not > 0", v);
+        else
+            t->alpha = f;
         return 1;
     }
     const char **strs[] = {&t->response_key, &t->chat_template, &t->backend,

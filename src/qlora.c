@@ -27,7 +27,6 @@
 #include "resafe/checkpoint.h"
 #include "resafe/pipeline.h"
 #include "resafe/quant_methods.h"
-#include "resafe/sha256.h"
 #include "resafe/train.h"
 
 /* ---------------------------------------------------------------- the calibration examples */
@@ -250,10 +249,7 @@ static void edit_manifest(void *manifest, void *user) {
     edit_merge_stats(cJSON_GetObjectItemCaseSensitive(m, "merge"), user);
     cJSON_ReplaceItemInObject(m, "method", cJSON_CreateString("qlora"));
     cJSON_DeleteItemFromObject(m, "calibration");
-    cJSON *c = cJSON_AddObjectToObject(m, "calibration");
-    cJSON_AddStringToObject(c, "file", j->calib);
-    char hex[65];
-    if (rs_sha256_file(j->calib, hex) == 0) cJSON_AddStringToObject(c, "sha256", hex);
+    cJSON_AddItemToObject(m, "calibration", rs_qtrain_calib_entry(j));
     cJSON_DeleteItemFromObject(m, "training");
     cJSON_AddItemToObject(m, "training", rs_qtrain_manifest(j));
 }

@@ -10,6 +10,7 @@
 #include "resafe/quant_io.h"
 #include "resafe/quant_methods.h"
 #include "resafe/safetensors.h"
+#include "resafe/sha256.h"
 
 static int set_str(rs_config *c, const char *s, const char *k, const char *v) {
     if (rs_config_set(c, s, k, v) != 0) return rs_fail_context("[%s] %s", s, k);
@@ -48,6 +49,16 @@ rs_config *rs_qtrain_config(const rs_quantize_job *j, const char *model_dir, con
         rs_config_free(c);
         return NULL;
     }
+    return c;
+}
+
+void *rs_qtrain_calib_entry(const rs_quantize_job *j) {
+    cJSON *c = cJSON_CreateObject();
+    char hex[65];
+    cJSON_AddStringToObject(c, "file", j->calib);
+    cJSON_AddStringToObject(c, "prompt_key", j->train.prompt_key);
+    cJSON_AddStringToObject(c, "response_key", j->train.response_key);
+    if (rs_sha256_file(j->calib, hex) == 0) cJSON_AddStringToObject(c, "sha256", hex);
     return c;
 }
 

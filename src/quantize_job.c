@@ -157,8 +157,10 @@ static int write_manifest(const rs_quantize_job *o, const char *dir, const rs_qu
     cJSON_AddNumberToObject(m, "packing_version", RS_QPACK_VERSION);
     cJSON_AddStringToObject(m, "export", o->export_kind ? "dequant" : "quantized");
     cJSON_AddItemToObject(m, "calibration",
-                          o->calib ? data_entry(o->calib, o->calib_column, o->calib_max)
-                                   : cJSON_CreateNull());
+                          !o->calib ? cJSON_CreateNull()
+                          : o->train.kind != RS_QTRAIN_NONE
+                              ? rs_qtrain_calib_entry(o)
+                              : data_entry(o->calib, o->calib_column, o->calib_max));
     cJSON_AddNumberToObject(m, "protect_tau", o->q.protect_tau);
     cJSON_AddItemToObject(m, "protect_data",
                           o->protect_data

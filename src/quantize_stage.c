@@ -48,7 +48,8 @@ static void train_of_config(const rs_config *cfg, rs_quantize_job *j) {
 /* method qat / qlora: the format's bits, the training keys, the checks of the command. */
 static int training_job(const rs_config *cfg, rs_quantize_job *j, const char *format,
                         const char *method) {
-    int qlora = !strcmp(method, "qlora"), group_given = rs_config_is_set(cfg, "quant", "group_size");
+    int qlora = !strcmp(method, "qlora");
+    int group_given = rs_config_is_set(cfg, "quant", "group_size");
     if (qlora && strcmp(format, "nf4"))
         return RS_FAIL("[quant] method qlora: the base is NF4: set format = nf4 (not %s)", format);
     if (!qlora && strncmp(format, "int", 3))

@@ -152,6 +152,9 @@ rs_config *rs_qtrain_config(const rs_quantize_job *j, const char *model_dir,
 /* Before any training: out (and save_trained) must not exist, the model must be an fp model
  * directory, the calibration file must exist. 0, or -1 + one line. */
 int rs_qtrain_precheck(const rs_quantize_job *j);
+/* The manifest's "calibration" object of a training method: file, prompt and response keys,
+ * sha256 (cJSON *). */
+void *rs_qtrain_calib_entry(const rs_quantize_job *j);
 /* The "training" object of the manifest (cJSON *, as void * to keep cJSON out of this header). */
 void *rs_qtrain_manifest(const rs_quantize_job *j);
 /* A JSON object file (a manifest): read, fn(object, user) edits it, written back atomically. */

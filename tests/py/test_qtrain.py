@@ -217,6 +217,7 @@ def test_qat_export_equals_fake_quant_of_the_trained_weights_bitwise(setup, qat)
     assert man["method"] == "qat" and man["group_size"] == 0 and man["bits"] == bits
     assert man["qat_grid_check"]["rows_differing"] == 0
     assert man["training"]["kind"] == "qat" and man["calibration"]["file"] == setup["calib"]
+    assert man["calibration"]["response_key"] == "response"
     # the masters moved: the export is not the untrained model's fake quantization
     orig = load_file(os.path.join(setup["model"], "model.safetensors"))
     assert not np.array_equal(orig["model.layers.0.self_attn.q_proj.weight"],
@@ -278,6 +279,8 @@ def test_qlora_refit_equals_nf4_of_nf4_base_plus_the_saved_adapter(setup, qlora)
     man = json.load(open(os.path.join(out, "resafe_manifest.json")))
     assert man["method"] == "qlora" and man["quantization"] == "nf4-b64"
     assert man["merge"]["mode"] == "refit" and man["training"]["rank"] == 4
+    assert man["merge"]["adapter"] == "qlora_adapter.h5"  # not the work directory's name
+    assert man["calibration"]["file"] == setup["calib"] and "sha256" in man["calibration"]
 
 
 def test_qlora_adapter_mode_logits_equal_torch_on_nf4_base_plus_lora(setup, qlora, tmp_path):
