@@ -454,6 +454,27 @@ def test_train_stage_equals_resafe_quantize_and_resumes(setup, files, tmp_path, 
     assert "quantize: running" in status(p.stdout, "quantize")[0]
 
 
+@pytest.mark.parametrize("quant", [
+    {"quant__method": "qat", "quant__format": "int4", "quant__group_size": 0},
+    {"quant__method": "qlora", "quant__format": "nf4", "quant__group_size": None,
+     "quant__qlora_rank": 4, "quant__qlora_alpha": 8},
+])
+def test_whole_run_on_a_qat_or_qlora_model_finishes_and_is_then_up_to_date(setup, files, tmp_path,
+                                                                            quant):
+    """triplets, dpo (LoRA on the trained quantized model), every merge mode and eval load it."""
+    cfg = config(files, tmp_path / "c.ini", quant__calib_file=setup["calib"],
+                 quant__train_steps=6, quant__train_lr=1e-2, lora__merge_compare="all", **quant)
+    p = train(cfg, cwd=tmp_path)
+    stages = ["quantize", "triplets", "dpo", "merge", "eval", "report"]
+    for i, st in enumerate(stages):
+        assert status(p.stdout, st)[-1].startswith(f"train [{i + 1}/6] {st}: done"), p.stdout
+    modes = json.load(open(tmp_path / "run" / "merge" / "merge.json"))["modes"]
+    assert {"grid", "refit", "adapter"} <= set(modes)
+    p = train(cfg, cwd=tmp_path)
+    assert all(status(p.stdout, st) == [f"train [{i + 1}/6] {st}: up to date"]
+               for i, st in enumerate(stages)), p.stdout
+
+
 @pytest.mark.parametrize("over,want", [
     ({"quant__method": "qat"}, "[quant] method qat needs [quant] calib_file"),
     ({"quant__method": "qlora", "quant__format": "int4", "quant__calib_file": "CALIB"},
