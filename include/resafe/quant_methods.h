@@ -1,5 +1,6 @@
-/* quant_methods: quantizing a whole model: calibration data, RTN / AWQ / GPTQ, and SNIP-based
- * critical-weight protection (the paper's quantization without fine-tuning variant).
+/* quant_methods: quantizing a whole model: calibration data, RTN / AWQ / GPTQ, SNIP-based
+ * critical-weight protection (the paper's quantization without fine-tuning variant), and the
+ * fine-tuning methods QAT (LLM-QAT) and QLoRA (see "training methods" below).
  *
  * The model is loaded in fp32 on the CPU backend (its weights are host fp32 there). Every
  * targeted linear (q,k,v,o,gate,up,down of every layer) becomes an rs_qweight; embeddings,
@@ -73,12 +74,6 @@ int rs_quantize_model(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
                       uint8_t *const *masks, const rs_quant_opts *o, rs_quant_result *out);
 void rs_quant_result_free(rs_quant_result *r);
 
-/* ---------------------------------------------------------------- a whole quantization run
- * What `resafe quantize` does and the quantize stage of `resafe train` reuses: load `model`
- * (fp32, CPU; an already quantized model is an error), optional protection masks and
- * calibration data, rs_quantize_model, then `out` (which must not exist): the quantized
- * directory (or, with export_kind "dequant", a plain HF directory) plus resafe_manifest.json,
- * written to out.tmp.<pid> and renamed. */
 /* The training of the quantization-assisting methods (qat, qlora): supervised fine-tuning on
  * the calibration set, a JSONL file of {prompt, response} (members prompt_key / response_key),
  * rendered with the chat template as `resafe sft` renders it; the loss is the mean NLL over the
@@ -91,7 +86,7 @@ typedef struct {
     const char *chat_template; /* [model] chat_template: auto, none, llama-2, ... */
     const char *backend;       /* [model] backend for the training: cpu, cuda, auto */
     int steps;                 /* optimizer steps (0 = epochs over the data) */
-    int epochs, batch_size, micro_batch_size, max_seq_len, threads;
+    int epochs, batch_size, micro_batch_size, threads; /* sequences: q.max_seq_len */
     double lr;
     int act_bits, kv_bits;     /* qat: passed to [sft] qat_act_bits / qat_kv_bits (0 = off) */
     /* qlora */
@@ -102,6 +97,12 @@ typedef struct {
     const char *save_trained;  /* qat: also keep the trained fp32 model there (NULL: no) */
 } rs_qtrain_opts;
 
+/* ---------------------------------------------------------------- a whole quantization run
+ * What `resafe quantize` does and the quantize stage of `resafe train` reuses: load `model`
+ * (fp32, CPU; an already quantized model is an error), optional protection masks and
+ * calibration data, rs_quantize_model, then `out` (which must not exist): the quantized
+ * directory (or, with export_kind "dequant", a plain HF directory) plus resafe_manifest.json,
+ * written to out.tmp.<pid> and renamed. */
 typedef struct {
     const char *model, *out;
     const char *method_name;  /* rtn|awq|gptq|nf4|fp4|int8|qat|qlora: also in the metadata */
@@ -127,7 +128,8 @@ void rs_quantize_job_default(rs_quantize_job *j);
  * 8 bits per row symmetric, unless bits/group were given. -1 (no message) when unknown. */
 int rs_quantize_job_set_method(rs_quantize_job *j, const char *name, int bits_given,
                                int group_given);
-/* Run it; sizes (may be NULL) receives the size report. 0, or -1 + message. */
+/* Run it; sizes (may be NULL) receives the size report. 0, -1 + message, or (qat, qlora) the
+ * number of the signal that stopped the training (nothing written). */
 int rs_quantize_job_run(const rs_quantize_job *j, rs_quant_sizes *sizes);
 /* The arguments a method refuses (calib for qat/qlora, bits for qlora, group for qat, ...):
  * 0, or -1 + one line. bits_given / group_given: the user set them. */
@@ -137,8 +139,8 @@ int rs_quantize_job_check(const rs_quantize_job *j, int bits_given, int group_gi
  * qat (src/qat_method.c): LLM-QAT. Full-parameter SFT with straight-through fake quantization
  * of the seven projections (`resafe sft` with [sft] qat = true: fp32 masters, per-row grid of
  * spec.bits / spec.symmetric), then RTN of the trained masters with group = the whole row, the
- * grid the training's forward used; the export is checked to equal fake_quant_rows(master)
- * bit for bit (rows that differ are counted in the manifest and warned about).
+ * grid the training's forward used; the export is checked to equal fake_quant_rows(master) as
+ * numbers (rows that differ are counted in the manifest and warned about).
  * qlora (src/qlora.c): QLoRA. The base quantized to NF4 (as --method nf4), a LoRA adapter
  * trained on top of the packed weights with the SFT loss, then merged (rs_merge_run) with
  * train.merge. Both write `out` like every other method, with train_metrics.jsonl and the
