@@ -495,18 +495,10 @@ def test_train_config_errors_are_one_line(setup, files, tmp_path, over, want):
 
 @pytest.mark.parametrize("flag,key", [("--act-bits", "qat_act_bits"), ("--kv-bits", "qat_kv_bits")])
 def test_qat_activation_and_kv_bits_reach_resafe_sft(setup, qat, tmp_path, flag, key):
-    """Passed to [sft] qat_act_bits / qat_kv_bits: an error of one line while resafe sft lacks the
-    key; once it has it, the training differs from the weights-only run and the manifest says so."""
+    """Passed to [sft] qat_act_bits / qat_kv_bits: the training differs from the weights-only run
+    and the manifest says so."""
     _, _, _, _, args = qat
     p = quantize(setup["model"], tmp_path / "out", *args, "--seed", "7", flag, "4", check=False)
-    doc = run_resafe("config", "--doc").stdout
-    sft = doc[doc.index("### [sft]"):]
-    has_key = f"`{key}`" in sft[:sft.index("\n### ", 1)]
-    if not has_key:
-        errors = [l for l in p.stderr.splitlines() if l.startswith("resafe: error")]
-        assert p.returncode == 1 and len(errors) == 1 and key in errors[0], p.stderr
-        assert os.listdir(tmp_path) == []
-        return
     assert p.returncode == 0, p.stderr
     man = json.load(open(tmp_path / "out" / "resafe_manifest.json"))
     assert man["training"][flag[2:].replace("-", "_")] == 4
