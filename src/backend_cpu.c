@@ -329,7 +329,8 @@ static void start_row_beta(float *row, int n, float beta) {
 static void cpu_embedding_bwd(float *dtable, const void *dout_, const int32_t *ids, int n, int dim,
                               float scale) {
     const float *dout = dout_;
-    for (int i = 0; i < n; i++) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= 0) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
 }
 
 /* g_j: the norm's weight, or 1 + weight (Gemma) */

@@ -106,7 +106,8 @@ typedef struct rs_backend {
      * 1 accumulates (residual branches). Ops with backward support being NULL in a backend
      * means that backend cannot train yet. */
 
-    /* dtable[ids[i], :] += dout[i, :] * scale  (fp32 [vocab, dim]) */
+    /* dtable[ids[i], :] += dout[i, :] * scale  (fp32 [vocab, dim]); a negative id (padding)
+     * adds nothing */
     void (*embedding_bwd)(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
                           float scale);
     /* From out = x * rstd * (w or 1 + w): dx = beta*dx + d/dx, dw += d/dw (fp32, may be NULL).
