@@ -304,8 +304,9 @@ int rs_comm_barrier(rs_comm *c, const char *what) {
     return c->world == 1 ? 0 : op_exchange(c, NULL, 0, what);
 }
 
-int rs_comm_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes,
-                   const char *what) {
+/* Gather to rank 0 (all 0) or to every rank (all 1). */
+static int gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes, int all,
+                  const char *what) {
     *out = NULL;
     if (c->world == 1) {
         *out = rs_malloc(bytes ? bytes : 1);
@@ -314,7 +315,7 @@ int rs_comm_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_
         return 0;
     }
     RS_TRY(op_exchange(c, blob, bytes, what));
-    if (c->rank != 0) return 0;
+    if (c->rank != 0 && !all) return 0;
     uint8_t **parts = rs_calloc((size_t)c->world, sizeof *parts);
     size_t total = 0;
     int rc = 0;
@@ -332,6 +333,16 @@ int rs_comm_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_
         free(parts[r]);
     free(parts);
     return rc;
+}
+
+int rs_comm_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes,
+                   const char *what) {
+    return gather(c, blob, bytes, out, sizes, 0, what);
+}
+
+int rs_comm_all_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes,
+                       const char *what) {
+    return gather(c, blob, bytes, out, sizes, 1, what);
 }
 
 int rs_comm_all_reduce_device_f32(rs_comm *c, const rs_backend *be, float *buf, size_t n,
@@ -525,6 +536,14 @@ void rs_comm_abort(rs_comm *c) {
     free_comm(c);
 }
 
+static int have_gpu(void) {
+#ifdef RS_HAVE_NCCL
+    return rs_comm_nccl_gpus() > 0;
+#else
+    return 0;
+#endif
+}
+
 int rs_comm_from_config(const rs_config *cfg, const rs_dist *d, const char *backend,
                         rs_comm **out) {
     rs_comm_options o = {0};
@@ -532,12 +551,12 @@ int rs_comm_from_config(const rs_config *cfg, const rs_dist *d, const char *back
     const char *name = rs_config_get_str(cfg, "dist", "transport");
     if (rs_comm_transport_from_name(name, &t) != 0)
         return RS_FAIL("[dist] transport: unknown transport '%s'", name);
-    if (t == 0)
-        t = strcmp(backend, "cuda") == 0 && rs_comm_have_nccl() ? RS_COMM_NCCL : RS_COMM_FILE;
-    if (t == RS_COMM_NCCL && strcmp(backend, "cuda") != 0)
-        return RS_FAIL("[dist] transport = nccl needs [model] backend = cuda (it is %s); use "
-                       "transport = file for CPU ranks",
-                       backend);
+    int gpu = strcmp(backend, "cuda") == 0 || (strcmp(backend, "auto") == 0 && have_gpu());
+    if (t == 0) t = gpu && rs_comm_have_nccl() ? RS_COMM_NCCL : RS_COMM_FILE;
+    if (t == RS_COMM_NCCL && !gpu)
+        return RS_FAIL("[dist] transport = nccl needs the cuda backend ([model] backend is %s%s); "
+                       "use transport = file for CPU ranks",
+                       backend, strcmp(backend, "auto") == 0 ? " and no GPU is visible" : "");
     o.transport = d->world == 1 ? RS_COMM_FILE : (rs_comm_transport)t;
     const char *dir = rs_config_get_str(cfg, "dist", "comm_dir");
     char *def = rs_path_join(rs_config_get_str(cfg, "run", "out_dir"), ".dist");
@@ -546,6 +565,8 @@ int rs_comm_from_config(const rs_config *cfg, const rs_dist *d, const char *back
     o.timeout_s = rs_config_get_float(cfg, "dist", "timeout_s");
     o.id_timeout_s = rs_config_get_float(cfg, "dist", "id_timeout_s");
     o.bucket_bytes = (size_t)(rs_config_get_float(cfg, "dist", "bucket_mb") * 1048576.0);
+    /* one voice: the other ranks say only warnings and errors (all of it at debug level) */
+    if (d->rank != 0 && rs_get_log_level() == RS_LOG_INFO) rs_set_log_level(RS_LOG_WARN);
     int rc = rs_comm_init(out, d, &o);
     free(def);
     return rc;

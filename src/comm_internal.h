@@ -33,6 +33,7 @@ char *rs_comm_file_path(const rs_comm *c, const char *kind, int rank);
 int rs_comm_peer_gone(rs_comm *c, int r, char *why, size_t cap);
 
 #ifdef RS_HAVE_NCCL
+int rs_comm_nccl_gpus(void); /* visible CUDA devices, 0 when none or no driver */
 int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank);
 int rs_comm_nccl_all_reduce(rs_comm *c, const rs_backend *be, float *buf, size_t n,
                             const char *what);

@@ -67,6 +67,15 @@ static int nccl_wait(rs_comm *c, int with_stream, const char *what) {
     }
 }
 
+int rs_comm_nccl_gpus(void) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return count;
+}
+
 int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank) {
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)

@@ -59,8 +59,10 @@ typedef struct rs_comm rs_comm;
  * identity, the gather copies), so callers need no special case. -1 + message. */
 int rs_comm_init(rs_comm **out, const rs_dist *d, const rs_comm_options *o);
 /* The options from [dist] (transport, comm_dir, nccl_id_file, timeout_s, id_timeout_s,
- * bucket_mb) and [run] out_dir (comm_dir "" = <out_dir>/.dist); `backend` the [model] backend
- * resolved ("cpu" or "cuda") picks auto's transport. */
+ * bucket_mb) and [run] out_dir (comm_dir "" = <out_dir>/.dist); `backend` is [model] backend
+ * (auto's transport: file for cpu, else nccl when built with it and a GPU is visible). Ranks
+ * other than 0 lower an info log level to warnings (one voice in the job's log). One process
+ * gets a communicator without files. */
 int rs_comm_from_config(const rs_config *cfg, const rs_dist *d, const char *backend, rs_comm **out);
 /* A clean end: a barrier, then rank 0 removes the session's files. Frees c. 0 or -1. */
 int rs_comm_finalize(rs_comm *c);
@@ -82,6 +84,10 @@ int rs_comm_barrier(rs_comm *c, const char *what);
  * sizes[r] the bytes of rank r (sizes has world entries); other ranks get *out = NULL. */
 int rs_comm_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes,
                    const char *what);
+
+/* The same with every rank receiving the packed blobs. */
+int rs_comm_all_gather(rs_comm *c, const void *blob, size_t bytes, void **out, size_t *sizes,
+                       const char *what);
 
 /* Sum all-reduce of n floats in backend memory, in calls of at most bucket_bytes: nccl reduces
  * the device buffer in place; file stages each bucket through host memory. */
