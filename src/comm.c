@@ -177,7 +177,7 @@ int rs_comm_peer_gone(rs_comm *c, int r, char *why, size_t cap) {
 }
 
 static void at_exit(void) {
-    if (g_live && g_live->world > 1) {
+    if (g_live && g_live->session[0]) {
         write_marker(g_live, "exit", "without finishing the job");
         g_live->heartbeat_stop = 1;
     }
@@ -427,13 +427,12 @@ static int start_liveness(rs_comm *c) {
     return 0;
 }
 
+static void stop_heartbeat(rs_comm *c);
+
 static void free_comm(rs_comm *c) {
-    if (c->heartbeat_running) {
-        c->heartbeat_stop = 1;
-        pthread_join(c->heartbeat, NULL);
-    }
+    stop_heartbeat(c);
     if (g_live == c) g_live = NULL;
-    free(c->dir), free(c->peer_pid), free(c->peer_same_host);
+    free(c->dir), free(c->id_path), free(c->peer_pid), free(c->peer_same_host);
     free(c);
 }
 
@@ -467,7 +466,13 @@ int rs_comm_init(rs_comm **out, const rs_dist *d, const rs_comm_options *o) {
     if (rc == 0 && c->transport == RS_COMM_NCCL)
         rc = rs_comm_nccl_init(c, o->id_file, d->local_rank);
 #endif
-    if (rc == 0) rc = rs_comm_barrier(c, "start-up");
+    if (rc == 0) rc = c->world > 1 ? rs_comm_barrier(c, "start-up") : 0;
+    if (rc == 0 && c->rank == 0) { /* every rank has read them: no later job can mistake them */
+        char *session = rs_path_join(c->dir, "session");
+        unlink(session);
+        free(session);
+        if (c->id_path) unlink(c->id_path);
+    }
     if (rc != 0) {
         rs_comm_abort(c);
         return -1;
@@ -495,21 +500,27 @@ static void remove_session_files(rs_comm *c) {
     free(session);
 }
 
+static void stop_heartbeat(rs_comm *c) {
+    if (!c->heartbeat_running) return;
+    c->heartbeat_stop = 1;
+    pthread_join(c->heartbeat, NULL);
+    c->heartbeat_running = 0;
+}
+
 int rs_comm_finalize(rs_comm *c) {
     if (!c) return 0;
-    int rc = rs_comm_barrier(c, "the end of the job");
-    if (rc != 0) {
+    if (rs_comm_barrier(c, "the end of the job") != 0) {
         rs_comm_abort(c);
         return -1;
     }
-    if (c->world > 1) {
+    stop_heartbeat(c); /* it would make its file again */
+    if (c->session[0]) {
         write_marker(c, "exit", "finished");
         if (c->rank == 0) { /* the others' exit markers say they read everything */
             double t0 = rs_now();
             for (int r = 1; r < c->world && rs_now() - t0 < c->timeout_s; r++) {
                 char *p = rs_comm_file_path(c, "exit", r);
-                while (!rs_path_exists(p) && rs_now() - t0 < c->timeout_s)
-                    pause_ms(5);
+                while (!rs_path_exists(p) && rs_now() - t0 < c->timeout_s) pause_ms(5);
                 free(p);
             }
             remove_session_files(c);
@@ -524,7 +535,7 @@ int rs_comm_finalize(rs_comm *c) {
 
 void rs_comm_abort(rs_comm *c) {
     if (!c) return;
-    if (c->world > 1 && c->dir[0] && c->session[0]) {
+    if (c->dir[0] && c->session[0]) {
         char text[400], shown[300];
         snprintf(text, sizeof text, "failed: %s",
                  rs_shown_text(rs_last_error(), shown, sizeof shown));

@@ -15,6 +15,7 @@ struct rs_comm {
     double timeout_s, id_timeout_s;
     size_t bucket_bytes;
     char *dir;
+    char *id_path; /* nccl: the unique id's file, removed by rank 0 once every rank joined */
     char session[17]; /* 16 hex digits: every file of this job starts with it */
     char host[256];
     uint64_t seq;    /* the last file operation */

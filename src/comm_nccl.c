@@ -98,6 +98,7 @@ int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank) {
     d.t_start = 0;
     char *def = rs_path_join(c->dir, "nccl_id");
     const char *path = id_file && id_file[0] ? id_file : def;
+    c->id_path = rs_strdup(path);
     int rc = rs_dist_id_exchange(path, &d, c->id_timeout_s, (uint8_t *)id.internal);
     free(def);
     RS_TRY(rc);
@@ -124,6 +125,8 @@ int rs_comm_nccl_all_reduce(rs_comm *c, const rs_backend *be, float *buf, size_t
         if (r != ncclSuccess && r != ncclInProgress)
             return RS_FAIL("rank %d of %d: ncclAllReduce (%s) failed: %s", c->rank, c->world, what,
                            ncclGetErrorString(r));
+        /* a non-blocking communicator takes the next call once this one is enqueued */
+        if (r == ncclInProgress) RS_TRY(nccl_wait(c, 0, what));
     }
     return nccl_wait(c, 1, what);
 }
