@@ -293,3 +293,58 @@ def test_triplets_and_eval_on_ranks_write_the_one_process_bytes(gen_setup, gen_s
     for r, (_, stdout, _) in enumerate(res):
         if r % world != 0:
             assert stdout == "", stdout
+
+
+# ---------------------------------------------------------------- the launch script
+
+FAKE_MPIRUN = """#!/usr/bin/env python3
+# mpirun -np N [-x VAR]... CMD...: N copies of CMD with OpenMPI's rank variables
+import os, subprocess, sys
+a, n, i = sys.argv[1:], 1, 0
+while a[i].startswith("-"):
+    n = int(a[i + 1]) if a[i] == "-np" else n
+    i += 2
+with open(os.environ["FAKE_MPIRUN_LOG"], "a") as f:
+    f.write(f"{n} {a[i + 1]} {os.environ['RESAFE_RUN_ID']}\\n")
+env = lambda r: dict(os.environ, OMPI_COMM_WORLD_RANK=str(r), OMPI_COMM_WORLD_SIZE=str(n),
+                     OMPI_COMM_WORLD_LOCAL_RANK=str(r))
+ps = [subprocess.Popen(a[i:], env=env(r)) for r in range(n)]
+sys.exit(1 if any(p.wait() for p in ps) else 0)
+"""
+
+
+def test_mpirun_script_runs_every_stage_with_the_ranks_where_they_apply(gen_setup, tmp_path):
+    """scripts/cluster/mpirun.sh with an mpirun stand-in on PATH: quantize and merge once,
+    triplets, dpo and eval on 2 ranks (each launch its own run id), every output written."""
+    d, model, _ = gen_setup
+    (tmp_path / "mpirun").write_text(FAKE_MPIRUN)
+    (tmp_path / "mpirun").chmod(0o755)
+    out = tmp_path / "run"
+    cfg = write_ini(tmp_path / "run.ini", {
+        "model": {"path": model, "backend": "cpu", "threads": 1},
+        "quant": {"format": "int4", "group_size": 32, "method": "rtn"},
+        "patch": {"harmful_file": d / "harmful.csv", "benign_file": d / "benign.jsonl",
+                  "n_prompts": 8, "max_new_tokens": 6},
+        "dpo": {"batch_size": 4, "max_steps": 3},
+        "snip": {"reidentify_every": 2, "score_batches": 1},
+        "lora": {"rank": 4, "alpha": 8, "merge": "grid", "merge_compare": "none"},
+        "eval": {"harmful_file": d / "harmful.csv", "benign_file": d / "benign.jsonl",
+                 "max_new_tokens": 4},
+        "run": {"out_dir": out, "progress": "off", "checkpoint_every": 0},
+    })
+    env = rank_env(0, 1, "script", PATH=f"{tmp_path}:{os.environ['PATH']}",
+                   FAKE_MPIRUN_LOG=str(tmp_path / "log"), RESAFE=resafe_bin())
+    for k in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+              "RESAFE_RUN_ID"):
+        env.pop(k)
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cluster", "mpirun.sh"), "2", cfg],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    launches = [l.split() for l in (tmp_path / "log").read_text().splitlines()]
+    assert [(n, stage) for n, stage, _ in launches] == [("2", "triplets"), ("2", "dpo"),
+                                                        ("2", "eval")]
+    assert len({run_id for _, _, run_id in launches}) == 3
+    for f in ("quantize/model/config.json", "triplets/patchset.h5", "dpo/adapter.h5",
+              "merge/grid/config.json", "eval/eval.json", "eval/report.md"):
+        assert (out / f).exists(), f
+    assert not os.listdir(out / ".dist")
