@@ -18,7 +18,8 @@
 static rs_comm *g_live;
 
 static const char g_part_magic[8] = {'R', 'S', 'C', 'O', 'M', 'M', 'O', 'P'};
-#define PART_HEADER 24 /* magic, seq u64, payload bytes u64 */
+#define LABEL_BYTES 80 /* the operation's name ("dpo step 3 gradients"), NUL-padded */
+#define PART_HEADER (24 + LABEL_BYTES) /* magic, seq u64, payload bytes u64, label */
 
 /* ---------------------------------------------------------------- files */
 
@@ -190,6 +191,29 @@ static void pause_ms(int ms) {
     nanosleep(&t, NULL);
 }
 
+/* Every rank's part of operation c->seq must be of the same operation: ranks that went different
+ * ways (one stopped for a checkpoint, another went on to the next step) would otherwise read
+ * each other's parts as their own. */
+static int check_labels(rs_comm *c, const char *mine) {
+    for (int r = 0; r < c->world; r++) {
+        if (r == c->rank) continue;
+        char *path = op_path(c, c->seq, r), head[PART_HEADER], shown[2][100];
+        FILE *f = fopen(path, "rb");
+        size_t n = f ? fread(head, 1, sizeof head, f) : 0;
+        if (f) fclose(f);
+        free(path);
+        head[PART_HEADER - 1] = 0;
+        if (n == sizeof head && strncmp(head + 24, mine, LABEL_BYTES) == 0) continue;
+        return RS_FAIL("rank %d of %d: operation %llu: this rank is at '%s', rank %d at '%s': the "
+                       "ranks went different ways; stopping",
+                       c->rank, c->world, (unsigned long long)c->seq,
+                       rs_shown_text(mine, shown[0], sizeof shown[0]), r,
+                       n == sizeof head ? rs_shown_text(head + 24, shown[1], sizeof shown[1])
+                                        : "(unreadable)");
+    }
+    return 0;
+}
+
 /* Write this rank's part of the next operation and wait for every rank's. */
 static int op_exchange(rs_comm *c, const void *data, size_t bytes, const char *what) {
     uint8_t head[PART_HEADER];
@@ -197,6 +221,8 @@ static int op_exchange(rs_comm *c, const void *data, size_t bytes, const char *w
     memcpy(head, g_part_magic, 8);
     put_u64(head + 8, c->seq);
     put_u64(head + 16, bytes);
+    memset(head + 24, 0, LABEL_BYTES);
+    memcpy(head + 24, what, strnlen(what, LABEL_BYTES - 1));
     char *mine = op_path(c, c->seq, c->rank);
     int rc = write_whole(mine, head, sizeof head, data, bytes);
     free(mine);
@@ -237,6 +263,7 @@ static int op_exchange(rs_comm *c, const void *data, size_t bytes, const char *w
         pause_ms(polls < 200 ? 1 : 10);
     }
     free(arrived);
+    RS_TRY(check_labels(c, (const char *)head + 24));
     if (c->seq > 1) { /* every rank has finished reading the previous operation */
         char *old = op_path(c, c->seq - 1, c->rank);
         unlink(old);
@@ -520,7 +547,8 @@ int rs_comm_finalize(rs_comm *c) {
             double t0 = rs_now();
             for (int r = 1; r < c->world && rs_now() - t0 < c->timeout_s; r++) {
                 char *p = rs_comm_file_path(c, "exit", r);
-                while (!rs_path_exists(p) && rs_now() - t0 < c->timeout_s) pause_ms(5);
+                while (!rs_path_exists(p) && rs_now() - t0 < c->timeout_s)
+                    pause_ms(5);
                 free(p);
             }
             remove_session_files(c);

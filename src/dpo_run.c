@@ -28,6 +28,7 @@
 #include <math.h>
 #include <omp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -434,6 +435,37 @@ static int write_metrics(dpo_run *r, const rs_dpo_stats *s, double lr, double no
     return rs_metrics_write(&r->log, line);
 }
 
+/* Data parallel: SIGINT/SIGTERM are held back until the next step's reduce, where every rank
+ * learns of them and hands them to the train loop's handler at the same step (a rank that
+ * stopped alone would leave the others waiting in a collective it never joins). Process-wide,
+ * as signal handlers are; a second signal ends the process at once, as in the train loop. */
+static volatile sig_atomic_t g_held_signal;
+static struct sigaction g_loop_int, g_loop_term;
+
+static void hold_signal(int sig) {
+    if (g_held_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_held_signal = sig;
+}
+
+static void hold_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = hold_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &g_loop_int);
+    sigaction(SIGTERM, &sa, &g_loop_term);
+}
+
+/* The train loop's own handler sets its stop flag. */
+static void release_signal(int sig) {
+    const struct sigaction *a = sig == SIGINT ? &g_loop_int : &g_loop_term;
+    if (a->sa_handler != SIG_DFL && a->sa_handler != SIG_IGN) a->sa_handler(sig);
+}
+
 /* The global batch's gradient and stats on every rank, and a stop signal seen anywhere. */
 static int reduce_step(dpo_run *r, rs_dpo_stats *st) {
     char what[96];
@@ -441,15 +473,27 @@ static int reduce_step(dpo_run *r, rs_dpo_stats *st) {
     RS_TRY(rs_comm_all_reduce_device_f32(r->comm, r->m.be, r->lora.flat_grads, r->lora.n_flat,
                                          what));
     double v[8] = {st->loss, st->reward_chosen, st->reward_rejected, st->margin, st->accuracy,
-                   st->logp_chosen, st->logp_rejected, rs_train_stop_signal() != 0};
+                   st->logp_chosen, st->logp_rejected, g_held_signal != 0};
     snprintf(what, sizeof what, "dpo step %lld stats", (long long)r->step + 1);
     RS_TRY(rs_comm_all_reduce_sum_f64(r->comm, v, 8, what));
     st->loss = v[0], st->reward_chosen = v[1], st->reward_rejected = v[2], st->margin = v[3];
     st->accuracy = v[4], st->logp_chosen = v[5], st->logp_rejected = v[6];
     st->n_pairs = r->t.global_pairs;
     /* the train loop stops at the step boundary where its own flag is set: set it everywhere */
-    if (v[7] > 0 && !rs_train_stop_signal()) raise(SIGTERM);
+    if (v[7] > 0 && !rs_train_stop_signal())
+        release_signal(g_held_signal ? g_held_signal : SIGTERM);
     return 0;
+}
+
+/* Test hook: RESAFE_TEST_SIGTERM_AT="R:S" makes rank R signal itself in step S (1-based) after
+ * the step's reduce: a SIGTERM that reaches one rank when the others have passed the point where
+ * they could learn of it in this step. */
+static void test_signal(const dpo_run *r) {
+    const char *at = getenv("RESAFE_TEST_SIGTERM_AT");
+    int rank, step;
+    if (at && sscanf(at, "%d:%d", &rank, &step) == 2 && rank == r->dist.rank &&
+        step == r->step + 1)
+        raise(SIGTERM);
 }
 
 static int one_step(dpo_run *r) {
@@ -463,6 +507,7 @@ static int one_step(dpo_run *r) {
     take_slice(r, r->batch_idx, n, &sh);
     RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx + sh.first, sh.count, &st));
     if (r->comm) RS_TRY(reduce_step(r, &st));
+    test_signal(r);
     rs_lora_tie_grads(&r->lora);
     if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
     double norm = rs_optim_grad_norm(&r->opt);
@@ -564,6 +609,7 @@ int rs_dpo_run(const rs_config *cfg, int resume, int force) {
     if (rc == 0) rc = start_or_resume(&r, resume, force);
     if (rc == 0) {
         rs_train_catch_signals();
+        if (r.comm) hold_signals();
         rc = train(&r);
     }
     if (rc == 0) rc = save_checkpoint(&r);

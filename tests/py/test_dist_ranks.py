@@ -29,7 +29,7 @@ from conftest import ROOT, resafe_bin
 
 LAUNCH_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_JOB_ID",
-               "PMIX_NAMESPACE", "RESAFE_RUN_ID", "RESAFE_TEST_NAN_STEP"]
+               "PMIX_NAMESPACE", "RESAFE_RUN_ID", "RESAFE_TEST_NAN_STEP", "RESAFE_TEST_SIGTERM_AT"]
 WORDS = "the cat dog sat ran on a mat hat big red blue fast slow sun moon".split()
 LOSS_TOL = 1e-5
 ADAPTER_TOL = 1e-4
@@ -348,3 +348,21 @@ def test_mpirun_script_runs_every_stage_with_the_ranks_where_they_apply(gen_setu
               "merge/grid/config.json", "eval/eval.json", "eval/report.md"):
         assert (out / f).exists(), f
     assert not os.listdir(out / ".dist")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny, single):
+    """SIGTERM to rank 1 alone in step 2, after that step's reduce (RESAFE_TEST_SIGTERM_AT, so
+    the test does not race the run): held until step 3's reduce, then both ranks stop after
+    step 3 with exit code 128 + 15 and one checkpoint; --resume at world 1 ends like the
+    uninterrupted run."""
+    _, out1, _ = single
+    cfg, out = config(tiny, "sigterm")
+    res = finish(launch(2, ["dpo", "--config", cfg], f"term-{os.getpid()}",
+                        RESAFE_TEST_SIGTERM_AT="1:2"))
+    assert [rc for rc, _, _ in res] == [143, 143], res
+    assert len(losses(out)) == 3
+    with h5py.File(os.path.join(out, "dpo", "checkpoint.h5")) as f:
+        assert int(f.attrs["step"]) == 3
+    run_world(1, ["dpo", "--config", cfg, "--resume"], f"term-b-{os.getpid()}")
+    np.testing.assert_allclose(losses(out), losses(out1), rtol=0, atol=LOSS_TOL)
+    assert_adapters_close(out1, out)

@@ -23,8 +23,8 @@ int main(int argc, char **argv) {
     rs_dist d = {.rank = 0, .world = 1, .local_rank = 0, .source = "single"};
     snprintf(d.run_id, sizeof d.run_id, "comm-tool-%s", argv[4]);
     d.t_start = 0;
-    rs_comm_options o = {RS_COMM_NCCL, argv[2], "", 60.0, 60.0,
-                         (size_t)strtoull(argv[5], NULL, 10)};
+    rs_comm_options o = {RS_COMM_NCCL, argv[2], "",
+                         60.0,         60.0,    (size_t)strtoull(argv[5], NULL, 10)};
     rs_comm *c;
     if (rs_comm_init(&c, &d, &o) != 0) /* first: it selects the GPU */
         return fprintf(stderr, "comm_tool: %s\n", rs_last_error()), 1;
@@ -33,7 +33,8 @@ int main(int argc, char **argv) {
     rs_rng g;
     rs_rng_seed(&g, strtoull(argv[4], NULL, 10));
     float *host = rs_malloc((n + 1) * sizeof *host), *back = rs_malloc((n + 1) * sizeof *back);
-    for (size_t i = 0; i < n; i++) host[i] = rs_rng_normal(&g) * (float)(1 << (i % 20));
+    for (size_t i = 0; i < n; i++)
+        host[i] = rs_rng_normal(&g) * (float)(1 << (i % 20));
     float *dev = be->alloc((n + 1) * sizeof *dev);
     be->to_device(dev, host, n * sizeof *host);
     int rc = rs_comm_all_reduce_device_f32(c, be, dev, n, "identity");
@@ -41,11 +42,14 @@ int main(int argc, char **argv) {
     if (rc == 0) be->to_host(back, dev, n * sizeof *back);
     if (rc == 0 && memcmp(back, host, n * sizeof *host) != 0) {
         size_t i = 0;
-        while (back[i] == host[i]) i++;
+        while (back[i] == host[i])
+            i++;
         rc = RS_FAIL("entry %zu: %.9g came back as %.9g", i, host[i], back[i]);
     }
-    if (rc == 0) rc = rs_comm_finalize(c);
-    else rs_comm_abort(c);
+    if (rc == 0)
+        rc = rs_comm_finalize(c);
+    else
+        rs_comm_abort(c);
     be->free(dev);
     free(host), free(back);
     if (rc != 0) return fprintf(stderr, "comm_tool: %s\n", rs_last_error()), 1;
