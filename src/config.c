@@ -44,7 +44,7 @@ static const struct {
 #define DPO "dpo"
 #define LATER_EVAL "train, eval"
 #define MERGE "train, merge"
-#define LATER_DIST "dist (planned)"
+#define DIST "dpo, triplets, eval"
 #define LATER_TRAIN "train (planned)"
 
 static const rs_config_key g_schema[] = {
@@ -266,11 +266,22 @@ static const rs_config_key g_schema[] = {
              "train, sft, dpo, triplets, eval",
              "where rank and world size come from: auto = OpenMPI's variables, else SLURM's "
              "inside an srun step, else one process; mpi/slurm require theirs; none = one process"),
-    PATH_KEY("dist", "nccl_id_file", "", LATER_DIST,
+    ENUM_KEY("dist", "transport", "auto", "auto|file|nccl", DIST,
+             "how ranks exchange data: nccl (GPUs), file (a shared directory; CPU ranks); auto = "
+             "nccl on the cuda backend when built with NCCL, else file"),
+    PATH_KEY("dist", "comm_dir", "", DIST,
+             "directory every rank shares: the file transport's parts, heartbeats, exit markers "
+             "(empty = <[run] out_dir>/.dist)"),
+    PATH_KEY("dist", "nccl_id_file", "", DIST,
              "shared-filesystem file through which rank 0 hands the NCCL unique id to the others "
-             "(empty = through MPI)"),
-    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, LATER_DIST,
+             "(empty = <comm_dir>/nccl_id)"),
+    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, DIST,
                   "seconds a rank waits for rank 0's id in nccl_id_file before it gives up"),
+    POS_FLOAT_KEY("dist", "timeout_s", "600", 86400, DIST,
+                  "seconds any one collective waits for the other ranks before failing with the "
+                  "ranks that did not arrive"),
+    POS_FLOAT_KEY("dist", "bucket_mb", "64", 65536, DIST,
+                  "MiB of gradient per all-reduce call"),
 
     PATH_KEY("run", "out_dir", "runs/default", "sft, dpo",
              "run directory: every stage's outputs and manifests"),
