@@ -112,7 +112,8 @@ __global__ void fake_quant_rows_kernel(bf16 *w_q, const float *w, int cols, int 
     const float *row = w + (size_t)blockIdx.x * (size_t)cols;
     bf16 *out = w_q + (size_t)blockIdx.x * (size_t)cols;
     float lo = 0.0f, hi = 0.0f;
-    for (int l = threadIdx.x; l < cols; l += blockDim.x) lo = fminf(lo, row[l]), hi = fmaxf(hi, row[l]);
+    for (int l = threadIdx.x; l < cols; l += blockDim.x)
+        lo = fminf(lo, row[l]), hi = fmaxf(hi, row[l]);
     /* min as -max(-x): one reduction helper; negation is exact */
     hi = rs_warp_max(hi);
     lo = -rs_warp_max(-lo);

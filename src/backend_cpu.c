@@ -731,14 +731,17 @@ static void fake_quant_row(float *out, const float *w, int cols, int bits, int s
 static void rtn_grid_row(float *out, const float *w, int cols, int bits, int symmetric) {
     if (symmetric) {
         float qs = (float)((1 << (bits - 1)) - 1), amax = 0.0f;
-        for (int l = 0; l < cols; l++) amax = fmaxf(amax, fabsf(w[l]));
+        for (int l = 0; l < cols; l++)
+            amax = fmaxf(amax, fabsf(w[l]));
         float scale = amax / qs;
         if (scale == 0.0f) scale = 1.0f;
-        for (int l = 0; l < cols; l++) out[l] = fminf(fmaxf(rintf(w[l] / scale), -qs), qs) * scale;
+        for (int l = 0; l < cols; l++)
+            out[l] = fminf(fmaxf(rintf(w[l] / scale), -qs), qs) * scale;
         return;
     }
     float qmax = (float)((1 << bits) - 1), lo = 0.0f, hi = 0.0f;
-    for (int l = 0; l < cols; l++) lo = fminf(lo, w[l]), hi = fmaxf(hi, w[l]);
+    for (int l = 0; l < cols; l++)
+        lo = fminf(lo, w[l]), hi = fmaxf(hi, w[l]);
     float scale = (hi - lo) / qmax;
     if (scale == 0.0f) scale = 1.0f;
     float zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), qmax);

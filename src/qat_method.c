@@ -83,8 +83,9 @@ static int train(const rs_quantize_job *j, const char *work, const char *trained
         rc = RS_FAIL("--kv-bits: this resafe's sft has no KV-cache quantization ([sft] "
                      "qat_kv_bits)");
     /* the work directory goes with the job: nothing to resume */
-    if (rc == 0) rc = rs_sft_run_once(c, "nothing is kept (resafe quantize has no checkpoints): "
-                                         "run the command again");
+    if (rc == 0)
+        rc = rs_sft_run_once(c, "nothing is kept (resafe quantize has no checkpoints): "
+                                "run the command again");
     rs_config_free(c);
     return rc;
 }
