@@ -4,7 +4,8 @@
  * sequence's d loss / d seq_logp = -1 / (response tokens in the whole batch), so gradient
  * accumulation over micro-batches gives exactly the full batch's gradient.
  * QAT (LLM-QAT style, straight-through): the optimizer owns fp32 master copies of the linear
- * weights; before every step the model's weights are fake_quant_rows(master), the forward and
+ * weights; before every step the model's weights are fake_quant_rows(master) (RTN's INT grid, per
+ * row or per qat_group_size columns of a row: the [rows * cols / G, G] view), the forward and
  * backward run on them, and the gradient (taken w.r.t. the quantized weight) updates the master.
  * qat_act_bits / qat_kv_bits add fake quantization of the linears' inputs and of K, V in the
  * training forward (rs_train_state_set_fake_quant), independent of the weights' qat.

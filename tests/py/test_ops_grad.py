@@ -5,7 +5,7 @@ odd sizes (seed printed; replay with RESAFE_TEST_SEED). Outputs the op overwrite
 gradients it accumulates into start random, so a forgotten element or a missing "+=" fails.
 
 References: the same fp32 inputs in float64 through torch autograd (backward ops), torch.optim.AdamW
-(adamw), the documented formula in numpy float32 (fake_quant_rows), and float64 central
+(adamw), the documented formula in numpy float32 (fake_quant_rows: test_quant's RTN), and float64 central
 differences of the torch forward for the composite ops (attention, rmsnorm, logprob): these check
 our gradients against the math, independently of autograd.
 
