@@ -725,12 +725,37 @@ static void fake_quant_row(float *out, const float *w, int cols, int bits, int s
     }
 }
 
+/* One row of a QAT weight onto RTN's INT grid (quant.c int_group, the formula the export
+ * stores), so dequant(export) is the forward's weight: the range holds zero ([min(0, min w),
+ * max(0, max w)]), a zero scale is 1, and the zero point is clamped to [0, qmax]. Unlike
+ * fake_quant_row, a constant row is not special: it lands on the grid like the export's. */
+static void rtn_grid_row(float *out, const float *w, int cols, int bits, int symmetric) {
+    if (symmetric) {
+        float qs = (float)((1 << (bits - 1)) - 1), amax = 0.0f;
+        for (int l = 0; l < cols; l++)
+            amax = fmaxf(amax, fabsf(w[l]));
+        float scale = amax / qs;
+        if (scale == 0.0f) scale = 1.0f;
+        for (int l = 0; l < cols; l++)
+            out[l] = fminf(fmaxf(rintf(w[l] / scale), -qs), qs) * scale;
+        return;
+    }
+    float qmax = (float)((1 << bits) - 1), lo = 0.0f, hi = 0.0f;
+    for (int l = 0; l < cols; l++)
+        lo = fminf(lo, w[l]), hi = fmaxf(hi, w[l]);
+    float scale = (hi - lo) / qmax;
+    if (scale == 0.0f) scale = 1.0f;
+    float zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), qmax);
+    for (int l = 0; l < cols; l++)
+        out[l] = (fminf(fmaxf(rintf(w[l] / scale) + zero, 0.0f), qmax) - zero) * scale;
+}
+
 /* rintf rounds half to even under the default rounding mode, which we never change. */
 static void cpu_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits, int symmetric) {
     RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_rows: %d bits (allowed 2..8)", bits);
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)rows * cols))
     for (int i = 0; i < rows; i++)
-        fake_quant_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
+        rtn_grid_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
 }
 
 /* fake_quant_row works in place (every value is read before it is written). */

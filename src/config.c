@@ -81,8 +81,8 @@ static const rs_config_key g_schema[] = {
     BOOL_KEY("quant", "symmetric", "false", LATER_QUANT,
              "symmetric integer grid (no zero point)"),
     ENUM_KEY("quant", "method", "rtn", "rtn|awq|gptq|qat|qlora", LATER_QUANT,
-             "quantization method: PTQ rtn; PTQ + calibration awq, gptq; QAT qat (format int*, "
-             "group_size 0); LoRA-QAT qlora (format nf4); all but rtn read calib_file"),
+             "quantization method: PTQ rtn; PTQ + calibration awq, gptq; QAT qat (format int*); "
+             "LoRA-QAT qlora (format nf4); all but rtn read calib_file"),
     PATH_KEY("quant", "calib_file", "", LATER_QUANT,
              "calibration data: prompts for awq/gptq (CSV or JSONL); qat/qlora: JSONL of "
              "{prompt, response} to fine-tune on"),
@@ -183,7 +183,10 @@ static const rs_config_key g_schema[] = {
              "quantization-aware: forward with fake-quantized linear weights (straight-through)"),
     INT_KEY("sft", "qat_bits", "4", 2, 8, "sft", "QAT grid bits"),
     BOOL_KEY("sft", "qat_symmetric", "true", "sft",
-             "QAT grid per row: symmetric (no zero point) or asymmetric"),
+             "QAT grid: symmetric (no zero point) or asymmetric"),
+    INT_KEY("sft", "qat_group_size", "0", 0, 1048576, "sft",
+            "QAT grid: columns per scale (0 = one grid per row); must divide every linear's "
+            "columns"),
     INT_KEY("sft", "qat_act_bits", "0", 0, 8, "sft",
             "LLM-QAT: fake-quantize each linear's input per token, symmetric (0 = off, else 2..8)"),
     INT_KEY("sft", "qat_kv_bits", "0", 0, 8, "sft",

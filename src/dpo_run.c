@@ -543,7 +543,7 @@ static int save_cb(void *r) { return save_checkpoint(r); }
 /* Steps until the end or a signal; returns 0, -1, or the signal number. */
 static int train(dpo_run *r) {
     rs_train_loop loop = {"dpo", r->o.ckpt_path, r->o.sched.total_steps, r->o.checkpoint_every,
-                          &r->step, step_cb, save_cb, r};
+                          &r->step, step_cb, save_cb, r, NULL};
     return rs_train_loop_run(&loop);
 }
 

@@ -78,7 +78,10 @@ void *rs_qtrain_manifest(const rs_quantize_job *j) {
     cJSON_AddNumberToObject(o, "seed", (double)j->q.seed);
     cJSON_AddStringToObject(o, "schedule", "cosine");
     if (t->kind == RS_QTRAIN_QAT) {
-        cJSON_AddStringToObject(o, "grid", "per row, as rs fake_quant_rows");
+        cJSON_AddStringToObject(o, "grid",
+                                j->q.spec.group_size ? "per group, as rs fake_quant_rows"
+                                                     : "per row, as rs fake_quant_rows");
+        cJSON_AddNumberToObject(o, "group_size", j->q.spec.group_size);
         cJSON_AddNumberToObject(o, "act_bits", t->act_bits);
         cJSON_AddNumberToObject(o, "kv_bits", t->kv_bits);
     } else {

@@ -37,11 +37,10 @@ int rs_quantize_job_set_method(rs_quantize_job *j, const char *m, int bits_given
     rs_qspec *s = &j->q.spec;
     j->method_name = m;
     j->train.kind = RS_QTRAIN_NONE;
-    if (!strcmp(m, "qat")) { /* LLM-QAT: per-row grid (the group of resafe sft's fake quant) */
+    if (!strcmp(m, "qat")) { /* LLM-QAT: RTN's grid, groups of 128 by default like rtn's */
         s->format = RS_QFMT_INT;
         j->q.method = RS_QMETHOD_RTN;
         j->train.kind = RS_QTRAIN_QAT;
-        if (!group_given) s->group_size = 0;
         if (!(j->train.lr > 0)) j->train.lr = 2e-5; /* LLM-QAT's learning rate */
         return 0;
     }
@@ -87,10 +86,6 @@ int rs_quantize_job_check(const rs_quantize_job *j, int bits_given, int group_gi
                        t->prompt_key, t->response_key);
     if (j->q.protect_tau > 0.0f) return RS_FAIL("--method %s: --protect-tau does not apply", m);
     if (j->export_kind) return RS_FAIL("--method %s: --export does not apply", m);
-    if (t->kind == RS_QTRAIN_QAT && j->q.spec.group_size != 0)
-        return RS_FAIL("--method qat: the QAT forward fake-quantizes whole rows (resafe sft's "
-                       "grid), so the export does too: --group must be 0, not %d",
-                       j->q.spec.group_size);
     if (t->kind == RS_QTRAIN_QLORA && (bits_given || group_given || j->q.spec.symmetric))
         return RS_FAIL("--method qlora: the base is NF4 (4 bits, absmax blocks of 64): --bits, "
                        "--group and --sym do not apply");

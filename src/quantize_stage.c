@@ -6,7 +6,7 @@
  *                               left unset means blocks of 64, as the command's default
  * group_size, symmetric, and for awq/gptq calib_file / calib_column / calib_samples map to
  * --group, --sym, --calib, --calib-column, --calib-max.
- *   method qat                  format int2..int8 (= --bits), group_size 0 (left unset: 0)
+ *   method qat                  format int2..int8 (= --bits), group_size (= --group, unset 128)
  *   method qlora                format nf4, group_size unset, symmetric false
  * with calib_file, calib_column, response_column, max_seq_len, train_*, qat_* and qlora_* as the
  * training flags, [model] backend / threads / chat_template and [run] seed as --backend,

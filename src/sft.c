@@ -4,7 +4,8 @@
  * sequence's d loss / d seq_logp = -1 / (response tokens in the whole batch), so gradient
  * accumulation over micro-batches gives exactly the full batch's gradient.
  * QAT (LLM-QAT style, straight-through): the optimizer owns fp32 master copies of the linear
- * weights; before every step the model's weights are fake_quant_rows(master), the forward and
+ * weights; before every step the model's weights are fake_quant_rows(master) (RTN's INT grid, per
+ * row or per qat_group_size columns of a row: the [rows * cols / G, G] view), the forward and
  * backward run on them, and the gradient (taken w.r.t. the quantized weight) updates the master.
  * qat_act_bits / qat_kv_bits add fake quantization of the linears' inputs and of K, V in the
  * training forward (rs_train_state_set_fake_quant), independent of the weights' qat.
@@ -35,7 +36,8 @@ typedef struct {
     rs_lr_schedule sched;
     int batch_size, micro, epochs, max_steps, max_seq_len, checkpoint_every, recompute;
     double weight_decay, beta2, grad_clip;
-    int qat, qat_bits, qat_symmetric, qat_act_bits, qat_kv_bits;
+    int qat, qat_bits, qat_symmetric, qat_group, qat_act_bits, qat_kv_bits;
+    const char *restart_hint; /* rs_sft_run_once */
     uint64_t seed, config_hash, data_hash;
 } sft_options;
 
@@ -75,6 +77,7 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->qat = rs_config_get_bool(cfg, "sft", "qat");
     o->qat_bits = (int)rs_config_get_int(cfg, "sft", "qat_bits");
     o->qat_symmetric = rs_config_get_bool(cfg, "sft", "qat_symmetric");
+    o->qat_group = (int)rs_config_get_int(cfg, "sft", "qat_group_size");
     o->qat_act_bits = (int)rs_config_get_int(cfg, "sft", "qat_act_bits");
     o->qat_kv_bits = (int)rs_config_get_int(cfg, "sft", "qat_kv_bits");
     if (o->qat_act_bits == 1 || o->qat_kv_bits == 1)
@@ -248,16 +251,31 @@ static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs
     return mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0;
 }
 
+/* QAT groups of qat_group columns: each must lie inside one row, as RTN's groups do. */
+static int check_qat_groups(const tensor_list *l, const sft_options *o) {
+    if (!o->qat || o->qat_group == 0) return 0;
+    for (int i = 0; i < l->n; i++) {
+        const sft_tensor *t = &l->t[i];
+        if (t->linear && t->cols % o->qat_group != 0)
+            return RS_FAIL("qat: groups of %d columns do not divide the %d columns of %s ([sft] "
+                           "qat_group_size; resafe quantize --group)",
+                           o->qat_group, t->cols, t->name);
+    }
+    return 0;
+}
+
 /* The model's weights from the masters, before every step: fake-quantized (QAT linears) or
- * rounded to the weight dtype (mixed precision). */
+ * rounded to the weight dtype (mixed precision). Groups of G columns along a row are the rows
+ * of the [rows * cols / G, G] view (cols % G == 0, check_qat_groups). */
 static void refresh_weights(rs_model *m, const tensor_list *l, const sft_options *o) {
     for (int i = 0; i < l->n; i++) {
         const sft_tensor *t = &l->t[i];
         if (!t->master) continue;
-        if (o->qat && t->linear)
-            m->be->fake_quant_rows(t->w, t->master, t->rows, t->cols, o->qat_bits,
+        if (o->qat && t->linear) {
+            int g = o->qat_group ? o->qat_group : t->cols;
+            m->be->fake_quant_rows(t->w, t->master, (int)(numel(t) / (size_t)g), g, o->qat_bits,
                                    o->qat_symmetric);
-        else
+        } else
             m->be->cast_f32_to_weight(t->w, t->master, numel(t));
     }
 }
@@ -371,6 +389,7 @@ static int setup(sft_run *r) {
     sft_options *o = &r->o;
     RS_TRY(rs_model_grads_init(&r->m, &r->grads));
     list_tensors(&r->m, &r->grads, &r->tensors);
+    RS_TRY(check_qat_groups(&r->tensors, o));
     size_t master_bytes;
     RS_TRY(build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block, &master_bytes));
     r->state = rs_train_state_new(&r->m, NULL, o->micro, r->max_len, o->recompute);
@@ -474,7 +493,7 @@ static int save_cb(void *r) { return save_checkpoint(r); }
 /* Steps until the end or a signal; returns 0, -1, or the signal number. */
 static int train(sft_run *r) {
     rs_train_loop loop = {"sft", r->o.ckpt_path, r->o.sched.total_steps, r->o.checkpoint_every,
-                          &r->step, step_cb, save_cb, r};
+                          &r->step, step_cb, save_cb, r, r->o.restart_hint};
     return rs_train_loop_run(&loop);
 }
 
@@ -490,12 +509,13 @@ static int start_or_resume(sft_run *r, int resume, int force) {
     return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);
 }
 
-int rs_sft_run(const rs_config *cfg, int resume, int force) {
+static int run(const rs_config *cfg, int resume, int force, const char *restart_hint) {
     sft_run r;
     memset(&r, 0, sizeof r);
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
     int rc = read_options(cfg, &r.o);
+    r.o.restart_hint = restart_hint;
     if (rc == 0) rc = load_inputs(&r, cfg);
     if (rc == 0) rc = setup(&r);
     if (rc == 0) rc = start_or_resume(&r, resume, force);
@@ -508,4 +528,12 @@ int rs_sft_run(const rs_config *cfg, int resume, int force) {
     if (rc == 0) rs_info("sft: wrote %s", r.o.output_dir);
     free_run(&r);
     return rc;
+}
+
+int rs_sft_run(const rs_config *cfg, int resume, int force) {
+    return run(cfg, resume, force, NULL);
+}
+
+int rs_sft_run_once(const rs_config *cfg, const char *restart_hint) {
+    return run(cfg, 0, 1, restart_hint);
 }

@@ -131,16 +131,18 @@ int rs_quantize_job_set_method(rs_quantize_job *j, const char *name, int bits_gi
 /* Run it; sizes (may be NULL) receives the size report. 0, -1 + message, or (qat, qlora) the
  * number of the signal that stopped the training (nothing written). */
 int rs_quantize_job_run(const rs_quantize_job *j, rs_quant_sizes *sizes);
-/* The arguments a method refuses (calib for qat/qlora, bits for qlora, group for qat, ...):
+/* The arguments a method refuses (calib for qat/qlora, bits and group for qlora, ...):
  * 0, or -1 + one line. bits_given / group_given: the user set them. */
 int rs_quantize_job_check(const rs_quantize_job *j, int bits_given, int group_given);
 
 /* ---------------------------------------------------------------- training methods
  * qat (src/qat_method.c): LLM-QAT. Full-parameter SFT with straight-through fake quantization
- * of the seven projections (`resafe sft` with [sft] qat = true: fp32 masters, per-row grid of
- * spec.bits / spec.symmetric), then RTN of the trained masters with group = the whole row, the
- * grid the training's forward used; the export is checked to equal fake_quant_rows(master) as
- * numbers (rows that differ are counted in the manifest and warned about).
+ * of the seven projections (`resafe sft` with [sft] qat = true: fp32 masters, RTN's grid of
+ * spec.bits / spec.symmetric / spec.group_size as qat_group_size), then RTN of the trained
+ * masters on that grid, the one the training's forward used; the export is checked to equal
+ * fake_quant_rows of the masters' [rows * cols / G, G] view as numbers (groups that differ are
+ * counted in the manifest and warned about). A group that does not divide a projection's
+ * columns is refused by resafe sft before its first step.
  * qlora (src/qlora.c): QLoRA. The base quantized to NF4 (as --method nf4), a LoRA adapter
  * trained on top of the packed weights with the SFT loss, then merged (rs_merge_run) with
  * train.merge. Both write `out` like every other method, with train_metrics.jsonl and the

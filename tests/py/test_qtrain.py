@@ -2,8 +2,10 @@
 against independent numpy / torch computations.
 
 - qat: the export's dequantized linears equal, bit for bit (but for the sign of zero), numpy's
-  per-row fake quantization (fake_quant_rows' formula, README) of the trained fp32 masters kept
-  with --save-trained; every other tensor is the trained master itself.
+  RTN (test_quant.ref_int: the formula resafe sft's fake_quant_rows uses, README) of the trained
+  fp32 masters kept with --save-trained, per row and in groups of 32, symmetric and asymmetric;
+  every other tensor is the trained master itself. A --group that does not divide a projection's
+  columns (the default 128 on the 64-wide model) is one error line before any training.
 - qlora: the output's NF4 codes and absmax equal numpy's NF4 refit of (NF4 of the original weights)
   + (alpha / r) B A from the saved adapter (exactly: the same fp32 operations); with --merge
   adapter the logits equal transformers' on those weights (1e-4: fp32 both sides, as
@@ -32,7 +34,7 @@ import torch
 from conftest import run_resafe
 from test_merge import decode, dequant, qparams
 from test_model import our_logits, random_batch
-from test_quant import NF4
+from test_quant import NF4, ref_int
 from test_train import config, make_model, status, train, tree
 
 transformers = pytest.importorskip("transformers")
@@ -81,21 +83,10 @@ def run(s, name, *args):
 
 # ---------------------------------------------------------------- references
 
-def fake_quant_rows(w, bits, sym):
-    """fake_quant_rows (README, resafe sft): one grid per row over [min w, max w], fp32."""
-    lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
-    if sym:
-        qmax = f32(2 ** (bits - 1) - 1)
-        scale = (np.maximum(-lo, hi) / qmax).astype(f32)
-        safe = np.where(scale > 0, scale, f32(1))
-        out = (np.clip(np.rint(w / safe), -qmax, qmax) * safe).astype(f32)
-    else:
-        qmax = f32(2 ** bits - 1)
-        scale = ((hi - lo) / qmax).astype(f32)
-        safe = np.where(scale > 0, scale, f32(1))
-        zero = np.rint(-lo / safe).astype(f32)
-        out = ((np.clip(np.rint(w / safe) + zero, 0, qmax) - zero) * safe).astype(f32)
-    return np.where(lo == hi, w, out)
+def fake_quant(w, bits, sym, group):
+    """resafe sft's QAT weight (README): RTN's grid (quant.c's formula, numpy in test_quant) per
+    group of `group` columns of a row (0: the whole row), fp32."""
+    return ref_int(w, bits, group, sym)[1]
 
 
 def nf4(w):
@@ -187,15 +178,16 @@ def qat(setup):
     bits = setup["rnd"].choice([2, 3, 4, 8])
     sym = setup["rnd"].random() < 0.5
     args = ["--method", "qat", "--calib", setup["calib"], "--bits", str(bits), "--lr", "2e-3",
-            *TRAIN, *(["--sym"] if sym else [])]
+            "--group", "0", *TRAIN, *(["--sym"] if sym else [])]
     trained = setup["dir"] / "qat_trained"
     out = run(setup, "qat", *args, "--save-trained", str(trained), "--seed", "7")
     print(f"qat: {bits} bits, {'symmetric' if sym else 'asymmetric'}")
     return out, trained, bits, sym, args
 
 
-def test_qat_export_equals_fake_quant_of_the_trained_weights_bitwise(setup, qat):
-    out, trained, bits, sym, _ = qat
+def check_export_equals_fake_quant(out, trained, bits, sym, group, src):
+    """The export's dequantized linears are numpy's fake quantization of the trained masters (bit
+    for bit but for the sign of zero), its other tensors the masters; the manifest agrees."""
     master = load_file(os.path.join(trained, "model.safetensors"))
     t = load_file(os.path.join(out, "model.safetensors"))
     n = 0
@@ -204,24 +196,93 @@ def test_qat_export_equals_fake_quant_of_the_trained_weights_bitwise(setup, qat)
         if base + ".qweight" not in t:
             assert np.array_equal(t[name], w), name  # embeddings, norms, lm_head: the masters
             continue
-        codes, sc, z = qparams(t, base, w.shape[1], bits, 0)
+        codes, sc, z = qparams(t, base, w.shape[1], bits, group)
         assert (z is None) == sym and sc.shape == w.shape
+        assert t[base + ".scales"].shape[1] == (w.shape[1] // group if group else 1), name
         got = dequant(codes, sc, z, bits)
         # bit for bit but for the sign of zero: the symmetric fake quant's rint(-0.3) * s = -0
         # is the export's (code - 2^(bits-1)) * s = +0 (x + 0 turns -0 into +0 only)
-        want = (fake_quant_rows(w, bits, sym) + f32(0)).astype(f32)
+        want = (fake_quant(w, bits, sym, group) + f32(0)).astype(f32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
         n += 1
     assert n == 14
     man = json.load(open(os.path.join(out, "resafe_manifest.json")))
-    assert man["method"] == "qat" and man["group_size"] == 0 and man["bits"] == bits
-    assert man["qat_grid_check"]["rows_differing"] == 0
-    assert man["training"]["kind"] == "qat" and man["calibration"]["file"] == setup["calib"]
-    assert man["calibration"]["response_key"] == "response"
+    assert man["method"] == "qat" and man["group_size"] == group and man["bits"] == bits
+    check = man["qat_grid_check"]
+    assert check["rows_differing"] == 0 and check["group_size"] == group
+    assert man["training"]["group_size"] == group
+    assert man["training"]["grid"] == ("per group" if group else "per row") + ", as rs fake_quant_rows"
     # the masters moved: the export is not the untrained model's fake quantization
-    orig = load_file(os.path.join(setup["model"], "model.safetensors"))
+    orig = load_file(os.path.join(src, "model.safetensors"))
     assert not np.array_equal(orig["model.layers.0.self_attn.q_proj.weight"],
                               master["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_qat_export_equals_fake_quant_of_the_trained_weights_bitwise(setup, qat):
+    out, trained, bits, sym, _ = qat
+    check_export_equals_fake_quant(out, trained, bits, sym, 0, setup["model"])
+    man = json.load(open(os.path.join(out, "resafe_manifest.json")))
+    assert man["training"]["kind"] == "qat" and man["calibration"]["file"] == setup["calib"]
+    assert man["calibration"]["response_key"] == "response"
+
+
+@pytest.fixture(scope="module")
+def wide(setup):
+    """A model whose projections' columns (96, 256) are multiples of 32: --group 32 applies."""
+    return make_model(setup["dir"] / "model96", "--hidden", "96", "--layers", "2", "--seed",
+                      str(setup["seed"] % 1000))
+
+
+@pytest.mark.parametrize("sym", [0, 1], ids=["asym", "sym"])
+@pytest.mark.parametrize("group", [0, 32])
+def test_qat_grouped_export_equals_fake_quant_of_the_trained_weights_bitwise(setup, wide, tmp_path,
+                                                                           group, sym):
+    """--group G trains through G-column groups ([sft] qat_group_size) and exports on them."""
+    bits = setup["rnd"].choice([2, 3, 4, 8])
+    out, trained = tmp_path / "out", tmp_path / "trained"
+    quantize(wide, out, "--method", "qat", "--calib", setup["calib"], "--bits", str(bits),
+             "--group", str(group), "--lr", "2e-3", "--steps", "8", *TRAIN[2:],
+             *(["--sym"] if sym else []), "--save-trained", str(trained))
+    print(f"qat: {bits} bits, group {group}, {'symmetric' if sym else 'asymmetric'}")
+    check_export_equals_fake_quant(out, trained, bits, sym, group, wide)
+
+
+def test_qat_training_forward_sees_the_grouped_grid(setup, wide, tmp_path):
+    """The first step's loss (before any update; one batch = the whole calibration set) is torch's
+    response NLL of the model whose projections are numpy's fake quantization in groups of 32,
+    not per row: resafe sft applies qat_group_size in the forward, not only in the export."""
+    bits, sym = setup["rnd"].choice([2, 3]), setup["rnd"].random() < 0.5
+    out = tmp_path / "out"
+    quantize(wide, out, "--method", "qat", "--calib", setup["calib"], "--bits", str(bits),
+             "--group", "32", "--steps", "1", "--batch", str(len(setup["rows"])), *TRAIN[4:],
+             *(["--sym"] if sym else []))
+    first = json.loads(open(out / "train_metrics.jsonl").readline())["loss"]
+    orig = load_file(os.path.join(wide, "model.safetensors"))
+    nll = {}
+    for group in (32, 0):
+        w = {k: fake_quant(v, bits, sym, group) for k, v in orig.items() if "_proj." in k}
+        nll[group] = response_nll(setup, torch_model(wide, w))
+    print(f"{bits} bits sym={sym}: first loss {first:.6f}, torch g32 {nll[32]:.6f}, "
+          f"per row {nll[0]:.6f}")
+    assert abs(first - nll[32]) <= 1e-4 * nll[32]  # fp32 both sides
+    assert abs(nll[0] - nll[32]) > 10 * 1e-4 * nll[32]  # the per-row grid is told apart
+
+
+@pytest.mark.parametrize("group,cols,tensor", [
+    (None, 64, "model.layers.0.self_attn.q_proj.weight"),  # the default, 128
+    ("32", 170, "model.layers.0.mlp.down_proj.weight"),
+])
+def test_qat_group_not_dividing_the_columns_is_one_line_before_training(setup, tmp_path, group,
+                                                                        cols, tensor):
+    args = ["--group", group] if group else []
+    p = quantize(setup["model"], tmp_path / "out", "--method", "qat", "--calib", setup["calib"],
+                 *args, *TRAIN, check=False)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("resafe: error")]
+    assert p.returncode == 1 and len(errors) == 1, p.stderr
+    assert f"groups of {group or 128} columns do not divide the {cols} columns of {tensor}" \
+        in errors[0], p.stderr
+    assert "sft: step" not in p.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_qat_lowers_the_calibration_loss_below_rtn_on_the_same_grid(setup, qat):
@@ -345,7 +406,6 @@ def test_qlora_output_is_a_plain_quantized_model_directory(setup, qlora):
     (["--method", "qlora"], "--method qlora needs --calib FILE"),
     (["--method", "qlora", "--calib", "CALIB", "--bits", "4"], "--bits, --group and --sym do not"),
     (["--method", "qlora", "--calib", "CALIB", "--sym"], "--bits, --group and --sym do not"),
-    (["--method", "qat", "--calib", "CALIB", "--group", "32"], "--group must be 0"),
     (["--method", "qat", "--calib", "CALIB", "--rank", "4"], "--rank applies to --method qlora"),
     (["--method", "qlora", "--calib", "CALIB", "--act-bits", "8"], "--act-bits applies to --method qat"),
     (["--method", "rtn", "--lr", "1e-3"], "--lr applies to --method qat and qlora only"),
@@ -393,7 +453,8 @@ def test_qat_interrupted_writes_nothing(setup, tmp_path):
     big.write_text("".join(json.dumps(r) + "\n" for r in setup["rows"] * 20))
     proc = subprocess.Popen([resafe_bin(), "quantize", "--model", setup["model"], "--out",
                              str(tmp_path / "out"), "--method", "qat", "--calib", str(big),
-                             "--steps", "100000", "--batch", "8", "--chat-template", "none"],
+                             "--steps", "100000", "--batch", "8", "--chat-template", "none",
+                             "--group", "0"],
                             stderr=subprocess.PIPE, text=True, env=ENV)
     for line in proc.stderr:
         if "sft: step" in line:
@@ -402,6 +463,9 @@ def test_qat_interrupted_writes_nothing(setup, tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, err
     assert sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+    # it says so: no checkpoint to resume (the work directory is gone)
+    assert "interrupted by signal 15" in err and "run the command again" in err, err
+    assert "--resume" not in err and "checkpoint.h5" not in err, err
 
 
 # ---------------------------------------------------------------- the pipeline stage
@@ -418,15 +482,20 @@ def files(setup):
 
 
 @pytest.mark.parametrize("quant,cli", [
-    ({"quant__method": "qat", "quant__format": "int3", "quant__group_size": None,
+    ({"quant__method": "qat", "quant__format": "int3", "quant__group_size": 0,
       "quant__train_lr": 2e-3},
-     ["--method", "qat", "--bits", "3", "--lr", "2e-3"]),
+     ["--method", "qat", "--bits", "3", "--lr", "2e-3", "--group", "0"]),
+    ({"quant__method": "qat", "quant__format": "int4", "quant__group_size": 32,
+      "quant__symmetric": "true", "quant__train_lr": 2e-3},
+     ["--method", "qat", "--bits", "4", "--lr", "2e-3", "--group", "32", "--sym"]),
     ({"quant__method": "qlora", "quant__format": "nf4", "quant__group_size": None,
       "quant__qlora_rank": 4, "quant__qlora_alpha": 8, "quant__train_lr": 1e-2,
       "quant__qlora_targets": "q,v,down"},
      ["--method", "qlora", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--targets", "q,v,down"]),
 ])
-def test_train_stage_equals_resafe_quantize_and_resumes(setup, files, tmp_path, quant, cli):
+def test_train_stage_equals_resafe_quantize_and_resumes(setup, files, wide, tmp_path, quant, cli):
+    if quant.get("quant__group_size") == 32:  # on the model whose columns 32 divides
+        files = dict(files, fp=wide)
     common = {"quant__calib_file": setup["calib"], "quant__train_steps": 12,
               "quant__train_batch_size": 8, "model__chat_template": "none"}
     cfg = config(files, tmp_path / "c.ini", **common, **quant)
@@ -479,8 +548,8 @@ def test_whole_run_on_a_qat_or_qlora_model_finishes_and_is_then_up_to_date(setup
     ({"quant__method": "qat"}, "[quant] method qat needs [quant] calib_file"),
     ({"quant__method": "qlora", "quant__format": "int4", "quant__calib_file": "CALIB"},
      "set format = nf4"),
-    ({"quant__method": "qat", "quant__group_size": 32, "quant__calib_file": "CALIB"},
-     "must be 0"),
+    ({"quant__method": "qat", "quant__group_size": 48, "quant__calib_file": "CALIB"},
+     "48"),
     ({"quant__method": "qlora", "quant__format": "nf4", "quant__group_size": 64,
       "quant__calib_file": "CALIB"}, "do not apply"),
 ])

@@ -12,7 +12,8 @@ from conftest import gpu_enabled, run_resafe
 import test_qtrain as tq
 
 pytestmark = pytest.mark.skipif(not gpu_enabled(), reason="GPU tests run with RESAFE_TEST_GPU=1")
-setup = tq.setup  # the module fixture
+setup = tq.setup  # the module fixtures
+wide = tq.wide
 
 
 def losses(out):
@@ -21,13 +22,16 @@ def losses(out):
 
 @pytest.mark.parametrize("method,extra", [
     ("qlora", ["--rank", "4", "--alpha", "8", "--lr", "1e-2"]),
-    ("qat", ["--bits", "4", "--lr", "2e-3"]),
-])
-def test_training_method_on_cuda_matches_cpu_at_the_first_step(setup, tmp_path, method, extra):
+    ("qat", ["--bits", "4", "--lr", "2e-3", "--group", "0"]),
+    ("qat", ["--bits", "4", "--lr", "2e-3", "--group", "32"]),  # on the 96-wide model
+], ids=["qlora", "qat-row", "qat-g32"])
+def test_training_method_on_cuda_matches_cpu_at_the_first_step(setup, wide, tmp_path, method,
+                                                               extra):
     args = ["--method", method, "--calib", setup["calib"], *extra, *tq.TRAIN]
+    model = wide if "32" in extra else setup["model"]
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
-    tq.quantize(setup["model"], cpu, *args, "--backend", "cpu")
-    p = tq.quantize(setup["model"], gpu, *args, "--backend", "cuda", check=False)
+    tq.quantize(model, cpu, *args, "--backend", "cpu")
+    p = tq.quantize(model, gpu, *args, "--backend", "cuda", check=False)
     assert p.returncode == 0, p.stderr
     lc, lg = losses(cpu), losses(gpu)
     assert abs(lg[0] - lc[0]) <= 2e-2 * lc[0], (lc[0], lg[0])

@@ -104,6 +104,35 @@ def test_fake_quant_groups_matches_the_formula_and_float64(tmp_path, rng_seed, s
         assert max(levels) <= 2 ** bits
 
 
+@pytest.mark.parametrize("symmetric", [0, 1], ids=["asym", "sym"])
+def test_grouped_fake_quant_rows_equals_numpy_grouped_rtn(tmp_path, rng_seed, symmetric):
+    """[sft] qat_group_size = G: resafe sft fake-quantizes a [rows, cols] weight as fake_quant_rows
+    of its [rows * cols / G, G] view. On the cpu that equals numpy's grouped RTN (test_quant's
+    ref_int, quant.c's formula: groups of G columns of each row) bit for bit, but for the sign
+    of zero (+0 folds it), for every bits and G, constant and one-sign groups included."""
+    from test_quant import ref_int
+    rng = np.random.default_rng(rng_seed)
+    for bits in range(2, 9):
+        for G in (0, 32, 64, 128):
+            rows, cols = int(rng.integers(2, 9)), 128 * int(rng.integers(1, 4))
+            w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 10)).astype(np.float32)
+            w[0, :32] = 0  # a zero group, a constant one, one of each sign
+            w[0, 32:64] = np.float32(0.3)
+            w[1, :32] = np.abs(w[1, :32]) + np.float32(0.1)
+            w[1, 32:64] = -np.abs(w[1, 32:64])
+            g = G or cols
+            got = run_op(tmp_path, "fake_quant_rows", {"w_q": nan(rows * cols // g, g),
+                                                       "w": w.reshape(-1, g)},
+                         rows=rows * cols // g, cols=g, bits=bits,
+                         symmetric=symmetric)["w_q"].reshape(rows, cols)
+            want = ref_int(w, bits, G, symmetric)[1] + np.float32(0)
+            bad = np.flatnonzero((got + np.float32(0)).view(np.uint32) != want.view(np.uint32))
+            assert bad.size == 0, f"bits={bits} G={G}: {bad.size} values differ from grouped RTN"
+            if 0 < G < cols:  # and the groups are not the rows: per-row RTN is another grid
+                per_row = ref_int(w, bits, 0, symmetric)[1]
+                assert not np.array_equal(want, per_row + np.float32(0))
+
+
 # ---------------------------------------------------------------- the reference model
 
 def fq_torch(x, bits, symmetric, group):
