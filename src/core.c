@@ -407,6 +407,22 @@ int rs_write_file_atomic(const char *path, const void *data, size_t size) {
     return 0;
 }
 
+int rs_copy_file(const char *src, const char *dst) {
+    char *data;
+    size_t size;
+    RS_TRY(rs_read_file(src, &data, &size));
+    int rc = rs_write_file_atomic(dst, data, size);
+    free(data);
+    return rc;
+}
+
+int rs_copy_file_into(const char *src, const char *dir, const char *name) {
+    char *dst = rs_path_join(dir, name);
+    int rc = rs_copy_file(src, dst);
+    free(dst);
+    return rc;
+}
+
 int rs_path_is_dir(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);

@@ -221,15 +221,6 @@ static int write_tensors(const merge_job *j, const char *path) {
     return rc;
 }
 
-static int copy_file(const char *src, const char *dst) {
-    char *data;
-    size_t size;
-    RS_TRY(rs_read_file(src, &data, &size));
-    int rc = rs_write_file_atomic(dst, data, size);
-    free(data);
-    return rc;
-}
-
 static cJSON *stats_json(const merge_job *j, rs_merge_mode mode, const rs_merge_stats *st) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "mode", rs_merge_mode_name(mode));
@@ -285,8 +276,8 @@ static int write_output(const merge_job *j, rs_merge_mode mode, const char *tmp,
     if (mode == RS_MERGE_ADAPTER) {
         char *src = rs_path_join(j->q_dir, "model.safetensors");
         char *ad = rs_path_join(tmp, RS_ADAPTER_FILE);
-        rc = copy_file(src, st_path);
-        if (rc == 0) rc = copy_file(j->adapter_path, ad);
+        rc = rs_copy_file(src, st_path);
+        if (rc == 0) rc = rs_copy_file(j->adapter_path, ad);
         free(src), free(ad);
     } else {
         rc = write_tensors(j, st_path);

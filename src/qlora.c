@@ -29,33 +29,6 @@
 #include "resafe/quant_methods.h"
 #include "resafe/train.h"
 
-/* ---------------------------------------------------------------- the calibration examples */
-
-typedef struct {
-    const rs_encoder *enc;
-    const char *prompt_key, *response_key;
-    rs_seq *seqs;
-    int n, cap, max_len, n_cut;
-} loader;
-
-static int add_example(void *user, const cJSON *obj, const char *path, int line) {
-    loader *L = user;
-    const char *prompt, *response;
-    RS_TRY(rs_json_get_string(obj, L->prompt_key, path, line, &prompt));
-    RS_TRY(rs_json_get_string(obj, L->response_key, path, line, &response));
-    if (L->n == L->cap) {
-        L->cap = L->cap ? 2 * L->cap : 64;
-        L->seqs = rs_realloc(L->seqs, (size_t)L->cap * sizeof *L->seqs);
-    }
-    int cut;
-    if (rs_encode_example(L->enc, prompt, response, &L->seqs[L->n], &cut) != 0)
-        return rs_fail_context("%s:%d", path, line);
-    L->n_cut += cut;
-    if (L->seqs[L->n].n > L->max_len) L->max_len = L->seqs[L->n].n;
-    L->n++;
-    return 0;
-}
-
 /* ---------------------------------------------------------------- the training */
 
 static const char *const g_sections[] = {"sft", NULL};
@@ -64,7 +37,7 @@ typedef struct {
     const rs_quantize_job *j;
     rs_model m;
     rs_tokenizer *tok;
-    loader data;
+    rs_example_set data;
     rs_lora lora;
     int have_lora;
     rs_train_state *state;
@@ -89,11 +62,10 @@ static int load(qlora_run *r, const char *base, const rs_config *cfg) {
     rs_encoder enc = {r->tok, RS_CHAT_NONE, NULL, -1, r->j->q.max_seq_len};
     RS_TRY(rs_chat_kind_of_config(cfg, base, &enc.kind));
     if (r->m.cfg.n_eos > 0) enc.eos_id = r->m.cfg.eos_token_ids[0];
-    r->data = (loader){&enc, t->prompt_key, t->response_key, NULL, 0, 0, 0, 0};
-    RS_TRY(rs_jsonl_each(r->j->calib, add_example, &r->data));
+    RS_TRY(rs_examples_load(r->j->calib, &enc, t->prompt_key, t->response_key, &r->data));
     if (r->data.n == 0) return RS_FAIL("%s: no examples", r->j->calib);
-    if (r->data.n_cut)
-        rs_warn("%s: %d responses cut to --max-seq-len %d tokens", r->j->calib, r->data.n_cut,
+    if (r->data.n_truncated)
+        rs_warn("%s: %d responses cut to --max-seq-len %d tokens", r->j->calib, r->data.n_truncated,
                 r->j->q.max_seq_len);
     return 0;
 }
@@ -130,9 +102,7 @@ static int setup(qlora_run *r, const char *metrics) {
 }
 
 static void free_run(qlora_run *r) {
-    for (int i = 0; i < r->data.n; i++)
-        rs_seq_free(&r->data.seqs[i]);
-    free(r->data.seqs);
+    rs_example_set_free(&r->data);
     if (r->tok) rs_tokenizer_free(r->tok);
     if (r->state) rs_train_state_free(r->state);
     rs_optim_free(&r->opt);
@@ -254,21 +224,11 @@ static void edit_manifest(void *manifest, void *user) {
     cJSON_AddItemToObject(m, "training", rs_qtrain_manifest(j));
 }
 
-static int copy_into(const char *src, const char *dir, const char *name) {
-    char *data, *dst = rs_path_join(dir, name);
-    size_t size;
-    int rc = rs_read_file(src, &data, &size);
-    if (rc == 0) rc = rs_write_file_atomic(dst, data, size);
-    if (rc == 0) free(data);
-    free(dst);
-    return rc;
-}
-
 static int finish(const rs_quantize_job *j, const char *work, const char *merged,
                   const char *adapter) {
     char *metrics = rs_path_join(work, "train_metrics.jsonl");
-    int rc = copy_into(adapter, merged, "qlora_adapter.h5");
-    if (rc == 0) rc = copy_into(metrics, merged, "train_metrics.jsonl");
+    int rc = rs_copy_file_into(adapter, merged, "qlora_adapter.h5");
+    if (rc == 0) rc = rs_copy_file_into(metrics, merged, "train_metrics.jsonl");
     manifest_edit e = {j};
     char *man = rs_path_join(merged, "resafe_manifest.json");
     char *stats = rs_path_join(merged, "merge_stats.json");

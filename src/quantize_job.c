@@ -192,16 +192,6 @@ static int protection(const rs_quantize_job *o, rs_model *m, const rs_tokenizer 
     return rc;
 }
 
-static int copy_into(const char *src, const char *dir, const char *name) {
-    char *data, *dst = rs_path_join(dir, name);
-    size_t size;
-    int rc = rs_read_file(src, &data, &size);
-    if (rc == 0) rc = rs_write_file_atomic(dst, data, size);
-    if (rc == 0) free(data);
-    free(dst);
-    return rc;
-}
-
 int rs_quantize_job_write(const rs_quantize_job *o, const char *tensor_dir, const rs_model *m,
                           const rs_quant_result *r, void (*extra_fn)(void *, void *), void *user,
                           const char *const *extra_files) {
@@ -220,7 +210,7 @@ int rs_quantize_job_write(const rs_quantize_job *o, const char *tensor_dir, cons
         rc = o->export_kind ? rs_qmodel_write_dequant(tensor_dir, tmp, &m->cfg, qw, dt)
                             : rs_qmodel_write(tensor_dir, tmp, &m->cfg, qw, o->method_name);
     for (int i = 0; rc == 0 && extra_files && extra_files[i]; i += 2)
-        rc = copy_into(extra_files[i], tmp, extra_files[i + 1]);
+        rc = rs_copy_file_into(extra_files[i], tmp, extra_files[i + 1]);
     if (rc == 0) rc = write_manifest(o, tmp, r, extra_fn, user);
     if (rc == 0 && rename(tmp, o->out) != 0)
         rc = RS_FAIL("%s: cannot rename %s into place", o->out, tmp);

@@ -93,36 +93,6 @@ static int read_options(const rs_config *cfg, sft_options *o) {
 
 /* ---------------------------------------------------------------- data */
 
-typedef struct {
-    const sft_options *o;
-    const rs_encoder *enc;
-    rs_seq *seqs;
-    int n, cap, n_truncated, max_len;
-} sft_loader;
-
-static int add_example(void *user, const cJSON *obj, const char *path, int line) {
-    sft_loader *L = user;
-    const char *prompt, *response;
-    RS_TRY(rs_json_get_string(obj, L->o->prompt_key, path, line, &prompt));
-    RS_TRY(rs_json_get_string(obj, L->o->response_key, path, line, &response));
-    if (L->n == L->cap) {
-        L->cap = L->cap ? 2 * L->cap : 64;
-        L->seqs = rs_realloc(L->seqs, (size_t)L->cap * sizeof *L->seqs);
-    }
-    int cut;
-    if (rs_encode_example(L->enc, prompt, response, &L->seqs[L->n], &cut) != 0)
-        return rs_fail_context("%s:%d", path, line);
-    L->n_truncated += cut;
-    if (L->seqs[L->n].n > L->max_len) L->max_len = L->seqs[L->n].n;
-    L->n++;
-    return 0;
-}
-
-static void free_seqs(rs_seq *seqs, int n) {
-    for (int i = 0; i < n; i++) rs_seq_free(&seqs[i]);
-    free(seqs);
-}
-
 /* ---------------------------------------------------------------- parameters */
 
 /* One trainable tensor: its HF name, the model's weight (weight dtype), its gradient, and (QAT
@@ -282,15 +252,11 @@ static void refresh_weights(rs_model *m, const tensor_list *l, const sft_options
 
 /* ---------------------------------------------------------------- output directory */
 
+/* from_dir/name into to_dir when it exists (the optional tokenizer and config files). */
 static int copy_file(const char *from_dir, const char *to_dir, const char *name) {
-    char *src = rs_path_join(from_dir, name), *dst = rs_path_join(to_dir, name), *data = NULL;
-    size_t size;
-    int rc = 0;
-    if (rs_path_exists(src)) {
-        rc = rs_read_file(src, &data, &size);
-        if (rc == 0) rc = rs_write_file_atomic(dst, data, size);
-    }
-    free(src), free(dst), free(data);
+    char *src = rs_path_join(from_dir, name);
+    int rc = rs_path_exists(src) ? rs_copy_file_into(src, to_dir, name) : 0;
+    free(src);
     return rc;
 }
 
@@ -325,8 +291,7 @@ typedef struct {
     sft_options o;
     rs_model m;
     rs_tokenizer *tok;
-    rs_seq *seqs;
-    int n_seqs, max_len;
+    rs_example_set data;
     rs_model_grads grads;
     tensor_list tensors;
     void *master_block;
@@ -359,13 +324,11 @@ static int load_inputs(sft_run *r, const rs_config *cfg) {
     rs_encoder enc = {r->tok, RS_CHAT_NONE, o->system, -1, o->max_seq_len};
     RS_TRY(rs_chat_kind_of_config(cfg, o->model_dir, &enc.kind));
     if (r->m.cfg.n_eos > 0) enc.eos_id = r->m.cfg.eos_token_ids[0];
-    sft_loader L = {o, &enc, NULL, 0, 0, 0, 0};
-    int rc = rs_jsonl_each(o->data_file, add_example, &L);
-    r->seqs = L.seqs, r->n_seqs = L.n, r->max_len = L.max_len;
-    RS_TRY(rc);
-    if (L.n == 0) return RS_FAIL("%s: no examples", o->data_file);
-    if (L.n_truncated) rs_warn("%s: %d responses cut to max_seq_len %d tokens", o->data_file,
-                               L.n_truncated, o->max_seq_len);
+    RS_TRY(rs_examples_load(o->data_file, &enc, o->prompt_key, o->response_key, &r->data));
+    if (r->data.n == 0) return RS_FAIL("%s: no examples", o->data_file);
+    if (r->data.n_truncated)
+        rs_warn("%s: %d responses cut to max_seq_len %d tokens", o->data_file,
+                r->data.n_truncated, o->max_seq_len);
     return 0;
 }
 
@@ -392,12 +355,12 @@ static int setup(sft_run *r) {
     RS_TRY(check_qat_groups(&r->tensors, o));
     size_t master_bytes;
     RS_TRY(build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block, &master_bytes));
-    r->state = rs_train_state_new(&r->m, NULL, o->micro, r->max_len, o->recompute);
+    r->state = rs_train_state_new(&r->m, NULL, o->micro, r->data.max_len, o->recompute);
     if (!r->state) return -1;
     RS_TRY(rs_train_state_set_fake_quant(r->state, o->qat_act_bits, o->qat_kv_bits));
-    rs_batch_buf_init(&r->bb, o->micro, r->max_len);
-    rs_data_order_init(&r->order, r->n_seqs, o->seed);
-    int per_epoch = rs_batches_per_epoch(r->n_seqs, o->batch_size);
+    rs_batch_buf_init(&r->bb, o->micro, r->data.max_len);
+    rs_data_order_init(&r->order, r->data.n, o->seed);
+    int per_epoch = rs_batches_per_epoch(r->data.n, o->batch_size);
     o->sched.total_steps = o->max_steps > 0 ? o->max_steps : o->epochs * per_epoch;
     r->batch_idx = rs_malloc((size_t)o->batch_size * sizeof *r->batch_idx);
     r->batch_seqs = rs_malloc((size_t)o->micro * sizeof *r->batch_seqs);
@@ -406,15 +369,15 @@ static int setup(sft_run *r) {
     r->ckpt = (rs_checkpoint){.kind = "sft", .config_hash = o->config_hash,
                               .data_hash = o->data_hash, .total_steps = o->sched.total_steps,
                               .order = &r->order, .opt = &r->opt};
-    rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s", r->n_seqs,
-            r->max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
+    rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s", r->data.n,
+            r->data.max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
             o->qat ? ", QAT" : "");
     print_plan(r, master_bytes);
     return 0;
 }
 
 static void free_run(sft_run *r) {
-    free_seqs(r->seqs, r->n_seqs);
+    rs_example_set_free(&r->data);
     if (r->tok) rs_tokenizer_free(r->tok);
     if (r->state) rs_train_state_free(r->state);
     rs_batch_buf_free(&r->bb);
@@ -432,11 +395,11 @@ static void free_run(sft_run *r) {
 /* Forward and backward of one batch (in micro-batches); the mean NLL into *loss. */
 static int batch_grad(sft_run *r, const int32_t *idx, int n, double *loss, long *n_tokens) {
     long total = 0;
-    for (int i = 0; i < n; i++) total += r->seqs[idx[i]].n - r->seqs[idx[i]].n_prompt;
+    for (int i = 0; i < n; i++) total += r->data.seqs[idx[i]].n - r->data.seqs[idx[i]].n_prompt;
     double nll = 0;
     for (int a = 0; a < n; a += r->o.micro) {
         int k = n - a < r->o.micro ? n - a : r->o.micro;
-        for (int i = 0; i < k; i++) r->batch_seqs[i] = &r->seqs[idx[a + i]];
+        for (int i = 0; i < k; i++) r->batch_seqs[i] = &r->data.seqs[idx[a + i]];
         const rs_train_batch *b = rs_batch_fill(&r->bb, r->batch_seqs, k, NULL);
         RS_TRY(rs_train_forward(&r->m, NULL, r->state, b, r->logp));
         for (int i = 0; i < k; i++) {

@@ -120,6 +120,45 @@ int rs_encode_example(const rs_encoder *e, const char *prompt, const char *respo
     return 0;
 }
 
+typedef struct {
+    const rs_encoder *enc;
+    const char *prompt_key, *response_key;
+    rs_example_set *set;
+} example_loader;
+
+static int add_example(void *user, const cJSON *obj, const char *path, int line) {
+    example_loader *L = user;
+    rs_example_set *s = L->set;
+    const char *prompt, *response;
+    RS_TRY(rs_json_get_string(obj, L->prompt_key, path, line, &prompt));
+    RS_TRY(rs_json_get_string(obj, L->response_key, path, line, &response));
+    if (s->n == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 64;
+        s->seqs = rs_realloc(s->seqs, (size_t)s->cap * sizeof *s->seqs);
+    }
+    int cut;
+    if (rs_encode_example(L->enc, prompt, response, &s->seqs[s->n], &cut) != 0)
+        return rs_fail_context("%s:%d", path, line);
+    s->n_truncated += cut;
+    if (s->seqs[s->n].n > s->max_len) s->max_len = s->seqs[s->n].n;
+    s->n++;
+    return 0;
+}
+
+int rs_examples_load(const char *path, const rs_encoder *enc, const char *prompt_key,
+                     const char *response_key, rs_example_set *out) {
+    memset(out, 0, sizeof *out);
+    example_loader L = {enc, prompt_key, response_key, out};
+    return rs_jsonl_each(path, add_example, &L);
+}
+
+void rs_example_set_free(rs_example_set *s) {
+    for (int i = 0; i < s->n; i++)
+        rs_seq_free(&s->seqs[i]);
+    free(s->seqs);
+    memset(s, 0, sizeof *s);
+}
+
 int rs_chat_kind_of_config(const rs_config *cfg, const char *model_dir, rs_chat_kind *kind) {
     const char *name = rs_config_get_str(cfg, "model", "chat_template");
     if (strcmp(name, "auto") == 0) return rs_chat_detect(model_dir, kind);

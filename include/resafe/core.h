@@ -142,6 +142,9 @@ float rs_rng_normal(rs_rng *r);  /* Box-Muller */
 int rs_read_file(const char *path, char **data, size_t *size);
 /* Write bytes to path atomically: path.tmp.<pid>, fsync, rename. */
 int rs_write_file_atomic(const char *path, const void *data, size_t size);
+/* Copy a file to dst (rs_write_file_atomic), or to dir/name. -1 with message on failure. */
+int rs_copy_file(const char *src, const char *dst);
+int rs_copy_file_into(const char *src, const char *dir, const char *name);
 /* Make a temporary sibling name for path ("<path>.tmp.<pid>"); caller frees. */
 char *rs_tmp_name(const char *path);
 int rs_path_is_dir(const char *path);

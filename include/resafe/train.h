@@ -116,6 +116,16 @@ typedef struct {
 int rs_encode_example(const rs_encoder *e, const char *prompt, const char *response, rs_seq *out,
                       int *truncated);
 void rs_seq_free(rs_seq *s);
+/* The (prompt, response) examples of a JSONL file (objects with prompt_key and response_key
+ * strings), encoded by enc; a bad record fails naming path:line. n_truncated: responses cut to
+ * enc->max_len. Empty files are the caller's to refuse. */
+typedef struct {
+    rs_seq *seqs;
+    int n, cap, max_len, n_truncated;
+} rs_example_set;
+int rs_examples_load(const char *path, const rs_encoder *enc, const char *prompt_key,
+                     const char *response_key, rs_example_set *out);
+void rs_example_set_free(rs_example_set *s);
 /* The template of [model] chat_template, detected from model_dir when it is auto. */
 int rs_chat_kind_of_config(const rs_config *cfg, const char *model_dir, rs_chat_kind *kind);
 
