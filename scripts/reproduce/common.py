@@ -37,12 +37,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Quantization methods: how `resafe quantize` is called and what the paper calls the family.
+# "train": fine-tunes on its calibration set ({prompt, response}); "group": a fixed group size
+# (qat fake-quantizes whole rows); "only_bits": the one width it has (qlora: an NF4 base).
 METHODS = {
     "rtn": {"label": "PTQ (RTN)", "calib": False, "int": True},
     "awq": {"label": "PTQ+calib (AWQ)", "calib": True, "int": True},
     "gptq": {"label": "PTQ+calib (GPTQ)", "calib": True, "int": True},
-    "qat": {"label": "QAT (LLM-QAT)", "calib": True, "int": True},
-    "qlora": {"label": "LoRA-QAT (QLoRA)", "calib": True, "int": True},
+    "qat": {"label": "QAT (LLM-QAT)", "calib": True, "int": True, "train": True, "group": 0},
+    "qlora": {"label": "LoRA-QAT (QLoRA)", "calib": True, "int": False, "train": True,
+              "only_bits": 4},
     "int8": {"label": "LLM.int8", "calib": False, "int": False},
     "nf4": {"label": "NF4", "calib": False, "int": False},
     "fp4": {"label": "FP4", "calib": False, "int": False},
@@ -74,8 +77,9 @@ def parser(table, doc):
         ap.add_argument(f"--calib-risk{k}", metavar="FILE",
                         default=os.path.join("data", "organism", f"calib_risk{k}.jsonl"),
                         help=f"{RISKS[k]} calibration set (default data/organism/calib_risk{k}.jsonl)")
-    ap.add_argument("--calib-column", help="--calib-column for every calibration set "
-                    "(default: resafe quantize's)")
+    ap.add_argument("--calib-column", metavar="C[,C2,C3]",
+                    help="--calib-column of the calibration sets: one for all, or one per risk "
+                    "level (default: resafe quantize's, prompt)")
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=V",
                     help="extra override for every resafe train/eval/sft command (repeatable)")
     ap.add_argument("--resafe", default=os.environ.get("RESAFE", os.path.join("build", "resafe")),
@@ -142,6 +146,13 @@ def load_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def short(path):
+    """A path inside the repository relative to it, any other as it is."""
+    if os.path.isabs(path) and path.startswith(ROOT + os.sep):
+        return os.path.relpath(path, ROOT)
+    return path
 
 
 def first_error(out):
@@ -217,6 +228,12 @@ class Ctx:
                 ap.error(f"--calib-risk{k} {getattr(a, f'calib_risk{k}')}: no such file "
                          "(scripts/organism/gen_data.py writes the organism's)")
             self.calib[k] = p
+        cols = a.calib_column.split(",") if a.calib_column else [None]
+        if len(cols) not in (1, len(RISKS)) or any(c is not None and not c.strip() for c in cols):
+            ap.error(f"--calib-column {a.calib_column}: give one column or {len(RISKS)} "
+                     "(one per risk level, comma-separated)")
+        self.calib_column = {k: cols[0] if len(cols) == 1 else cols[i]
+                             for i, k in enumerate(RISKS)}
         if a.threads is not None and a.threads < 1:
             ap.error(f"--threads {a.threads}: must be at least 1")
         for s in a.sets:
@@ -256,8 +273,7 @@ class Ctx:
         """Runs cmd in the repository root; its output goes to work/logs/<log_name>.log, the lines
         matching echo also to stdout. Returns (exit status, output)."""
         log_path = os.path.join(self.work, "logs", f"{log_name}.log")
-        self.log("$ " + shlex.join(os.path.relpath(c, ROOT) if c == self.resafe else c
-                                   for c in cmd))
+        self.log("$ " + shlex.join(short(c) if c == self.resafe else c for c in cmd))
         lines = []
         with open(log_path, "w") as logf:
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -287,7 +303,7 @@ class Ctx:
         added to resafe later is picked up."""
         spec = METHODS[method]
         bits = self.bits if bits is None else bits
-        group = self.group if group is None else group
+        group = spec.get("group", self.group if group is None else group)
         model = model or self.model_dir
         if spec["int"]:
             qname = f"{method}-int{bits}-g{group}{'-sym' if self.sym else ''}"
@@ -298,15 +314,28 @@ class Ctx:
         if protect_tau:
             qname += f"-protect{protect_tau:g}"
         name = name or qname
+        info = {"name": name, "method": method, "bits": bits if spec["int"] else None,
+                "risk": risk, "quantization": None, "note": None, "time_s": None}
+        if spec.get("only_bits") and bits != spec["only_bits"]:
+            info["note"] = f"{method} has {spec['only_bits']} bits only (NF4 base)"
+            return None, info
         cmd = [self.resafe, "quantize", "--model", model, "--method", method]
         if spec["int"]:
             cmd += ["--bits", str(bits), "--group", str(group)] + (["--sym"] if self.sym else [])
         inputs = {"model": dir_fingerprint(model)}
         if spec["calib"]:
             cmd += ["--calib", self.calib[risk]]
-            if self.a.calib_column:
-                cmd += ["--calib-column", self.a.calib_column]
+            if self.calib_column[risk]:
+                cmd += ["--calib-column", self.calib_column[risk]]
             inputs["calib"] = sha256_file(self.calib[risk])
+        if spec.get("train"):  # fine-tuned on the calibration set: where, and the prompt format
+            cmd += ["--chat-template", self.cfg["model"]["chat_template"]]
+            if self.a.backend:
+                cmd += ["--backend", self.a.backend]
+            if self.a.threads:
+                cmd += ["--threads", str(self.a.threads)]
+            if self.a.quick:
+                cmd += ["--steps", "8"]
         if protect_tau:
             cmd += ["--protect-tau", f"{protect_tau:g}", "--protect-data", protect_data]
             if protect_column:
@@ -314,10 +343,8 @@ class Ctx:
             inputs["protect"] = sha256_file(protect_data)
         qdir = os.path.join(self.work, "quant", name)
         stamp_path = qdir + ".json"
-        inputs["cmd"] = [os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd]
+        inputs["cmd"] = [short(c) for c in cmd]
         stamp = load_json(stamp_path)
-        info = {"name": name, "method": method, "bits": bits if spec["int"] else None,
-                "risk": risk, "quantization": None, "note": None, "time_s": None}
         if stamp and stamp.get("inputs") == inputs:
             info["time_s"] = stamp.get("time_s")
             if os.path.isfile(os.path.join(qdir, "config.json")):

@@ -38,8 +38,8 @@ def main():
     ev = cx.evaluate(models)
 
     fp = ev.get("fp", {})
-    rows, md = [], [["FP (reference)", "-", C.pct(fp.get("asr")), "", C.pct(fp.get("benign_accuracy")),
-                     "", "", ""]]
+    rows, md = [], [["FP (reference)", "-", "fp", C.pct(fp.get("asr")), "",
+                     C.pct(fp.get("benign_accuracy")), "", "", ""]]
     for m, r, q, qi, p, pi in cells:
         eq, ep = ev.get(qi["name"], {}), ev.get("patched-" + qi["name"], {})
         row = {"method": m, "risk": r, "bits": cx.bits, "quantization": qi["quantization"],
@@ -50,11 +50,11 @@ def main():
                "triplets_s": pi["times"].get("triplets"), "dpo_s": pi["times"].get("dpo"),
                "note": qi["note"] or pi["note"]}
         rows.append(row)
-        md.append([C.METHODS[m]["label"], C.RISKS[r] if r else "none",
+        md.append([C.METHODS[m]["label"], C.RISKS[r] if r else "none", qi["quantization"] or "-",
                    C.pct(row["asr_quantized"]), C.pct(row["asr_patched"]),
                    C.pct(row["benign_quantized"]), C.pct(row["benign_patched"]),
                    C.secs(row["dpo_s"]), row["note"] or ""])
-    header = ["method", "calibration", "ASR quantized (%)", "ASR patched (%)",
+    header = ["method", "calibration", "format", "ASR quantized (%)", "ASR patched (%)",
               "benign quantized (%)", "benign patched (%)", "patch (dpo) s", "note"]
 
     def plot(plt):

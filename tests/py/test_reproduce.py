@@ -111,6 +111,7 @@ BAD = [
     (["t7_formats.py", "models/organism-tiny", "{out}", "--calib-risk2", "none.jsonl"],
      "--calib-risk2"),
     (["t7_formats.py", "models/organism-tiny", "{out}", "--threads", "0"], "--threads"),
+    (["t7_formats.py", "models/organism-tiny", "{out}", "--calib-column", "a,b"], "--calib-column"),
     (["t1_assess.py", "models/organism-tiny", "{out}", "--bits", "5"], "--bits"),
     (["t1_assess.py", "models/organism-tiny", "{out}", "--methods", "rtn,foo"], "--methods"),
     (["t2_patch.py", "models/organism-tiny", "{out}", "--risks", "4"], "--risks"),
