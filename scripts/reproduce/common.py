@@ -248,8 +248,8 @@ class Ctx:
         p = subprocess.run([self.resafe, "config", "--check", self.config, *self.set_args()],
                            cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
-            self.ap.error(f"--config {self.a.config or self.config}: "
-                          f"{(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+            self.ap.error(f"--config {self.a.config or short(self.config)}: "
+                          f"{first_error(p.stderr or p.stdout)}")
         cfg, sec = {}, None
         for line in p.stdout.splitlines():
             m = re.match(r"^\[(\w+)\]$", line)
@@ -330,10 +330,9 @@ class Ctx:
             inputs["calib"] = sha256_file(self.calib[risk])
         if spec.get("train"):  # fine-tuned on the calibration set: where, and the prompt format
             cmd += ["--chat-template", self.cfg["model"]["chat_template"]]
-            if self.a.backend:
-                cmd += ["--backend", self.a.backend]
-            if self.a.threads:
-                cmd += ["--threads", str(self.a.threads)]
+            cmd += ["--backend", self.cfg["model"]["backend"]]  # the effective config's
+            if self.cfg["model"].get("threads", "0") != "0":
+                cmd += ["--threads", self.cfg["model"]["threads"]]
             if self.a.quick:
                 cmd += ["--steps", "8"]
         if protect_tau:

@@ -7,7 +7,7 @@
   - T7 (`--quick` on the tiny organism, CPU, about 25 s on one core) writes T7.md, T7.png and
     T7.json whose rows are the formats asked, with the numbers of the evaluation it ran; a second
     run reuses every quantized model, patch run and evaluation (no stage runs, no work file moves)
-    and writes the same rows.
+    and writes the same rows; a model whose file mtime moved is evaluated again, alone.
 RESAFE_TEST_REPRODUCE=1 also runs every table with --quick through all.sh (several minutes)."""
 import filecmp
 import json
@@ -244,6 +244,24 @@ def test_t7_second_run_reuses_everything(t7):
     with open(out / "T7.json") as f:
         doc = json.load(f)
     assert doc["rows"] == rows_before and doc["timings"]["ran"] == 0
+
+
+def test_t7_a_touched_model_is_evaluated_again_and_nothing_else(t7):
+    """The evaluation cache is keyed by the model's files: a new mtime re-evaluates that model
+    (and only it); its same bytes keep every resafe stage up to date."""
+    out, results, _ = t7
+    with open(out / "T7.json") as f:
+        rows_before = json.load(f)["rows"]
+    weights = out / "work-quick" / "quant" / "fp4" / "model.safetensors"
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = run_t7(out, results)
+    evals = [ln for ln in third.splitlines() if ln.startswith("T7: $") and " eval " in ln]
+    assert len(evals) == 1 and "--model fp4=" in evals[0], third
+    assert "--model nf4=" not in evals[0] and "--model patched-fp4=" not in evals[0], evals
+    assert "running" not in third, third
+    with open(out / "T7.json") as f:
+        assert json.load(f)["rows"] == rows_before  # evaluation is deterministic
 
 
 @pytest.mark.skipif(os.environ.get("RESAFE_TEST_REPRODUCE") != "1",
