@@ -319,6 +319,10 @@ class Ctx:
         if spec.get("only_bits") and bits != spec["only_bits"]:
             info["note"] = f"{method} has {spec['only_bits']} bits only (NF4 base)"
             return None, info
+        if not self._quantize_knows(method):  # a note, not a failure: asked again next run
+            info["note"] = f"resafe quantize has no method '{method}' in this build"
+            self.log(f"quantize {name}: skipped ({info['note']})")
+            return None, info
         cmd = [self.resafe, "quantize", "--model", model, "--method", method]
         if spec["int"]:
             cmd += ["--bits", str(bits), "--group", str(group)] + (["--sym"] if self.sym else [])
@@ -376,6 +380,12 @@ class Ctx:
         write_atomic(stamp_path, json.dumps({"inputs": inputs, "time_s": info["time_s"],
                                              "quantization": info["quantization"]}))
         return qdir, info
+
+    def _quantize_knows(self, method):
+        if not hasattr(self, "_quantize_help"):
+            p = subprocess.run([self.resafe, "quantize", "--help"], capture_output=True, text=True)
+            self._quantize_help = p.stdout + p.stderr
+        return re.search(rf"\b{re.escape(method)}\b", self._quantize_help) is not None
 
     # ------------------------------------------------------------------ patch (resafe train)
     def patch(self, qdir, name, extra_sets=(), share_triplets_from=None):
