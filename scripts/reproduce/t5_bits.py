@@ -43,7 +43,9 @@ def main():
     fp = ev.get("fp", {})
     rows, md = [], []
     for m, b, q, qi, p, pi in cells:
-        eq, ep = ev.get(qi["name"], {}), ev.get("patched-" + qi["name"], {})
+        # only the cell's own models (qlora's name has no width: its one model is the 4-bit one)
+        eq = ev.get(qi["name"], {}) if q else {}
+        ep = ev.get("patched-" + qi["name"], {}) if p else {}
         row = {"method": m, "bits": b, "risk": qi["risk"], "quantization": qi["quantization"],
                "asr_fp": fp.get("asr"), "asr_quantized": eq.get("asr"), "asr_patched": ep.get("asr"),
                "benign_quantized": eq.get("benign_accuracy"),

@@ -36,7 +36,8 @@ def main():
     rows = []
     md = [["FP (reference)", C.pct(fp.get("asr")), "", C.pct(fp.get("benign_accuracy")), "", "", ""]]
     for f, q, qi, p, pi in cells:
-        eq, ep = ev.get(qi["name"], {}), ev.get("patched-" + qi["name"], {})
+        eq = ev.get(qi["name"], {}) if q else {}
+        ep = ev.get("patched-" + qi["name"], {}) if p else {}
         row = {"format": f, "quantization": qi["quantization"], "asr_quantized": eq.get("asr"),
                "asr_patched": ep.get("asr"), "benign_quantized": eq.get("benign_accuracy"),
                "benign_patched": ep.get("benign_accuracy"),
