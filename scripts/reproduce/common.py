@@ -55,6 +55,7 @@ CALIB_METHODS = [m for m, v in METHODS.items() if v["calib"]]
 RISKS = {1: "Risk-I (benign)", 2: "Risk-II (obedience)", 3: "Risk-III (harmful)"}
 # --quick: a smoke run of the same code paths (tests), not numbers to report.
 QUICK_SETS = ["eval.n_prompts=40", "patch.n_prompts=96", "dpo.max_steps=8", "dpo.warmup_steps=1"]
+# and `resafe quantize`: 16 calibration texts (awq, gptq), 8 training steps (qat, qlora)
 
 
 def parser(table, doc):
@@ -339,6 +340,8 @@ class Ctx:
                 cmd += ["--threads", self.cfg["model"]["threads"]]
             if self.a.quick:
                 cmd += ["--steps", "8"]
+        elif spec["calib"] and self.a.quick:
+            cmd += ["--calib-max", "16"]
         if protect_tau:
             cmd += ["--protect-tau", f"{protect_tau:g}", "--protect-data", protect_data]
             if protect_column:
