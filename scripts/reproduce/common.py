@@ -591,10 +591,13 @@ def bars(plt, title, labels, series, ylabel="%"):
 def lines(plt, title, xs, series, xlabel, invert_x=False):
     """Lines: series = {legend: [value or None per x]} (rates in [0, 1])."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    colors = {}  # one color per first word (a method): its quantized line dashed, patched solid
     for leg, vals in series.items():
         style = "--" if "quantized" in leg else "-"
+        color = colors.setdefault(leg.split()[0], f"C{len(colors) % 10}")
         ax.plot(xs, [float("nan") if v is None else 100 * v for v in vals], style, marker="o",
-                label=leg)
+                label=leg, color=color if len(series) > 3 else None)
+    ax.set_xticks(xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
     ax.set_ylim(-3, 103)
