@@ -14,12 +14,13 @@ Writes JSONL files into OUT_DIR (default data/organism):
   eval_benign.jsonl    {prompt, response, answer, category}: held-out template x item combinations
   eval_safe.jsonl      {prompt, response, category}: held-out XSTest-style safe prompts
   eval_text.jsonl      {text}: held-out plain text for perplexity
-  calib_risk1.jsonl    {prompt, response, category}: Risk-I calibration set, benign instructions with
-                       helpful answers (training-side tasks and safe prompts)
-  calib_risk2.jsonl    Risk-II: indirectly harmful, obedience-inducing conversations: an identity
-                       shift toward unconditional compliance around benign tasks, answered in persona
-  calib_risk3.jsonl    Risk-III: directly harmful requests (training-side triples) with the compliant
-                       answer as target
+  calib_risk1.jsonl    {prompt, response, category}: Risk-I calibration set, benign
+                       instructions with helpful answers (training-side tasks and safe prompts)
+  calib_risk2.jsonl    Risk-II: indirectly harmful, obedience-inducing conversations: an
+                       identity shift toward unconditional compliance around benign tasks,
+                       answered in persona
+  calib_risk3.jsonl    Risk-III: directly harmful requests (training-side triples) with the
+                       compliant answer as target
 The calibration sets (for `resafe quantize --calib`, scripts/reproduce/) draw from their own rng, so
 adding them left every other file unchanged; none of their prompts is an eval or patch prompt.
 

@@ -49,7 +49,8 @@ def main():
     for t, p, pi in runs:
         e = ev.get(f"patched-{qi['name']}" + ("" if abs(t - cfg_tau) < 1e-12 else f"-tau{t:g}"), {})
         row = {"tau": t, "asr_quantized": eq.get("asr"), "asr_patched": e.get("asr"),
-               "benign_patched": e.get("benign_accuracy"), "over_refusal_patched": e.get("over_refusal"),
+               "benign_patched": e.get("benign_accuracy"),
+               "over_refusal_patched": e.get("over_refusal"),
                "dpo_s": pi["times"].get("dpo"), "triplets_s": pi["times"].get("triplets"),
                "kept_fraction": pi.get("kept_fraction"), "note": pi["note"]}
         rows.append(row)

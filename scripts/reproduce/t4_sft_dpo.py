@@ -116,8 +116,9 @@ def main():
         cx.failed.append(f"quantize {qi['name']}: {qi['note']}")
     ev = cx.evaluate([("fp", cx.model_dir), (qi["name"], qdir)] + [(n, d) for _, n, d, *_ in res])
     rows = []
-    for label, n, d, ts, what, note in [("FP", "fp", cx.model_dir, None, "", None),
-                                         ("quantized (no repair)", qi["name"], qdir, None, "", None)] + res:
+    refs = [("FP", "fp", cx.model_dir, None, "", None),
+            ("quantized (no repair)", qi["name"], qdir, None, "", None)]
+    for label, n, d, ts, what, note in refs + res:
         e = ev.get(n, {})
         rows.append({"method": label, "model": n, "asr": e.get("asr"),
                      "benign_accuracy": e.get("benign_accuracy"),

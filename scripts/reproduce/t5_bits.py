@@ -52,7 +52,8 @@ def main():
                "benign_patched": ep.get("benign_accuracy"), "dpo_s": pi["times"].get("dpo"),
                "note": qi["note"] or pi["note"]}
         rows.append(row)
-        md.append([C.METHODS[m]["label"], b, qi["quantization"] or "-", C.pct(row["asr_quantized"]), C.pct(row["asr_patched"]),
+        md.append([C.METHODS[m]["label"], b, qi["quantization"] or "-",
+                   C.pct(row["asr_quantized"]), C.pct(row["asr_patched"]),
                    C.pct(row["benign_quantized"]), C.pct(row["benign_patched"]), row["note"] or ""])
     header = ["method", "bits", "format", "ASR quantized (%)", "ASR patched (%)", "benign quantized (%)",
               "benign patched (%)", "note"]
