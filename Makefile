@@ -6,6 +6,8 @@
 #                      for machines that lack them (the GPU device image).
 #   CUDA=0             build without the CUDA backend even when nvcc exists.
 #   NVCC_GENCODE=...   CUDA targets (default: Hopper sm_90a + portable PTX for compute_80).
+#   NCCL_HOME=/path    where NCCL is (include/nccl.h, lib/libnccl.so) when not with CUDA;
+#   NCCL=0             build without the nccl transport even when nccl.h is found.
 
 CC       ?= gcc
 NVCC     ?= nvcc
@@ -42,6 +44,26 @@ LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart
 KERNEL_OBJS := $(patsubst kernels/%.cu,$(BUILD)/obj/kernels/%.o,$(KERNEL_SRCS))
 endif
 
+# ---- NCCL (the nccl transport of src/comm_nccl.c), with the CUDA backend when nccl.h is found:
+# NCCL_HOME first, then the CUDA toolkit, the system, and pip's nvidia-nccl wheel.
+ifeq ($(CUDA),1)
+NCCL_PIP := $(shell $(PYTHON) -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null)
+NCCL_INC := $(patsubst %/nccl.h,%,$(firstword $(wildcard $(addsuffix /nccl.h,\
+              $(if $(NCCL_HOME),$(NCCL_HOME)/include) $(CUDA_HOME)/include /usr/include \
+              /usr/local/include $(if $(NCCL_PIP),$(NCCL_PIP)/include)))))
+NCCL_LIB := $(patsubst %/,%,$(dir $(firstword $(wildcard $(foreach d,\
+              $(if $(NCCL_HOME),$(NCCL_HOME)/lib $(NCCL_HOME)/lib64) $(CUDA_HOME)/lib64 \
+              $(CUDA_HOME)/lib /usr/lib/x86_64-linux-gnu /usr/local/lib \
+              $(if $(NCCL_PIP),$(NCCL_PIP)/lib),$(d)/libnccl.so $(d)/libnccl.so.2)))))
+NCCL ?= $(if $(and $(NCCL_INC),$(NCCL_LIB)),1,0)
+else
+NCCL := 0
+endif
+ifeq ($(NCCL),1)
+RS_CFLAGS += -DRS_HAVE_NCCL=1 -I$(NCCL_INC)
+LDLIBS   += -L$(NCCL_LIB) -Wl,-rpath,$(NCCL_LIB) $(if $(wildcard $(NCCL_LIB)/libnccl.so),-lnccl,-l:libnccl.so.2)
+endif
+
 LIB_SRCS  := $(filter-out src/main.c src/cmd_%.c,$(wildcard src/*.c))
 CMD_SRCS  := src/main.c $(wildcard src/cmd_*.c)
 LIB_OBJS  := $(patsubst src/%.c,$(BUILD)/obj/src/%.o,$(LIB_SRCS)) $(KERNEL_OBJS)
@@ -54,7 +76,7 @@ TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tools/%,$(TOOL_SRCS))
 
 # Objects depend on the flags they were built with: switching CUDA=0/1, OPT or SAN rebuilds.
 FLAGS_STAMP := $(BUILD)/.flags
-FLAGS_NOW := $(RS_CFLAGS) $(CFLAGS) | $(NVCCFLAGS) | $(CUDA)
+FLAGS_NOW := $(RS_CFLAGS) $(CFLAGS) | $(NVCCFLAGS) | $(CUDA) | $(NCCL)
 $(shell mkdir -p $(BUILD); [ "$$(cat $(FLAGS_STAMP) 2>/dev/null)" = "$(FLAGS_NOW)" ] || echo "$(FLAGS_NOW)" > $(FLAGS_STAMP))
 
 .PHONY: all test test-gpu asan fuzz fuzz-run demo deps clean format bench plots sweep

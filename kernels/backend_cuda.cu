@@ -390,7 +390,8 @@ static void *op_scratch(size_t bytes) {
 static void cuda_embedding_bwd(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
                                float scale) {
     PROF_BEGIN;
-    rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale);
+    rs_cuda_embedding_bwd(g_cuda.stream, dtable, (const bf16 *)dout, ids, n, dim, scale,
+                          op_scratch(rs_cuda_embedding_bwd_scratch_bytes(n)));
     PROF_END("embedding_bwd");
 }
 
@@ -531,6 +532,18 @@ static void cuda_fake_quant_rows(void *w_q, const float *w, int rows, int cols, 
     PROF_BEGIN;
     rs_cuda_fake_quant_rows(g_cuda.stream, (bf16 *)w_q, w, rows, cols, bits, symmetric);
     PROF_END("fake_quant_rows");
+}
+
+static void cuda_fake_quant_groups(void *x, size_t n_groups, int group, int bits, int symmetric) {
+    PROF_BEGIN;
+    rs_cuda_fake_quant_groups(g_cuda.stream, (bf16 *)x, n_groups, group, bits, symmetric);
+    PROF_END("fake_quant_groups");
+}
+
+static void cuda_cast_f32_to_weight(void *dst, const float *src, size_t n) {
+    PROF_BEGIN;
+    rs_cuda_convert_from_f32(g_cuda.stream, dst, RS_BF16, src, n);
+    PROF_END("cast_f32_to_weight");
 }
 
 static void cuda_dropout(void *out, const void *x, size_t n, float p, uint64_t seed) {
@@ -763,6 +776,8 @@ static void cuda_init(void) {
     b->snip_accumulate = cuda_snip_accumulate;
     b->zero_f32 = cuda_zero_f32;
     b->fake_quant_rows = cuda_fake_quant_rows;
+    b->cast_f32_to_weight = cuda_cast_f32_to_weight;
+    b->fake_quant_groups = cuda_fake_quant_groups;
     b->qmatmul = cuda_qmatmul;
     b->qmatmul_t = cuda_qmatmul_t;
     b->qweight_upload = cuda_qweight_upload;

@@ -8,26 +8,79 @@
          i += (size_t)gridDim.x * blockDim.x)
 
 /* ---------------------------------------------------------------- embedding */
-/* dtable[ids[i], d] += scale * dout[i, d]. Repeated ids add into one row, so the adds are fp32
- * atomics: the order of a repeated token's contributions varies run to run (last-bit
- * differences in dtable; nothing else is affected). A negative id (padding) adds nothing. */
-__global__ void embedding_bwd_kernel(float *dtable, const bf16 *dout, const int32_t *ids, int n,
-                                     int dim, float scale) {
-    size_t total = (size_t)n * (size_t)dim;
+/* dtable[ids[i], d] += scale * dout[i, d]. Repeated ids add into one row; to write the same bits
+ * every run (full-parameter SFT resumes and repeats bit-identically) there are no atomics: the
+ * host groups the tokens by id (the n ids downloaded, one stream sync per call, sorted by (id,
+ * token)), then one thread per (id, column) sums its tokens' rows in token order and adds the
+ * sum to the table once. A negative id (padding) adds nothing. */
+__global__ void embedding_bwd_kernel(float *dtable, const bf16 *dout, const int32_t *order,
+                                     const int32_t *group_start, const int32_t *group_id,
+                                     int n_groups, int dim, float scale) {
+    size_t total = (size_t)n_groups * (size_t)dim;
     GRID_STRIDE(idx, total) {
-        size_t i = idx / (size_t)dim, d = idx % (size_t)dim;
-        int32_t id = ids[i];
-        if (id >= 0) atomicAdd(&dtable[(size_t)id * (size_t)dim + d], scale * __bfloat162float(dout[idx]));
+        size_t g = idx / (size_t)dim, d = idx % (size_t)dim;
+        float sum = 0.0f;
+        for (int k = group_start[g]; k < group_start[g + 1]; k++)
+            sum += scale * __bfloat162float(dout[(size_t)order[k] * (size_t)dim + d]);
+        dtable[(size_t)group_id[g] * (size_t)dim + d] += sum;
     }
 }
 
+size_t rs_cuda_embedding_bwd_scratch_bytes(int n) {
+    return n > 0 ? (3 * (size_t)n + 1) * sizeof(int32_t) : 0;
+}
+
+static int compare_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Into pack: order[n_real] (token indices by (id, token)), group_start[n_groups + 1],
+ * group_id[n_groups]; returns n_groups and the packed length. */
+static int group_tokens_by_id(const int32_t *ids, int n, int32_t *pack, size_t *pack_len) {
+    uint64_t *keys = (uint64_t *)rs_malloc(((size_t)n + 1) * sizeof *keys);
+    int n_real = 0;
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= 0) keys[n_real++] = ((uint64_t)(uint32_t)ids[i] << 32) | (uint32_t)i;
+    qsort(keys, (size_t)n_real, sizeof *keys, compare_u64);
+    int n_groups = 0;
+    for (int k = 0; k < n_real; k++)
+        n_groups += k == 0 || (keys[k] >> 32) != (keys[k - 1] >> 32);
+    int32_t *order = pack, *start = pack + n_real, *gid = start + n_groups + 1;
+    int g = 0;
+    for (int k = 0; k < n_real; k++) {
+        order[k] = (int32_t)(keys[k] & 0xffffffffu);
+        if (k == 0 || (keys[k] >> 32) != (keys[k - 1] >> 32)) {
+            start[g] = k;
+            gid[g++] = (int32_t)(keys[k] >> 32);
+        }
+    }
+    start[n_groups] = n_real;
+    free(keys);
+    *pack_len = (size_t)n_real + 2 * (size_t)n_groups + 1;
+    return n_groups;
+}
+
 void rs_cuda_embedding_bwd(cudaStream_t s, float *dtable, const bf16 *dout, const int32_t *ids,
-                           int n, int dim, float scale) {
+                           int n, int dim, float scale, void *scratch) {
     if (n <= 0 || dim <= 0) return;
-    size_t total = (size_t)n * (size_t)dim;
-    embedding_bwd_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
-        dtable, dout, ids, n, dim, scale);
-    CUDA_CHECK_LAUNCH(s, "embedding_bwd_kernel");
+    int32_t *host = (int32_t *)rs_malloc((4 * (size_t)n + 1) * sizeof(int32_t));
+    CUDA_CHECK(cudaMemcpyAsync(host, ids, (size_t)n * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
+    int32_t *pack = host + n;
+    size_t pack_len;
+    int n_groups = group_tokens_by_id(host, n, pack, &pack_len);
+    if (n_groups > 0) {
+        int32_t *dev = (int32_t *)scratch;
+        int n_real = (int)(pack_len - 2 * (size_t)n_groups - 1);
+        CUDA_CHECK(cudaMemcpyAsync(dev, pack, pack_len * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+        size_t total = (size_t)n_groups * (size_t)dim;
+        embedding_bwd_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+            dtable, dout, dev, dev + n_real, dev + n_real + n_groups + 1, n_groups, dim, scale);
+        CUDA_CHECK_LAUNCH(s, "embedding_bwd_kernel");
+        CUDA_CHECK(cudaStreamSynchronize(s)); /* the host pack is freed below */
+    }
+    free(host);
 }
 
 /* ---------------------------------------------------------------- column sums

@@ -101,16 +101,19 @@ void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n) {
 }
 
 /* ---------------------------------------------------------------- fake quantization */
-/* One block per row: min and max by block reductions, then each value onto the row's grid with
- * the CPU reference's exact fp32 expressions (IEEE divide, rintf = round half to even), rounded
- * to bf16 once on the store. A constant row is copied (rounded to bf16). */
+/* One block per row (a QAT weight's row, or one group of it): min and max by block reductions,
+ * then each value onto RTN's INT grid (quant.c int_group, what the export stores) with the CPU
+ * reference's exact fp32 expressions (IEEE divide, rintf = round half to even), rounded to bf16
+ * once on the store. The range holds zero (lo, hi start at 0), a zero scale is 1, the zero point
+ * is clamped to [0, qmax]. */
 __global__ void fake_quant_rows_kernel(bf16 *w_q, const float *w, int cols, int bits,
                                        int symmetric) {
     __shared__ float scratch[32];
     const float *row = w + (size_t)blockIdx.x * (size_t)cols;
     bf16 *out = w_q + (size_t)blockIdx.x * (size_t)cols;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int l = threadIdx.x; l < cols; l += blockDim.x) lo = fminf(lo, row[l]), hi = fmaxf(hi, row[l]);
+    float lo = 0.0f, hi = 0.0f;
+    for (int l = threadIdx.x; l < cols; l += blockDim.x)
+        lo = fminf(lo, row[l]), hi = fmaxf(hi, row[l]);
     /* min as -max(-x): one reduction helper; negation is exact */
     hi = rs_warp_max(hi);
     lo = -rs_warp_max(-lo);
@@ -122,21 +125,21 @@ __global__ void fake_quant_rows_kernel(bf16 *w_q, const float *w, int cols, int 
     if (lane == 0) scratch[warp] = -lo;
     __syncthreads();
     lo = -rs_warp_max(lane < n_warps ? scratch[lane] : -INFINITY);
-    if (lo == hi) {
-        for (int l = threadIdx.x; l < cols; l += blockDim.x) out[l] = __float2bfloat16(row[l]);
-        return;
-    }
     if (symmetric) {
-        const float q_max = (float)((1 << (bits - 1)) - 1), amax = fmaxf(-lo, hi);
-        const float scale = amax / q_max;
+        /* lo <= 0 <= hi: max(-lo, hi) is max |w| (CPU: the max of fabsf) */
+        const float qs = (float)((1 << (bits - 1)) - 1);
+        float scale = fmaxf(-lo, hi) / qs;
+        if (scale == 0.0f) scale = 1.0f;
         for (int l = threadIdx.x; l < cols; l += blockDim.x)
-            out[l] = __float2bfloat16(fminf(fmaxf(rintf(row[l] / scale), -q_max), q_max) * scale);
+            out[l] = __float2bfloat16(fminf(fmaxf(rintf(row[l] / scale), -qs), qs) * scale);
     } else {
-        const float q_max = (float)((1 << bits) - 1), scale = (hi - lo) / q_max;
-        const float zero = rintf(-lo / scale);
+        const float qmax = (float)((1 << bits) - 1);
+        float scale = (hi - lo) / qmax;
+        if (scale == 0.0f) scale = 1.0f;
+        const float zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), qmax);
         for (int l = threadIdx.x; l < cols; l += blockDim.x)
             out[l] = __float2bfloat16(
-                (fminf(fmaxf(rintf(row[l] / scale) + zero, 0.0f), q_max) - zero) * scale);
+                (fminf(fmaxf(rintf(row[l] / scale) + zero, 0.0f), qmax) - zero) * scale);
     }
 }
 
@@ -146,6 +149,51 @@ void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows
     if (rows <= 0 || cols <= 0) return;
     fake_quant_rows_kernel<<<rows, RS_CUDA_THREADS, 0, s>>>(w_q, w, cols, bits, symmetric);
     CUDA_CHECK_LAUNCH(s, "fake_quant_rows_kernel");
+}
+
+/* Activation / KV fake quantization in place: one warp per group (groups are a token's row or
+ * one head of it: a few dozen to a few thousand values), min and max by warp shuffles, then the
+ * reference's fp32 expressions on the bf16 values, rounded to bf16 once. Blocks hold whole
+ * warps, so a warp past the last group leaves as a whole. */
+__global__ void fake_quant_groups_kernel(bf16 *x, size_t n_groups, int group, int bits,
+                                         int symmetric) {
+    const size_t g = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (g >= n_groups) return;
+    bf16 *row = x + g * (size_t)group;
+    float lo = INFINITY, hi = -INFINITY;
+    for (int l = lane; l < group; l += 32) {
+        float v = __bfloat162float(row[l]);
+        lo = fminf(lo, v), hi = fmaxf(hi, v);
+    }
+    hi = rs_warp_max(hi);
+    lo = -rs_warp_max(-lo);
+    if (lo == hi) return; /* constant: unchanged */
+    if (symmetric) {
+        const float q_max = (float)((1 << (bits - 1)) - 1), scale = fmaxf(-lo, hi) / q_max;
+        for (int l = lane; l < group; l += 32)
+            row[l] = __float2bfloat16(
+                fminf(fmaxf(rintf(__bfloat162float(row[l]) / scale), -q_max), q_max) * scale);
+    } else {
+        const float q_max = (float)((1 << bits) - 1), scale = (hi - lo) / q_max;
+        const float zero = rintf(-lo / scale);
+        for (int l = lane; l < group; l += 32)
+            row[l] = __float2bfloat16(
+                (fminf(fmaxf(rintf(__bfloat162float(row[l]) / scale) + zero, 0.0f), q_max) -
+                 zero) * scale);
+    }
+}
+
+void rs_cuda_fake_quant_groups(cudaStream_t s, bf16 *x, size_t n_groups, int group, int bits,
+                               int symmetric) {
+    RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_groups: %d bits (allowed 2..8)", bits);
+    RS_CHECK(group > 0, "fake_quant_groups: group of %d values", group);
+    if (n_groups == 0) return;
+    const int warps_per_block = RS_CUDA_THREADS / 32;
+    size_t blocks = (n_groups + warps_per_block - 1) / warps_per_block;
+    fake_quant_groups_kernel<<<(unsigned)blocks, RS_CUDA_THREADS, 0, s>>>(x, n_groups, group, bits,
+                                                                          symmetric);
+    CUDA_CHECK_LAUNCH(s, "fake_quant_groups_kernel");
 }
 
 /* ---------------------------------------------------------------- dropout */

@@ -153,9 +153,11 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 /* ---------------------------------------------------------------- the fused kernel */
 /* Depth of a warp's load pipeline in chunks (the loads of chunk c + D are issued as chunk c is
- * computed), as registers allow. */
+ * computed). */
 template <int BITS, int NT> struct qmm_batch {
-    static constexpr int value = NT * (BITS + 2) <= 12 ? 4 : NT * (BITS + 2) <= 24 ? 2 : 1;
+    /* One chunk ahead: deeper pipelines measured slower on the H100 (more registers, fewer warps
+     * per SM; `qmm_tool probe`), occupancy hides the latency better. */
+    static constexpr int value = 1;
 };
 
 template <int BITS> struct qmm_stage {
@@ -163,7 +165,10 @@ template <int BITS> struct qmm_stage {
     float s, z;
 };
 
-template <int BITS, int NT>
+/* TILED (a timing probe only, see rs_cuda_qmm_probe): read the same number of bytes as if the 8
+ * rows of an n-tile were stored together span by span (a warp's loads one contiguous run); the
+ * values are then not the weight's. */
+template <int BITS, int NT, bool TILED = false>
 __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_params &p, int n_warp,
                                          int g, int span, int span_limit) {
     const int grp = min((span * 32) / p.gs, p.n_groups - 1);
@@ -171,7 +176,10 @@ __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_pa
     for (int j = 0; j < NT; j++) {
         const int n = n_warp + j * 8 + g;
         if (n < p.N && span < span_limit) {
-            load_span<BITS>(st[j].w, p.packed + (size_t)n * p.row_words + (size_t)span * BITS);
+            const size_t at = TILED ? ((size_t)(n >> 3) * (p.row_words / BITS) + span) * 8 * BITS +
+                                          (size_t)(n & 7) * BITS
+                                    : (size_t)n * p.row_words + (size_t)span * BITS;
+            load_span<BITS>(st[j].w, p.packed + at);
             st[j].s = __ldg(p.scales + (size_t)n * p.n_groups + grp);
             st[j].z = p.zeros ? __ldg(p.zeros + (size_t)n * p.n_groups + grp) : p.zero_sym;
         } else {
@@ -186,7 +194,7 @@ __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_pa
 /* X's layout for MT > 1 (written by qmm_prep_x_kernel): per row, chunk c, virtual word i, lane t,
  * the 8 values of k = 128 c + 32 t + 8 i + (0, 4, 1, 5, 2, 6, 3, 7): one 16-byte load gives
  * the A registers of both mma steps, and a quad's loads are 64 contiguous bytes. */
-template <int BITS, int MODE, int MT, int NT>
+template <int BITS, int MODE, int MT, int NT, bool SX = false>
 __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_stage<BITS> (&cur)[NT],
                                           const qmm_params &p, const bf16 *const (&xrow)[MT][2],
                                           const bool (&xok)[MT][2], int c, int t, const float *cb) {
@@ -206,7 +214,9 @@ __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_sta
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
             for (int hr = 0; hr < 2; hr++) {
-                if (MT > 1) {
+                if (SX) { /* xrow: the chunk's rows in shared memory, zero past M */
+                    xa[mt][hr] = *(const uint4 *)(xrow[mt][hr] + 32 * i + 8 * t);
+                } else if (MT > 1) {
                     const int off = c * QMM_CHUNK + 32 * i + 8 * t;
                     xa[mt][hr] = xok[mt][hr] ? __ldg((const uint4 *)(xrow[mt][hr] + off))
                                              : make_uint4(0u, 0u, 0u, 0u);
@@ -234,7 +244,7 @@ __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_sta
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
                 uint32_t a0, a1, a2, a3;
-                if (MT > 1) {
+                if (SX || MT > 1) {
                     a0 = h ? xa[mt][0].z : xa[mt][0].x, a2 = h ? xa[mt][0].w : xa[mt][0].y;
                     a1 = h ? xa[mt][1].z : xa[mt][1].x, a3 = h ? xa[mt][1].w : xa[mt][1].y;
                 } else {
@@ -260,10 +270,67 @@ __device__ __forceinline__ void qmm_store(const qmm_params &p, int m, int n, flo
     *o = __float2bfloat16(v);
 }
 
-template <int BITS, int MODE, int MT, int NT>
+/* Write the block's sums: straight to out, or (split-K) as fp32 partials, where the last block
+ * of a tile to finish adds the tile's partial sums in split order (deterministic whichever block
+ * that is) and re-arms the tile's counter. */
+template <int MT, int NT, int WARPS>
+__device__ __forceinline__ void qmm_epilogue(const qmm_params &p, const float (&acc)[MT][NT][4],
+                                             int n_warp, int m_base, int g, int t) {
+    __shared__ int s_last;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int m = m_base + mt * 16 + g + (e >= 2 ? 8 : 0);
+                const int n = n_warp + j * 8 + 2 * t + (e & 1);
+                if (m >= p.M || n >= p.N) continue;
+                if (p.partial)
+                    p.partial[((size_t)blockIdx.y * p.M + m) * p.N + n] = acc[mt][j][e];
+                else
+                    qmm_store(p, m, n, acc[mt][j][e]);
+            }
+    if (!p.partial || !p.counters) return;
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int rows_blk = WARPS * NT * 8, n0 = blockIdx.x * rows_blk;
+    for (int idx = threadIdx.x; idx < MT * 16 * rows_blk; idx += blockDim.x) {
+        const int m = m_base + idx / rows_blk, n = n0 + idx % rows_blk;
+        if (m >= p.M || n >= p.N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < (int)gridDim.y; s++)
+            v += __ldcg(p.partial + ((size_t)s * p.M + m) * p.N + n);
+        qmm_store(p, m, n, v);
+    }
+    if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
+/* PROBE (timing probes of rs_cuda_qmm_probe, 0 in real use): bit 0 skips the dequantize and
+ * MMA work (loads only), bit 1 reads with qmm_load's TILED addresses. DEPTH: the load pipeline's
+ * depth in chunks (0: qmm_batch). */
+enum { QPROBE_LOAD_ONLY = 1, QPROBE_TILED = 2 };
+
+template <int BITS, int NT>
+__device__ __forceinline__ void qmm_touch(float (&acc)[NT][4], const qmm_stage<BITS> (&cur)[NT]) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        uint32_t x = 0u;
+#pragma unroll
+        for (int b = 0; b < BITS; b++)
+            x ^= cur[j].w[b];
+        acc[j][0] += __uint_as_float(x & 0x007FFFFFu) + cur[j].s + cur[j].z;
+    }
+}
+
+template <int BITS, int MODE, int MT, int NT, int DEPTH = 0, int PROBE = 0>
 __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
     __shared__ float cb[16];
-    __shared__ int s_last;
     if (MODE == QMODE_CB) {
         if (threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
         __syncthreads();
@@ -295,58 +362,117 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
             xrow[mt][hr] = p.x + (size_t)(xok[mt][hr] ? m : 0) * p.ldx;
         }
 
-    constexpr int D = qmm_batch<BITS, NT>::value;
+    constexpr int D = DEPTH ? DEPTH : qmm_batch<BITS, NT>::value;
+    constexpr bool TILED = (PROBE & QPROBE_TILED) != 0;
     qmm_stage<BITS> st[D][NT];
 #pragma unroll
     for (int d = 0; d < D; d++)
         if (c_begin + d < c_end)
-            qmm_load<BITS, NT>(st[d], p, n_warp, g, (c_begin + d) * 4 + t, span_limit);
+            qmm_load<BITS, NT, TILED>(st[d], p, n_warp, g, (c_begin + d) * 4 + t, span_limit);
     for (int c0 = c_begin; c0 < c_end; c0 += D) {
 #pragma unroll
         for (int d = 0; d < D; d++) {
             const int c = c0 + d;
             if (c < c_end) {
-                qmm_chunk<BITS, MODE, MT, NT>(acc, st[d], p, xrow, xok, c, t, cb);
+                if (PROBE & QPROBE_LOAD_ONLY)
+                    qmm_touch<BITS, NT>(acc[0], st[d]);
+                else
+                    qmm_chunk<BITS, MODE, MT, NT>(acc, st[d], p, xrow, xok, c, t, cb);
                 if (c + D < c_end)
-                    qmm_load<BITS, NT>(st[d], p, n_warp, g, (c + D) * 4 + t, span_limit);
+                    qmm_load<BITS, NT, TILED>(st[d], p, n_warp, g, (c + D) * 4 + t, span_limit);
             }
         }
     }
 
+    qmm_epilogue<MT, NT, QMM_WARPS>(p, acc, n_warp, m_base, g, t);
+}
+
+/* The fused kernel for 17..64 rows of X ("SX": X in shared memory). Past 16 rows each warp's X
+ * fragments outweigh its weight bytes several times, so the block (QMM_SX_WARPS warps, 8 NT
+ * rows of W each) copies a chunk of X (the permuted layout of qmm_prep_x_kernel, MT x 16 rows x
+ * 128 k) into shared memory once with cp.async, double-buffered against the next chunk, and
+ * every warp reads its fragments there. Row stride 160 bf16 (320 bytes = 64 mod 128) keeps a
+ * quarter-warp's 16-byte reads (rows g, g + 1; 64 bytes each) on disjoint banks. Weights go
+ * through registers as in qmm_kernel, one chunk ahead. */
+#define QMM_SX_WARPS 8
+#define QMM_SX_STRIDE 160
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <int MT>
+__device__ __forceinline__ void qmm_sx_stage(bf16 *xs, const qmm_params &p, int m_base, int c) {
+    for (int idx = threadIdx.x; idx < MT * 16 * 16; idx += blockDim.x) {
+        const int row = idx >> 4, piece = idx & 15, m = m_base + row;
+        bf16 *dst = xs + row * QMM_SX_STRIDE + piece * 8;
+        if (m < p.M)
+            cp_async16(dst, p.x + (size_t)m * p.ldx + (size_t)c * QMM_CHUNK + piece * 8);
+        else
+            *(uint4 *)dst = make_uint4(0u, 0u, 0u, 0u);
+    }
+    cp_async_commit();
+}
+
+template <int BITS, int MODE, int MT, int NT>
+__global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p) {
+    __shared__ float cb[16];
+    __shared__ __align__(16) bf16 xs[2][MT * 16 * QMM_SX_STRIDE];
+    if (MODE == QMODE_CB && threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n_warp = (blockIdx.x * QMM_SX_WARPS + warp) * NT * 8;
+    const int m_base = blockIdx.z * MT * 16;
+    const int c_begin = blockIdx.y * p.chunks_per_split;
+    const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
+    const int span_limit = (p.K + 31) / 32;
+
+    float acc[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int m = m_base + mt * 16 + g + (e >= 2 ? 8 : 0);
-                const int n = n_warp + j * 8 + 2 * t + (e & 1);
-                if (m >= p.M || n >= p.N) continue;
-                if (p.partial)
-                    p.partial[((size_t)blockIdx.y * p.M + m) * p.N + n] = acc[mt][j][e];
-                else
-                    qmm_store(p, m, n, acc[mt][j][e]);
-            }
-    if (!p.partial || !p.counters) return;
-    /* Split-K: the last block of a tile to finish adds the tile's partial sums, in split order
-     * (deterministic whichever block that is), and re-arms the tile's counter. */
-    __threadfence();
-    __syncthreads();
-    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) s_last = atomicAdd(p.counters + tile, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    const int rows_blk = QMM_WARPS * NT * 8, n0 = blockIdx.x * rows_blk;
-    for (int idx = threadIdx.x; idx < MT * 16 * rows_blk; idx += blockDim.x) {
-        const int m = m_base + idx / rows_blk, n = n0 + idx % rows_blk;
-        if (m >= p.M || n >= p.N) continue;
-        float v = 0.0f;
-        for (int s = 0; s < (int)gridDim.y; s++)
-            v += __ldcg(p.partial + ((size_t)s * p.M + m) * p.N + n);
-        qmm_store(p, m, n, v);
+            for (int e = 0; e < 4; e++)
+                acc[mt][j][e] = 0.0f;
+    bool xok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        xok[mt][0] = xok[mt][1] = true;
+
+    qmm_stage<BITS> st[NT];
+    if (c_begin < c_end) {
+        qmm_sx_stage<MT>(xs[0], p, m_base, c_begin);
+        qmm_load<BITS, NT>(st, p, n_warp, g, c_begin * 4 + t, span_limit);
     }
-    if (threadIdx.x == 0) p.counters[tile] = 0;
+    for (int c = c_begin; c < c_end; c++) {
+        const int buf = (c - c_begin) & 1;
+        if (c + 1 < c_end) {
+            qmm_sx_stage<MT>(xs[buf ^ 1], p, m_base, c + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        qmm_stage<BITS> cur[NT];
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+            cur[j] = st[j];
+        if (c + 1 < c_end) qmm_load<BITS, NT>(st, p, n_warp, g, (c + 1) * 4 + t, span_limit);
+        const bf16 *xrow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++)
+                xrow[mt][hr] = xs[buf] + (mt * 16 + g + 8 * hr) * QMM_SX_STRIDE;
+        qmm_chunk<BITS, MODE, MT, NT, true>(acc, cur, p, xrow, xok, c, t, cb);
+        __syncthreads();
+    }
+    qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
 /* out = sum over splits of partial (in split order) + bias + beta * out (when the tile counters
@@ -414,30 +540,38 @@ static int qmm_sm_count(void) {
     return n;
 }
 
+/* Timing probes (rs_cuda_qmm_probe; all zero in real use). */
+static struct { int depth, probe, blocks_per_sm, reduce; } g_qprobe;
+enum { QPROBE_NO_SX = 4 };
+
 typedef struct {
-    int mt, nt, splits, chunks_per_split, n_chunks, ldx, prep, perm;
+    int mt, nt, sx, warps, splits, chunks_per_split, n_chunks, ldx, prep, perm;
     dim3 grid;
     size_t partial_bytes, xs_bytes;
 } qmm_plan;
 
 /* The launch shape for M rows: m-tiles per block by M, NT from tune_nt (0: 2), split-K so that
- * the grid has about two blocks (eight warps) per SM, each warp streaming a run of chunks
- * through its load pipeline (tune_splits > 0 forces the split; scripts/bench/qmatmul --sweep
- * measured four blocks per SM about 8% faster at M <= 16, not yet adopted) while the fp32 partials
- * stay at most half the packed weight's bytes (they go through L2 twice). Past 16 rows X is
- * rewritten in qmm_chunk's order first. */
+ * the grid has about eight blocks of 4 warps per SM at M <= 16 (32 warps: the most the registers
+ * allow; `qmm_tool probe` on an H100 measured this 20-30% faster than two blocks with a deeper
+ * load pipeline) or four 8-warp blocks of the shared-memory kernel past 16 rows
+ * (tune_splits > 0 forces the split), while the fp32 partials stay at most half the packed
+ * weight's bytes (they go through L2 twice). Past 16 rows X is rewritten in qmm_chunk's order
+ * first. */
 static qmm_plan qmm_make_plan(const rs_qweight *q, const void *x, int M, int tune_nt,
                               int tune_splits) {
     qmm_plan pl = {};
     pl.mt = M <= 16 ? 1 : M <= 32 ? 2 : 4;
     pl.nt = tune_nt == 1 || tune_nt == 2 || tune_nt == 4 ? tune_nt : 2;
-    const int N = q->rows, K = q->cols, rows_per_block = QMM_WARPS * pl.nt * 8;
+    pl.sx = pl.mt > 1 && !(g_qprobe.probe & QPROBE_NO_SX);
+    pl.warps = pl.sx ? QMM_SX_WARPS : QMM_WARPS;
+    const int N = q->rows, K = q->cols, rows_per_block = pl.warps * pl.nt * 8;
     const int blocks_n = (N + rows_per_block - 1) / rows_per_block;
     const int blocks_m = (M + 16 * pl.mt - 1) / (16 * pl.mt);
     pl.n_chunks = (K + QMM_CHUNK - 1) / QMM_CHUNK;
     int splits = tune_splits;
     if (splits <= 0) {
-        const long want = 2L * qmm_sm_count();
+        const long per_sm = g_qprobe.blocks_per_sm > 0 ? g_qprobe.blocks_per_sm : pl.sx ? 4 : 8;
+        const long want = per_sm * qmm_sm_count();
         splits = (int)((want + (long)blocks_n * blocks_m - 1) / ((long)blocks_n * blocks_m));
         const double wbytes = (double)N * K * q->spec.bits / 8.0;
         const int cap = (int)(wbytes / 2.0 / ((double)M * N * 4.0));
@@ -465,12 +599,63 @@ extern "C" size_t rs_cuda_qmm_workspace_bytes(const rs_qweight *q, const void *x
 
 template <int BITS, int MODE, int MT>
 static void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
-    const dim3 block(QMM_WARPS * 32);
+    const dim3 block(pl.warps * 32);
+    if (MT > 1 && pl.sx) {
+        switch (pl.nt) {
+        case 1: qmm_sx_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
+        case 4: qmm_sx_kernel<BITS, MODE, MT, 4><<<pl.grid, block, 0, s>>>(p); break;
+        default: qmm_sx_kernel<BITS, MODE, MT, 2><<<pl.grid, block, 0, s>>>(p); break;
+        }
+        return;
+    }
     switch (pl.nt) {
     case 1: qmm_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
     case 4: qmm_kernel<BITS, MODE, MT, 4><<<pl.grid, block, 0, s>>>(p); break;
     default: qmm_kernel<BITS, MODE, MT, 2><<<pl.grid, block, 0, s>>>(p); break;
     }
+}
+
+/* The probe instantiations: W4 integer codes, NT = 2, the register-X kernel. */
+template <int MT, int DEPTH>
+static void qmm_launch_probe_depth(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    const dim3 block(QMM_WARPS * 32);
+    switch (MT == 1 ? g_qprobe.probe & 3 : 0) {
+    case 1: qmm_kernel<4, QMODE_BF16, MT, 2, DEPTH, 1><<<pl.grid, block, 0, s>>>(p); break;
+    case 2: qmm_kernel<4, QMODE_BF16, MT, 2, DEPTH, 2><<<pl.grid, block, 0, s>>>(p); break;
+    case 3: qmm_kernel<4, QMODE_BF16, MT, 2, DEPTH, 3><<<pl.grid, block, 0, s>>>(p); break;
+    default: qmm_kernel<4, QMODE_BF16, MT, 2, DEPTH, 0><<<pl.grid, block, 0, s>>>(p); break;
+    }
+}
+
+template <int MT>
+static void qmm_launch_probe_mt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    switch (g_qprobe.depth) {
+    case 2: qmm_launch_probe_depth<MT, 2>(pl, p, s); break;
+    case 4: qmm_launch_probe_depth<MT, 4>(pl, p, s); break;
+    default: qmm_launch_probe_depth<MT, 1>(pl, p, s); break;
+    }
+}
+
+static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    if (!g_qprobe.depth && !(g_qprobe.probe & 3)) return 0;
+    if (pl.sx || pl.nt != 2) return 0;
+    switch (pl.mt) {
+    case 1: qmm_launch_probe_mt<1>(pl, p, s); break;
+    case 2: qmm_launch_probe_mt<2>(pl, p, s); break;
+    default: qmm_launch_probe_mt<4>(pl, p, s); break;
+    }
+    return 1;
+}
+
+/* Timing probes for scripts/bench (qmm_tool probe), never for results: depth = load pipeline
+ * depth in chunks of the register-X kernel (1, 2, 4; 0 = qmm_batch), probe = QPROBE_* bits
+ * (load only and tiled addresses at M <= 16: wrong values, timing only; NO_SX: the register-X
+ * kernel past 16 rows too), blocks_per_sm = split-K target (0 = the plan's), reduce: 0 = a second
+ * kernel adds split-K partials, 1 = the last block of each tile does. Depth and probe bits 1, 2
+ * apply to W4 integer weights with NT = 2 only. */
+extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce) {
+    g_qprobe.depth = depth, g_qprobe.probe = probe;
+    g_qprobe.blocks_per_sm = blocks_per_sm, g_qprobe.reduce = reduce;
 }
 
 template <int BITS, int MODE>
@@ -514,7 +699,9 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
     p.chunks_per_split = pl.chunks_per_split;
     p.partial = pl.splits > 1 ? (float *)((char *)ws + pl.xs_bytes) : NULL;
     const long tiles = (long)pl.grid.x * pl.grid.z;
-    p.counters = p.partial && counters && tiles <= n_counters ? counters : NULL;
+    /* Partial sums are added by qmm_reduce_kernel: measured faster than the last block of each
+     * tile doing it (the tail of the grid waits on it); the probe can still ask for that. */
+    p.counters = p.partial && counters && tiles <= n_counters && g_qprobe.reduce ? counters : NULL;
     p.out = out;
     p.bias = bias;
     p.beta = beta;
@@ -523,7 +710,9 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
         p.cb[i] = book[i];
 
     const int mode = qmm_mode(q);
-    if (mode == QMODE_CB)
+    if (mode == QMODE_BF16 && q->spec.bits == 4 && qmm_launch_probe(pl, p, s))
+        ;
+    else if (mode == QMODE_CB)
         qmm_launch_mt<4, QMODE_CB>(pl, p, s);
     else if (mode == QMODE_BF16 && q->spec.bits == 2)
         qmm_launch_mt<2, QMODE_BF16>(pl, p, s);

@@ -329,7 +329,8 @@ static void start_row_beta(float *row, int n, float beta) {
 static void cpu_embedding_bwd(float *dtable, const void *dout_, const int32_t *ids, int n, int dim,
                               float scale) {
     const float *dout = dout_;
-    for (int i = 0; i < n; i++) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= 0) axpy(dtable + (size_t)ids[i] * dim, scale, dout + (size_t)i * dim, dim);
 }
 
 /* g_j: the norm's weight, or 1 + weight (Gemma) */
@@ -711,7 +712,7 @@ static void fake_quant_row(float *out, const float *w, int cols, int bits, int s
     float lo = INFINITY, hi = -INFINITY;
     for (int l = 0; l < cols; l++) lo = w[l] < lo ? w[l] : lo, hi = w[l] > hi ? w[l] : hi;
     if (lo == hi) {
-        memcpy(out, w, (size_t)cols * sizeof *out);
+        if (out != w) memcpy(out, w, (size_t)cols * sizeof *out);
         return;
     }
     if (symmetric) {
@@ -724,12 +725,51 @@ static void fake_quant_row(float *out, const float *w, int cols, int bits, int s
     }
 }
 
+/* One row of a QAT weight onto RTN's INT grid (quant.c int_group, the formula the export
+ * stores), so dequant(export) is the forward's weight: the range holds zero ([min(0, min w),
+ * max(0, max w)]), a zero scale is 1, and the zero point is clamped to [0, qmax]. Unlike
+ * fake_quant_row, a constant row is not special: it lands on the grid like the export's. */
+static void rtn_grid_row(float *out, const float *w, int cols, int bits, int symmetric) {
+    if (symmetric) {
+        float qs = (float)((1 << (bits - 1)) - 1), amax = 0.0f;
+        for (int l = 0; l < cols; l++)
+            amax = fmaxf(amax, fabsf(w[l]));
+        float scale = amax / qs;
+        if (scale == 0.0f) scale = 1.0f;
+        for (int l = 0; l < cols; l++)
+            out[l] = fminf(fmaxf(rintf(w[l] / scale), -qs), qs) * scale;
+        return;
+    }
+    float qmax = (float)((1 << bits) - 1), lo = 0.0f, hi = 0.0f;
+    for (int l = 0; l < cols; l++)
+        lo = fminf(lo, w[l]), hi = fmaxf(hi, w[l]);
+    float scale = (hi - lo) / qmax;
+    if (scale == 0.0f) scale = 1.0f;
+    float zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), qmax);
+    for (int l = 0; l < cols; l++)
+        out[l] = (fminf(fmaxf(rintf(w[l] / scale) + zero, 0.0f), qmax) - zero) * scale;
+}
+
 /* rintf rounds half to even under the default rounding mode, which we never change. */
 static void cpu_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits, int symmetric) {
     RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_rows: %d bits (allowed 2..8)", bits);
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)rows * cols))
     for (int i = 0; i < rows; i++)
-        fake_quant_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
+        rtn_grid_row((float *)w_q + (size_t)i * cols, w + (size_t)i * cols, cols, bits, symmetric);
+}
+
+/* fake_quant_row works in place (every value is read before it is written). */
+static void cpu_fake_quant_groups(void *x, size_t n_groups, int group, int bits, int symmetric) {
+    RS_CHECK(bits >= 2 && bits <= 8, "fake_quant_groups: %d bits (allowed 2..8)", bits);
+    RS_CHECK(group > 0, "fake_quant_groups: group of %d values", group);
+    float *v = x;
+#pragma omp parallel for schedule(static) if (PARALLEL(n_groups * (size_t)group))
+    for (size_t i = 0; i < n_groups; i++)
+        fake_quant_row(v + i * group, v + i * group, group, bits, symmetric);
+}
+
+static void cpu_cast_f32_to_weight(void *dst, const float *src, size_t n) {
+    if (dst != src) memmove(dst, src, n * sizeof *src);
 }
 
 /* ---------------------------------------------------------------- quantized linears */
@@ -841,6 +881,8 @@ static const rs_backend g_cpu = {
     .snip_accumulate = cpu_snip_accumulate,
     .zero_f32 = cpu_zero_f32,
     .fake_quant_rows = cpu_fake_quant_rows,
+    .cast_f32_to_weight = cpu_cast_f32_to_weight,
+    .fake_quant_groups = cpu_fake_quant_groups,
     .qmatmul = cpu_qmatmul,
     .qmatmul_t = cpu_qmatmul_t,
     .qweight_upload = cpu_qweight_upload,

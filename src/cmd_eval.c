@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "resafe/cli.h"
+#include "resafe/dist.h"
 #include "resafe/core.h"
 #include "resafe/eval.h"
 #include "resafe/pipeline.h"
@@ -130,7 +131,9 @@ static int run(options *o, int argc, char **argv) {
     if (!cfg) return -1;
     int rc = 0;
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
-    if (rc == 0) rc = cli_check_single_process(cfg);
+    if (rc == 0) rc = cli_check_world(cfg, "eval", 1);
+    rs_dist d = {.rank = 0};
+    if (rc == 0) rc = rs_dist_from_config(cfg, &d);
     rs_run_paths p;
     memset(&p, 0, sizeof p);
     if (rc == 0) rc = rs_run_paths_init(cfg, &p);
@@ -155,8 +158,8 @@ static int run(options *o, int argc, char **argv) {
         p.eval_dir = rs_strdup(o->out);
     }
     if (rc == 0) rc = rs_eval_run(cfg, o->models, o->n_models, ref, p.eval_dir);
-    if (rc == 0 && o->report) rc = rs_report_write(cfg, &p);
-    if (rc == 0) print_summary(p.eval_dir);
+    if (rc == 0 && o->report && d.rank == 0) rc = rs_report_write(cfg, &p);
+    if (rc == 0 && d.rank == 0) print_summary(p.eval_dir);
     rs_run_paths_free(&p);
     rs_config_free(cfg);
     return rc;

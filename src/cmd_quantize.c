@@ -33,9 +33,36 @@ static const char *g_usage =
     "  --out DIR              output directory (must not exist)\n"
     "  --export dequant       write a plain HF directory of W_eff = dequant(Q) instead\n"
     "  --export-dtype T       bf16 (default), f16 or f32 for --export dequant\n"
+    "training methods: qat (LLM-QAT: full fine-tuning through fake quantization on RTN's grid\n"
+    "  (--bits, --group, --sym), then RTN on that grid) and qlora (NF4 base + LoRA fine-tuning,\n"
+    "  adapter merged);\n"
+    "  --calib is a JSONL file of {prompt, response}, the loss is on the response tokens\n"
+    "  --calib-column C       JSONL member holding the prompt (default prompt)\n"
+    "  --response-column R    JSONL member holding the response (default response)\n"
+    "  --steps N              optimizer steps (default 0 = --epochs passes)\n"
+    "  --epochs N             passes over the calibration set (default 1)\n"
+    "  --lr X                 AdamW peak learning rate (qat 2e-5, qlora 2e-4), cosine decay\n"
+    "  --batch N              examples per step (default 8)\n"
+    "  --micro-batch N        examples per forward pass (default = --batch)\n"
+    "  --chat-template T      auto (default), none, llama-2, llama-3, gemma, mistral, chatml\n"
+    "  --backend B            cpu (default), cuda or auto: where the training runs\n"
+    "  --threads N            CPU threads (default: OpenMP's)\n"
+    "  --act-bits B, --kv-bits B   qat: fake-quantized activations / KV cache (resafe sft's\n"
+    "                         qat_act_bits / qat_kv_bits; default 0 = off)\n"
+    "  --save-trained DIR     qat: also keep the trained fp32 (master) model in DIR\n"
+    "  --rank R, --alpha A    qlora: LoRA rank (default 64) and alpha (default 16)\n"
+    "  --targets L            qlora: all (default) or a list such as q,v\n"
+    "  --merge M              qlora: refit (default), grid or adapter (see README)\n"
     "  -v, --verbose          debug log\n";
 
 typedef rs_quantize_job options;
+
+/* What the command line set explicitly. */
+typedef struct {
+    int bits, group;
+    const char *train_flag;            /* a training flag given */
+    const char *qat_flag, *qlora_flag; /* a flag given that only qat / qlora takes */
+} given;
 
 static int usage_error(const char *fmt, const char *arg) {
     fprintf(stderr, "resafe quantize: ");
@@ -45,15 +72,76 @@ static int usage_error(const char *fmt, const char *arg) {
 }
 
 /* --method into the spec's format and the driver's method. */
-static int set_method(options *o, int bits_given, int group_given) {
-    if (rs_quantize_job_set_method(o, o->method_name, bits_given, group_given) == 0) return 0;
-    return usage_error("--method: '%s' is not rtn, awq, gptq, nf4, fp4 or int8", o->method_name);
+static int set_method(options *o, const given *g) {
+    if (rs_quantize_job_set_method(o, o->method_name, g->bits, g->group) == 0) return 0;
+    return usage_error("--method: '%s' is not rtn, awq, gptq, nf4, fp4, int8, qat or qlora",
+                       o->method_name);
 }
 
-static int parse_value(options *o, const char *flag, const char *v, int *bits_given,
-                       int *group_given) {
+static int parse_train_value(options *o, const char *flag, const char *v, int *rc) {
+    rs_qtrain_opts *t = &o->train;
     long n;
     float f;
+    struct {
+        const char *flag;
+        int *dst;
+        long lo, hi;
+    } ints[] = {
+        {"--steps", &t->steps, 0, 1000000000}, {"--epochs", &t->epochs, 1, 10000},
+        {"--batch", &t->batch_size, 1, 65536}, {"--micro-batch", &t->micro_batch_size, 1, 65536},
+        {"--threads", &t->threads, 0, 4096},   {"--act-bits", &t->act_bits, 0, 16},
+        {"--kv-bits", &t->kv_bits, 0, 16},     {"--rank", &t->rank, 1, 65536}};
+    *rc = 0;
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++)
+        if (!strcmp(flag, ints[i].flag)) {
+            if (rs_parse_long(v, ints[i].lo, ints[i].hi, &n))
+                *rc = usage_error("%s: out of range or not an integer", flag);
+            else
+                *ints[i].dst = (int)n;
+            return 1;
+        }
+    if (!strcmp(flag, "--lr")) { /* a double, as the config's [quant] train_lr */
+        char *end;
+        double x = strtod(v, &end);
+        if (end == v || *end || !(x > 0 && x <= 1))
+            *rc = usage_error("--lr: '%s' is not in (0, 1]", v);
+        else
+            t->lr = x;
+        return 1;
+    }
+    if (!strcmp(flag, "--alpha")) {
+        if (rs_parse_float(v, 1e-30f, 1e6f, &f))
+            *rc = usage_error("--alpha: '%s' is not > 0", v);
+        else
+            t->alpha = f;
+        return 1;
+    }
+    const char **strs[] = {&t->response_key, &t->chat_template, &t->backend,
+                           &t->targets,      &t->merge,         &t->save_trained};
+    const char *names[] = {"--response-column", "--chat-template", "--backend",
+                           "--targets",         "--merge",         "--save-trained"};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++)
+        if (!strcmp(flag, names[i])) {
+            *strs[i] = v;
+            return 1;
+        }
+    return 0;
+}
+
+static int parse_value(options *o, const char *flag, const char *v, given *g) {
+    long n;
+    float f;
+    int rc;
+    if (parse_train_value(o, flag, v, &rc)) {
+        g->train_flag = flag;
+        if (!strcmp(flag, "--act-bits") || !strcmp(flag, "--kv-bits") ||
+            !strcmp(flag, "--save-trained"))
+            g->qat_flag = flag;
+        if (!strcmp(flag, "--rank") || !strcmp(flag, "--alpha") || !strcmp(flag, "--targets") ||
+            !strcmp(flag, "--merge"))
+            g->qlora_flag = flag;
+        return rc;
+    }
     if (!strcmp(flag, "--model"))
         o->model = v;
     else if (!strcmp(flag, "--out"))
@@ -63,7 +151,7 @@ static int parse_value(options *o, const char *flag, const char *v, int *bits_gi
     else if (!strcmp(flag, "--calib"))
         o->calib = v;
     else if (!strcmp(flag, "--calib-column"))
-        o->calib_column = v;
+        o->calib_column = o->train.prompt_key = v;
     else if (!strcmp(flag, "--protect-data"))
         o->protect_data = v;
     else if (!strcmp(flag, "--protect-column"))
@@ -74,10 +162,10 @@ static int parse_value(options *o, const char *flag, const char *v, int *bits_gi
         o->export_dtype = v;
     else if (!strcmp(flag, "--bits")) {
         if (rs_parse_long(v, 1, 16, &n)) return usage_error("--bits: '%s' is not 2, 3, 4 or 8", v);
-        o->q.spec.bits = (int)n, *bits_given = 1;
+        o->q.spec.bits = (int)n, g->bits = 1;
     } else if (!strcmp(flag, "--group")) {
         if (rs_parse_long(v, 0, 1 << 20, &n)) return usage_error("--group: '%s' is not an integer", v);
-        o->q.spec.group_size = (int)n, *group_given = 1;
+        o->q.spec.group_size = (int)n, g->group = 1;
     } else if (!strcmp(flag, "--threshold")) {
         if (rs_parse_float(v, 0.0f, 1e30f, &f)) return usage_error("--threshold: '%s' is not >= 0", v);
         o->q.spec.outlier_threshold = f;
@@ -100,9 +188,25 @@ static int parse_value(options *o, const char *flag, const char *v, int *bits_gi
     return 0;
 }
 
-static int check_options(options *o) {
+/* The flags that only some methods take. */
+static int check_method_flags(const options *o, const given *g) {
+    rs_qtrain_kind k = o->train.kind;
+    if (k == RS_QTRAIN_NONE && g->train_flag)
+        return usage_error("%s applies to --method qat and qlora only", g->train_flag);
+    if (k != RS_QTRAIN_QAT && g->qat_flag)
+        return usage_error("%s applies to --method qat only", g->qat_flag);
+    if (k != RS_QTRAIN_QLORA && g->qlora_flag)
+        return usage_error("%s applies to --method qlora only", g->qlora_flag);
+    if (rs_quantize_job_check(o, g->bits, g->group) != 0)
+        return usage_error("%s", rs_last_error());
+    return 0;
+}
+
+static int check_options(options *o, const given *g) {
     if (!o->model || !o->out || !o->method_name)
         return usage_error("%s", "--model, --method and --out are required");
+    int rc = check_method_flags(o, g);
+    if (rc) return rc;
     if ((o->q.method == RS_QMETHOD_AWQ || o->q.method == RS_QMETHOD_GPTQ) && !o->calib)
         return usage_error("--method %s needs --calib FILE", o->method_name);
     if (o->q.protect_tau > 0.0f && !o->protect_data)
@@ -121,7 +225,7 @@ static int check_options(options *o) {
 
 static int parse_args(options *o, int *verbose, int argc, char **argv) {
     rs_quantize_job_default(o);
-    int bits_given = 0, group_given = 0;
+    given g = {0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -138,13 +242,13 @@ static int parse_args(options *o, int *verbose, int argc, char **argv) {
             return usage_error(
                 strncmp(a, "--", 2) ? "unexpected argument '%s'" : "%s needs a value", a);
         else {
-            int rc = parse_value(o, a, argv[++i], &bits_given, &group_given);
+            int rc = parse_value(o, a, argv[++i], &g);
             if (rc) return rc;
         }
     }
     if (!o->method_name) return usage_error("%s", "--method is required");
-    int rc = set_method(o, bits_given, group_given);
-    return rc ? rc : check_options(o);
+    int rc = set_method(o, &g);
+    return rc ? rc : check_options(o, &g);
 }
 
 /* ---------------------------------------------------------------- the run */
@@ -170,7 +274,12 @@ static void size_report(const options *o, const rs_quant_sizes *r) {
 
 static int run(const options *o) {
     rs_quant_sizes sizes;
-    if (rs_quantize_job_run(o, &sizes) != 0) return fail();
+    int rc = rs_quantize_job_run(o, &sizes);
+    if (rc > 0) {
+        fprintf(stderr, "resafe quantize: interrupted by signal %d; nothing written\n", rc);
+        return 128 + rc;
+    }
+    if (rc != 0) return fail();
     size_report(o, &sizes);
     printf("wrote %s%s\n", o->out, o->export_kind ? " (dequantized export)" : "");
     return 0;

@@ -64,7 +64,7 @@ int cmd_train(int argc, char **argv) {
         cli_apply_run_settings(cfg, verbose);
         /* the dpo stage trains the run's quantized model on the run's patch set */
         if (planning) rc = rs_config_set(cfg, "dpo", "data_file", "") == 0 ? rs_dpo_plan(cfg) : -1;
-        else if (cli_check_single_process(cfg) != 0) rc = -1;
+        else if (cli_check_world(cfg, "train", 0) != 0) rc = -1;
         else rc = rs_train_run_until(cfg, from, to, force);
     }
     rs_config_free(cfg);

@@ -15,11 +15,11 @@ static int usage_error(const char *name, const char *usage, const char *fmt, con
     return 2;
 }
 
-int cli_check_single_process(const rs_config *cfg) {
+int cli_check_world(const rs_config *cfg, const char *command, int data_parallel) {
     rs_dist d;
     RS_TRY(rs_dist_from_config(cfg, &d));
     char who[96];
-    if (d.world > 1) return rs_dist_require_single(&d);
+    if (d.world > 1 && !data_parallel) return rs_dist_require_single(&d, command);
     rs_debug("dist: %s", rs_dist_describe(&d, who, sizeof who));
     return 0;
 }
@@ -65,7 +65,8 @@ int cli_run_training(int argc, char **argv, const char *name, const char *usage,
     if (rc == 0) {
         cli_apply_run_settings(cfg, verbose);
         if (planning) rc = plan(cfg);
-        else rc = cli_check_single_process(cfg) == 0 ? run(cfg, resume, force) : -1;
+        else if (cli_check_world(cfg, name, strcmp(name, "dpo") == 0) != 0) rc = -1;
+        else rc = run(cfg, resume, force);
     }
     rs_config_free(cfg);
     if (rc < 0) {

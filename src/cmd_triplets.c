@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "resafe/cli.h"
+#include "resafe/dist.h"
 #include "resafe/core.h"
 #include "resafe/h5store.h"
 #include "resafe/pipeline.h"
@@ -83,9 +84,11 @@ static int run(const options *o, int argc, char **argv) {
     if (rc == 0) rc = rs_config_apply_sets(cfg, argc, argv);
     rs_run_paths p;
     memset(&p, 0, sizeof p);
+    rs_dist d = {.rank = 0};
     if (rc == 0) {
         cli_apply_run_settings(cfg, o->verbose);
-        rc = cli_check_single_process(cfg);
+        rc = cli_check_world(cfg, "triplets", 1);
+        if (rc == 0) rc = rs_dist_from_config(cfg, &d);
         if (rc == 0) rc = rs_run_paths_init(cfg, &p);
     }
     const char *fp = o->fp ? o->fp : p.fp_dir, *q = o->q ? o->q : p.q_dir;
@@ -93,7 +96,7 @@ static int run(const options *o, int argc, char **argv) {
     if (rc == 0 && (!fp || !fp[0]))
         rc = RS_FAIL("%s: no full-precision model: set [model] path or give --fp DIR", o->config);
     if (rc == 0) rc = rs_triplets_run(cfg, fp, q, out);
-    if (rc == 0) rc = print_summary(out);
+    if (rc == 0 && d.rank == 0) rc = print_summary(out);
     rs_run_paths_free(&p);
     rs_config_free(cfg);
     return rc;

@@ -44,7 +44,7 @@ static const struct {
 #define DPO "dpo"
 #define LATER_EVAL "train, eval"
 #define MERGE "train, merge"
-#define LATER_DIST "dist (planned)"
+#define DIST "dpo, triplets, eval"
 #define LATER_TRAIN "train (planned)"
 
 static const rs_config_key g_schema[] = {
@@ -80,14 +80,41 @@ static const rs_config_key g_schema[] = {
             "weights sharing a scale along the input dimension (0 = one group per row)"),
     BOOL_KEY("quant", "symmetric", "false", LATER_QUANT,
              "symmetric integer grid (no zero point)"),
-    ENUM_KEY("quant", "method", "rtn", "rtn|awq|gptq", LATER_QUANT,
-             "quantization method (awq and gptq read calib_file)"),
+    ENUM_KEY("quant", "method", "rtn", "rtn|awq|gptq|qat|qlora", LATER_QUANT,
+             "quantization method: PTQ rtn; PTQ + calibration awq, gptq; QAT qat (format int*); "
+             "LoRA-QAT qlora (format nf4); all but rtn read calib_file"),
     PATH_KEY("quant", "calib_file", "", LATER_QUANT,
-             "calibration prompts for awq/gptq (CSV or JSONL)"),
+             "calibration data: prompts for awq/gptq (CSV or JSONL); qat/qlora: JSONL of "
+             "{prompt, response} to fine-tune on"),
     INT_KEY("quant", "calib_samples", "128", 1, 1000000, LATER_QUANT,
-            "calibration prompts used"),
+            "calibration prompts used (awq, gptq; qat/qlora train on the whole file)"),
     STRING_KEY("quant", "calib_column", "prompt", LATER_QUANT,
-               "CSV column / JSONL member of calib_file holding the text"),
+               "CSV column / JSONL member of calib_file holding the text (qat/qlora: the prompt)"),
+    STRING_KEY("quant", "response_column", "response", LATER_QUANT,
+               "qat/qlora: JSONL member of calib_file holding the response (the loss is on it)"),
+    INT_KEY("quant", "max_seq_len", "512", 2, 1048576, LATER_QUANT,
+            "calibration / fine-tuning sequences cut to this many tokens"),
+    INT_KEY("quant", "train_steps", "0", 0, 1000000000, LATER_QUANT,
+            "qat/qlora: optimizer steps (0 = train_epochs passes over calib_file)"),
+    INT_KEY("quant", "train_epochs", "1", 1, 10000, LATER_QUANT,
+            "qat/qlora: passes over calib_file when train_steps is 0"),
+    FLOAT_KEY("quant", "train_lr", "0", 0, 1, LATER_QUANT,
+              "qat/qlora: AdamW peak learning rate, cosine decay (0 = qat 2e-5, qlora 2e-4)"),
+    INT_KEY("quant", "train_batch_size", "8", 1, 65536, LATER_QUANT,
+            "qat/qlora: examples per optimizer step"),
+    INT_KEY("quant", "train_micro_batch_size", "0", 0, 65536, LATER_QUANT,
+            "qat/qlora: examples per forward pass (0 = train_batch_size)"),
+    INT_KEY("quant", "qat_act_bits", "0", 0, 16, LATER_QUANT,
+            "qat: fake-quantized activations, bits (0 = off; [sft] qat_act_bits)"),
+    INT_KEY("quant", "qat_kv_bits", "0", 0, 16, LATER_QUANT,
+            "qat: fake-quantized KV cache, bits (0 = off; [sft] qat_kv_bits)"),
+    INT_KEY("quant", "qlora_rank", "64", 1, 65536, LATER_QUANT, "qlora: LoRA rank r"),
+    POS_FLOAT_KEY("quant", "qlora_alpha", "16", 1e6, LATER_QUANT,
+              "qlora: LoRA alpha; the update is (alpha / r) * B A"),
+    STRING_KEY("quant", "qlora_targets", "all", LATER_QUANT,
+               "qlora: linears that get an adapter: all, or a comma list such as q_proj,v_proj"),
+    ENUM_KEY("quant", "qlora_merge", "refit", "refit|grid", LATER_QUANT,
+             "qlora: how the adapter is merged into the NF4 base (resafe merge's modes)"),
     PATH_KEY("quant", "model", "", "train, triplets, dpo, merge, eval",
              "an existing quantized model directory to patch instead of quantizing [model] path "
              "(empty = <out_dir>/quantize/model)"),
@@ -156,7 +183,14 @@ static const rs_config_key g_schema[] = {
              "quantization-aware: forward with fake-quantized linear weights (straight-through)"),
     INT_KEY("sft", "qat_bits", "4", 2, 8, "sft", "QAT grid bits"),
     BOOL_KEY("sft", "qat_symmetric", "true", "sft",
-             "QAT grid per row: symmetric (no zero point) or asymmetric"),
+             "QAT grid: symmetric (no zero point) or asymmetric"),
+    INT_KEY("sft", "qat_group_size", "0", 0, 1048576, "sft",
+            "QAT grid: columns per scale (0 = one grid per row); must divide every linear's "
+            "columns"),
+    INT_KEY("sft", "qat_act_bits", "0", 0, 8, "sft",
+            "LLM-QAT: fake-quantize each linear's input per token, symmetric (0 = off, else 2..8)"),
+    INT_KEY("sft", "qat_kv_bits", "0", 0, 8, "sft",
+            "LLM-QAT: fake-quantize K (after RoPE) and V per token and head, asymmetric (0 = off)"),
 
     FLOAT_KEY("snip", "tau", "0.6", 0, 1, DPO,
                   "fraction of entries marked safety-critical and trainable (paper: 0.6)"),
@@ -235,11 +269,22 @@ static const rs_config_key g_schema[] = {
              "train, sft, dpo, triplets, eval",
              "where rank and world size come from: auto = OpenMPI's variables, else SLURM's "
              "inside an srun step, else one process; mpi/slurm require theirs; none = one process"),
-    PATH_KEY("dist", "nccl_id_file", "", LATER_DIST,
+    ENUM_KEY("dist", "transport", "auto", "auto|file|nccl", DIST,
+             "how ranks exchange data: nccl (GPUs), file (a shared directory; CPU ranks); auto = "
+             "nccl on the cuda backend when built with NCCL, else file"),
+    PATH_KEY("dist", "comm_dir", "", DIST,
+             "directory every rank shares: the file transport's parts, heartbeats, exit markers "
+             "(empty = <[run] out_dir>/.dist)"),
+    PATH_KEY("dist", "nccl_id_file", "", DIST,
              "shared-filesystem file through which rank 0 hands the NCCL unique id to the others "
-             "(empty = through MPI)"),
-    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, LATER_DIST,
+             "(empty = <comm_dir>/nccl_id)"),
+    POS_FLOAT_KEY("dist", "id_timeout_s", "120", 86400, DIST,
                   "seconds a rank waits for rank 0's id in nccl_id_file before it gives up"),
+    POS_FLOAT_KEY("dist", "timeout_s", "600", 86400, DIST,
+                  "seconds any one collective waits for the other ranks before failing with the "
+                  "ranks that did not arrive"),
+    POS_FLOAT_KEY("dist", "bucket_mb", "64", 65536, DIST,
+                  "MiB of gradient per all-reduce call"),
 
     PATH_KEY("run", "out_dir", "runs/default", "sft, dpo",
              "run directory: every stage's outputs and manifests"),

@@ -127,10 +127,11 @@ const char *rs_dist_describe(const rs_dist *d, char *buf, int cap) {
     return buf;
 }
 
-int rs_dist_require_single(const rs_dist *d) {
+int rs_dist_require_single(const rs_dist *d, const char *command) {
     if (d->world == 1) return 0;
-    return RS_FAIL("rank %d of %d (%s): multi-GPU data parallel needs the NCCL build; not available "
-                   "yet (issue #8)", d->rank, d->world, d->source);
+    return RS_FAIL("rank %d of %d (%s): resafe %s does not run data parallel (resafe dpo, "
+                   "triplets and eval do); start it as one process", d->rank, d->world, d->source,
+                   command);
 }
 
 /* ---------------------------------------------------------------- unique id through a file */

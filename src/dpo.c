@@ -200,6 +200,7 @@ int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats
     RS_CHECK(d->has_ref, "bug: DPO step before the reference log-probs");
     rs_dpo_stats sum = {0};
     sum.n_pairs = n;
+    int denom = t->global_pairs > 0 ? t->global_pairs : n; /* the mean is over this many pairs */
     for (int a = 0; a < n; a += t->p.micro_pairs) {
         int k = n - a < t->p.micro_pairs ? n - a : t->p.micro_pairs;
         const int32_t *mi = idx + a;
@@ -214,8 +215,8 @@ int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats
             double sft = t->p.sft_weight;
             /* -log p(winner) per response token: a length-free weight for the added term */
             sum.loss += r.loss + sft * (-pw / n_resp);
-            t->d_logp[i] = (float)((r.d_chosen - sft / n_resp) / n);
-            t->d_logp[k + i] = (float)(r.d_rejected / n);
+            t->d_logp[i] = (float)((r.d_chosen - sft / n_resp) / denom);
+            t->d_logp[k + i] = (float)(r.d_rejected / denom);
             sum.reward_chosen += r.reward_chosen, sum.reward_rejected += r.reward_rejected;
             sum.margin += r.reward_chosen - r.reward_rejected;
             sum.accuracy += r.reward_chosen > r.reward_rejected;
@@ -228,7 +229,7 @@ int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats
         double *fields[] = {&stats->loss, &stats->reward_chosen, &stats->reward_rejected,
                             &stats->margin, &stats->accuracy, &stats->logp_chosen,
                             &stats->logp_rejected};
-        for (size_t f = 0; f < sizeof fields / sizeof *fields; f++) *fields[f] /= n;
+        for (size_t f = 0; f < sizeof fields / sizeof *fields; f++) *fields[f] /= denom;
     }
     return 0;
 }
@@ -237,6 +238,7 @@ int rs_dpo_nll_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, double *
     const rs_pref_set *d = t->data;
     long n_targets = 0;
     for (int i = 0; i < n; i++) n_targets += d->chosen[idx[i]].n - d->chosen[idx[i]].n_prompt;
+    if (t->global_targets > 0) n_targets = t->global_targets;
     double total = 0;
     for (int a = 0; a < n; a += t->p.micro_pairs) {
         int k = n - a < t->p.micro_pairs ? n - a : t->p.micro_pairs;

@@ -5,16 +5,30 @@
  * batches drawn by an rng seeded with (seed, s), so a resumed run draws the same ones), then the
  * batch's gradient is accumulated in micro-batches, clipped by its global norm and applied by
  * AdamW honouring the masks. Outputs in <[run] out_dir>/dpo: adapter.h5, adapter_peft/ (not for
- * elementwise masks), metrics.jsonl, checkpoint.h5. */
+ * elementwise masks), metrics.jsonl, checkpoint.h5.
+ *
+ * Data parallel (world > 1, comm.h): every rank loads the same data and draws the same global
+ * batch; rank r computes the gradient of its slice (shard.h) as that slice's share of the global
+ * mean, and the sum all-reduce (in buckets of [dist] bucket_mb, after backward) gives every rank
+ * the global batch's gradient; clipping and AdamW then run on identical numbers everywhere, so
+ * the adapters stay identical without being broadcast. The SNIP weight gradients are
+ * all-reduced per scoring batch (before |W * dW|), so every rank selects the same masks. The
+ * stats are summed for the log; a stop signal seen by any rank stops all after the same step.
+ * Rank 0 alone writes the metrics, checkpoints (the others wait at a barrier) and outputs. */
 #include "resafe/checkpoint.h"
+#include "resafe/comm.h"
+#include "resafe/dist.h"
 #include "resafe/dpo.h"
 #include "resafe/memplan.h"
 #include "resafe/patchset.h"
 #include "resafe/pipeline.h"
+#include "resafe/shard.h"
 #include "resafe/snip.h"
 
 #include <math.h>
 #include <omp.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -144,6 +158,8 @@ typedef struct {
     int64_t step;
     double last_print;
     int32_t *batch_idx;
+    rs_dist dist;
+    rs_comm *comm; /* NULL in one process */
 } dpo_run;
 
 /* A patch set: ids and stored reference log-probs. Responses longer than max_seq_len are cut as
@@ -244,6 +260,11 @@ static void print_memory_held(const rs_backend *be, size_t weights, size_t adapt
     check_against_plan("memory held after setup", live, planned);
 }
 
+static int snip_reduce(void *user, float *dW, size_t n) {
+    dpo_run *r = user;
+    return rs_comm_all_reduce_device_f32(r->comm, r->m.be, dW, n, "SNIP weight gradients");
+}
+
 static int setup(dpo_run *r) {
     dpo_options *o = &r->o;
     const rs_backend *be = r->m.be;
@@ -258,6 +279,7 @@ static int setup(dpo_run *r) {
     if (o->mask_mode != RS_MASK_NONE) {
         RS_TRY(rs_snip_init(&r->snip, &r->m, &r->lora));
         r->have_snip = 1;
+        if (r->comm) r->snip.reduce = snip_reduce, r->snip.reduce_user = r;
     }
     live1 = be->live_bytes ? be->live_bytes() : 0;
     RS_TRY(rs_dpo_trainer_init(&r->t, &r->m, &r->lora, &r->data, &o->dp));
@@ -272,6 +294,7 @@ static int setup(dpo_run *r) {
         print_memory_held(be, live0 > ws ? live0 - ws : live0, live1 - live0, live2 - live1,
                           live3 - live2, o->dp.recompute, r->plan.total);
     }
+    RS_TRY(rs_batch_check_world(o->batch_size, r->data.n, r->dist.world, "[dpo] batch_size"));
     rs_data_order_init(&r->order, r->data.n, o->seed);
     int per_epoch = rs_batches_per_epoch(r->data.n, o->batch_size);
     o->sched.total_steps = o->max_steps > 0 ? o->max_steps : o->epochs * per_epoch;
@@ -304,10 +327,45 @@ static void free_run(dpo_run *r) {
 
 /* ---------------------------------------------------------------- SNIP */
 
+/* This rank's slice of the global batch idx[0..n) (all of it in one process), with the trainer
+ * set to take the global batch's means. */
+static void take_slice(dpo_run *r, const int32_t *idx, int n, rs_shard *sh) {
+    *sh = (rs_shard){0, n};
+    if (r->dist.world > 1) rs_batch_shard(n, r->dist.world, r->dist.rank, sh); /* n >= world */
+    long targets = 0;
+    for (int i = 0; i < n; i++)
+        targets += r->data.chosen[idx[i]].n - r->data.chosen[idx[i]].n_prompt;
+    r->t.global_pairs = n;
+    r->t.global_targets = targets;
+}
+
 static int snip_grad(void *user, const int32_t *idx, int n) {
     dpo_run *r = user;
-    if (r->o.snip_nll) return rs_dpo_nll_accumulate(&r->t, idx, n, NULL);
-    return rs_dpo_accumulate(&r->t, idx, n, NULL);
+    rs_shard sh;
+    take_slice(r, idx, n, &sh);
+    if (r->o.snip_nll) return rs_dpo_nll_accumulate(&r->t, idx + sh.first, sh.count, NULL);
+    return rs_dpo_accumulate(&r->t, idx + sh.first, sh.count, NULL);
+}
+
+/* FNV-1a of every mask byte (factor: the flat A/B masks; elementwise: each mask_W), logged at
+ * -v so the ranks' masks can be compared. */
+static uint64_t mask_hash(dpo_run *r) {
+    const rs_backend *be = r->m.be;
+    uint64_t h = 1469598103934665603ull;
+    size_t cap = 0;
+    uint8_t *host = NULL;
+    for (int i = -1; i < r->snip.n_lin; i++) {
+        rs_lora_linear *lin = i < 0 ? NULL : rs_lora_at(&r->lora, r->snip.lin_layer[i],
+                                                          r->snip.lin_target[i]);
+        const uint8_t *dev = i < 0 ? r->lora.flat_mask : lin->mask_W;
+        size_t n = i < 0 ? r->lora.n_flat : (size_t)lin->out * lin->in;
+        if (!dev || (i >= 0 && r->lora.mask_mode != RS_MASK_ELEMENTWISE)) continue;
+        if (n > cap) host = rs_realloc(host, cap = n);
+        be->to_host(host, dev, n);
+        for (size_t k = 0; k < n; k++) h = (h ^ host[k]) * 1099511628211ull;
+    }
+    free(host);
+    return h;
 }
 
 /* Scores from score_batches batches drawn with an rng of (seed, step), then the masks. */
@@ -327,6 +385,9 @@ static int identify_masks(dpo_run *r) {
     rs_snip_report rep;
     if (rc == 0) rc = rs_snip_select(&r->snip, &o->snip, &rep);
     if (rc == 0) rs_lora_group_masks(&r->lora);
+    if (rc == 0 && rs_get_log_level() >= RS_LOG_DEBUG)
+        rs_debug("dpo: step %lld: masks hash %016llx (rank %d of %d)", (long long)r->step,
+                 (unsigned long long)mask_hash(r), r->dist.rank, r->dist.world);
     if (rc == 0 && rep.n_selected == 0)
         rs_warn("dpo: step %lld: [snip] tau = %g selects no entry: nothing is trainable, the "
                 "adapter's delta stays zero", (long long)r->step, o->snip.tau);
@@ -348,13 +409,21 @@ static int identify_masks(dpo_run *r) {
 
 /* ---------------------------------------------------------------- steps */
 
+/* Rank 0 writes; the others wait for it (they hold the same state), so a checkpoint that a
+ * later step's failure leaves behind is whole. */
 static int save_checkpoint(dpo_run *r) {
-    r->ckpt.step = r->step;
-    r->ckpt.metrics_bytes = r->log.bytes;
-    return rs_checkpoint_save(r->o.ckpt_path, &r->ckpt);
+    int rc = 0;
+    if (r->dist.rank == 0) {
+        r->ckpt.step = r->step;
+        r->ckpt.metrics_bytes = r->log.bytes;
+        rc = rs_checkpoint_save(r->o.ckpt_path, &r->ckpt);
+    }
+    if (rc != 0 || !r->comm) return rc;
+    return rs_comm_barrier(r->comm, "the checkpoint");
 }
 
 static int write_metrics(dpo_run *r, const rs_dpo_stats *s, double lr, double norm) {
+    if (r->dist.rank != 0) return 0;
     char line[768];
     snprintf(line, sizeof line,
              "{\"step\":%lld,\"epoch\":%lld,\"loss\":%.9g,\"reward_chosen\":%.9g,"
@@ -366,6 +435,67 @@ static int write_metrics(dpo_run *r, const rs_dpo_stats *s, double lr, double no
     return rs_metrics_write(&r->log, line);
 }
 
+/* Data parallel: SIGINT/SIGTERM are held back until the next step's reduce, where every rank
+ * learns of them and hands them to the train loop's handler at the same step (a rank that
+ * stopped alone would leave the others waiting in a collective it never joins). Process-wide,
+ * as signal handlers are; a second signal ends the process at once, as in the train loop. */
+static volatile sig_atomic_t g_held_signal;
+static struct sigaction g_loop_int, g_loop_term;
+
+static void hold_signal(int sig) {
+    if (g_held_signal) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_held_signal = sig;
+}
+
+static void hold_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = hold_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &g_loop_int);
+    sigaction(SIGTERM, &sa, &g_loop_term);
+}
+
+/* The train loop's own handler sets its stop flag. */
+static void release_signal(int sig) {
+    const struct sigaction *a = sig == SIGINT ? &g_loop_int : &g_loop_term;
+    if (a->sa_handler != SIG_DFL && a->sa_handler != SIG_IGN) a->sa_handler(sig);
+}
+
+/* The global batch's gradient and stats on every rank, and a stop signal seen anywhere. */
+static int reduce_step(dpo_run *r, rs_dpo_stats *st) {
+    char what[96];
+    snprintf(what, sizeof what, "dpo step %lld gradients", (long long)r->step + 1);
+    RS_TRY(rs_comm_all_reduce_device_f32(r->comm, r->m.be, r->lora.flat_grads, r->lora.n_flat,
+                                         what));
+    double v[8] = {st->loss, st->reward_chosen, st->reward_rejected, st->margin, st->accuracy,
+                   st->logp_chosen, st->logp_rejected, g_held_signal != 0};
+    snprintf(what, sizeof what, "dpo step %lld stats", (long long)r->step + 1);
+    RS_TRY(rs_comm_all_reduce_sum_f64(r->comm, v, 8, what));
+    st->loss = v[0], st->reward_chosen = v[1], st->reward_rejected = v[2], st->margin = v[3];
+    st->accuracy = v[4], st->logp_chosen = v[5], st->logp_rejected = v[6];
+    st->n_pairs = r->t.global_pairs;
+    /* the train loop stops at the step boundary where its own flag is set: set it everywhere */
+    if (v[7] > 0 && !rs_train_stop_signal())
+        release_signal(g_held_signal ? g_held_signal : SIGTERM);
+    return 0;
+}
+
+/* Test hook: RESAFE_TEST_SIGTERM_AT="R:S" makes rank R signal itself in step S (1-based) after
+ * the step's reduce: a SIGTERM that reaches one rank when the others have passed the point where
+ * they could learn of it in this step. */
+static void test_signal(const dpo_run *r) {
+    const char *at = getenv("RESAFE_TEST_SIGTERM_AT");
+    int rank, step;
+    if (at && sscanf(at, "%d:%d", &rank, &step) == 2 && rank == r->dist.rank &&
+        step == r->step + 1)
+        raise(SIGTERM);
+}
+
 static int one_step(dpo_run *r) {
     const dpo_options *o = &r->o;
     double t0 = rs_now();
@@ -373,7 +503,11 @@ static int one_step(dpo_run *r) {
     int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
     rs_optim_zero_grads(&r->opt);
     rs_dpo_stats st;
-    RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx, n, &st));
+    rs_shard sh;
+    take_slice(r, r->batch_idx, n, &sh);
+    RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx + sh.first, sh.count, &st));
+    if (r->comm) RS_TRY(reduce_step(r, &st));
+    test_signal(r);
     rs_lora_tie_grads(&r->lora);
     if (rs_train_nan_injected((int)r->step)) st.loss = NAN;
     double norm = rs_optim_grad_norm(&r->opt);
@@ -409,14 +543,19 @@ static int save_cb(void *r) { return save_checkpoint(r); }
 /* Steps until the end or a signal; returns 0, -1, or the signal number. */
 static int train(dpo_run *r) {
     rs_train_loop loop = {"dpo", r->o.ckpt_path, r->o.sched.total_steps, r->o.checkpoint_every,
-                          &r->step, step_cb, save_cb, r};
+                          &r->step, step_cb, save_cb, r, NULL};
     return rs_train_loop_run(&loop);
 }
 
 static int start_or_resume(dpo_run *r, int resume, int force) {
     const dpo_options *o = &r->o;
-    int resuming = rs_train_stage_start(o->stage_dir, o->ckpt_path, resume, force);
+    /* rank 0 looks at the run directory; the others take its verdict (a failure there is
+     * rank 0's error, and the others see it exit) */
+    int resuming = r->dist.rank == 0 ? rs_train_stage_start(o->stage_dir, o->ckpt_path, resume,
+                                                            force)
+                                     : 0;
     if (resuming < 0) return -1;
+    if (r->comm) RS_TRY(rs_comm_broadcast(r->comm, &resuming, sizeof resuming, 0, "dpo start"));
     if (resuming) {
         RS_TRY(rs_checkpoint_load(o->ckpt_path, &r->ckpt));
         r->data.has_ref = 1;
@@ -428,16 +567,33 @@ static int start_or_resume(dpo_run *r, int resume, int force) {
         rs_info("dpo: reference log-probs of %d pairs (adapter off) in %.1f s", r->data.n,
                 rs_now() - t0);
     }
+    if (r->dist.rank != 0) return 0;
     return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);
 }
 
 static int write_outputs(dpo_run *r) {
     const dpo_options *o = &r->o;
+    if (r->dist.rank != 0) return 0;
     RS_TRY(rs_adapter_save(o->adapter_path, &r->lora, o->config_hash, o->model_dir));
     if (o->mask_mode != RS_MASK_ELEMENTWISE)
         RS_TRY(rs_adapter_export_peft(o->peft_dir, &r->lora, o->model_dir));
     int peft = o->mask_mode != RS_MASK_ELEMENTWISE;
     rs_info("dpo: wrote %s%s%s", o->adapter_path, peft ? " and " : "", peft ? o->peft_dir : "");
+    return 0;
+}
+
+/* The communicator of a data-parallel run (before the backend starts: nccl picks the GPU). */
+static int start_comm(dpo_run *r, const rs_config *cfg) {
+    RS_TRY(rs_dist_from_config(cfg, &r->dist));
+    if (r->dist.world == 1) return 0;
+    if (r->o.dropout > 0)
+        return RS_FAIL("rank %d of %d: [lora] dropout = %g does not run data parallel yet (each "
+                       "rank would draw other dropout masks than one process); set it to 0",
+                       r->dist.rank, r->dist.world, r->o.dropout);
+    RS_TRY(rs_comm_from_config(cfg, &r->dist, rs_config_get_str(cfg, "model", "backend"),
+                               &r->comm));
+    rs_info("dpo: data parallel over %d ranks (%s transport)", r->dist.world,
+            rs_comm_transport_name(r->comm));
     return 0;
 }
 
@@ -447,15 +603,19 @@ int rs_dpo_run(const rs_config *cfg, int resume, int force) {
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
     int rc = read_options(cfg, &r.o, 0);
+    if (rc == 0) rc = start_comm(&r, cfg);
     if (rc == 0) rc = load_inputs(&r, cfg);
     if (rc == 0) rc = setup(&r);
     if (rc == 0) rc = start_or_resume(&r, resume, force);
     if (rc == 0) {
         rs_train_catch_signals();
+        if (r.comm) hold_signals();
         rc = train(&r);
     }
     if (rc == 0) rc = save_checkpoint(&r);
     if (rc == 0) rc = write_outputs(&r);
+    if (r.comm && rc >= 0) rc = rs_comm_finalize(r.comm) == 0 ? rc : -1; /* after a signal too */
+    else if (r.comm) rs_comm_abort(r.comm);
     free_run(&r);
     return rc;
 }

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "eval_internal.h"
+#include "resafe/dist.h"
 #include "resafe/progress.h"
 #include "resafe/train.h"
 
@@ -181,6 +182,7 @@ int ev_model_open(const eval_ctx *c, const char *dir, ev_model *em) {
     }
     em->gen.batch_size = c->batch_size;
     em->gen.max_new_tokens = c->max_new_tokens;
+    em->comm = c->comm;
     return 0;
 }
 
@@ -240,7 +242,7 @@ int ev_generate(ev_model *em, int32_t **ids, int *lens, int n, const rs_gen_para
     rs_gen_params q = *p;
     gen_progress g = {bar, base, bar ? bar->tokens : 0};
     if (bar) q.progress = on_batch, q.progress_user = &g;
-    return rs_generate(&em->m, (const int32_t *const *)ids, lens, n, &q, out);
+    return rs_generate_sharded(em->comm, &em->m, (const int32_t *const *)ids, lens, n, &q, out);
 }
 
 /* Decoded response (skip special tokens, as the generate command's text). */
@@ -356,18 +358,31 @@ static cJSON *sets_json(const eval_ctx *c) {
     return o;
 }
 
+/* Data parallel: the communicator before the backend starts (nccl picks the rank's GPU). */
+static int start_comm(const rs_config *cfg, eval_ctx *c) {
+    rs_dist d;
+    RS_TRY(rs_dist_from_config(cfg, &d));
+    c->rank = d.rank;
+    if (d.world == 1) return 0;
+    RS_TRY(rs_comm_from_config(cfg, &d, rs_config_get_str(cfg, "model", "backend"), &c->comm));
+    rs_info("eval: generation split over %d ranks (%s transport); rank 0 writes", d.world,
+            rs_comm_transport_name(c->comm));
+    return 0;
+}
+
 int rs_eval_run(const rs_config *cfg, const rs_eval_model *models, int n_models,
                 const char *reference_dir, const char *out_dir) {
     RS_TRY(check_models(models, n_models, reference_dir));
     eval_ctx c;
     memset(&c, 0, sizeof c);
-    if (read_options(cfg, &c) != 0) {
+    if (start_comm(cfg, &c) != 0 || read_options(cfg, &c) != 0) {
+        rs_comm_abort(c.comm);
         free_ctx(&c);
         return -1;
     }
     ev_reference ref;
     memset(&ref, 0, sizeof ref);
-    int rc = rs_mkdir_p(out_dir);
+    int rc = c.rank == 0 ? rs_mkdir_p(out_dir) : 0;
     double t0 = rs_now();
     if (rc == 0 && reference_dir) rc = ev_reference_run(&c, reference_dir, &ref);
     cJSON *root = cJSON_CreateObject(), *jm = NULL;
@@ -391,7 +406,7 @@ int rs_eval_run(const rs_config *cfg, const rs_eval_model *models, int n_models,
         else
             rs_fail_context("model '%s'", models[i].name);
     }
-    if (rc == 0) {
+    if (rc == 0 && c.rank == 0) {
         char *text = cJSON_Print(root), *path = rs_path_join(out_dir, "eval.json");
         size_t n = strlen(text);
         text = rs_realloc(text, n + 2);
@@ -403,6 +418,8 @@ int rs_eval_run(const rs_config *cfg, const rs_eval_model *models, int n_models,
     }
     cJSON_Delete(root);
     ev_reference_free(&ref);
+    if (c.comm && rc == 0) rc = rs_comm_finalize(c.comm);
+    else if (c.comm) rs_comm_abort(c.comm);
     free_ctx(&c);
     return rc;
 }

@@ -8,6 +8,7 @@
 #include "resafe/chat.h"
 #include "resafe/config.h"
 #include "resafe/eval.h"
+#include "resafe/gen_shard.h"
 #include "resafe/generate.h"
 #include "resafe/pipeline.h"
 #include "resafe/progress.h"
@@ -43,6 +44,8 @@ typedef struct {
     uint64_t seed;
     int n_settings; /* 0: no decoding attacks */
     attack_setting *settings;
+    rs_comm *comm; /* data parallel: generation split by prompt (gen_shard.h); NULL alone */
+    int rank;      /* only rank 0 writes */
 } eval_ctx;
 
 /* A loaded model with its tokenizer, chat template and generation defaults. */
@@ -52,6 +55,7 @@ typedef struct {
     rs_tokenizer *tok;
     rs_chat_kind kind;
     rs_gen_params gen; /* greedy, [eval] max_new_tokens, [generate] batch_size */
+    rs_comm *comm;     /* the context's */
 } ev_model;
 
 /* What the models are compared with, from the reference model. */

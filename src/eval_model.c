@@ -615,6 +615,7 @@ static int kl_to_reference(model_run *r) {
 }
 
 static int write_responses(model_run *r, const char *out_dir) {
+    if (r->c->rank != 0) return 0;
     char *dir = rs_path_join(out_dir, r->model->name), *path = rs_path_join(dir, "responses.jsonl");
     int rc = rs_mkdir_p(dir);
     if (rc == 0) rc = rs_write_file_atomic(path, r->lines.s ? r->lines.s : "", r->lines.n);

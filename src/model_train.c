@@ -58,6 +58,7 @@ struct rs_train_state {
     int B, T, forward_done;
     const rs_lora *fwd_lora;  /* the adapter it ran with (NULL: none or disabled) */
     float fwd_dropout;        /* and its dropout (0: none) */
+    int act_bits, kv_bits;    /* LLM-QAT fake quantization of linear inputs and of K, V (0: off) */
 };
 
 /* One forward or backward call: what every op helper needs. */
@@ -221,6 +222,20 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
 
 /* ---------------------------------------------------------------- forward */
 
+/* LLM-QAT fake quantization, in place (straight-through: the backward does nothing, and every
+ * later reader of the buffer, the weight gradient included, sees the quantized values).
+ * Linear inputs: per token, symmetric; K (after RoPE) and V: per token and kv head,
+ * asymmetric. */
+static void quant_act(const pass *p, void *x, int width) {
+    if (p->s->act_bits) p->be->fake_quant_groups(x, (size_t)p->n, width, p->s->act_bits, 1);
+}
+
+static void quant_kv(const pass *p, void *kv) {
+    const rs_model_config *c = p->c;
+    if (p->s->kv_bits)
+        p->be->fake_quant_groups(kv, (size_t)p->n * c->n_kv_heads, c->head_dim, p->s->kv_bits, 0);
+}
+
 /* h = x + W_o attention(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x)) */
 static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     const rs_backend *be = p->be;
@@ -229,13 +244,17 @@ static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     rs_train_state *s = p->s;
     int n = p->n, D = c->hidden_size;
     be->rmsnorm_fwd(a->xn1, a->rstd1, x, w->attn_norm, n, D, c->rms_norm_eps, c->norm_add_one);
+    quant_act(p, a->xn1, D);
     project(p, l, RS_LORA_Q, a->q, a->xn1, 0.0f, a->xa[RS_LORA_Q]);
     project(p, l, RS_LORA_K, a->k, a->xn1, 0.0f, a->xa[RS_LORA_K]);
     project(p, l, RS_LORA_V, a->v, a->xn1, 0.0f, a->xa[RS_LORA_V]);
     be->rope_fwd(a->q, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
+    quant_kv(p, a->k);
+    quant_kv(p, a->v);
     be->attention_fwd(a->att, a->q, a->k, a->v, s->pos, p->B, p->T, p->T, c->n_heads,
                       c->n_kv_heads, c->head_dim, c->attn_scale);
+    quant_act(p, a->att, c->n_heads * c->head_dim);
     be->copy(a->h, x, (size_t)n * D * act_size(p));
     project(p, l, RS_LORA_O, a->h, a->att, 1.0f, a->xa[RS_LORA_O]); /* beta 1: the residual */
 }
@@ -247,9 +266,11 @@ static void mlp_fwd(const pass *p, int l, layer_acts *a, void *x_out) {
     int n = p->n, D = c->hidden_size, F = c->intermediate_size;
     be->rmsnorm_fwd(a->xn2, a->rstd2, a->h, p->m->layers[l].mlp_norm, n, D, c->rms_norm_eps,
                     c->norm_add_one);
+    quant_act(p, a->xn2, D);
     project(p, l, RS_LORA_GATE, a->gate, a->xn2, 0.0f, a->xa[RS_LORA_GATE]);
     project(p, l, RS_LORA_UP, a->up, a->xn2, 0.0f, a->xa[RS_LORA_UP]);
     be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
+    quant_act(p, a->mlp, F);
     be->copy(x_out, a->h, (size_t)n * D * act_size(p));
     project(p, l, RS_LORA_DOWN, x_out, a->mlp, 1.0f, a->xa[RS_LORA_DOWN]);
 }
@@ -606,6 +627,17 @@ void rs_train_state_free(rs_train_state *s) {
 }
 
 size_t rs_train_state_bytes(const rs_train_state *s) { return s->plan.capacity; }
+
+int rs_train_state_set_fake_quant(rs_train_state *s, int act_bits, int kv_bits) {
+    if ((act_bits && (act_bits < 2 || act_bits > 8)) || (kv_bits && (kv_bits < 2 || kv_bits > 8)))
+        return RS_FAIL("fake quantization: %d activation bits and %d KV bits (0 = off, else 2..8)",
+                       act_bits, kv_bits);
+    if ((act_bits || kv_bits) && !s->be->fake_quant_groups)
+        return RS_FAIL("the %s backend has no fake_quant_groups op (activation/KV QAT)",
+                       s->be->name);
+    s->act_bits = act_bits, s->kv_bits = kv_bits;
+    return 0;
+}
 rs_rng *rs_train_state_rng(rs_train_state *s) { return &s->rng; }
 
 uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_target t) {

@@ -274,33 +274,51 @@ static void build_critical(rs_qweight *q, const float *w_orig, const uint8_t *pr
     q->crit_row_ptr[q->rows] = k;
 }
 
+/* One row: its groups' codes, scales and zeros, packed. Returns the first group whose range
+ * cannot be scaled (see check_group_range), or -1. */
+static int quantize_row(rs_qweight *q, int r, const float *w, const uint8_t *protect,
+                        const uint8_t *is_out, uint8_t *codes) {
+    int cols = q->cols, gs = q->group_size;
+    const float *wr = w + (size_t)r * cols;
+    const uint8_t *pr = protect ? protect + (size_t)r * cols : NULL;
+    float *sc = q->scales + (size_t)r * q->n_groups;
+    float *zr = q->zeros ? q->zeros + (size_t)r * q->n_groups : NULL;
+    for (int g = 0; g < q->n_groups; g++) {
+        int c0 = g * gs, c1 = c0 + gs < cols ? c0 + gs : cols;
+        float zero = 0.0f;
+        switch (q->spec.format) {
+        case RS_QFMT_INT: int_group(wr, pr, c0, c1, &q->spec, codes, &sc[g], &zero); break;
+        case RS_QFMT_NF4: codebook_block(wr, pr, c0, c1, rs_nf4_codebook, codes, &sc[g]); break;
+        case RS_QFMT_FP4: codebook_block(wr, pr, c0, c1, rs_fp4_codebook, codes, &sc[g]); break;
+        case RS_QFMT_INT8_OUTLIER: int8_row(wr, pr, is_out, cols, codes, &sc[g]); break;
+        }
+        if (zr) zr[g] = zero;
+        if (!isfinite(sc[g])) return g;
+    }
+    rs_qpack_row(q->packed + (size_t)r * rs_qpack_row_bytes(cols, q->spec.bits), codes, cols,
+                 q->spec.bits);
+    return -1;
+}
+
+/* Rows are independent, so they run in parallel; the error names the first bad row whatever the
+ * thread count, as the serial loop did. */
 static int quantize_rows(rs_qweight *q, const float *w, const uint8_t *protect,
                          const uint8_t *is_out) {
-    int cols = q->cols, gs = q->group_size;
-    uint8_t *codes = rs_malloc((size_t)cols);
-    int rc = 0;
-    for (int r = 0; r < q->rows && rc == 0; r++) {
-        const float *wr = w + (size_t)r * cols;
-        const uint8_t *pr = protect ? protect + (size_t)r * cols : NULL;
-        float *sc = q->scales + (size_t)r * q->n_groups;
-        float *zr = q->zeros ? q->zeros + (size_t)r * q->n_groups : NULL;
-        for (int g = 0; g < q->n_groups && rc == 0; g++) {
-            int c0 = g * gs, c1 = c0 + gs < cols ? c0 + gs : cols;
-            float zero = 0.0f;
-            switch (q->spec.format) {
-            case RS_QFMT_INT: int_group(wr, pr, c0, c1, &q->spec, codes, &sc[g], &zero); break;
-            case RS_QFMT_NF4: codebook_block(wr, pr, c0, c1, rs_nf4_codebook, codes, &sc[g]); break;
-            case RS_QFMT_FP4: codebook_block(wr, pr, c0, c1, rs_fp4_codebook, codes, &sc[g]); break;
-            case RS_QFMT_INT8_OUTLIER: int8_row(wr, pr, is_out, cols, codes, &sc[g]); break;
+    int bad_row = q->rows, bad_group = 0;
+#pragma omp parallel
+    {
+        uint8_t *codes = rs_malloc((size_t)q->cols);
+#pragma omp for schedule(static)
+        for (int r = 0; r < q->rows; r++) {
+            int g = quantize_row(q, r, w, protect, is_out, codes);
+            if (g >= 0) {
+#pragma omp critical(rs_quant_bad_row)
+                if (r < bad_row) bad_row = r, bad_group = g;
             }
-            if (zr) zr[g] = zero;
-            rc = check_group_range(r, g, sc[g]);
         }
-        rs_qpack_row(q->packed + (size_t)r * rs_qpack_row_bytes(cols, q->spec.bits), codes, cols,
-                     q->spec.bits);
+        free(codes);
     }
-    free(codes);
-    return rc;
+    return bad_row < q->rows ? check_group_range(bad_row, bad_group, INFINITY) : 0;
 }
 
 int rs_quantize_rtn(const float *w, int rows, int cols, const rs_qspec *spec,

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "resafe/checkpoint.h"
 #include "resafe/quant_io.h"
 #include "resafe/quant_methods.h"
 #include "resafe/sha256.h"
@@ -24,12 +25,34 @@ void rs_quantize_job_default(rs_quantize_job *j) {
     j->calib_max = 128;
     j->protect_max = 64;
     j->export_dtype = "bf16";
+    rs_qtrain_opts *t = &j->train;
+    t->prompt_key = "prompt", t->response_key = "response";
+    t->chat_template = "auto", t->backend = "cpu";
+    t->epochs = 1, t->batch_size = 8;
+    t->rank = 64, t->alpha = 16.0f, t->targets = "all", t->merge = "refit";
 }
 
 int rs_quantize_job_set_method(rs_quantize_job *j, const char *m, int bits_given,
                                int group_given) {
     rs_qspec *s = &j->q.spec;
     j->method_name = m;
+    j->train.kind = RS_QTRAIN_NONE;
+    if (!strcmp(m, "qat")) { /* LLM-QAT: RTN's grid, groups of 128 by default like rtn's */
+        s->format = RS_QFMT_INT;
+        j->q.method = RS_QMETHOD_RTN;
+        j->train.kind = RS_QTRAIN_QAT;
+        if (!(j->train.lr > 0)) j->train.lr = 2e-5; /* LLM-QAT's learning rate */
+        return 0;
+    }
+    if (!strcmp(m, "qlora")) { /* QLoRA: NF4 base, blocks of 64 */
+        s->format = RS_QFMT_NF4;
+        j->q.method = RS_QMETHOD_RTN;
+        j->train.kind = RS_QTRAIN_QLORA;
+        if (!bits_given) s->bits = 4;
+        if (!group_given) s->group_size = 64;
+        if (!(j->train.lr > 0)) j->train.lr = 2e-4; /* the QLoRA paper's for 7B models */
+        return 0;
+    }
     if (!strcmp(m, "rtn") || !strcmp(m, "awq") || !strcmp(m, "gptq")) {
         s->format = RS_QFMT_INT;
         j->q.method = !strcmp(m, "rtn")   ? RS_QMETHOD_RTN
@@ -52,6 +75,24 @@ int rs_quantize_job_set_method(rs_quantize_job *j, const char *m, int bits_given
         return 0;
     }
     return -1;
+}
+
+int rs_quantize_job_check(const rs_quantize_job *j, int bits_given, int group_given) {
+    const char *m = j->method_name;
+    const rs_qtrain_opts *t = &j->train;
+    if (t->kind == RS_QTRAIN_NONE) return 0;
+    if (!j->calib)
+        return RS_FAIL("--method %s needs --calib FILE (JSONL of {\"%s\": ..., \"%s\": ...})", m,
+                       t->prompt_key, t->response_key);
+    if (j->q.protect_tau > 0.0f) return RS_FAIL("--method %s: --protect-tau does not apply", m);
+    if (j->export_kind) return RS_FAIL("--method %s: --export does not apply", m);
+    if (t->kind == RS_QTRAIN_QLORA && (bits_given || group_given || j->q.spec.symmetric))
+        return RS_FAIL("--method qlora: the base is NF4 (4 bits, absmax blocks of 64): --bits, "
+                       "--group and --sym do not apply");
+    if (t->kind == RS_QTRAIN_QLORA && strcmp(t->merge, "refit") && strcmp(t->merge, "grid") &&
+        strcmp(t->merge, "adapter"))
+        return RS_FAIL("--merge: '%s' is not refit, grid or adapter", t->merge);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- manifest */
@@ -95,7 +136,8 @@ static cJSON *data_entry(const char *file, const char *column, int max) {
     return o;
 }
 
-static int write_manifest(const rs_quantize_job *o, const char *dir, const rs_quant_result *r) {
+static int write_manifest(const rs_quantize_job *o, const char *dir, const rs_quant_result *r,
+                          void (*extra_fn)(void *, void *), void *user) {
     cJSON *m = cJSON_CreateObject(), *src = cJSON_AddObjectToObject(m, "source");
     char name[64];
     cJSON_AddStringToObject(m, "resafe_version", RS_VERSION);
@@ -110,8 +152,10 @@ static int write_manifest(const rs_quantize_job *o, const char *dir, const rs_qu
     cJSON_AddNumberToObject(m, "packing_version", RS_QPACK_VERSION);
     cJSON_AddStringToObject(m, "export", o->export_kind ? "dequant" : "quantized");
     cJSON_AddItemToObject(m, "calibration",
-                          o->calib ? data_entry(o->calib, o->calib_column, o->calib_max)
-                                   : cJSON_CreateNull());
+                          !o->calib ? cJSON_CreateNull()
+                          : o->train.kind != RS_QTRAIN_NONE
+                              ? rs_qtrain_calib_entry(o)
+                              : data_entry(o->calib, o->calib_column, o->calib_max));
     cJSON_AddNumberToObject(m, "protect_tau", o->q.protect_tau);
     cJSON_AddItemToObject(m, "protect_data",
                           o->protect_data
@@ -121,6 +165,9 @@ static int write_manifest(const rs_quantize_job *o, const char *dir, const rs_qu
     cJSON_AddNumberToObject(sz, "quantized", (double)r->bytes);
     cJSON_AddNumberToObject(sz, "critical", (double)r->critical_bytes);
     cJSON_AddNumberToObject(sz, "dense_fp16", (double)r->dense_bytes);
+    if (o->train.kind != RS_QTRAIN_NONE)
+        cJSON_AddItemToObject(m, "training", rs_qtrain_manifest(o));
+    if (extra_fn) extra_fn(m, user);
     char *text = cJSON_Print(m);
     cJSON_Delete(m);
     char *path = rs_path_join(dir, "resafe_manifest.json");
@@ -145,7 +192,19 @@ static int protection(const rs_quantize_job *o, rs_model *m, const rs_tokenizer 
     return rc;
 }
 
-static int write_output(const rs_quantize_job *o, const rs_model *m, const rs_quant_result *r) {
+static int copy_into(const char *src, const char *dir, const char *name) {
+    char *data, *dst = rs_path_join(dir, name);
+    size_t size;
+    int rc = rs_read_file(src, &data, &size);
+    if (rc == 0) rc = rs_write_file_atomic(dst, data, size);
+    if (rc == 0) free(data);
+    free(dst);
+    return rc;
+}
+
+int rs_quantize_job_write(const rs_quantize_job *o, const char *tensor_dir, const rs_model *m,
+                          const rs_quant_result *r, void (*extra_fn)(void *, void *), void *user,
+                          const char *const *extra_files) {
     if (rs_path_exists(o->out)) return RS_FAIL("%s: already exists (choose a new --out)", o->out);
     size_t n = strlen(o->out) + 32;
     char *tmp = rs_malloc(n);
@@ -158,12 +217,14 @@ static int write_output(const rs_quantize_job *o, const rs_model *m, const rs_qu
                   : !strcmp(o->export_dtype, "f16") ? RS_F16
                                                     : RS_BF16;
     if (rc == 0)
-        rc = o->export_kind ? rs_qmodel_write_dequant(o->model, tmp, &m->cfg, qw, dt)
-                            : rs_qmodel_write(o->model, tmp, &m->cfg, qw, o->method_name);
-    if (rc == 0) rc = write_manifest(o, tmp, r);
+        rc = o->export_kind ? rs_qmodel_write_dequant(tensor_dir, tmp, &m->cfg, qw, dt)
+                            : rs_qmodel_write(tensor_dir, tmp, &m->cfg, qw, o->method_name);
+    for (int i = 0; rc == 0 && extra_files && extra_files[i]; i += 2)
+        rc = copy_into(extra_files[i], tmp, extra_files[i + 1]);
+    if (rc == 0) rc = write_manifest(o, tmp, r, extra_fn, user);
     if (rc == 0 && rename(tmp, o->out) != 0)
         rc = RS_FAIL("%s: cannot rename %s into place", o->out, tmp);
-    if (rc != 0) rs_warn("partial output left in %s", tmp);
+    if (rc != 0) rs_remove_tree(tmp); /* an interrupted write leaves nothing that looks done */
     free(qw);
     free(tmp);
     return rc;
@@ -177,6 +238,8 @@ static void free_masks(uint8_t **masks, int n) {
 }
 
 int rs_quantize_job_run(const rs_quantize_job *o, rs_quant_sizes *sizes) {
+    if (o->train.kind == RS_QTRAIN_QAT) return rs_qat_job_run(o, sizes);
+    if (o->train.kind == RS_QTRAIN_QLORA) return rs_qlora_job_run(o, sizes);
     rs_model m;
     RS_TRY(rs_model_load(o->model, rs_backend_cpu(), &m));
     if (m.n_qweights) {
@@ -192,7 +255,7 @@ int rs_quantize_job_run(const rs_quantize_job *o, rs_quant_sizes *sizes) {
     if (rc == 0 && o->calib) rc = rs_calib_load(o->calib, o->calib_column, o->calib_max, &calib);
     if (rc == 0) rc = protection(o, &m, tok, &masks);
     if (rc == 0) rc = rs_quantize_model(&m, tok, o->calib ? &calib : NULL, masks, &o->q, &res);
-    if (rc == 0) rc = write_output(o, &m, &res);
+    if (rc == 0) rc = rs_quantize_job_write(o, o->model, &m, &res, NULL, NULL, NULL);
     if (rc == 0 && sizes)
         *sizes = (rs_quant_sizes){res.n, res.bytes, res.critical_bytes, res.dense_bytes};
     free_masks(masks, m.cfg.n_layers * RS_N_LINEARS);

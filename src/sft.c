@@ -4,8 +4,16 @@
  * sequence's d loss / d seq_logp = -1 / (response tokens in the whole batch), so gradient
  * accumulation over micro-batches gives exactly the full batch's gradient.
  * QAT (LLM-QAT style, straight-through): the optimizer owns fp32 master copies of the linear
- * weights; before every step the model's weights are fake_quant_rows(master), the forward and
+ * weights; before every step the model's weights are fake_quant_rows(master) (RTN's INT grid, per
+ * row or per qat_group_size columns of a row: the [rows * cols / G, G] view), the forward and
  * backward run on them, and the gradient (taken w.r.t. the quantized weight) updates the master.
+ * qat_act_bits / qat_kv_bits add fake quantization of the linears' inputs and of K, V in the
+ * training forward (rs_train_state_set_fake_quant), independent of the weights' qat.
+ * Mixed precision (a backend whose weights are not fp32, e.g. cuda's bf16): every trained tensor
+ * gets an fp32 master read from the model files; the optimizer steps the masters, gradients are
+ * fp32 (the backward ops accumulate in fp32), and before every step each weight is refreshed
+ * from its master: cast_f32_to_weight, or fake_quant_rows for a QAT linear. On cpu (fp32
+ * weights) only QAT linears have masters, so its numbers are those of plain fp32 training.
  * Output: a Hugging Face directory with the master weights (config and tokenizer files copied
  * from the input model), written at a temporary name and renamed. */
 #include "resafe/checkpoint.h"
@@ -28,7 +36,8 @@ typedef struct {
     rs_lr_schedule sched;
     int batch_size, micro, epochs, max_steps, max_seq_len, checkpoint_every, recompute;
     double weight_decay, beta2, grad_clip;
-    int qat, qat_bits, qat_symmetric;
+    int qat, qat_bits, qat_symmetric, qat_group, qat_act_bits, qat_kv_bits;
+    const char *restart_hint; /* rs_sft_run_once */
     uint64_t seed, config_hash, data_hash;
 } sft_options;
 
@@ -68,6 +77,13 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->qat = rs_config_get_bool(cfg, "sft", "qat");
     o->qat_bits = (int)rs_config_get_int(cfg, "sft", "qat_bits");
     o->qat_symmetric = rs_config_get_bool(cfg, "sft", "qat_symmetric");
+    o->qat_group = (int)rs_config_get_int(cfg, "sft", "qat_group_size");
+    o->qat_act_bits = (int)rs_config_get_int(cfg, "sft", "qat_act_bits");
+    o->qat_kv_bits = (int)rs_config_get_int(cfg, "sft", "qat_kv_bits");
+    if (o->qat_act_bits == 1 || o->qat_kv_bits == 1)
+        return RS_FAIL("resafe sft: [sft] qat_act_bits = %d, qat_kv_bits = %d: each is 0 (off) or "
+                       "2..8",
+                       o->qat_act_bits, o->qat_kv_bits);
     o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
     o->recompute = rs_config_get_bool(cfg, "model", "recompute");
     o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
@@ -109,10 +125,12 @@ static void free_seqs(rs_seq *seqs, int n) {
 
 /* ---------------------------------------------------------------- parameters */
 
-/* One trainable tensor: its HF name, the model's weight, its gradient, and (QAT) its master. */
+/* One trainable tensor: its HF name, the model's weight (weight dtype), its gradient, and (QAT
+ * linears; every tensor in mixed precision) its fp32 master. */
 typedef struct {
     char name[96];
-    float *w, *g, *master;
+    void *w;
+    float *g, *master;
     int rows, cols; /* cols 0: a vector */
     int linear;     /* one of the seven projections (QAT quantizes these) */
 } sft_tensor;
@@ -176,35 +194,90 @@ static size_t numel(const sft_tensor *t) {
     return (size_t)t->rows * (size_t)(t->cols ? t->cols : 1);
 }
 
-/* The optimizer over every tensor (QAT: over the masters of the linears, copied from the
- * model). Matrices decay, vectors (norms, biases) do not, as transformers' Trainer does. */
-static void build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs_optim *opt,
-                            void **master_block) {
+/* Mixed precision: the backend keeps weights in a narrower dtype than the fp32 optimizer. */
+static int mixed_precision(const rs_backend *be) { return be->weight_dtype != RS_F32; }
+
+static int has_master(const rs_backend *be, const sft_tensor *t, const sft_options *o) {
+    return mixed_precision(be) || (o->qat && t->linear);
+}
+
+/* The masters of mixed precision, in fp32 from the model's files (the backend's copy was
+ * already rounded to its weight dtype). */
+static int read_masters(const char *model_dir, const rs_backend *be, const tensor_list *l) {
+    rs_st_set set;
+    RS_TRY(rs_st_open(model_dir, &set));
+    int rc = 0;
+    float *host = NULL;
+    for (int i = 0; i < l->n && rc == 0; i++) {
+        const sft_tensor *t = &l->t[i];
+        const rs_st_tensor *st = rs_st_find(&set, t->name);
+        if (!st) {
+            rc = RS_FAIL("%s: tensor '%s' is missing", model_dir, t->name);
+            break;
+        }
+        host = rs_realloc(host, numel(t) * sizeof *host);
+        rc = rs_st_read_f32(st, host, numel(t));
+        if (rc == 0) be->to_device(t->master, host, numel(t) * sizeof *host);
+    }
+    free(host);
+    rs_st_close(&set);
+    return rc;
+}
+
+/* The optimizer over every tensor, through its master where it has one (QAT linears: copied
+ * from the model; mixed precision: every tensor, read from the files). Matrices decay, vectors
+ * (norms, biases) do not, as transformers' Trainer does. */
+static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs_optim *opt,
+                           void **master_block, size_t *master_bytes) {
     const rs_backend *be = m->be;
     rs_optim_init(opt, be, 0.9f, (float)o->beta2, 1e-8f, (float)o->weight_decay);
     size_t bytes = 0;
-    for (int i = 0; i < l->n && o->qat; i++)
-        if (l->t[i].linear) bytes += rs_align64(numel(&l->t[i]) * sizeof(float));
+    for (int i = 0; i < l->n; i++)
+        if (has_master(be, &l->t[i], o)) bytes += rs_align64(numel(&l->t[i]) * sizeof(float));
     *master_block = bytes ? be->alloc(bytes) : NULL;
+    *master_bytes = bytes;
     char *at = *master_block;
     for (int i = 0; i < l->n; i++) {
         sft_tensor *t = &l->t[i];
         float *p = t->w;
-        if (o->qat && t->linear) {
+        if (has_master(be, t, o)) {
             t->master = (float *)at, at += rs_align64(numel(t) * sizeof(float));
-            be->copy(t->master, t->w, numel(t) * sizeof(float));
+            if (!mixed_precision(be)) be->copy(t->master, t->w, numel(t) * sizeof(float));
             p = t->master;
         }
         rs_optim_add(opt, t->name, p, t->g, NULL, numel(t), t->cols > 0);
     }
     rs_optim_alloc(opt);
+    return mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0;
 }
 
-static void fake_quantize(rs_model *m, const tensor_list *l, const sft_options *o) {
-    for (int i = 0; i < l->n; i++)
-        if (l->t[i].master)
-            m->be->fake_quant_rows(l->t[i].w, l->t[i].master, l->t[i].rows, l->t[i].cols,
-                                   o->qat_bits, o->qat_symmetric);
+/* QAT groups of qat_group columns: each must lie inside one row, as RTN's groups do. */
+static int check_qat_groups(const tensor_list *l, const sft_options *o) {
+    if (!o->qat || o->qat_group == 0) return 0;
+    for (int i = 0; i < l->n; i++) {
+        const sft_tensor *t = &l->t[i];
+        if (t->linear && t->cols % o->qat_group != 0)
+            return RS_FAIL("qat: groups of %d columns do not divide the %d columns of %s ([sft] "
+                           "qat_group_size; resafe quantize --group)",
+                           o->qat_group, t->cols, t->name);
+    }
+    return 0;
+}
+
+/* The model's weights from the masters, before every step: fake-quantized (QAT linears) or
+ * rounded to the weight dtype (mixed precision). Groups of G columns along a row are the rows
+ * of the [rows * cols / G, G] view (cols % G == 0, check_qat_groups). */
+static void refresh_weights(rs_model *m, const tensor_list *l, const sft_options *o) {
+    for (int i = 0; i < l->n; i++) {
+        const sft_tensor *t = &l->t[i];
+        if (!t->master) continue;
+        if (o->qat && t->linear) {
+            int g = o->qat_group ? o->qat_group : t->cols;
+            m->be->fake_quant_rows(t->w, t->master, (int)(numel(t) / (size_t)g), g, o->qat_bits,
+                                   o->qat_symmetric);
+        } else
+            m->be->cast_f32_to_weight(t->w, t->master, numel(t));
+    }
 }
 
 /* ---------------------------------------------------------------- output directory */
@@ -274,10 +347,12 @@ static int load_inputs(sft_run *r, const rs_config *cfg) {
     const sft_options *o = &r->o;
     const rs_backend *be = rs_backend_by_name(rs_config_get_str(cfg, "model", "backend"));
     if (!be) return -1;
-    if (be->weight_dtype != RS_F32)
-        return RS_FAIL("resafe sft: full-parameter training needs fp32 weights, and the %s backend "
-                       "keeps them in %s (set [model] backend = cpu)",
+    if (mixed_precision(be) && !be->cast_f32_to_weight)
+        return RS_FAIL("resafe sft: the %s backend keeps weights in %s and has no "
+                       "cast_f32_to_weight op for mixed-precision training",
                        be->name, rs_dtype_name(be->weight_dtype));
+    if (o->qat && !be->fake_quant_rows)
+        return RS_FAIL("resafe sft: the %s backend has no fake_quant_rows op (qat)", be->name);
     RS_TRY(rs_model_load(o->model_dir, be, &r->m));
     r->tok = rs_tokenizer_load(o->model_dir);
     if (!r->tok) return -1;
@@ -294,13 +369,32 @@ static int load_inputs(sft_run *r, const rs_config *cfg) {
     return 0;
 }
 
+/* One line of device bytes: what a run of this size needs besides the CUDA context. */
+static void print_plan(const sft_run *r, size_t master_bytes) {
+    const double mib = 1024.0 * 1024.0;
+    const rs_backend *be = r->m.be;
+    size_t optim = 0; /* the moments m and v, as rs_optim_alloc lays them out */
+    for (int i = 0; i < r->opt.n_params; i++)
+        optim += 2 * rs_align64(r->opt.params[i].n * sizeof(float));
+    rs_info("sft: %s%s on %s: weights %.1f MiB (%s), fp32 masters %.1f MiB, gradients %.1f MiB, "
+            "optimizer %.1f MiB, activations %.1f MiB%s%s",
+            r->o.qat ? "QAT, " : "", mixed_precision(be) ? "mixed precision" : "fp32", be->name,
+            r->m.params_bytes / mib, rs_dtype_name(be->weight_dtype), master_bytes / mib,
+            r->grads.n * sizeof(float) / mib, optim / mib, rs_train_state_bytes(r->state) / mib,
+            r->o.qat_act_bits ? ", fake-quantized activations" : "",
+            r->o.qat_kv_bits ? ", fake-quantized KV" : "");
+}
+
 static int setup(sft_run *r) {
     sft_options *o = &r->o;
     RS_TRY(rs_model_grads_init(&r->m, &r->grads));
     list_tensors(&r->m, &r->grads, &r->tensors);
-    build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block);
+    RS_TRY(check_qat_groups(&r->tensors, o));
+    size_t master_bytes;
+    RS_TRY(build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block, &master_bytes));
     r->state = rs_train_state_new(&r->m, NULL, o->micro, r->max_len, o->recompute);
     if (!r->state) return -1;
+    RS_TRY(rs_train_state_set_fake_quant(r->state, o->qat_act_bits, o->qat_kv_bits));
     rs_batch_buf_init(&r->bb, o->micro, r->max_len);
     rs_data_order_init(&r->order, r->n_seqs, o->seed);
     int per_epoch = rs_batches_per_epoch(r->n_seqs, o->batch_size);
@@ -315,6 +409,7 @@ static int setup(sft_run *r) {
     rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s", r->n_seqs,
             r->max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
             o->qat ? ", QAT" : "");
+    print_plan(r, master_bytes);
     return 0;
 }
 
@@ -364,7 +459,7 @@ static int save_checkpoint(sft_run *r) {
 static int one_step(sft_run *r) {
     const sft_options *o = &r->o;
     int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
-    if (o->qat) fake_quantize(&r->m, &r->tensors, o);
+    refresh_weights(&r->m, &r->tensors, o);
     rs_optim_zero_grads(&r->opt);
     double loss;
     long tokens;
@@ -398,7 +493,7 @@ static int save_cb(void *r) { return save_checkpoint(r); }
 /* Steps until the end or a signal; returns 0, -1, or the signal number. */
 static int train(sft_run *r) {
     rs_train_loop loop = {"sft", r->o.ckpt_path, r->o.sched.total_steps, r->o.checkpoint_every,
-                          &r->step, step_cb, save_cb, r};
+                          &r->step, step_cb, save_cb, r, r->o.restart_hint};
     return rs_train_loop_run(&loop);
 }
 
@@ -414,12 +509,13 @@ static int start_or_resume(sft_run *r, int resume, int force) {
     return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);
 }
 
-int rs_sft_run(const rs_config *cfg, int resume, int force) {
+static int run(const rs_config *cfg, int resume, int force, const char *restart_hint) {
     sft_run r;
     memset(&r, 0, sizeof r);
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
     int rc = read_options(cfg, &r.o);
+    r.o.restart_hint = restart_hint;
     if (rc == 0) rc = load_inputs(&r, cfg);
     if (rc == 0) rc = setup(&r);
     if (rc == 0) rc = start_or_resume(&r, resume, force);
@@ -432,4 +528,12 @@ int rs_sft_run(const rs_config *cfg, int resume, int force) {
     if (rc == 0) rs_info("sft: wrote %s", r.o.output_dir);
     free_run(&r);
     return rc;
+}
+
+int rs_sft_run(const rs_config *cfg, int resume, int force) {
+    return run(cfg, resume, force, NULL);
+}
+
+int rs_sft_run_once(const rs_config *cfg, const char *restart_hint) {
+    return run(cfg, 0, 1, restart_hint);
 }

@@ -206,6 +206,8 @@ int rs_snip_score(rs_snip *s, rs_snip_grad_fn fn, void *user, int32_t *const *id
             be->zero_f32(lin->dW, (size_t)lin->out * lin->in);
         }
         rc = fn(user, idx[b], n[b]);
+        for (int i = 0; i < s->n_lin && rc == 0 && s->reduce; i++)
+            rc = s->reduce(s->reduce_user, s->dW[i], s->offset[i + 1] - s->offset[i]);
         if (rc == 0) accumulate_batch(s, 1.0f / (float)n_batches);
     }
     attach_dW(s, 0);

@@ -299,6 +299,11 @@ int rs_train_loop_run(const rs_train_loop *l) {
         int sig = rs_train_stop_signal();
         if (sig) {
             rs_progress_end(&pr);
+            if (l->restart_hint) {
+                rs_warn("%s: interrupted by signal %d after step %lld; %s", l->stage, sig,
+                        (long long)*l->step, l->restart_hint);
+                return sig;
+            }
             RS_TRY(l->save_fn(l->user));
             rs_warn("%s: interrupted by signal %d after step %lld; checkpoint %s (continue with "
                     "--resume)",

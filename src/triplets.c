@@ -17,7 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "resafe/dist.h"
 #include "resafe/dpo.h"
+#include "resafe/gen_shard.h"
 #include "resafe/generate.h"
 #include "resafe/h5store.h"
 #include "resafe/patchset.h"
@@ -53,6 +55,8 @@ typedef struct {
     rs_progress progress;
     long long tokens_before; /* tokens of the first model, for the display of the second */
     int prompts_before;
+    rs_comm *comm; /* data parallel: generation split by prompt (gen_shard.h); NULL alone */
+    int rank;      /* only rank 0 writes the patch set */
 } triplets;
 
 /* ---------------------------------------------------------------- the two models */
@@ -234,7 +238,7 @@ static int generate_with(triplets *t, rs_model *m, int which, rs_gen_params *p) 
     p->seeds = seeds;
     p->progress = on_progress, p->progress_user = t;
     rs_gen_output *out = rs_calloc((size_t)(n ? n : 1), sizeof *out);
-    int rc = rs_generate(m, ids, lens, n, p, out);
+    int rc = rs_generate_sharded(t->comm, m, ids, lens, n, p, out);
     t->out[which] = rs_calloc((size_t)t->n_prompts, sizeof *t->out[which]);
     for (int k = 0; rc == 0 && k < n; k++) {
         t->out[which][where[k]] = out[k];
@@ -487,6 +491,21 @@ static int answer_and_score(triplets *t) {
     return rc;
 }
 
+/* Data parallel: the communicator before the backend starts (nccl picks the rank's GPU). The
+ * ranks generate their prompts' responses and all hold all of them; the pairs and the reference
+ * are computed on every rank (the same numbers), rank 0 writes. */
+static int start_comm(triplets *t) {
+    rs_dist d;
+    RS_TRY(rs_dist_from_config(t->cfg, &d));
+    t->rank = d.rank;
+    if (d.world == 1) return 0;
+    RS_TRY(rs_comm_from_config(t->cfg, &d, rs_config_get_str(t->cfg, "model", "backend"),
+                               &t->comm));
+    rs_info("triplets: generation split over %d ranks (%s transport); rank 0 writes", d.world,
+            rs_comm_transport_name(t->comm));
+    return 0;
+}
+
 int rs_triplets_run(const rs_config *cfg, const char *fp_dir, const char *q_dir,
                     const char *out_path) {
     if (!fp_dir || !fp_dir[0]) return RS_FAIL("triplets: no full-precision model ([model] path)");
@@ -496,14 +515,17 @@ int rs_triplets_run(const rs_config *cfg, const char *fp_dir, const char *q_dir,
     t.cfg = cfg, t.fp_dir = fp_dir, t.q_dir = q_dir, t.out_path = out_path;
     int threads = (int)rs_config_get_int(cfg, "model", "threads");
     if (threads > 0) omp_set_num_threads(threads);
-    int rc = check_same_models(&t);
+    int rc = start_comm(&t);
+    if (rc == 0) rc = check_same_models(&t);
     if (rc == 0) rc = draw_prompts(&t);
     rs_tokenizer *tok = NULL;
     if (rc == 0 && !(tok = rs_tokenizer_load(fp_dir))) rc = -1;
     int max_new = (int)rs_config_get_int(cfg, "patch", "max_new_tokens");
     if (rc == 0) rc = encode_prompts(&t, tok, max_new);
     if (rc == 0) rc = answer_and_score(&t);
-    if (rc == 0) rc = write_patchset(&t, tok);
+    if (rc == 0 && t.rank == 0) rc = write_patchset(&t, tok);
+    if (t.comm && rc == 0) rc = rs_comm_finalize(t.comm);
+    else if (t.comm) rs_comm_abort(t.comm);
     if (rc == 0)
         rs_info("triplets: %d pairs (%d harmful, %d benign), %d identical dropped, %d prompts "
                 "too long; wrote %s",

@@ -106,7 +106,8 @@ typedef struct rs_backend {
      * 1 accumulates (residual branches). Ops with backward support being NULL in a backend
      * means that backend cannot train yet. */
 
-    /* dtable[ids[i], :] += dout[i, :] * scale  (fp32 [vocab, dim]) */
+    /* dtable[ids[i], :] += dout[i, :] * scale  (fp32 [vocab, dim]); a negative id (padding)
+     * adds nothing */
     void (*embedding_bwd)(float *dtable, const void *dout, const int32_t *ids, int n, int dim,
                           float scale);
     /* From out = x * rstd * (w or 1 + w): dx = beta*dx + d/dx, dw += d/dw (fp32, may be NULL).
@@ -176,12 +177,24 @@ typedef struct rs_backend {
     /* Zero n fp32 values (gradient buffers). */
     void (*zero_f32)(float *x, size_t n);
     /* QAT (LLM-QAT style straight-through fake quantization): w_q[rows, cols] (weight dtype) =
-     * dequant(quant(w)) per row, `bits` in 2..8; symmetric: scale = max|w| / (2^(bits-1) - 1),
-     * q in [-(2^(bits-1)-1), 2^(bits-1)-1]; asymmetric: scale = (max-min) / (2^bits - 1),
-     * zero = round(-min/scale), q in [0, 2^bits-1]. Round half to even. A row of equal values
-     * is reproduced exactly. */
+     * dequant(quant(w)) per row on RTN's INT grid (quant.c, the grid the export stores; a QAT
+     * weight with groups of G columns is the [rows * cols / G, G] view), `bits` in 2..8;
+     * symmetric: scale = max|w| / (2^(bits-1) - 1) (1 if 0), q in [-(2^(bits-1)-1),
+     * 2^(bits-1)-1]; asymmetric: lo = min(0, min w), hi = max(0, max w), scale = (hi - lo) /
+     * (2^bits - 1) (1 if 0), zero = clamp(round(-lo / scale), 0, 2^bits-1), q in [0, 2^bits-1].
+     * Round half to even. */
     void (*fake_quant_rows)(void *w_q, const float *w, int rows, int cols, int bits,
                             int symmetric);
+    /* Mixed-precision training: dst[n] (weight dtype) = src[n] (fp32 master), rounded to
+     * nearest even (a copy on cpu, where weights are fp32; dst == src allowed there). */
+    void (*cast_f32_to_weight)(void *dst, const float *src, size_t n);
+    /* LLM-QAT activation / KV fake quantization, in place on x (act dtype): each of n_groups runs
+     * of `group` consecutive values (a token's row, or one head of it) onto its own min-max grid:
+     * fake_quant_rows's formulas but with lo = min x, hi = max x (not widened to hold zero) and
+     * the zero point not clamped, computed in fp32 from the act values and rounded to act dtype
+     * once (cuda = bf16 of cpu's result on the same inputs). A constant run is left unchanged.
+     * Straight-through estimator: the backward is the identity, so there is no backward op. */
+    void (*fake_quant_groups)(void *x, size_t n_groups, int group, int bits, int symmetric);
 
     /* ---- quantized linears (quant.h). w is a backend-resident rs_qweight, m = w->rows,
      * k = w->cols. The cpu backend dequantizes and multiplies (the reference); cuda fuses. */

@@ -21,10 +21,9 @@ int cmd_eval(int argc, char **argv);     /* src/cmd_eval.c */
 void cli_apply_run_settings(const rs_config *cfg, int verbose);
 
 /* Rank and world of this process ([dist] launcher); -1 + message when the launcher's variables
- * are malformed, or when world > 1: data parallel needs the NCCL build, which does not exist yet,
- * and world copies of one job would race on the same outputs. The commands that will run data
- * parallel call it (train, sft, dpo, triplets, eval; src/cmd_training.c). */
-int cli_check_single_process(const rs_config *cfg);
+ * are malformed, or when world > 1 and `command` does not run data parallel (data_parallel 0:
+ * world copies of one job would race on the same outputs). src/cmd_training.c. */
+int cli_check_world(const rs_config *cfg, const char *command, int data_parallel);
 
 /* The training commands' shared command line (src/cmd_training.c). plan (NULL: the command
  * has no --plan): what --plan runs instead of run (a dry run). */

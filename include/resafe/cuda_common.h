@@ -151,8 +151,10 @@ void rs_cuda_linear_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out, const bf16 
  * `scratch`, at least the bytes their *_scratch_bytes function names (the backend's one op
  * scratch buffer, 256-byte aligned). */
 /* backward.cu: embedding, rmsnorm, rope, glu backward, bf16 scaling, column sums */
+/* Deterministic (no atomics); waits for the stream (the ids are grouped on the host). */
+size_t rs_cuda_embedding_bwd_scratch_bytes(int n);
 void rs_cuda_embedding_bwd(cudaStream_t s, float *dtable, const bf16 *dout, const int32_t *ids,
-                           int n, int dim, float scale);
+                           int n, int dim, float scale, void *scratch);
 size_t rs_cuda_column_sum_scratch_bytes(int n, int dim);
 /* acc[j] += sum_i a[i, j] (* b[i, j] if b) (* row_scale[i] if row_scale), deterministic order. */
 void rs_cuda_column_sums(cudaStream_t s, float *acc, const bf16 *a, const bf16 *b,
@@ -225,6 +227,8 @@ void rs_cuda_snip_accumulate(cudaStream_t s, float *score, const bf16 *w, const 
 void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n);
 void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows, int cols,
                              int bits, int symmetric);
+void rs_cuda_fake_quant_groups(cudaStream_t s, bf16 *x, size_t n_groups, int group, int bits,
+                               int symmetric);
 void rs_cuda_dropout(cudaStream_t s, bf16 *out, const bf16 *x, size_t n, float p, uint64_t seed);
 
 /* elementwise.cu */

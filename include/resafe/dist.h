@@ -45,10 +45,10 @@ int rs_dist_from_env(rs_launcher launcher, rs_dist *d);
 int rs_dist_from_config(const rs_config *cfg, rs_dist *d);
 /* "rank 1 of 4 (openmpi, local rank 1)" into buf; returns buf. */
 const char *rs_dist_describe(const rs_dist *d, char *buf, int cap);
-/* What a command that cannot run data parallel yet does with world > 1: -1 + the message
- * "rank R of W (source): multi-GPU data parallel needs the NCCL build; not available yet
- * (issue #8)", instead of running W copies of the same job. 0 for one process. */
-int rs_dist_require_single(const rs_dist *d);
+/* What a command that does not run data parallel does with world > 1: -1 + the message
+ * "rank R of W (source): resafe <command> does not run data parallel (...)", instead of running
+ * W copies of the same job. 0 for one process. */
+int rs_dist_require_single(const rs_dist *d, const char *command);
 
 /* ---------------------------------------------------------------- unique id through a file
  * Rank 0 writes the id to "<path>.tmp.<pid>" and renames it to path (readers never see half a

@@ -71,6 +71,12 @@ typedef struct {
     rs_batch_buf bb;
     float *logp, *d_logp; /* host [2 * micro_pairs] */
     const rs_seq **seqs;  /* [2 * micro_pairs] the sequences of a forward */
+    /* Data parallel: a rank's idx is its slice of a global batch, and its gradient and stats are
+     * that slice's share of the global batch's means (divided by the global pair count, or for
+     * the NLL the global batch's response tokens), so the ranks' sums give a one-process run's
+     * numbers: each pair's gradient scale is bit-identical to it. 0 = the call's own idx. */
+    int global_pairs;
+    long global_targets;
 } rs_dpo_trainer;
 
 int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_set *data,

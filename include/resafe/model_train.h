@@ -60,6 +60,13 @@ int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_d
                               const rs_train_adapter_shape *lora, int max_B, int max_T,
                               int recompute, size_t *bytes, size_t *logit_bytes);
 size_t rs_train_state_bytes(const rs_train_state *s);
+/* LLM-QAT (Liu et al. 2023) fake quantization in every later rs_train_forward, with the
+ * straight-through estimator in the backward (0 = off, the default; else 2..8 bits):
+ *   act_bits: the input of each of the seven linears of every layer (q/k/v, o, gate/up, down;
+ *             not lm_head), per token, symmetric;
+ *   kv_bits:  K (after RoPE) and V, per token and kv head (head_dim values), asymmetric.
+ * Grids as fake_quant_rows (backend.h). -1 + message for bad bits or a backend without the op. */
+int rs_train_state_set_fake_quant(rs_train_state *s, int act_bits, int kv_bits);
 /* The rng the LoRA dropout masks are drawn from (seeded with 0 by rs_train_state_new): seed it,
  * or save and restore it with a checkpoint to resume bit-identically. */
 rs_rng *rs_train_state_rng(rs_train_state *s);

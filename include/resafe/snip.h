@@ -68,6 +68,11 @@ typedef struct {
     float **dW;           /* [n_lin] the adapter's dW buffers, attached only while scoring */
     size_t *offset;       /* [n_lin + 1] global index of each linear's first entry */
     void *block, *w_eff;
+    /* Data parallel: called on every linear's dW (n floats, device) after each scoring batch's
+     * gradient and before |W_eff * dW| (not linear in dW), so every rank scores the global
+     * batch's gradient and selects the same masks; NULL in one process. */
+    int (*reduce)(void *user, float *dW, size_t n);
+    void *reduce_user;
 } rs_snip;
 
 int rs_snip_init(rs_snip *s, rs_model *m, rs_lora *lora);

@@ -169,7 +169,9 @@ int rs_train_stop_signal(void); /* the signal number caught, 0 when none */
 
 /* The step loop both training commands share: step_fn until *step reaches total_steps, a
  * checkpoint (save_fn) every checkpoint_every steps, and on SIGINT/SIGTERM a final checkpoint
- * and a warning naming ckpt_path. Returns 0, -1 (message recorded), or the signal number. */
+ * and a warning naming ckpt_path; with restart_hint set (a run whose stage directory its caller
+ * deletes), no final checkpoint and a warning ending in restart_hint instead. Returns 0, -1
+ * (message recorded), or the signal number. */
 typedef struct {
     const char *stage;     /* "sft", "dpo": the message prefix */
     const char *ckpt_path;
@@ -178,6 +180,7 @@ typedef struct {
     int (*step_fn)(void *user);
     int (*save_fn)(void *user);
     void *user;
+    const char *restart_hint; /* NULL: the checkpoint and "continue with --resume" */
 } rs_train_loop;
 int rs_train_loop_run(const rs_train_loop *loop);
 /* Create stage_dir and check the checkpoint against the flags: --resume needs one, and one
@@ -201,10 +204,16 @@ int rs_metrics_write(rs_metrics_log *l, const char *json_line);
 void rs_metrics_close(rs_metrics_log *l);
 
 /* ---------------------------------------------------------------- SFT */
-/* `resafe sft`: full-parameter supervised fine-tuning (optionally QAT) of [model] path on
- * [sft] data_file, written as a Hugging Face model directory. resume: continue from the stage's
+/* `resafe sft`: full-parameter supervised fine-tuning (optionally QAT: weights, and LLM-QAT's
+ * activations and KV) of [model] path on [sft] data_file, on any backend (mixed precision with
+ * fp32 masters where the backend's weights are not fp32), written as a Hugging Face model
+ * directory. resume: continue from the stage's
  * checkpoint; force: start over even if one exists. Returns 0, -1 + message, or the number of
  * the signal that interrupted it (after writing a checkpoint). */
 int rs_sft_run(const rs_config *cfg, int resume, int force);
+/* rs_sft_run for a caller that deletes [run] out_dir afterwards (resafe quantize --method qat):
+ * starts over (force), and an interrupted run writes no checkpoint and says that it must be
+ * started again (restart_hint, e.g. "nothing kept: run the command again"). */
+int rs_sft_run_once(const rs_config *cfg, const char *restart_hint);
 
 #endif

@@ -37,13 +37,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Quantization methods: how `resafe quantize` is called and what the paper calls the family.
-# "train": fine-tunes on its calibration set ({prompt, response}); "group": a fixed group size
-# (qat fake-quantizes whole rows); "only_bits": the one width it has (qlora: an NF4 base).
+# "train": fine-tunes on its calibration set ({prompt, response}); "only_bits": the one width
+# it has (qlora: an NF4 base).
 METHODS = {
     "rtn": {"label": "PTQ (RTN)", "calib": False, "int": True},
     "awq": {"label": "PTQ+calib (AWQ)", "calib": True, "int": True},
     "gptq": {"label": "PTQ+calib (GPTQ)", "calib": True, "int": True},
-    "qat": {"label": "QAT (LLM-QAT)", "calib": True, "int": True, "train": True, "group": 0},
+    "qat": {"label": "QAT (LLM-QAT)", "calib": True, "int": True, "train": True},
     "qlora": {"label": "LoRA-QAT (QLoRA)", "calib": True, "int": False, "train": True,
               "only_bits": 4},
     "int8": {"label": "LLM.int8", "calib": False, "int": False},
@@ -304,7 +304,7 @@ class Ctx:
         added to resafe later is picked up."""
         spec = METHODS[method]
         bits = self.bits if bits is None else bits
-        group = spec.get("group", self.group if group is None else group)
+        group = self.group if group is None else group
         model = model or self.model_dir
         if spec["int"]:
             qname = f"{method}-int{bits}-g{group}{'-sym' if self.sym else ''}"

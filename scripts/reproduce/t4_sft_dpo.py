@@ -3,7 +3,7 @@
 quantized model with the same patch set (FP winners of the patch prompts):
 
   SFT       `resafe sft` of the FP model on the winners, quantization-aware (straight-through fake
-            quantization at the same bits, [sft] qat), then quantized like the others; time =
+            quantization on the same grid, [sft] qat), then quantized like the others; time =
             the fine-tune plus the quantization
   DPO       LoRA DPO on the quantized model without SNIP masks (`[snip] mask = none`: every LoRA
             entry trains); time = the dpo stage
@@ -48,7 +48,8 @@ def sft(cx, base_run, name, lr):
     steps = int(d["max_steps"]) or math.ceil(n / batch) * int(d["epochs"])
     sets = [f"sft.data_file={data}", f"sft.output_dir={work}/model", f"run.out_dir={work}/run",
             "sft.qat=true", f"sft.qat_bits={cx.bits}",
-            f"sft.qat_symmetric={'true' if cx.sym else 'false'}", f"sft.max_steps={steps}",
+            f"sft.qat_symmetric={'true' if cx.sym else 'false'}", f"sft.qat_group_size={cx.group}",
+            f"sft.max_steps={steps}",
             f"sft.batch_size={batch}", f"sft.lr={lr:g}", "sft.warmup_steps=0"]
     if cx.cfg["generate"].get("system_prompt"):
         sets.append(f"sft.system_prompt={cx.cfg['generate']['system_prompt']}")

@@ -1,8 +1,9 @@
-"""Data-parallel launch plumbing seen from the command line: the training commands read rank and
-world from OpenMPI or SLURM, refuse a world above one (no NCCL build yet, issue #8) with one line
-naming rank and world before touching anything, and a malformed launcher environment is one line
-naming the variable and its value. The shard maps, the resume on another world size and the id
-file between processes are C unit tests (tests/unit/test_dist.c)."""
+"""Data-parallel launch plumbing seen from the command line: the commands read rank and world from
+OpenMPI or SLURM, those that do not run data parallel (sft, train) refuse a world above one with
+one line naming rank and world before touching anything, and a malformed launcher environment is
+one line naming the variable and its value. The shard maps, the resume on another world size and
+the id file between processes are C unit tests (tests/unit/test_dist.c); the communicator is
+tests/unit/test_comm.c; dpo, triplets and eval on several ranks are tests/py/test_dist_dpo.py."""
 import os
 import random
 
@@ -51,7 +52,7 @@ def error_lines(p):
     return [l for l in p.stderr.splitlines() if l.strip()]
 
 
-@pytest.mark.parametrize("command", ["dpo", "sft", "train", "triplets", "eval"])
+@pytest.mark.parametrize("command", ["sft", "train"])
 @pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
 def test_world_above_one_is_refused_in_one_line_naming_rank_and_world(config, command, launcher,
                                                                      rng_seed):
@@ -62,17 +63,19 @@ def test_world_above_one_is_refused_in_one_line_naming_rank_and_world(config, co
     cfg, out = config
     p = run_resafe(command, "--config", cfg, check=False, env=env)
     assert p.returncode == 1, p.stderr
-    assert error_lines(p) == [f"resafe: error: rank {rank} of {world} ({launcher}): multi-GPU data "
-                              "parallel needs the NCCL build; not available yet (issue #8)"], p.stderr
+    assert error_lines(p) == [f"resafe: error: rank {rank} of {world} ({launcher}): resafe {command} "
+                              "does not run data parallel (resafe dpo, triplets and eval do); start "
+                              "it as one process"], p.stderr
     assert not out.exists(), "a refused run wrote into the run directory"
 
 
 def test_openmpi_wins_over_slurm_and_launcher_picks_one(config):
     cfg, _ = config
     env = dict(ompi(1, 2, 1), **{k: v for k, v in slurm(3, 4, 3).items() if k.startswith("SLURM")})
-    p = run_resafe("dpo", "--config", cfg, check=False, env=env)
+    # sft refuses ranks at once, naming them (dpo would wait for its peers)
+    p = run_resafe("sft", "--config", cfg, check=False, env=env)
     assert "rank 1 of 2 (openmpi)" in p.stderr, p.stderr
-    p = run_resafe("dpo", "--config", cfg, "--set", "dist.launcher=slurm", check=False, env=env)
+    p = run_resafe("sft", "--config", cfg, "--set", "dist.launcher=slurm", check=False, env=env)
     assert "rank 3 of 4 (slurm)" in p.stderr, p.stderr
     # launcher = none and world 1 get past the check: the error is a missing input
     for e, sets in ((env, ["--set", "dist.launcher=none"]), (ompi(0, 1, 0), [])):
@@ -85,7 +88,7 @@ def test_slurm_batch_script_without_srun_is_one_process(config):
     cfg, _ = config
     p = run_resafe("dpo", "--config", cfg, check=False, env=slurm(0, 4, 0, step=None))
     assert p.returncode == 1 and "NCCL" not in p.stderr and "missing-" in p.stderr, p.stderr
-    p = run_resafe("dpo", "--config", cfg, "--set", "dist.launcher=slurm", check=False,
+    p = run_resafe("sft", "--config", cfg, "--set", "dist.launcher=slurm", check=False,
                    env=slurm(0, 4, 0, step=None))
     assert "rank 0 of 4 (slurm)" in p.stderr, p.stderr
 
@@ -133,6 +136,9 @@ def test_malformed_launcher_environment_is_one_line_naming_variable_and_value(
     ("dist.launcher=pbs", "launcher"),
     ("dist.id_timeout_s=0", "id_timeout_s"),
     ("dist.id_timeout_s=soon", "id_timeout_s"),
+    ("dist.transport=mpi", "transport"),
+    ("dist.timeout_s=0", "timeout_s"),
+    ("dist.bucket_mb=-1", "bucket_mb"),
 ])
 def test_dist_keys_are_validated(config, setting, says):
     cfg, _ = config

@@ -5,7 +5,7 @@ odd sizes (seed printed; replay with RESAFE_TEST_SEED). Outputs the op overwrite
 gradients it accumulates into start random, so a forgotten element or a missing "+=" fails.
 
 References: the same fp32 inputs in float64 through torch autograd (backward ops), torch.optim.AdamW
-(adamw), the documented formula in numpy float32 (fake_quant_rows), and float64 central
+(adamw), the documented formula in numpy float32 (fake_quant_rows: test_quant's RTN), and float64 central
 differences of the torch forward for the composite ops (attention, rmsnorm, logprob): these check
 our gradients against the math, independently of autograd.
 
@@ -508,7 +508,8 @@ def test_zero_f32_zeroes_everything(tmp_path, rng):
 # ---------------------------------------------------------------- fake quantization
 
 def fake_quant_ref(w, bits, symmetric):
-    """The formula of backend.h, step by step in float32 (numpy's rint: half to even)."""
+    """fake_quant_groups' min-max formula (backend.h), step by step in float32 (numpy's rint:
+    half to even)."""
     out = np.empty_like(w)
     for i, row in enumerate(w):
         lo, hi = row.min(), row.max()
@@ -529,26 +530,33 @@ def fake_quant_ref(w, bits, symmetric):
 
 @pytest.mark.parametrize("symmetric", [0, 1], ids=["asym", "sym"])
 def test_fake_quant_rows_matches_the_formula(tmp_path, rng, symmetric):
+    """fake_quant_rows is RTN's INT grid (test_quant.ref_int, quant.c's formula, per row): equal
+    as numbers (+0 folds the fake quant's -0 into the export's +0), every bit otherwise."""
+    from test_quant import ref_int
     for bits in range(2, 9):
-        rows, cols = int(rng.integers(4, 12)), int(rng.integers(2, 70))
+        rows, cols = int(rng.integers(6, 12)), int(rng.integers(2, 70))
         w = normal(rng, rows, cols)
-        w[0] = 0  # constant rows come back exactly
-        w[1] = np.float32(-0.7)
+        w[0] = 0
+        w[1] = np.float32(-0.7)  # constant rows land on the grid like any other
         w[2] = np.float32(rng.standard_normal() * 100)
         w[3, 1:] = w[3, 0]  # constant but for one entry
         w[3, 0] = np.float32(w[3, 0] + 1)
+        w[4] = np.abs(w[4]) + np.float32(0.5)  # rows of one sign: the range still holds 0
+        w[5] = -np.abs(w[5]) - np.float32(0.5)
         got = run_op(tmp_path, "fake_quant_rows", {"w_q": nan(rows, cols), "w": w},
                      rows=rows, cols=cols, bits=bits, symmetric=symmetric)["w_q"]
-        want = fake_quant_ref(w, bits, symmetric)
-        bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+        want = ref_int(w, bits, 0, symmetric)[1] + np.float32(0)
+        got0 = got + np.float32(0)
+        bad = np.flatnonzero(got0.view(np.uint32) != want.view(np.uint32))
         assert bad.size == 0, f"bits={bits} sym={symmetric}: {bad.size} values differ, e.g. {got.flat[bad[0]]} " \
                               f"vs {want.flat[bad[0]]} from {w.flat[bad[0]]}"
         for i in range(rows):  # on a grid of at most 2^bits levels, within half a step of w
-            assert len(np.unique(got[i])) <= 2 ** bits
-        span = np.where(symmetric, 2 * np.abs(w).max(axis=1), np.ptp(w, axis=1))
+            assert len(np.unique(got0[i])) <= 2 ** bits
+        lo, hi = np.minimum(w.min(1), 0), np.maximum(w.max(1), 0)
+        span = np.where(symmetric, 2 * np.abs(w).max(axis=1), hi - lo)
         step = span / (2 ** bits - 1 - symmetric)
         assert np.all(np.abs(got - w) <= 0.5001 * step[:, None] + 1e-6)
-    print(f"fake_quant_rows symmetric={symmetric}: bit-identical for bits 2..8")
+    print(f"fake_quant_rows symmetric={symmetric}: bit-identical to RTN for bits 2..8")
 
 
 def test_fake_quant_rows_rounds_half_to_even(tmp_path):

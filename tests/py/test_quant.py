@@ -245,3 +245,18 @@ def test_range_overflow_rejected(tmp_path):
     w[1, 0], w[1, 1] = 3e38, -3e38
     p = run_tool(tmp_path, w, check=False)
     assert p.returncode != 0 and "row 1, group 0" in p.stderr, p.stderr
+
+
+def test_range_overflow_names_the_first_bad_row_whatever_the_threads(tmp_path, rng_seed):
+    """Rows are quantized in parallel: the error must still name the first bad row (and only it)."""
+    rng = np.random.default_rng(rng_seed)
+    w = rng.standard_normal((301, 96)).astype(f32)
+    rows = sorted(rng.choice(np.arange(20, 301), size=3, replace=False))
+    for r in rows:
+        g = int(rng.integers(0, 3))
+        w[r, 32 * g], w[r, 32 * g + 5] = 3e38, -3e38
+    first_group = [g for g in range(3) if w[rows[0], 32 * g] == np.float32(3e38)][0]
+    p = run_tool(tmp_path, w, group=32, check=False)
+    assert p.returncode != 0, p.stderr
+    assert f"row {rows[0]}, group {first_group}" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -208,6 +208,12 @@ static void op_fake_quant_rows(op_ctx *c) {
                            iparam(c, "bits"), iparam(c, "symmetric"));
 }
 
+static void op_fake_quant_groups(op_ctx *c) {
+    int n_groups = iparam(c, "n_groups"), group = iparam(c, "group");
+    c->be->fake_quant_groups(req_f32(c, "x", (size_t)n_groups * group), (size_t)n_groups, group,
+                             iparam(c, "bits"), iparam(c, "symmetric"));
+}
+
 /* Each op and the buffers it writes (comma-separated), which go to OUT when present. */
 static const struct {
     const char *name;
@@ -233,6 +239,7 @@ static const struct {
     {"snip_accumulate", op_snip_accumulate, "score"},
     {"zero_f32", op_zero_f32, "x"},
     {"fake_quant_rows", op_fake_quant_rows, "w_q"},
+    {"fake_quant_groups", op_fake_quant_groups, "x"},
 };
 
 static int is_output(const char *outputs, const char *name) {

@@ -14,6 +14,8 @@
  *       calls cycling through enough weight copies to defeat the 50 MB L2.
  *   qmm_tool roofline
  *       Device-to-device copy bandwidth (GB/s) and cuBLAS bf16 GEMM TFLOP/s (8192^3).
+ *   qmm_tool probe N K M[,M...]
+ *       W4 g128: the fused kernel's timing probes (what bounds it), one JSON line each.
  * Exit 77 when there is no GPU (tests skip). */
 #include "resafe/backend.h"
 #include "resafe/core.h"
@@ -367,6 +369,66 @@ static int cmd_bench(int argc, char **argv) {
     return 0;
 }
 
+/* qmm_tool probe N K M[,M...]: W4 g128 asymmetric, the fused kernel's timing probes (load-only,
+ * tiled addresses, pipeline depth, blocks per SM, split-K reduction kernel), one JSON line each,
+ * to say what bounds the kernel. Not results: probes with "tiled" compute wrong values. */
+static int cmd_probe(int argc, char **argv) {
+    RS_CHECK(argc >= 5, "usage: qmm_tool probe N K M[,M...]");
+    rs_qspec sp;
+    char *spec[] = {"int", "4", "128", "0"};
+    spec_from_args(spec, &sp);
+    int N = atoi(argv[2]), K = atoi(argv[3]);
+    rs_rng r;
+    rs_rng_seed(&r, 4321);
+    size_t nw = (size_t)N * K;
+    float *w = rs_malloc(nw * sizeof *w);
+    fill_normal(&r, w, nw, 0.05f, 0);
+    rs_qweight q;
+    if (rs_quantize_rtn(w, N, K, &sp, NULL, NULL, &q) != 0) rs_die_last();
+    bench_ctx *c = rs_calloc(1, sizeof *c);
+    c->N = N, c->K = K;
+    c->n_copies = (int)ceil(256e6 / (double)rs_qweight_bytes(&q));
+    if (c->n_copies > MAX_COPIES) c->n_copies = MAX_COPIES;
+    for (int i = 0; i < c->n_copies; i++)
+        if (g_be->qweight_upload(&c->q[i], &q) != 0) rs_die_last();
+    float *xh = rs_malloc((size_t)64 * K * sizeof *xh);
+    fill_normal(&r, xh, (size_t)64 * K, 1.0f, 1);
+    c->x = dev_upload(xh, (size_t)64 * K);
+    c->y = g_be->alloc((size_t)64 * N * 2);
+    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X), blocks per SM, reduce in
+     * the last block; see rs_cuda_qmm_probe. "previous" = the launch before this probe existed. */
+    static const struct {
+        const char *name;
+        int depth, probe, bps, reduce;
+    } v[] = {{"default", 0, 0, 0, 0},       {"reduce_last_block", 0, 0, 0, 1},
+             {"bps2", 0, 0, 2, 0},          {"bps4", 0, 0, 4, 0},
+             {"bps8", 0, 0, 8, 0},          {"depth2", 2, 0, 0, 0},
+             {"previous", 4, 4, 2, 1},      {"regx_depth1", 1, 4, 0, 0},
+             {"regx_depth1_bps8", 1, 4, 8, 0}, {"loadonly", 1, 1, 0, 0},
+             {"tiled_loadonly", 1, 3, 0, 0}, {"tiled", 1, 2, 0, 0}};
+    for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
+        int M = c->M = atoi(tok);
+        int reps = 200;
+        for (size_t i = 0; i < sizeof v / sizeof *v; i++) {
+            rs_cuda_qmm_configure(RS_QMM_FUSED, 2, 0);
+            rs_cuda_qmm_probe(v[i].depth, v[i].probe, v[i].bps, v[i].reduce);
+            double t = time_op(op_q, c, reps);
+            printf("{\"N\": %d, \"K\": %d, \"M\": %d, \"probe\": \"%s\", \"us\": %.3f, "
+                   "\"tb_s\": %.3f}\n",
+                   N, K, M, v[i].name, t, rs_qweight_bytes(&q) / (t * 1e-6) / 1e12);
+            fflush(stdout);
+        }
+    }
+    rs_cuda_qmm_probe(0, 0, 0, 0);
+    rs_cuda_qmm_configure(RS_QMM_AUTO, 0, 0);
+    for (int i = 0; i < c->n_copies; i++)
+        g_be->qweight_free(&c->q[i]);
+    g_be->free(c->x), g_be->free(c->y);
+    rs_qweight_free(&q);
+    free(w), free(xh), free(c);
+    return 0;
+}
+
 typedef struct {
     void *a, *b, *c;
     size_t bytes;
@@ -406,7 +468,7 @@ static int cmd_roofline(void) {
 }
 
 int main(int argc, char **argv) {
-    RS_CHECK(argc >= 2, "usage: qmm_tool check|bench|roofline ...");
+    RS_CHECK(argc >= 2, "usage: qmm_tool check|bench|roofline|probe ...");
     g_be = rs_backend_cuda();
     if (!g_be) {
         fprintf(stderr, "qmm_tool: no CUDA device\n");
@@ -415,6 +477,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "check") == 0) return cmd_check(argc, argv);
     if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc, argv);
     if (strcmp(argv[1], "roofline") == 0) return cmd_roofline();
+    if (strcmp(argv[1], "probe") == 0) return cmd_probe(argc, argv);
     RS_DIE("qmm_tool: unknown command %s", argv[1]);
     return 1;
 }

@@ -19,6 +19,8 @@
  *   --disabled          the adapter is off in the forward (only dW is computed)
  *   --dropout P         adapter dropout, masks seeded by --seed S (default 1)
  *   --recompute         recompute each layer in backward
+ *   --qat-act BITS      fake-quantize the linears' inputs (rs_train_state_set_fake_quant)
+ *   --qat-kv BITS       fake-quantize K and V
  *   --repeat N          run forward + backward N more times and print "seconds_per_step X"
  * RESAFE_BACKEND=cuda runs it on the GPU (default cpu).
  * Errors: "resafe: error: ..." on stderr, exit status 1. */
@@ -30,7 +32,7 @@
 
 typedef struct {
     float alpha, dropout;
-    int lora, want_dw, disabled, recompute, repeat;
+    int lora, want_dw, disabled, recompute, repeat, qat_act, qat_kv;
     unsigned targets;
     rs_mask_mode mode;
     uint64_t seed;
@@ -209,6 +211,8 @@ static int parse_options(int argc, char **argv, options *op) {
         else if (!strcmp(a, "--dropout")) op->dropout = strtof(v, NULL), i++;
         else if (!strcmp(a, "--seed")) op->seed = strtoull(v, NULL, 10), i++;
         else if (!strcmp(a, "--repeat")) op->repeat = atoi(v), i++;
+        else if (!strcmp(a, "--qat-act")) op->qat_act = atoi(v), i++;
+        else if (!strcmp(a, "--qat-kv")) op->qat_kv = atoi(v), i++;
         else if (!strcmp(a, "--targets")) {
             RS_TRY(rs_lora_parse_targets(v, &op->targets));
             i++;
@@ -272,6 +276,7 @@ int main(int argc, char **argv) {
     rs_lora *lp = op.lora ? &lora : NULL;
     rs_train_state *s = rs_train_state_new(&m, lp, bt.B, bt.T, op.recompute);
     if (s) rs_rng_seed(rs_train_state_rng(s), op.seed);
+    if (s && rs_train_state_set_fake_quant(s, op.qat_act, op.qat_kv) != 0) rs_die_last();
     float *seq_logp = rs_malloc((size_t)bt.B * sizeof *seq_logp);
     if (!s || step(&m, lp, s, &bt, d_seq, &g, seq_logp) != 0) rs_die_last();
     out_list out = {0};

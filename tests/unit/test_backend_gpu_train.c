@@ -93,8 +93,8 @@ static double max_abs(const float *x, size_t n) {
 
 /* ---------------------------------------------------------------- embedding */
 
-/* Same fp32 products on both sides; only the order of a repeated id's adds differs (atomics):
- * SUM_TOL over the row's terms. */
+/* Same fp32 products on both sides; only the order of a repeated id's adds differs (the GPU sums
+ * an id's rows first, then adds them to the table): SUM_TOL over the row's terms. */
 TEST(test_cuda_embedding_bwd_matches_cpu) {
     GPU_TEST_SETUP(101);
     const int n = 300, dim = 129, vocab = 40;
@@ -809,34 +809,43 @@ TEST(test_cuda_snip_accumulate_and_zero_match_cpu) {
 }
 
 /* The CPU's fp32 expressions exactly (IEEE divide, rintf); the GPU stores bf16, so its output must
- * equal the CPU's value rounded to bf16, bit for bit. Rows: random, constant, all zero. */
+ * equal the CPU's value rounded to bf16, bit for bit. Rows: random, constant, all zero, one sign;
+ * whole rows and the [rows * cols / G, G] views of QAT groups (G = 32, 128). */
 TEST(test_cuda_fake_quant_rows_matches_cpu_rounded_to_bf16) {
     GPU_TEST_SETUP(113);
-    const int rows = 9, cols = 1000;
+    const int rows = 9, cols = 1024;
     size_t n = (size_t)rows * cols;
     float *w = rs_malloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) w[i] = 0.05f * rs_rng_normal(r);
-    for (int l = 0; l < cols; l++) w[(size_t)1 * cols + l] = 0.125f, w[(size_t)2 * cols + l] = 0.0f;
-    for (int bits = 2; bits <= 8; bits += 2)
-        for (int sym = 0; sym < 2; sym++) {
-            float *want = rs_malloc(n * sizeof(float));
-            cpu->fake_quant_rows(want, w, rows, cols, bits, sym);
-            float *wd = upload(gpu, RS_F32, w, n);
-            void *qd = upload_nan(gpu, WT(gpu), n);
-            gpu->fake_quant_rows(qd, wd, rows, cols, bits, sym);
-            float *got = download(gpu, qd, WT(gpu), n);
-            size_t bad = 0;
-            for (size_t i = 0; i < n; i++) {
-                float wb = round_bf16(want[i]);
-                if (memcmp(&wb, &got[i], 4) != 0 && bad++ < 5)
-                    fprintf(stderr, "fake_quant bits=%d sym=%d [%zu]: cuda %.9g, cpu %.9g\n", bits,
-                            sym, i, got[i], want[i]);
+    for (int l = 0; l < cols; l++) {
+        w[(size_t)1 * cols + l] = 0.125f, w[(size_t)2 * cols + l] = 0.0f;
+        w[(size_t)3 * cols + l] = fabsf(w[(size_t)3 * cols + l]) + 0.01f;
+        w[(size_t)4 * cols + l] = -fabsf(w[(size_t)4 * cols + l]);
+    }
+    const int groups[] = {cols, 32, 128};
+    for (int k = 0; k < 3; k++)
+        for (int bits = 2; bits <= 8; bits += 2)
+            for (int sym = 0; sym < 2; sym++) {
+                int g = groups[k], views = (int)(n / (size_t)g);
+                float *want = rs_malloc(n * sizeof(float));
+                cpu->fake_quant_rows(want, w, views, g, bits, sym);
+                float *wd = upload(gpu, RS_F32, w, n);
+                void *qd = upload_nan(gpu, WT(gpu), n);
+                gpu->fake_quant_rows(qd, wd, views, g, bits, sym);
+                float *got = download(gpu, qd, WT(gpu), n);
+                size_t bad = 0;
+                for (size_t i = 0; i < n; i++) {
+                    float wb = round_bf16(want[i]);
+                    if (memcmp(&wb, &got[i], 4) != 0 && bad++ < 5)
+                        fprintf(stderr,
+                                "fake_quant g=%d bits=%d sym=%d [%zu]: cuda %.9g, cpu %.9g\n", g,
+                                bits, sym, i, got[i], want[i]);
+                }
+                CHECK(bad == 0, "fake_quant_rows group=%d bits=%d symmetric=%d: %zu values differ",
+                      g, bits, sym, bad);
+                gpu->free(wd), gpu->free(qd);
+                free(want), free(got);
             }
-            CHECK(bad == 0, "fake_quant_rows bits=%d symmetric=%d: %zu values differ", bits, sym,
-                  bad);
-            gpu->free(wd), gpu->free(qd);
-            free(want), free(got);
-        }
     free(w);
 }
 

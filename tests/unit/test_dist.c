@@ -145,17 +145,17 @@ TEST(test_dist_malformed_environments_are_one_line_naming_the_variable) {
     clear_env();
 }
 
-TEST(test_dist_world_above_one_is_refused_without_nccl_naming_rank_and_world) {
+TEST(test_dist_world_above_one_is_refused_by_a_single_process_command_naming_rank_and_world) {
     clear_env();
     set_ompi("1", "2", "1");
     rs_dist d;
     REQUIRE(rs_dist_from_env(RS_LAUNCHER_AUTO, &d) == 0, "%s", rs_last_error());
-    CHECK(rs_dist_require_single(&d) == -1, "world 2 accepted");
+    CHECK(rs_dist_require_single(&d, "sft") == -1, "world 2 accepted");
     const char *msg = rs_last_error();
-    CHECK(strstr(msg, "rank 1 of 2 (openmpi)") && strstr(msg, "needs the NCCL build"), "%s", msg);
+    CHECK(strstr(msg, "rank 1 of 2 (openmpi)") && strstr(msg, "resafe sft does not run data parallel"), "%s", msg);
     clear_env();
     REQUIRE(rs_dist_from_env(RS_LAUNCHER_AUTO, &d) == 0, "%s", rs_last_error());
-    CHECK(rs_dist_require_single(&d) == 0, "one process refused: %s", rs_last_error());
+    CHECK(rs_dist_require_single(&d, "sft") == 0, "one process refused: %s", rs_last_error());
 }
 
 TEST(test_dist_run_id_from_the_launcher) {
