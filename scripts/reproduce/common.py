@@ -90,6 +90,17 @@ def parser(table, doc):
     return ap
 
 
+TABLE_METHODS = ["rtn", "awq", "gptq", "qat", "qlora"]  # T1, T2, T5: PTQ, PTQ+calib, QAT, LoRA-QAT
+
+
+def add_methods(ap):
+    ap.add_argument("--methods", default=",".join(TABLE_METHODS))
+
+
+def methods_of(ap, a):
+    return csv_list(ap, a.methods, "--methods", TABLE_METHODS)
+
+
 def csv_list(ap, text, what, allowed=None, conv=str):
     """A comma list option, every item converted and checked; a bad item is a usage error."""
     items = [x.strip() for x in text.split(",") if x.strip()]

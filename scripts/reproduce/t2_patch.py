@@ -12,15 +12,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-ALL = ["rtn", "awq", "gptq", "qat", "qlora"]
-
-
 def main():
     ap = C.parser("t2", __doc__)
-    ap.add_argument("--methods", default=",".join(ALL))
+    C.add_methods(ap)
     ap.add_argument("--risks", default="1,2,3")
     a = ap.parse_args()
-    methods = C.csv_list(ap, a.methods, "--methods", ALL)
+    methods = C.methods_of(ap, a)
     risks = C.csv_list(ap, a.risks, "--risks", list(C.RISKS), int)
     cx = C.Ctx("T2", ap, a)
 

@@ -14,16 +14,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-ALL = ["rtn", "awq", "gptq", "qat", "qlora"]
-
-
 def main():
     ap = C.parser("t5", __doc__)
-    ap.add_argument("--methods", default=",".join(ALL))
+    C.add_methods(ap)
     ap.add_argument("--bits", default="8,4,3,2")
     ap.add_argument("--risk", type=int, default=1, choices=list(C.RISKS))
     a = ap.parse_args()
-    methods = C.csv_list(ap, a.methods, "--methods", ALL)
+    methods = C.methods_of(ap, a)
     bits = C.csv_list(ap, a.bits, "--bits", [2, 3, 4, 8], int)
     cx = C.Ctx("T5", ap, a)
 

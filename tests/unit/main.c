@@ -1,6 +1,7 @@
 /* Test runner for the C unit tests: --list, --run NAME, or no argument to run all. */
 #define _POSIX_C_SOURCE 200809L
 #include "test.h"
+#include "resafe/dist.h"
 
 #include <string.h>
 #include <sys/stat.h>
@@ -33,6 +34,17 @@ unsigned long long rs_test_seed(void) {
         fprintf(stderr, "seed %llu (replay with RESAFE_TEST_SEED=%llu)\n", seed, seed);
     }
     return seed;
+}
+
+rs_dist rs_test_dist(int rank, int world, const char *run_id) {
+    rs_dist d;
+    memset(&d, 0, sizeof d);
+    d.rank = rank, d.world = world, d.local_rank = rank, d.source = "openmpi";
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    d.t_start = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    snprintf(d.run_id, sizeof d.run_id, "%s", run_id);
+    return d;
 }
 
 const char *rs_test_tmpdir(void) {

@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "resafe/dist.h"
+
 typedef void (*rs_test_fn)(void);
 void rs_test_register(const char *name, rs_test_fn fn);
 extern int rs_test_failures;
@@ -15,6 +17,8 @@ extern int rs_test_failures;
 unsigned long long rs_test_seed(void);
 /* Directory for scratch files of this test run (created, unique per process). */
 const char *rs_test_tmpdir(void);
+/* The rank of an OpenMPI-launched job as rs_dist_init would see it (start time now). */
+rs_dist rs_test_dist(int rank, int world, const char *run_id);
 
 #define TEST(name)                                                                                 \
     static void name(void);                                                                        \

@@ -13,21 +13,10 @@
 #include "resafe/core.h"
 #include "test.h"
 
-static rs_dist rank_of(int rank, int world, const char *run_id) {
-    rs_dist d;
-    memset(&d, 0, sizeof d);
-    d.rank = rank, d.world = world, d.local_rank = rank, d.source = "openmpi";
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    d.t_start = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-    snprintf(d.run_id, sizeof d.run_id, "%s", run_id);
-    return d;
-}
-
 static rs_comm *open_comm(int rank, int world, const char *job, double timeout_s) {
     char dir[512];
     snprintf(dir, sizeof dir, "%s/comm-%s", rs_test_tmpdir(), job);
-    rs_dist d = rank_of(rank, world, job);
+    rs_dist d = rs_test_dist(rank, world, job);
     rs_comm_options o = {RS_COMM_FILE, dir, "", timeout_s, 10.0, 64};
     rs_comm *c;
     if (rs_comm_init(&c, &d, &o) != 0) {
@@ -176,7 +165,7 @@ TEST(test_comm_file_gather_and_broadcast_of_odd_sizes) {
 }
 
 TEST(test_comm_one_process_needs_no_files) {
-    rs_dist d = rank_of(0, 1, "single");
+    rs_dist d = rs_test_dist(0, 1, "single");
     rs_comm_options o = {RS_COMM_FILE, "", "", 1.0, 1.0, 64};
     rs_comm *c;
     REQUIRE(rs_comm_init(&c, &d, &o) == 0, "%s", rs_last_error());

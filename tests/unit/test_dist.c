@@ -336,17 +336,6 @@ TEST(test_prompt_shards_cover_every_prompt_once_and_the_gather_restores_the_orde
 
 /* ---------------------------------------------------------------- id exchange through a file */
 
-static rs_dist rank_of(int rank, int world, const char *run_id) {
-    rs_dist d;
-    memset(&d, 0, sizeof d);
-    d.rank = rank, d.world = world, d.local_rank = rank, d.source = "openmpi";
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    d.t_start = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-    snprintf(d.run_id, sizeof d.run_id, "%s", run_id);
-    return d;
-}
-
 static void random_id(uint8_t *id, uint64_t seed) {
     rs_rng rng;
     rs_rng_seed(&rng, seed);
@@ -363,7 +352,7 @@ static int exchange_with_children(const char *path, int world, const char *run_i
     for (int r = 1; r < world; r++) {
         pids[r] = fork();
         if (pids[r] == 0) {
-            rs_dist d = rank_of(r, world, run_id);
+            rs_dist d = rs_test_dist(r, world, run_id);
             uint8_t got[RS_DIST_ID_BYTES];
             int rc = rs_dist_id_exchange(path, &d, timeout_s, got);
             if (rc != 0) fprintf(stderr, "child: %s\n", rs_last_error());
@@ -372,7 +361,7 @@ static int exchange_with_children(const char *path, int world, const char *run_i
     }
     struct timespec pause = {0, 200 * 1000 * 1000};
     nanosleep(&pause, NULL);
-    rs_dist d0 = rank_of(0, world, run_id);
+    rs_dist d0 = rs_test_dist(0, world, run_id);
     if (rs_dist_id_exchange(path, &d0, timeout_s, id) != 0)
         fprintf(stderr, "rank 0: %s\n", rs_last_error());
     int ok = 0;
@@ -402,7 +391,7 @@ TEST(test_id_file_reaches_every_rank_and_leaves_no_temporary) {
 TEST(test_id_wait_times_out_naming_rank_path_and_timeout) {
     char path[512];
     snprintf(path, sizeof path, "%s/nccl_id_missing", rs_test_tmpdir());
-    rs_dist d = rank_of(3, 4, "job-1");
+    rs_dist d = rs_test_dist(3, 4, "job-1");
     uint8_t id[RS_DIST_ID_BYTES];
     double t0 = rs_now();
     CHECK(rs_dist_id_wait(path, &d, 0.3, id) == -1, "no file, yet an id");
@@ -418,13 +407,13 @@ TEST(test_id_wait_ignores_a_stale_file_of_another_job_or_an_old_one) {
     snprintf(path, sizeof path, "%s/nccl_id_stale", rs_test_tmpdir());
     uint8_t id[RS_DIST_ID_BYTES], got[RS_DIST_ID_BYTES];
     random_id(id, rs_test_seed() + 5);
-    rs_dist old = rank_of(0, 2, "job-old"), now = rank_of(1, 2, "job-new");
+    rs_dist old = rs_test_dist(0, 2, "job-old"), now = rs_test_dist(1, 2, "job-new");
     REQUIRE(rs_dist_id_publish(path, &old, id) == 0, "%s", rs_last_error());
     CHECK(rs_dist_id_wait(path, &now, 0.2, got) == -1, "took another job's id");
     CHECK(strstr(rs_last_error(), "another job") && strstr(rs_last_error(), "job-old"), "%s",
           rs_last_error());
     /* no run id on either side: the file's age decides */
-    rs_dist old0 = rank_of(0, 2, ""), now1 = rank_of(1, 2, "");
+    rs_dist old0 = rs_test_dist(0, 2, ""), now1 = rs_test_dist(1, 2, "");
     REQUIRE(rs_dist_id_publish(path, &old0, id) == 0, "%s", rs_last_error());
     CHECK(rs_dist_id_wait(path, &now1, 1.0, got) == 0 && memcmp(got, id, sizeof id) == 0,
           "fresh file without run id refused: %s", rs_last_error());
@@ -433,7 +422,7 @@ TEST(test_id_wait_ignores_a_stale_file_of_another_job_or_an_old_one) {
     CHECK(rs_dist_id_wait(path, &now1, 0.2, got) == -1, "took an hour-old id");
     CHECK(strstr(rs_last_error(), "older than this job"), "%s", rs_last_error());
     /* this job's file for another world size: an error at once */
-    rs_dist three = rank_of(0, 3, "job-new");
+    rs_dist three = rs_test_dist(0, 3, "job-new");
     REQUIRE(rs_dist_id_publish(path, &three, id) == 0, "%s", rs_last_error());
     double t0 = rs_now();
     CHECK(rs_dist_id_wait(path, &now, 30.0, got) == -1, "world 3's id accepted at world 2");
@@ -451,7 +440,7 @@ TEST(test_id_wait_ignores_a_stale_file_of_another_job_or_an_old_one) {
 TEST(test_id_publish_into_a_missing_directory_names_rank_and_path) {
     char path[512];
     snprintf(path, sizeof path, "%s/no-such-dir/nccl_id", rs_test_tmpdir());
-    rs_dist d = rank_of(0, 2, "job-1");
+    rs_dist d = rs_test_dist(0, 2, "job-1");
     uint8_t id[RS_DIST_ID_BYTES] = {0};
     CHECK(rs_dist_id_publish(path, &d, id) == -1, "wrote into a missing directory");
     CHECK(strstr(rs_last_error(), "rank 0") && strstr(rs_last_error(), "no-such-dir"), "%s",
