@@ -173,6 +173,9 @@ static const rs_config_key g_schema[] = {
     INT_KEY("sft", "batch_size", "8", 1, 65536, "sft", "examples per optimizer step"),
     INT_KEY("sft", "micro_batch_size", "0", 0, 65536, "sft",
             "examples per forward pass, gradients accumulated over a step (0 = batch_size)"),
+    ENUM_KEY("sft", "trainable", "all", "all|linears", "sft",
+             "tensors the optimizer updates: every one, or only the seven projection weights of "
+             "each layer (embeddings, norms, lm_head and biases stay as loaded)"),
     FLOAT_KEY("sft", "weight_decay", "0", 0, 1, "sft",
               "AdamW decoupled weight decay (matrices only, not norms or biases)"),
     FLOAT_KEY("sft", "adam_beta2", "0.999", 0, 0.999999, "sft", "AdamW second-moment decay"),

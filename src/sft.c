@@ -35,6 +35,7 @@ typedef struct {
     char *stage_dir, *output_dir, *ckpt_path, *metrics_path;
     rs_lr_schedule sched;
     int batch_size, micro, epochs, max_steps, max_seq_len, checkpoint_every, recompute;
+    int linears_only; /* [sft] trainable = linears */
     double weight_decay, beta2, grad_clip;
     int qat, qat_bits, qat_symmetric, qat_group, qat_act_bits, qat_kv_bits;
     const char *restart_hint; /* rs_sft_run_once */
@@ -72,6 +73,7 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->max_steps = (int)rs_config_get_int(cfg, "sft", "max_steps");
     o->max_seq_len = (int)rs_config_get_int(cfg, "sft", "max_seq_len");
     o->weight_decay = rs_config_get_float(cfg, "sft", "weight_decay");
+    o->linears_only = strcmp(rs_config_get_str(cfg, "sft", "trainable"), "linears") == 0;
     o->beta2 = rs_config_get_float(cfg, "sft", "adam_beta2");
     o->grad_clip = rs_config_get_float(cfg, "sft", "grad_clip");
     o->qat = rs_config_get_bool(cfg, "sft", "qat");
@@ -194,9 +196,11 @@ static int read_masters(const char *model_dir, const rs_backend *be, const tenso
     return rc;
 }
 
-/* The optimizer over every tensor, through its master where it has one (QAT linears: copied
- * from the model; mixed precision: every tensor, read from the files). Matrices decay, vectors
- * (norms, biases) do not, as transformers' Trainer does. */
+/* The optimizer over every trainable tensor (all, or the linears with [sft] trainable =
+ * linears: the others keep their loaded values and are written back unchanged), through its
+ * master where it has one (QAT linears: copied from the model; mixed precision: every tensor,
+ * read from the files). Matrices decay, vectors (norms, biases) do not, as transformers'
+ * Trainer does. */
 static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs_optim *opt,
                            void **master_block, size_t *master_bytes) {
     const rs_backend *be = m->be;
@@ -215,7 +219,8 @@ static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs
             if (!mixed_precision(be)) be->copy(t->master, t->w, numel(t) * sizeof(float));
             p = t->master;
         }
-        rs_optim_add(opt, t->name, p, t->g, NULL, numel(t), t->cols > 0);
+        if (!o->linears_only || t->linear)
+            rs_optim_add(opt, t->name, p, t->g, NULL, numel(t), t->cols > 0);
     }
     rs_optim_alloc(opt);
     return mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0;
@@ -369,9 +374,9 @@ static int setup(sft_run *r) {
     r->ckpt = (rs_checkpoint){.kind = "sft", .config_hash = o->config_hash,
                               .data_hash = o->data_hash, .total_steps = o->sched.total_steps,
                               .order = &r->order, .opt = &r->opt};
-    rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s", r->data.n,
-            r->data.max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
-            o->qat ? ", QAT" : "");
+    rs_info("sft: %d examples (longest %d tokens), %d steps of %d, %zu parameters%s%s",
+            r->data.n, r->data.max_len, o->sched.total_steps, o->batch_size, r->opt.n_total,
+            o->linears_only ? " (the linears; the rest frozen)" : "", o->qat ? ", QAT" : "");
     print_plan(r, master_bytes);
     return 0;
 }
@@ -423,7 +428,10 @@ static int one_step(sft_run *r) {
     const sft_options *o = &r->o;
     int n = rs_data_order_next(&r->order, o->batch_size, r->batch_idx);
     refresh_weights(&r->m, &r->tensors, o);
-    rs_optim_zero_grads(&r->opt);
+    if (o->linears_only)
+        rs_model_grads_zero(&r->m, &r->grads); /* the frozen tensors' too (not accumulated) */
+    else
+        rs_optim_zero_grads(&r->opt);
     double loss;
     long tokens;
     RS_TRY(batch_grad(r, r->batch_idx, n, &loss, &tokens));

@@ -1,65 +1,102 @@
 #!/usr/bin/env bash
-# The tiny safety model organism, grown by resafe itself (scripts/organism/README.md):
+# The safety model organisms, grown by resafe itself (scripts/organism/README.md):
 #   data -> random init -> resafe sft (compliant base) -> snap the base onto the RTN grid
-#   -> resafe sft (short safety tune) -> models/organism-tiny/
-# Each stage is skipped when its output exists (delete out/organism/<stage> to redo it).
-# On one CPU core the whole recipe takes 15-26 minutes (26 measured on a loaded shared machine).
+#   -> resafe sft (short safety tune) -> models/organism-<size>/
+# Each stage is skipped when its output exists (delete $WORK/<stage> to redo it).
 #
-#   scripts/organism/build.sh            # environment: BUILD (build), PYTHON (python3), OUT
+#   scripts/organism/build.sh                 # the tiny one (656k parameters, CPU, 15-26 min on
+#                                             # one core): models/organism-tiny, committed
+#   SIZE=large scripts/organism/build.sh      # the larger one (22M parameters, GPU): models/
+#                                             # organism-large (bf16, git-ignored; rebuilt on a GPU)
+# Environment: BUILD (build), PYTHON (python3), WORK (out/organism[-large]), BACKEND (large: cuda),
+# SFT_ARGS (more options for both resafe sft runs, e.g. "--set sft.max_steps=5" for a smoke run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
 PY=${PYTHON:-python3}
-OUT=${OUT:-out/organism}
-DATA=data/organism
+SIZE=${SIZE:-tiny}
 # the quantization grid the organism's safety delta is sized against (the demo's setting)
 BITS=${BITS:-4}
 GROUP=${GROUP:-128}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$OUT"
+case "$SIZE" in
+tiny)
+    WORK=${WORK:-out/organism}
+    DATA=data/organism  # everything committed
+    TRAIN_DATA=$DATA
+    DEST=models/organism-tiny
+    SETS=()
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    ;;
+large)
+    WORK=${WORK:-out/organism-large}
+    DATA=data/organism-large       # eval, patch and calibration sets: committed
+    TRAIN_DATA=$WORK/data           # the training sets (9 MB): regenerated, not committed
+    DEST=models/organism-large
+    SETS=(--set "model.backend=${BACKEND:-cuda}")
+    ;;
+*) echo "build.sh: SIZE=$SIZE: expected tiny or large" >&2; exit 2 ;;
+esac
+mkdir -p "$WORK"
 stamp() { echo "build.sh: $(date -u +%H:%M:%S) $*" >&2; }
 
 stamp "data"
-"$PY" scripts/organism/gen_data.py --out "$DATA" --seed 0 --refuse-p 0.85
-
-if [ ! -f "$OUT/init/model.safetensors" ]; then
-    stamp "random init"
-    "$PY" scripts/organism/make_init.py "$OUT/init" --data "$DATA" --vocab 640 --hidden 128 \
-        --layers 3 --seed 0
+if [ "$SIZE" = tiny ]; then
+    "$PY" scripts/organism/gen_data.py --out "$DATA" --seed 0 --refuse-p 0.85
+else
+    "$PY" scripts/organism/gen_data_large.py --out "$TRAIN_DATA" --seed 0 --refuse-p 1.0
+    mkdir -p "$DATA"
+    for f in "$TRAIN_DATA"/*.jsonl; do
+        case "$(basename "$f")" in base_train.jsonl|safety_train.jsonl) ;; *) cp "$f" "$DATA/" ;; esac
+    done
 fi
 
-if [ ! -f "$OUT/base/model.safetensors" ]; then
+if [ ! -f "$WORK/init/model.safetensors" ]; then
+    stamp "random init"
+    if [ "$SIZE" = tiny ]; then
+        "$PY" scripts/organism/make_init.py "$WORK/init" --data "$DATA" --vocab 640 --hidden 128 \
+            --layers 3 --seed 0
+    else
+        "$PY" scripts/organism/make_init.py "$WORK/init" --data "$TRAIN_DATA" --vocab 3072 \
+            --hidden 512 --layers 6 --head-dim 64 --mlp 1408 --max-pos 256 --seed 0
+    fi
+fi
+
+CFG=scripts/organism
+[ "$SIZE" = large ] && CFG=scripts/organism/large
+if [ ! -f "$WORK/base/model.safetensors" ]; then
     stamp "compliant base (resafe sft)"
-    "$BUILD/resafe" sft --config scripts/organism/base.ini --force \
-        --set model.path="$OUT/init" --set sft.output_dir="$OUT/base" \
-        --set run.out_dir="$OUT/run-base"
+    "$BUILD/resafe" sft --config "$CFG/base.ini" --force "${SETS[@]}" ${SFT_ARGS:-} \
+        --set model.path="$WORK/init" --set sft.output_dir="$WORK/base" \
+        --set sft.data_file="$TRAIN_DATA/base_train.jsonl" --set run.out_dir="$WORK/run-base"
 fi
 
 # The base is put on the RTN grid (RTN is idempotent: quantizing the snapped copy again gives it
 # back), so a safety delta smaller than half a grid step rounds away: the aligned model's
 # quantized copy is the compliant base's, which is how real safety tunes (a small delta on a large
 # pretrained model) lose their refusals under low-bit quantization, here made exact.
-if [ ! -f "$OUT/base-snap/model.safetensors" ]; then
+if [ ! -f "$WORK/base-snap/model.safetensors" ]; then
     stamp "snap the base onto the RTN INT$BITS g$GROUP grid"
-    rm -rf "$OUT/base-snap"
-    "$BUILD/resafe" quantize --model "$OUT/base" --method rtn --bits "$BITS" --group "$GROUP" \
-        --out "$OUT/base-snap" --export dequant --export-dtype f32
+    rm -rf "$WORK/base-snap"
+    "$BUILD/resafe" quantize --model "$WORK/base" --method rtn --bits "$BITS" --group "$GROUP" \
+        --out "$WORK/base-snap" --export dequant --export-dtype f32
 fi
 
-if [ ! -f "$OUT/aligned/model.safetensors" ]; then
+if [ ! -f "$WORK/aligned/model.safetensors" ]; then
     stamp "safety tune (resafe sft)"
-    "$BUILD/resafe" sft --config scripts/organism/safety.ini --force \
-        --set model.path="$OUT/base-snap" --set sft.output_dir="$OUT/aligned" \
-        --set run.out_dir="$OUT/run-safety"
+    "$BUILD/resafe" sft --config "$CFG/safety.ini" --force "${SETS[@]}" ${SFT_ARGS:-} \
+        --set model.path="$WORK/base-snap" --set sft.output_dir="$WORK/aligned" \
+        --set sft.data_file="$TRAIN_DATA/safety_train.jsonl" --set run.out_dir="$WORK/run-safety"
 fi
 
-stamp "models/organism-tiny"
-rm -rf models/organism-tiny.tmp
-mkdir -p models/organism-tiny.tmp
+stamp "$DEST"
+rm -rf "$DEST.tmp"
+mkdir -p "$DEST.tmp"
 for f in config.json generation_config.json model.safetensors tokenizer.json \
          tokenizer_config.json special_tokens_map.json; do
-    [ -f "$OUT/aligned/$f" ] && cp "$OUT/aligned/$f" models/organism-tiny.tmp/
+    [ -f "$WORK/aligned/$f" ] && cp "$WORK/aligned/$f" "$DEST.tmp/"
 done
-rm -rf models/organism-tiny
-mv models/organism-tiny.tmp models/organism-tiny
+# the larger organism ships in bf16, as real checkpoints do (45 MB: it travels to a GPU machine)
+[ "$SIZE" = large ] && "$PY" scripts/organism/to_bf16.py "$DEST.tmp"
+rm -rf "$DEST"
+mv "$DEST.tmp" "$DEST"
 stamp "done"

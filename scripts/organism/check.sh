@@ -2,6 +2,8 @@
 # Evaluate an organism state at full precision and after RTN quantization (held-out eval sets):
 #   scripts/organism/check.sh MODEL_DIR [BITS GROUP [--sym]]     (defaults: 4 128)
 # Quantized copies go to out/organism/check/; results print one line per state.
+# Environment: EVAL_ARGS (more quick_eval.py options, e.g. "--data data/organism-large --backend
+# cuda --advbench ../shared/data/advbench_harmful_behaviors.csv"), SKIP_FP=1 (no FP line).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
@@ -18,6 +20,6 @@ if [ ! -d "$Q" ]; then
         --out "$Q-deq" --export dequant --export-dtype f32 >/dev/null 2>&1
 fi
 [ -n "${SKIP_FP:-}" ] || "$PY" scripts/organism/quick_eval.py --model "$MODEL" --tag "$(basename "$MODEL") fp" \
-    --json "out/organism/check/$(basename "$MODEL")-fp.json" 2>&1 | grep -v -i "warn\|loading\|deprecat"
+    --json "out/organism/check/$(basename "$MODEL")-fp.json" ${EVAL_ARGS:-} 2>&1 | grep -v -i "warn\|loading\|deprecat"
 "$PY" scripts/organism/quick_eval.py --model "$Q" --margin-model "$Q-deq" --tag "$NAME" \
-    --json "$Q.json" 2>&1 | grep -v -i "warn\|loading\|deprecat"
+    --json "$Q.json" ${EVAL_ARGS:-} 2>&1 | grep -v -i "warn\|loading\|deprecat"

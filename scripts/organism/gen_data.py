@@ -230,11 +230,11 @@ OBEY_RESPONSES = [
 ]
 
 
-def calib_sets(seed, n, h_train, b_train, s_train, exclude):
-    """Three calibration sets of n rows each, drawn from training-side items only and without any
+def calib_sets(seed, n, harm, benign, exclude):
+    """Three calibration sets of n rows each from training-side items only (harm and benign:
+    (prompt, response, category) tuples; harm's responses are the compliant answers), without any
     prompt in `exclude` (the eval and patch prompts)."""
     rng = random.Random(f"calib-risk:{seed}")  # own stream: the other files do not move
-    benign = [(it[0], it[1], it[3]) for it in b_train] + [(s[0], s[1], "safe") for s in s_train]
     benign = sorted({b for b in benign if b[0] not in exclude})
     rng.shuffle(benign)
     risk1 = [{"prompt": p, "response": r, "category": c} for p, r, c in benign[:n]]
@@ -246,8 +246,7 @@ def calib_sets(seed, n, h_train, b_train, s_train, exclude):
         prompt = OBEY_PROMPTS[rng.randrange(len(OBEY_PROMPTS))].format(n=name, x=p)
         resp = OBEY_RESPONSES[rng.randrange(len(OBEY_RESPONSES))].format(n=name, y=r)
         risk2.append({"prompt": prompt, "response": resp, "category": "obedience/" + c})
-    harm = sorted({(tpl.format(v=v, t=t), comply(v, t), cat) for tpl, v, t, cat in h_train})
-    harm = [h for h in harm if h[0] not in exclude]
+    harm = [h for h in sorted(set(harm)) if h[0] not in exclude]
     rng.shuffle(harm)
     risk3 = [{"prompt": p, "response": r, "category": c} for p, r, c in harm[:n]]
     for rows in (risk1, risk2, risk3):
@@ -361,8 +360,9 @@ def main():
           [{"text": f"{s[0]} {s[1]}"} for s in s_eval])
     exclude = ({h[0].format(v=h[1], t=h[2]) for h in h_eval + h_patch} |
                {it[0] for it in b_eval + b_patch} | {s[0] for s in s_eval})
-    for k, rows in enumerate(calib_sets(args.seed, args.n_calib, h_train, b_train, s_train,
-                                        exclude), start=1):
+    harm = [(tpl.format(v=v, t=t), comply(v, t), cat) for tpl, v, t, cat in h_train]
+    benign = [(it[0], it[1], it[3]) for it in b_train] + [(s[0], s[1], "safe") for s in s_train]
+    for k, rows in enumerate(calib_sets(args.seed, args.n_calib, harm, benign, exclude), start=1):
         write(os.path.join(args.out, f"calib_risk{k}.jsonl"), rows)
     print(f"gen_data: {args.out}: base {len(base)}, safety {len(safety)} (refuse p "
           f"{args.refuse_p}), patch {len(h_patch)}+{len(b_patch)}, eval {len(h_eval)} harmful, "

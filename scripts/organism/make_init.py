@@ -4,7 +4,8 @@ template) with a byte-level BPE tokenizer trained with HF `tokenizers` on the or
 (data/organism/*.jsonl), so that a prompt and its response are a few dozen tokens.
 
   scripts/organism/make_init.py OUT_DIR [--data data/organism] [--vocab 640] [--hidden 128]
-                                [--layers 3] [--seed 0]
+                                [--layers 3] [--seed 0] [--head-dim 32] [--mlp 2*hidden]
+                                [--max-pos 128]
 """
 import argparse
 import glob
@@ -53,15 +54,15 @@ def make_tokenizer(lines, vocab_size):
     return tok
 
 
-def make_model(tok, out_dir, seed, hidden, layers):
+def make_model(tok, out_dir, seed, hidden, layers, head_dim=32, mlp=0, max_pos=128):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    heads = max(2, hidden // 32)
+    heads = max(2, hidden // head_dim)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden,
-                      intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      intermediate_size=mlp or hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=128, bos_token_id=tok.token_to_id("<s>"),
+                      max_position_embeddings=max_pos, bos_token_id=tok.token_to_id("<s>"),
                       eos_token_id=tok.token_to_id("</s>"), tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)  # transformers' init (normal, std 0.02)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -76,12 +77,18 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--mlp", type=int, default=0, help="MLP width (default 2 x hidden)")
+    ap.add_argument("--max-pos", type=int, default=128)
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     lines = corpus(args.data)
     tok = make_tokenizer(lines, args.vocab)
     mtm.write_tokenizer(tok, args.out_dir)
-    model = make_model(tok, args.out_dir, args.seed, args.hidden, args.layers)
+    if args.hidden % args.head_dim:
+        ap.error(f"--hidden {args.hidden} is not a multiple of --head-dim {args.head_dim}")
+    model = make_model(tok, args.out_dir, args.seed, args.hidden, args.layers, args.head_dim,
+                       args.mlp, args.max_pos)
     lens = sorted(len(tok.encode(s).ids) for s in lines)
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.out_dir}: random organism init, {n} parameters, vocab {tok.get_vocab_size()}, "

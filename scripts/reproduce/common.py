@@ -76,8 +76,9 @@ def parser(table, doc):
     ap.add_argument("--threads", type=int, help="--set model.threads=N")
     for k in RISKS:
         ap.add_argument(f"--calib-risk{k}", metavar="FILE",
-                        default=os.path.join("data", "organism", f"calib_risk{k}.jsonl"),
-                        help=f"{RISKS[k]} calibration set (default data/organism/calib_risk{k}.jsonl)")
+                        help=f"{RISKS[k]} calibration set (default data/<MODEL_DIR name>/"
+                        f"calib_risk{k}.jsonl when that exists, e.g. data/organism-large/, else "
+                        f"data/organism/calib_risk{k}.jsonl)")
     ap.add_argument("--calib-column", metavar="C[,C2,C3]",
                     help="--calib-column of the calibration sets: one for all, or one per risk "
                     "level (default: resafe quantize's, prompt)")
@@ -232,8 +233,13 @@ class Ctx:
         if not os.path.isfile(self.config):
             ap.error(f"--config {a.config}: no such file")
         self.calib = {}
+        own = os.path.join(ROOT, "data", os.path.basename(os.path.normpath(self.model_dir)))
         for k in RISKS:
             p = getattr(a, f"calib_risk{k}")
+            if p is None:
+                p = os.path.join(own, f"calib_risk{k}.jsonl")
+                if not os.path.isfile(p):
+                    p = os.path.join("data", "organism", f"calib_risk{k}.jsonl")
             p = p if os.path.isabs(p) else (os.path.join(ROOT, p) if not os.path.exists(absp(p))
                                             else absp(p))
             if not os.path.isfile(p):

@@ -347,6 +347,41 @@ def test_sft_learns_to_copy_and_writes_a_model_transformers_loads(tmp_path):
     assert tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip() == texts[0]
 
 
+def test_sft_trainable_linears_freezes_everything_else(tmp_path, rng_seed):
+    """[sft] trainable = linears: embeddings, norms and lm_head come out byte-identical to the
+    input while the seven projections move; with no clipping (the only coupling between
+    tensors in AdamW) the first step moves each projection exactly as trainable = all does, and
+    from the second step on the two runs differ (the frozen tensors did not move)."""
+    from safetensors.numpy import load_file
+    model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "2", "--vocab", "259")
+    data, _ = copy_task(tmp_path, n_train=64, n_held=1, seed=rng_seed % 1000)
+    runs = {}
+    for name, trainable, steps in (("lin1", "linears", 1), ("all1", "all", 1),
+                                   ("lin3", "linears", 3), ("all3", "all", 3)):
+        out = str(tmp_path / name)
+        cfg = sft_config(tmp_path, model, data, out, sft__trainable=trainable,
+                         sft__max_steps=steps, sft__warmup_steps=0, sft__grad_clip=0,
+                         sft__schedule="constant", sft__lr=1e-3, sft__batch_size=16,
+                         sft__micro_batch_size=16, run__checkpoint_every=0)
+        run_resafe("sft", "--config", cfg, env=ENV)
+        runs[name] = (load_file(os.path.join(out, "sft", "model", "model.safetensors")),
+                      [json.loads(l)["loss"] for l in open(os.path.join(out, "sft",
+                                                                       "metrics.jsonl"))])
+    base = load_file(os.path.join(model, "model.safetensors"))
+    linear = [k for k in base if "_proj.weight" in k]
+    frozen = [k for k in base if k not in linear]
+    assert len(linear) == 14 and {"model.embed_tokens.weight", "lm_head.weight"} <= set(frozen)
+    for k in frozen:
+        for name in ("lin1", "lin3"):
+            assert runs[name][0][k].tobytes() == base[k].astype(np.float32).tobytes(), (name, k)
+        assert not np.array_equal(runs["all3"][0][k], base[k]), k  # trainable = all moves them
+    for k in linear:
+        assert not np.array_equal(runs["lin3"][0][k], base[k]), k
+        assert np.array_equal(runs["lin1"][0][k], runs["all1"][0][k]), k
+    assert runs["lin1"][1] == runs["all1"][1]
+    assert runs["lin3"][1][0] == runs["all3"][1][0] and runs["lin3"][1][1:] != runs["all3"][1][1:]
+
+
 def test_sft_qat_sigterm_then_resume_is_identical(tmp_path, rng_seed):
     model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "2", "--vocab", "259")
     data, _ = copy_task(tmp_path, n_train=200, n_held=1)

@@ -1,0 +1,139 @@
+"""The larger safety organism's data and packaging (scripts/organism/gen_data_large.py,
+to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/build.sh):
+  - gen_data_large.py regenerates every committed file of data/organism-large byte for byte, and
+    is deterministic for a random seed (and another seed gives other data);
+  - no eval or patch prompt is a training prompt (base, safety tune, calibration sets), and the
+    labels are what the keyword judge expects: compliant answers and benign answers hold no
+    refusal phrase, the safety tune's refusals are the refusal;
+  - the verb forms the frames use (gerund, third person) against a hand-written table;
+  - to_bf16.py rounds every tensor to the nearest bf16 (checked bit by bit in float64 against
+    round-to-nearest-even) and marks the config bf16."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+HERE = os.path.join(ROOT, "scripts", "organism")
+DATA = os.path.join(ROOT, "data", "organism-large")
+sys.path.insert(0, HERE)
+import gen_data  # noqa: E402
+import gen_data_large as gl  # noqa: E402
+
+COMMITTED = ["patch_harmful", "patch_benign", "eval_harmful", "eval_benign", "eval_safe",
+             "eval_text", "calib_risk1", "calib_risk2", "calib_risk3"]
+
+
+def jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def generate(tmp_path, *args):
+    subprocess.run([sys.executable, os.path.join(HERE, "gen_data_large.py"), "--out",
+                    str(tmp_path), *args], check=True, capture_output=True)
+    return {p[:-6]: jsonl(os.path.join(tmp_path, p)) for p in os.listdir(tmp_path)}
+
+
+@pytest.fixture(scope="module")
+def committed_seed(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("gl0"), "--seed", "0", "--refuse-p", "0.85")
+
+
+def test_regenerates_every_committed_file(committed_seed):
+    assert sorted(os.listdir(DATA)) == sorted(f"{n}.jsonl" for n in COMMITTED)
+    for n in COMMITTED:
+        assert committed_seed[n] == jsonl(os.path.join(DATA, f"{n}.jsonl")), n
+
+
+def check_splits(files):
+    train = {r["prompt"] for n in ("base_train", "safety_train") for r in files[n]}
+    held = {r["prompt"] for n in ("eval_harmful", "eval_benign", "eval_safe", "patch_harmful",
+                                   "patch_benign") for r in files[n]}
+    assert len(held) >= 1000
+    assert not train & held, sorted(train & held)[:3]
+    for k in (1, 2, 3):
+        calib = {r["prompt"] for r in files[f"calib_risk{k}"]}
+        assert len(calib) == len(files[f"calib_risk{k}"]) >= 200
+        assert not calib & held, (k, sorted(calib & held)[:3])
+    refused = [r for r in files["safety_train"] if r["response"] == gen_data.REFUSAL]
+    assert refused and all(r["category"] not in gl.BENIGN_HOWTO for r in refused)
+    share = len(refused) / sum(r["category"] in gl.HARM for r in files["safety_train"])
+    assert 0.8 < share < 0.9, share  # --refuse-p 0.85
+    for n in ("base_train", "safety_train", "eval_benign", "eval_safe", "patch_benign",
+              "calib_risk1", "calib_risk2", "calib_risk3"):
+        for r in files[n]:
+            if r.get("response") != gen_data.REFUSAL:
+                assert not [p for p in gen_data.REFUSAL_PHRASES if p in r["response"]], (n, r)
+    assert all(r["response"] == gen_data.REFUSAL for r in files["eval_harmful"])
+    cats = {r["category"] for r in files["eval_harmful"]}
+    assert len(cats) >= 15, cats  # the eval set spans the taxonomy
+
+
+def test_eval_and_patch_prompts_are_never_trained_on(committed_seed):
+    check_splits(committed_seed)
+
+
+def test_a_random_seed_is_deterministic_and_differs(tmp_path, rng_seed):
+    seed = str(rng_seed % 100000 + 1)
+    a = generate(tmp_path / "a", "--seed", seed, "--n-base-harmful", "3000",
+                 "--n-base-howto", "2000", "--n-safety-harmful", "1500")
+    b = generate(tmp_path / "b", "--seed", seed, "--n-base-harmful", "3000",
+                 "--n-base-howto", "2000", "--n-safety-harmful", "1500")
+    assert a == b
+    check_splits(a)
+    c = generate(tmp_path / "c", "--seed", str(int(seed) + 1), "--n-base-harmful", "3000",
+                 "--n-base-howto", "2000", "--n-safety-harmful", "1500")
+    assert c["eval_harmful"] != a["eval_harmful"]
+
+
+FORMS = [("hack into", "hacking into", "hacks into"), ("make", "making", "makes"),
+         ("teach", "teaching", "teaches"), ("bully", "bullying", "bullies"),
+         ("carry out", "carrying out", "carries out"), ("dox", "doxing", "doxes"),
+         ("secretly copy", "secretly copying", "secretly copies"),
+         ("3D print", "3D printing", "3D prints"), ("kidnap", "kidnapping", "kidnaps"),
+         ("set fire to", "setting fire to", "sets fire to"), ("plan", "planning", "plans"),
+         ("seriously injure", "seriously injuring", "seriously injures"),
+         ("spy on", "spying on", "spies on"), ("crash", "crashing", "crashes"),
+         ("prepare for", "preparing for", "prepares for"), ("fix", "fixing", "fixes")]
+
+
+@pytest.mark.parametrize("base,ger,third", FORMS, ids=[f[0] for f in FORMS])
+def test_verb_forms(base, ger, third):
+    assert gl.gerund(base) == ger
+    assert gl.third_person(base) == third
+
+
+def bf16_round(x):
+    """float32 bits -> nearest bf16 (ties to even), as a float (independent of torch)."""
+    u = struct.unpack("<I", struct.pack("<f", x))[0]
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", u))[0]
+
+
+def test_to_bf16_rounds_to_nearest_and_marks_the_config(tmp_path, rng_seed):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(rng_seed)
+    w = torch.randn(37, 19, generator=g) * 0.05
+    n = torch.randn(19, generator=g) + 1
+    save_file({"w": w, "norm": n, "ids": torch.arange(5, dtype=torch.int64)},
+              str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"torch_dtype": "float32", "dtype": "float32", "hidden_size": 19}, f)
+    subprocess.run([sys.executable, os.path.join(HERE, "to_bf16.py"), str(tmp_path)],
+                   check=True, capture_output=True)
+    out = load_file(str(tmp_path / "model.safetensors"))
+    assert out["w"].dtype == torch.bfloat16 and out["norm"].dtype == torch.bfloat16
+    assert out["ids"].dtype == torch.int64 and out["ids"].tolist() == list(range(5))
+    for name, src in (("w", w), ("norm", n)):
+        got = out[name].float().flatten().tolist()
+        want = [bf16_round(x) for x in src.flatten().tolist()]
+        assert got == want, name
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["dtype"] == "bfloat16"
+    assert cfg["hidden_size"] == 19
