@@ -374,11 +374,26 @@ def gen_single(gen_setup):
 def test_triplets_and_eval_on_ranks_write_the_one_process_bytes(gen_setup, gen_single, world):
     """Prompt i on rank i mod world, gathered: the patch set, eval.json and the responses are
     the one-process run's byte for byte, written once (by rank 0); the other ranks print
-    nothing on stdout."""
+    nothing on stdout. The patch set's reference log-probs and eval's perplexity and KL passes
+    are split by whole batches ([dpo] batch_size 4 pairs; [generate] batch_size 3 sequences:
+    4 held-out texts and 6 benign responses are 2 batches each) and gathered: each rank logs
+    the sequences it ran (-v), and the ppl and KL numbers in eval.json are the one-process
+    bytes only if every rank ran its share."""
     cfg, out = gen_config(gen_setup, f"g{world}")
     res = run_world(world, ["triplets", "--config", cfg], f"g{world}-{os.getpid()}")
     res += run_world(world, ["eval", "--config", cfg, "--model", f"q={gen_setup[2]}",
-                             "--reference", gen_setup[1]], f"g{world}e-{os.getpid()}")
+                             "--reference", gen_setup[1], "-v"], f"g{world}e-{os.getpid()}")
+    passes = {}
+    for _, _, err in res[world:]:
+        for name, what, a, b, n, r, w in re.findall(
+                r"eval: (\S+)/(ppl|kl): sequences \[(\d+), (\d+)\) of (\d+) computed here "
+                r"\(rank (\d+) of (\d+)\)", err):
+            passes.setdefault((name, what, int(n)), []).append((int(a), int(b), int(r), int(w)))
+    assert {(name, what) for name, what, _ in passes} >= {("q", "ppl"), ("q", "kl")}, passes
+    for (name, what, n), shares in passes.items():
+        want = chunk_shares(n, min(3, n), world)
+        assert sorted(shares, key=lambda x: x[2]) == [
+            (a, b, r, world) for r, (a, b) in enumerate(want)], (name, what, shares)
     got = tree(out)
     assert sorted(got) == sorted(gen_single)
     for name in gen_single:
