@@ -1,6 +1,7 @@
 /* dpo: preference data, the DPO loss and its gradient through the model (equations in
  * include/resafe/dpo.h). The training loop that drives it lives in dpo_run.c. */
 #include "resafe/dpo.h"
+#include "resafe/shard.h"
 
 #include <cJSON.h>
 #include <math.h>
@@ -175,13 +176,15 @@ static const rs_train_batch *pair_batch(rs_dpo_trainer *t, const int32_t *idx, i
     return rs_batch_fill(&t->bb, t->seqs, with_rejected ? 2 * k : k, NULL);
 }
 
-int rs_dpo_reference(rs_dpo_trainer *t) {
+/* Reference log-probs of pairs [first, end) in micro-batches from `first` (a batch boundary of
+ * the whole pass, or 0). */
+static int reference_range(rs_dpo_trainer *t, int first, int end) {
     rs_pref_set *d = t->data;
     int enabled = t->lora ? t->lora->enabled : 0, rc = 0;
     if (t->lora) t->lora->enabled = 0; /* the forward then takes the plain model's path */
     int32_t *idx = rs_malloc((size_t)t->p.micro_pairs * sizeof *idx);
-    for (int a = 0; a < d->n && rc == 0; a += t->p.micro_pairs) {
-        int k = d->n - a < t->p.micro_pairs ? d->n - a : t->p.micro_pairs;
+    for (int a = first; a < end && rc == 0; a += t->p.micro_pairs) {
+        int k = end - a < t->p.micro_pairs ? end - a : t->p.micro_pairs;
         for (int i = 0; i < k; i++) idx[i] = a + i;
         rc = rs_train_forward(t->m, t->lora, t->state, pair_batch(t, idx, k, 1), t->logp);
         for (int i = 0; i < k && rc == 0; i++) {
@@ -191,8 +194,50 @@ int rs_dpo_reference(rs_dpo_trainer *t) {
     }
     if (t->lora) t->lora->enabled = enabled;
     free(idx);
-    if (rc == 0) d->has_ref = 1;
     return rc;
+}
+
+int rs_dpo_reference(rs_dpo_trainer *t) { return rs_dpo_reference_sharded(t, NULL); }
+
+/* Every rank's share (pairs in order, chosen then rejected per pair) into the arrays. */
+static int unpack_refs(rs_pref_set *d, int micro_pairs, int world, const float *all,
+                       const size_t *sizes) {
+    for (int r = 0; r < world; r++) {
+        rs_shard s;
+        rs_chunk_shard(d->n, micro_pairs, world, r, &s);
+        if (sizes[r] != 2 * (size_t)s.count * sizeof *all)
+            return RS_FAIL("dpo reference: rank %d sent %zu bytes for its %d pairs (%zu expected)",
+                           r, sizes[r], s.count, 2 * (size_t)s.count * sizeof *all);
+        for (int i = 0; i < s.count; i++) {
+            d->ref_chosen[s.first + i] = *all++;
+            d->ref_rejected[s.first + i] = *all++;
+        }
+    }
+    return 0;
+}
+
+int rs_dpo_reference_sharded(rs_dpo_trainer *t, rs_comm *comm) {
+    rs_pref_set *d = t->data;
+    int world = comm ? rs_comm_world(comm) : 1, rank = comm ? rs_comm_rank(comm) : 0;
+    rs_shard s;
+    rs_chunk_shard(d->n, t->p.micro_pairs, world, rank, &s);
+    RS_TRY(reference_range(t, s.first, s.first + s.count));
+    if (world > 1) {
+        float *mine = rs_malloc((2 * (size_t)s.count + 1) * sizeof *mine);
+        for (int i = 0; i < s.count; i++) {
+            mine[2 * i] = d->ref_chosen[s.first + i];
+            mine[2 * i + 1] = d->ref_rejected[s.first + i];
+        }
+        size_t *sizes = rs_calloc((size_t)world, sizeof *sizes);
+        void *all = NULL;
+        int rc = rs_comm_all_gather(comm, mine, 2 * (size_t)s.count * sizeof *mine, &all, sizes,
+                                    "the reference log-probs");
+        if (rc == 0) rc = unpack_refs(d, t->p.micro_pairs, world, all, sizes);
+        free(mine), free(sizes), free(all);
+        RS_TRY(rc);
+    }
+    d->has_ref = 1;
+    return 0;
 }
 
 int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats *stats) {

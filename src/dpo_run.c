@@ -7,8 +7,10 @@
  * AdamW honouring the masks. Outputs in <[run] out_dir>/dpo: adapter.h5, adapter_peft/ (not for
  * elementwise masks), metrics.jsonl, checkpoint.h5.
  *
- * Data parallel (world > 1, comm.h): every rank loads the same data and draws the same global
- * batch; rank r computes the gradient of its slice (shard.h) as that slice's share of the global
+ * Data parallel (world > 1, comm.h): every rank loads the same data; the reference log-probs
+ * are split over the ranks by whole micro-batches and all-gathered (rs_dpo_reference_sharded:
+ * the arrays of one process, bit for bit). Every rank draws the same global batch; rank r
+ * computes the gradient of its slice (shard.h) as that slice's share of the global
  * mean, and the sum all-reduce (in buckets of [dist] bucket_mb, after backward) gives every rank
  * the global batch's gradient; clipping and AdamW then run on identical numbers everywhere, so
  * the adapters stay identical without being broadcast. The SNIP weight gradients are
@@ -547,6 +549,21 @@ static int train(dpo_run *r) {
     return rs_train_loop_run(&loop);
 }
 
+/* Which pairs this rank computed the reference of, and an FNV-1a hash of the whole gathered
+ * arrays (every rank's must match one process's: the tests compare them). */
+static void log_reference_share(const dpo_run *r) {
+    rs_shard s;
+    rs_chunk_shard(r->data.n, r->t.p.micro_pairs, r->dist.world, r->dist.rank, &s);
+    uint64_t h = 1469598103934665603ull;
+    for (int k = 0; k < 2; k++) {
+        const uint8_t *b = (const uint8_t *)(k ? r->data.ref_rejected : r->data.ref_chosen);
+        for (size_t i = 0; i < (size_t)r->data.n * sizeof(float); i++)
+            h = (h ^ b[i]) * 1099511628211ull;
+    }
+    rs_debug("dpo: reference of pairs [%d, %d) computed here, hash of all %016llx (rank %d of %d)",
+             s.first, s.first + s.count, (unsigned long long)h, r->dist.rank, r->dist.world);
+}
+
 static int start_or_resume(dpo_run *r, int resume, int force) {
     const dpo_options *o = &r->o;
     /* rank 0 looks at the run directory; the others take its verdict (a failure there is
@@ -563,9 +580,10 @@ static int start_or_resume(dpo_run *r, int resume, int force) {
         rs_info("dpo: resuming %s at step %lld", o->ckpt_path, (long long)r->step);
     } else if (!r->data.has_ref) {
         double t0 = rs_now();
-        RS_TRY(rs_dpo_reference(&r->t));
-        rs_info("dpo: reference log-probs of %d pairs (adapter off) in %.1f s", r->data.n,
-                rs_now() - t0);
+        RS_TRY(rs_dpo_reference_sharded(&r->t, r->comm));
+        rs_info("dpo: reference log-probs of %d pairs (adapter off) in %.1f s%s", r->data.n,
+                rs_now() - t0, r->comm ? ", split over the ranks" : "");
+        if (rs_get_log_level() >= RS_LOG_DEBUG) log_reference_share(r);
     }
     if (r->dist.rank != 0) return 0;
     return rs_metrics_open(&r->log, o->metrics_path, resume ? r->ckpt.metrics_bytes : 0);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "eval_internal.h"
+#include "resafe/shard.h"
 
 /* ---------------------------------------------------------------- growing text buffer */
 typedef struct {
@@ -97,15 +98,25 @@ static int batch_for(const ev_model *em, int rows_per_seq, int cap) {
 
 typedef void (*row_fn)(void *user, int seq, int t, const float *logits, int target);
 
-/* Run sequences through the model (right-padded batches, no generation) and call fn for each
- * position t in [start[i] - 1, len[i] - 2] with its logits and the next token (target), in order
- * of sequence then position. last_only: only the last position of each sequence (target -1). */
-static int run_positions(ev_model *em, int32_t *const *ids, const int *len, const int *start, int n,
-                         int last_only, row_fn fn, void *user, rs_progress *bar) {
+/* Sequences per forward of a pass over sequences of len[0..n): the batch size is the set's, so
+ * every part of the set runs in the batches the whole set does. */
+static int pass_batch(const ev_model *em, const int *len, int n, int last_only) {
+    int T = 0;
+    for (int i = 0; i < n; i++) T = len[i] > T ? len[i] : T;
+    return batch_for(em, last_only ? 1 : T, em->gen.batch_size < n ? em->gen.batch_size : n);
+}
+
+/* Run sequences [lo, hi) of n through the model (right-padded batches of the whole set's
+ * pass_batch, from lo, no generation) and call fn for each position t in [start[i] - 1,
+ * len[i] - 2] with its logits and the next token (target), in order of sequence then position.
+ * last_only: only the last position of each sequence (target -1). */
+static int run_positions_range(ev_model *em, int32_t *const *ids, const int *len, const int *start,
+                               int n, int lo, int hi, int last_only, row_fn fn, void *user,
+                               rs_progress *bar) {
     int V = em->m.cfg.vocab_size, T = 0, rc = 0;
     for (int i = 0; i < n; i++) T = len[i] > T ? len[i] : T;
-    if (n == 0 || T == 0) return 0;
-    int B = batch_for(em, last_only ? 1 : T, em->gen.batch_size < n ? em->gen.batch_size : n);
+    if (hi <= lo || T == 0) return 0;
+    int B = pass_batch(em, len, n, last_only);
     int rows = last_only ? B : B * T;
     rs_kv_cache cache;
     RS_TRY(rs_kv_cache_init(&em->m, B, T, &cache));
@@ -116,8 +127,8 @@ static int run_positions(ev_model *em, int32_t *const *ids, const int *len, cons
     int32_t *tok = rs_malloc((size_t)B * T * sizeof *tok),
             *pos = rs_malloc((size_t)B * T * sizeof *pos);
     float *logits = rs_malloc((size_t)rows * V * sizeof *logits);
-    for (int first = 0; first < n && rc == 0; first += B) {
-        int nb = n - first < B ? n - first : B, Tb = 0;
+    for (int first = lo; first < hi && rc == 0; first += B) {
+        int nb = hi - first < B ? hi - first : B, Tb = 0;
         for (int b = 0; b < nb; b++) Tb = len[first + b] > Tb ? len[first + b] : Tb;
         for (int b = 0; b < nb; b++)
             for (int t = 0; t < Tb; t++) {
@@ -136,10 +147,80 @@ static int run_positions(ev_model *em, int32_t *const *ids, const int *len, cons
             for (int t = start[i] - 1; t <= len[i] - 2; t++)
                 fn(user, i, t, logits + ((size_t)b * Tb + t) * V, ids[i][t + 1]);
         }
-        if (bar) rs_progress_update(bar, first + nb, bar->tokens + (long long)nb * Tb);
+        if (bar) rs_progress_update(bar, first + nb - lo, bar->tokens + (long long)nb * Tb);
     }
     free(tok), free(pos), free(logits);
     rs_kv_cache_free(&em->m, &cache);
+    return rc;
+}
+
+static int run_positions(ev_model *em, int32_t *const *ids, const int *len, const int *start, int n,
+                         int last_only, row_fn fn, void *user, rs_progress *bar) {
+    return run_positions_range(em, ids, len, start, n, 0, n, last_only, fn, user, bar);
+}
+
+/* ---------------------------------------------------------------- passes split over the ranks */
+
+/* A teacher-forced pass whose every position gives one number (its NLL, its KL term) over the
+ * ranks of a data-parallel job: rank r runs the whole batches rs_chunk_shard names (the batches
+ * of one process, so each position's logits, and its number, are one process's bytes) and an
+ * all-gather hands every rank every position's number in sequence-then-position order; the caller
+ * sums them in that order, as one process adds them up, so the sum is bit-identical whatever the
+ * world size. One process (comm NULL or world 1) runs the whole set. */
+typedef int (*value_fn)(void *user, const float *logits, int target, double *value);
+
+typedef struct {
+    value_fn fn;
+    void *user;
+    double *v;
+    long n, cap;
+    int failed; /* fn failed (its message recorded): the later rows are skipped */
+} collect_ctx;
+
+static void collect_row(void *user, int i, int t, const float *z, int target) {
+    (void)i, (void)t;
+    collect_ctx *c = user;
+    if (c->failed) return;
+    if (c->n == c->cap) c->v = rs_realloc(c->v, (size_t)(c->cap = 2 * c->cap + 64) * sizeof *c->v);
+    c->failed = c->fn(c->user, z, target, &c->v[c->n++]) != 0;
+}
+
+/* This rank's sequences of a pass over n (all of them alone). */
+static rs_shard pass_shard(const ev_model *em, const int *len, int n) {
+    int world = em->comm ? rs_comm_world(em->comm) : 1,
+        rank = em->comm ? rs_comm_rank(em->comm) : 0;
+    rs_shard s = {0, n};
+    if (world > 1 && n > 0) rs_chunk_shard(n, pass_batch(em, len, n, 0), world, rank, &s);
+    return s;
+}
+
+/* The numbers of every position of sequences [0, n) (*values malloc'ed, *n_values of them): this
+ * rank computes those of sequences s (pass_shard), the ranks all-gather. `what` names the pass
+ * in the log and in a failed gather ("q/ppl"). -1 when fn failed (its message) or the gather did;
+ * *values is then NULL. */
+static int position_values(ev_model *em, int32_t *const *ids, const int *len, const int *start,
+                           int n, rs_shard s, value_fn fn, void *user, rs_progress *bar,
+                           const char *what, double **values, long *n_values) {
+    collect_ctx c = {fn, user, NULL, 0, 0, 0};
+    int rc = run_positions_range(em, ids, len, start, n, s.first, s.first + s.count, 0, collect_row,
+                                 &c, bar);
+    if (c.failed) rc = -1; /* before the gather: the other ranks see this one exit */
+    int world = em->comm ? rs_comm_world(em->comm) : 1;
+    if (rc == 0 && world > 1) {
+        rs_debug("eval: %s: sequences [%d, %d) of %d computed here (rank %d of %d)", what, s.first,
+                 s.first + s.count, n, rs_comm_rank(em->comm), world);
+        size_t *sizes = rs_calloc((size_t)world, sizeof *sizes), total = 0;
+        void *all = NULL;
+        rc = rs_comm_all_gather(em->comm, c.v ? (void *)c.v : (void *)"", (size_t)c.n * sizeof *c.v,
+                                &all, sizes, what);
+        for (int r = 0; rc == 0 && r < world; r++) total += sizes[r];
+        if (rc == 0 && total % sizeof *c.v != 0)
+            rc = RS_FAIL("eval: %s: the ranks sent %zu bytes, not whole numbers", what, total);
+        free(c.v), free(sizes);
+        c.v = all, c.n = (long)(total / sizeof *c.v);
+    }
+    if (rc != 0) free(c.v), c.v = NULL, c.n = 0;
+    *values = c.v, *n_values = c.n;
     return rc;
 }
 
@@ -524,11 +605,10 @@ typedef struct {
     long n;
 } ppl_ctx;
 
-static void ppl_row(void *user, int i, int t, const float *z, int target) {
-    (void)i, (void)t;
-    ppl_ctx *p = user;
-    p->nll += log_sum_exp(z, p->V) - (double)z[target];
-    p->n++;
+static int ppl_value(void *user, const float *z, int target, double *value) {
+    const ppl_ctx *p = user;
+    *value = log_sum_exp(z, p->V) - (double)z[target];
+    return 0;
 }
 
 static int perplexity(model_run *r) {
@@ -552,8 +632,17 @@ static int perplexity(model_run *r) {
     ppl_ctx p = {r->em.m.cfg.vocab_size, 0, 0};
     rs_progress bar;
     progress_begin(&bar, r, "ppl", n);
-    if (rc == 0) rc = run_positions(&r->em, ids, lens, start, n, 0, ppl_row, &p, &bar);
+    double *v = NULL;
+    long nv = 0;
+    char what[128];
+    snprintf(what, sizeof what, "%s/ppl", r->model->name);
+    if (rc == 0)
+        rc = position_values(&r->em, ids, lens, start, n, pass_shard(&r->em, lens, n), ppl_value,
+                             &p, &bar, what, &v, &nv);
     rs_progress_end(&bar);
+    for (long j = 0; j < nv; j++) p.nll += v[j]; /* in order: one process's sum */
+    p.n = nv;
+    free(v);
     ev_free_ids(ids, lens, n);
     free(start);
     if (p.n > 0)
@@ -571,25 +660,36 @@ typedef struct {
     float *row;
     double kl;
     long n;
-    int failed;
 } kl_ctx;
 
-static void kl_row(void *user, int i, int t, const float *z, int target) {
-    (void)i, (void)t, (void)target;
+/* Reads the reference's row of this position (the file is at it: rows in position order). */
+static int kl_value(void *user, const float *z, int target, double *value) {
+    (void)target;
     kl_ctx *k = user;
     double ref_lse;
     if (fread(k->row, sizeof *k->row, (size_t)k->V, k->ref->logp) != (size_t)k->V ||
-        fread(&ref_lse, sizeof ref_lse, 1, k->ref->logp) != 1) {
-        k->failed = 1;
-        return;
-    }
+        fread(&ref_lse, sizeof ref_lse, 1, k->ref->logp) != 1)
+        return RS_FAIL("eval: reading the reference log-probs back failed");
     double lse = log_sum_exp(z, k->V), kl = 0;
     for (int v = 0; v < k->V; v++) {
         double lr = (double)k->row[v] - ref_lse;
         kl += exp(lr) * (lr - ((double)z[v] - lse));
     }
-    k->kl += kl;
-    k->n++;
+    *value = kl;
+    return 0;
+}
+
+/* The reference file at the first position of sequence `first`: rows of V floats and a double,
+ * len - start positions per sequence (run_positions). */
+static int kl_seek(const ev_reference *ref, int first) {
+    int64_t rows = 0;
+    for (int i = 0; i < first; i++)
+        rows += ref->seq_len[i] > ref->seq_prompt[i] ? ref->seq_len[i] - ref->seq_prompt[i] : 0;
+    int64_t at = rows * ((int64_t)ref->vocab * (int64_t)sizeof(float) + (int64_t)sizeof(double));
+    if (fseeko(ref->logp, (off_t)at, SEEK_SET) != 0)
+        return RS_FAIL("eval: seeking the reference log-probs to position %lld failed",
+                       (long long)rows);
+    return 0;
 }
 
 static int kl_to_reference(model_run *r) {
@@ -599,16 +699,24 @@ static int kl_to_reference(model_run *r) {
         cJSON_AddNullToObject(r->json, "kl_positions");
         return 0;
     }
-    kl_ctx k = {ref, ref->vocab, rs_malloc((size_t)ref->vocab * sizeof(float)), 0, 0, 0};
-    rewind(ref->logp);
+    kl_ctx k = {ref, ref->vocab, rs_malloc((size_t)ref->vocab * sizeof(float)), 0, 0};
+    rs_shard s = pass_shard(&r->em, ref->seq_len, ref->n_benign);
+    double *v = NULL;
+    long nv = 0;
+    char what[128];
+    snprintf(what, sizeof what, "%s/kl", r->model->name);
     rs_progress bar;
     progress_begin(&bar, r, "kl", ref->n_benign);
-    int rc = run_positions(&r->em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, 0,
-                           kl_row, &k, &bar);
+    int rc = kl_seek(ref, s.first);
+    if (rc == 0)
+        rc = position_values(&r->em, ref->seq_ids, ref->seq_len, ref->seq_prompt, ref->n_benign, s,
+                             kl_value, &k, &bar, what, &v, &nv);
     rs_progress_end(&bar);
-    free(k.row);
-    if (rc == 0 && (k.failed || k.n != ref->n_positions))
-        rc = RS_FAIL("eval: reading the reference log-probs back failed");
+    for (long j = 0; j < nv; j++) k.kl += v[j]; /* in order: one process's sum */
+    k.n = nv;
+    free(k.row), free(v);
+    if (rc == 0 && k.n != ref->n_positions)
+        rc = RS_FAIL("eval: %ld KL positions, the reference has %ld", k.n, ref->n_positions);
     add_rate(r->json, "kl_to_fp", 1, k.kl, (double)k.n);
     cJSON_AddNumberToObject(r->json, "kl_positions", (double)k.n);
     return rc;

@@ -30,6 +30,15 @@ int rs_batch_check_world(int batch_size, int n_data, int world, const char *what
                    world, what, world);
 }
 
+void rs_chunk_shard(int n, int chunk, int world, int rank, rs_shard *out) {
+    int64_t c = chunk > 0 ? ((int64_t)n + chunk - 1) / chunk : 0;
+    int64_t lo = (int64_t)rank * c / world * chunk, hi = (int64_t)(rank + 1) * c / world * chunk;
+    if (hi > n) hi = n;
+    if (lo > hi) lo = hi;
+    out->first = (int)lo;
+    out->count = (int)(hi - lo);
+}
+
 int rs_prompt_shard_count(int n, int world, int rank) {
     return rank < n ? (n - rank + world - 1) / world : 0;
 }

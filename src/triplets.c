@@ -8,7 +8,7 @@
  *  3. winner = FP response, loser = quantized response; identical pairs are counted and dropped;
  *  4. the reference: the quantized model's log-probs of both responses, computed by
  *     rs_dpo_reference (no adapter) with [dpo]'s micro-batches: the code path and batches
- *     `resafe dpo` would use;
+ *     `resafe dpo` would use (data parallel: split over the ranks by micro-batch, gathered);
  *  5. written as HDF5 (include/resafe/patchset.h), at a temporary name renamed when complete. */
 #include "resafe/pipeline.h"
 
@@ -294,7 +294,8 @@ static int build_pairs(triplets *t) {
 }
 
 /* rs_dpo_reference without an adapter, in [dpo]'s micro-batches (pairs in file order), so
- * `resafe dpo` on this patch set starts from these very numbers. */
+ * `resafe dpo` on this patch set starts from these very numbers; data parallel, the ranks split
+ * the micro-batches and gather (rs_dpo_reference_sharded: the same bytes as one process). */
 static int reference(triplets *t, rs_model *qm) {
     const rs_config *c = t->cfg;
     rs_dpo_params dp = {.beta = (float)rs_config_get_float(c, "dpo", "beta"),
@@ -305,7 +306,7 @@ static int reference(triplets *t, rs_model *qm) {
     rs_dpo_trainer tr;
     double t0 = rs_now();
     RS_TRY(rs_dpo_trainer_init(&tr, qm, NULL, &t->set, &dp));
-    int rc = rs_dpo_reference(&tr);
+    int rc = rs_dpo_reference_sharded(&tr, t->comm);
     rs_dpo_trainer_free(&tr);
     if (rc == 0)
         rs_info("triplets: reference log-probs of %d pairs (quantized model) in %.1f s",
@@ -492,8 +493,8 @@ static int answer_and_score(triplets *t) {
 }
 
 /* Data parallel: the communicator before the backend starts (nccl picks the rank's GPU). The
- * ranks generate their prompts' responses and all hold all of them; the pairs and the reference
- * are computed on every rank (the same numbers), rank 0 writes. */
+ * ranks generate their prompts' responses and all hold all of them; the pairs are built on every
+ * rank (the same numbers), the reference split by micro-batch and gathered, rank 0 writes. */
 static int start_comm(triplets *t) {
     rs_dist d;
     RS_TRY(rs_dist_from_config(t->cfg, &d));

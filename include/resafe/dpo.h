@@ -12,6 +12,7 @@
 #ifndef RESAFE_DPO_H
 #define RESAFE_DPO_H
 
+#include "resafe/comm.h"
 #include "resafe/train.h"
 
 /* ---------------------------------------------------------------- data */
@@ -86,6 +87,13 @@ void rs_dpo_trainer_free(rs_dpo_trainer *t);
  * trainer may have no adapter at all (lora NULL: `resafe triplets` computes the patch set's
  * reference this way, the same path and batches as `resafe dpo`). */
 int rs_dpo_reference(rs_dpo_trainer *t);
+/* The same over the ranks of a data-parallel job (comm NULL or of world 1: rs_dpo_reference):
+ * rank r computes the pairs of rs_chunk_shard(n, micro_pairs, world, r) (whole micro-batches of
+ * the one-process pass, so each forward sees the same sequences, padded to the same length) and
+ * an all-gather gives every rank every pair's values, copied bytes: the arrays are those of one
+ * process, bit for bit, whatever the world size. Every rank calls it; -1 + message (a peer's
+ * failure included). */
+int rs_dpo_reference_sharded(rs_dpo_trainer *t, rs_comm *comm);
 /* DPO loss of pairs idx[0..n) (mean over them) and its gradient ACCUMULATED into the adapter's
  * dA, dB (and dW where the adapter asks for it); the caller zeroes them. stats may be NULL. */
 int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats *stats);

@@ -45,6 +45,13 @@ double rs_shard_weight(int64_t local_units, int64_t global_units);
  * batch_size"). */
 int rs_batch_check_world(int batch_size, int n_data, int world, const char *what);
 
+/* Work a one-process run does in chunks (the micro-batches of the DPO reference pass): n items
+ * in c = ceil(n / chunk) chunks of `chunk` (the last one shorter), rank r takes the whole chunks
+ * [r c / world, (r + 1) c / world) as the items [first, first + count), so every chunk it
+ * computes holds the same items as one process's and the shares, in rank order, are the items
+ * in order. A rank past the chunks gets count 0 (world > c is no error: it only waits). */
+void rs_chunk_shard(int n, int chunk, int world, int rank, rs_shard *out);
+
 /* Prompts of rank `rank` out of n: how many, and the global index of its j-th. */
 int rs_prompt_shard_count(int n, int world, int rank);
 int rs_prompt_global_index(int world, int rank, int j);

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, resafe_bin
+from conftest import BUILD, ROOT, resafe_bin
 
 LAUNCH_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_JOB_ID",
@@ -131,19 +131,43 @@ def mask_hashes(stderr):
     return re.findall(r"step (\d+): masks hash ([0-9a-f]{16}) \(rank (\d+)", stderr)
 
 
+def ref_shares(stderr):
+    """(first, end, hash of the whole gathered arrays, rank) of the reference pass's debug line."""
+    return [(int(a), int(b), h, int(r)) for a, b, h, r in re.findall(
+        r"reference of pairs \[(\d+), (\d+)\) computed here, hash of all ([0-9a-f]{16}) "
+        r"\(rank (\d+)", stderr)]
+
+
+def checkpoint_refs(out):
+    with h5py.File(os.path.join(out, "dpo", "checkpoint.h5")) as f:
+        return f["ref/chosen"][()].tobytes() + f["ref/rejected"][()].tobytes()
+
+
+def chunk_shares(n, chunk, world):
+    """Rank r's pairs: the whole micro-batches [r c // world, (r + 1) c // world) of the
+    one-process pass's c = ceil(n / chunk), as [first, end) of pairs."""
+    c = -(-n // chunk)
+    return [(min(r * c // world * chunk, n), min((r + 1) * c // world * chunk, n))
+            for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def single(tiny):
     cfg, out = config(tiny, "w1")
     (rc, _, err), = run_world(1, ["dpo", "--config", cfg, "-v"], "w1")
-    return cfg, out, mask_hashes(err)
+    return cfg, out, mask_hashes(err), ref_shares(err)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_dpo_on_ranks_matches_one_process(tiny, single, world, tmp_path):
     """Same global batch (6: slices 3+3, or 2+2+2) and seed: per-step losses within fp32
     reordering, final adapters close, the masks of every rank hash alike at every
-    re-identification (and like the one-process run's), and only rank 0 wrote outputs."""
-    _, out1, hashes1 = single
+    re-identification (and like the one-process run's), and only rank 0 wrote outputs.
+    The reference log-probs: each rank computed only its micro-batches (16 pairs in
+    micro-batches of 2: pairs [0, 8) and [8, 16), or [0, 4), [4, 10) and [10, 16)) and every
+    rank holds the one-process arrays bit for bit (the hash each logs; rank 0's checkpoint has
+    the bytes): a rank that skipped or misplaced its share fails here."""
+    _, out1, hashes1, ref1 = single
     cfg, out = config(tiny, f"w{world}")
     res = run_world(world, ["dpo", "--config", cfg, "-v"], f"w{world}-{os.getpid()}")
     l1, lw = losses(out1), losses(out)
@@ -155,6 +179,11 @@ def test_dpo_on_ranks_matches_one_process(tiny, single, world, tmp_path):
         assert [(s, x) for s, x, _ in h] == [(s, x) for s, x, _ in per_rank[0]], f"rank {r}"
         assert len(h) == 2, h  # steps 0 and 3
     assert [(s, x) for s, x, _ in per_rank[0]] == [(s, x) for s, x, _ in hashes1]
+    assert [(a, b) for a, b, _, _ in ref1] == [(0, 16)]
+    shares = [ref_shares(err) for _, _, err in res]
+    assert [x for sh in shares for x in sh] == [
+        (a, b, ref1[0][2], r) for r, (a, b) in enumerate(chunk_shares(16, 2, world))]
+    assert checkpoint_refs(out) == checkpoint_refs(out1)
     assert not os.path.exists(os.path.join(out, ".dist")) or not os.listdir(
         os.path.join(out, ".dist")), "the session's files were left behind"
 
@@ -163,7 +192,7 @@ def test_dpo_on_ranks_matches_one_process(tiny, single, world, tmp_path):
 def test_world_2_checkpoint_resumes_on_another_world_size(tiny, single, world_after):
     """World 2 stops at step 4 (an injected NaN: every rank stops, checkpoint of step 3 intact);
     resumed at world 1 or 3 it ends like the uninterrupted one-process run."""
-    _, out1, _ = single
+    out1 = single[1]
     cfg, out = config(tiny, f"resume{world_after}")
     res = finish(launch(2, ["dpo", "--config", cfg], f"r{world_after}a-{os.getpid()}",
                         RESAFE_TEST_NAN_STEP="3"))
@@ -206,6 +235,71 @@ def test_sft_and_train_still_refuse_ranks_in_one_line(tiny):
     for command in ("sft", "train"):
         rc, _, err = finish(launch(2, [command, "--config", cfg], "refuse"))[1]
         assert rc == 1 and f"resafe {command} does not run data parallel" in err, err
+
+
+# ---------------------------------------------------------------- the reference pass, split
+
+DPO_TOOL = os.path.join(BUILD, "tools", "dpo_tool")
+
+
+def tool_adapter(model, path, rng):
+    """A random factor-free adapter on q_proj (the reference pass switches it off: it must not
+    matter, but it is there to be switched off)."""
+    with open(os.path.join(model, "config.json")) as f:
+        c = json.load(f)
+    h, rank = c["hidden_size"], 2
+    with h5py.File(path, "w") as f:
+        f.attrs["rank"], f.attrs["alpha"], f.attrs["dropout"] = np.int64(rank), 4.0, 0.0
+        f.attrs["targets"], f.attrs["mask_mode"] = "q_proj", "none"
+        for layer in range(c["num_hidden_layers"]):
+            f[f"lora/layers.{layer}.q_proj/A"] = rng.standard_normal((rank, h)).astype(np.float32)
+            f[f"lora/layers.{layer}.q_proj/B"] = rng.standard_normal((h, rank)).astype(np.float32)
+
+
+def tool_ref(world, args, out, run_id):
+    """`dpo_tool ref` on world ranks; per rank: (ref bytes, first, count)."""
+    procs = [subprocess.Popen([DPO_TOOL, "ref", *args, f"{out}.r{r}.h5", f"{out}.comm"],
+                              env=rank_env(r, world, run_id), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    got = []
+    for r, (rc, _, err) in enumerate(finish(procs, timeout=300)):
+        assert rc == 0, f"rank {r} of {world}: {err}"
+        with h5py.File(f"{out}.r{r}.h5") as f:
+            assert (int(f.attrs["rank"]), int(f.attrs["world"])) == (r, world)
+            w, l = f["ref/chosen"][()], f["ref/rejected"][()]
+            got.append((w.tobytes() + l.tobytes(), int(f.attrs["first"]), int(f.attrs["count"]),
+                        np.isfinite(w).all() and np.isfinite(l).all()))
+    return got
+
+
+@pytest.mark.parametrize("n,micro,world", [(11, 2, 2), (11, 3, 3), (11, 1, 3), (12, 4, 2),
+                                           (11, 5, 3), (7, 4, 3), (3, 2, 4)])
+def test_reference_split_over_ranks_gives_every_rank_the_one_process_bytes(
+        tiny, tmp_path, rng_seed, n, micro, world):
+    """rs_dpo_reference_sharded through dpo_tool: random pairs of random lengths (so padding
+    differs between micro-batches), arrays NaN-poisoned before the pass. Every rank of world
+    2..4 ends with the world-1 arrays byte for byte, having computed exactly the whole
+    micro-batches chunk_shares names (a world above the micro-batch count leaves ranks idle:
+    (7, 4, 3) and (3, 2, 4)). A rank that skipped its share would leave NaN (or, sending zeros,
+    other bytes) in every rank's arrays."""
+    _, model, _ = tiny
+    rng = np.random.default_rng(rng_seed)
+    pairs = []
+    for _ in range(n):
+        prompt = [int(x) for x in rng.integers(3, 300, rng.integers(1, 6))]
+        seq = lambda: prompt + [int(x) for x in rng.integers(3, 300, rng.integers(1, 9))]
+        pairs.append({"chosen": seq(), "chosen_prompt": len(prompt), "rejected": seq(),
+                      "rejected_prompt": len(prompt)})
+    pairs_path = tmp_path / "pairs.json"
+    pairs_path.write_text(json.dumps({"beta": 0.1, "micro": micro, "pairs": pairs}))
+    tool_adapter(model, tmp_path / "adapter.h5", rng)
+    args = [model, str(tmp_path / "adapter.h5"), str(pairs_path)]
+    (want, first1, count1, finite1), = tool_ref(1, args, str(tmp_path / "w1"), f"t1-{os.getpid()}")
+    assert (first1, count1) == (0, n) and finite1
+    got = tool_ref(world, args, str(tmp_path / f"w{world}"), f"t{world}-{os.getpid()}")
+    assert [(a, a + c) for _, a, c, _ in got] == chunk_shares(n, micro, world)
+    for r, (b, _, _, _) in enumerate(got):
+        assert b == want, f"rank {r} of {world}: not the one-process reference"
 
 
 # ---------------------------------------------------------------- triplets and eval
@@ -280,11 +374,26 @@ def gen_single(gen_setup):
 def test_triplets_and_eval_on_ranks_write_the_one_process_bytes(gen_setup, gen_single, world):
     """Prompt i on rank i mod world, gathered: the patch set, eval.json and the responses are
     the one-process run's byte for byte, written once (by rank 0); the other ranks print
-    nothing on stdout."""
+    nothing on stdout. The patch set's reference log-probs and eval's perplexity and KL passes
+    are split by whole batches ([dpo] batch_size 4 pairs; [generate] batch_size 3 sequences:
+    4 held-out texts and 6 benign responses are 2 batches each) and gathered: each rank logs
+    the sequences it ran (-v), and the ppl and KL numbers in eval.json are the one-process
+    bytes only if every rank ran its share."""
     cfg, out = gen_config(gen_setup, f"g{world}")
     res = run_world(world, ["triplets", "--config", cfg], f"g{world}-{os.getpid()}")
     res += run_world(world, ["eval", "--config", cfg, "--model", f"q={gen_setup[2]}",
-                             "--reference", gen_setup[1]], f"g{world}e-{os.getpid()}")
+                             "--reference", gen_setup[1], "-v"], f"g{world}e-{os.getpid()}")
+    passes = {}
+    for _, _, err in res[world:]:
+        for name, what, a, b, n, r, w in re.findall(
+                r"eval: (\S+)/(ppl|kl): sequences \[(\d+), (\d+)\) of (\d+) computed here "
+                r"\(rank (\d+) of (\d+)\)", err):
+            passes.setdefault((name, what, int(n)), []).append((int(a), int(b), int(r), int(w)))
+    assert {(name, what) for name, what, _ in passes} >= {("q", "ppl"), ("q", "kl")}, passes
+    for (name, what, n), shares in passes.items():
+        want = chunk_shares(n, min(3, n), world)
+        assert sorted(shares, key=lambda x: x[2]) == [
+            (a, b, r, world) for r, (a, b) in enumerate(want)], (name, what, shares)
     got = tree(out)
     assert sorted(got) == sorted(gen_single)
     for name in gen_single:
@@ -355,7 +464,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny, single):
     the test does not race the run): held until step 3's reduce, then both ranks stop after
     step 3 with exit code 128 + 15 and one checkpoint; --resume at world 1 ends like the
     uninterrupted run."""
-    _, out1, _ = single
+    out1 = single[1]
     cfg, out = config(tiny, "sigterm")
     res = finish(launch(2, ["dpo", "--config", cfg], f"term-{os.getpid()}",
                         RESAFE_TEST_SIGTERM_AT="1:2"))

@@ -4,6 +4,7 @@
  *   dpo_tool grad  MODEL ADAPTER.h5 PAIRS.json OUT.h5
  *   dpo_tool steps MODEL ADAPTER.h5 PAIRS.json OUT.h5 N LR
  *   dpo_tool snip  MODEL ADAPTER.h5 PAIRS.json OUT.h5 N_BATCHES TAU global|per_layer RHO
+ *   dpo_tool ref   MODEL ADAPTER.h5 PAIRS.json OUT.h5 COMM_DIR
  *
  * ADAPTER.h5: an adapter file (rs_adapter_load: attrs rank, alpha, dropout, targets,
  * mask_mode; lora/layers.<i>.<target>/A, B and masks). PAIRS.json: {"beta": b, "sft_weight":
@@ -19,13 +20,20 @@
  *          and the final adapter as lora/...
  *   snip   scores/layers.<i>.<target> [out, in]; the adapter's masks as masks/...; attrs
  *          n_selected, threshold. Batch b = pairs [b*n/N, (b+1)*n/N).
+ *   ref    one rank of a job started with the launcher's variables (dist.h; world 1 without):
+ *          the reference split over the ranks (rs_dpo_reference_sharded, file transport in
+ *          COMM_DIR) into NaN-poisoned arrays: ref/chosen, ref/rejected as this rank holds them
+ *          after the gather; attrs rank, world, first, count (the pairs it computed).
  * Errors: "resafe: error: ..." on stderr and exit status 1. */
 #include <cJSON.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "resafe/checkpoint.h"
+#include "resafe/dist.h"
 #include "resafe/dpo.h"
+#include "resafe/shard.h"
 #include "resafe/snip.h"
 
 static int ids_of(const cJSON *a, rs_seq *s, int n_prompt) {
@@ -201,8 +209,26 @@ static int cmd_snip(rs_dpo_trainer *t, rs_h5 *h, int n_batches, rs_snip_params *
     return rc;
 }
 
+/* The reference over the launcher's ranks; *mine = the pairs this rank computed. */
+static int cmd_ref(rs_dpo_trainer *t, const char *comm_dir, rs_dist *d, rs_shard *mine) {
+    RS_TRY(rs_dist_from_env(RS_LAUNCHER_AUTO, d));
+    rs_comm_options o = {RS_COMM_FILE, comm_dir, "", 60.0, 30.0, (size_t)1 << 20};
+    rs_comm *c;
+    RS_TRY(rs_comm_init(&c, d, &o));
+    rs_pref_set *set = t->data;
+    for (int i = 0; i < set->n; i++) set->ref_chosen[i] = set->ref_rejected[i] = NAN;
+    set->has_ref = 0;
+    rs_chunk_shard(set->n, t->p.micro_pairs, d->world, d->rank, mine);
+    int rc = rs_dpo_reference_sharded(t, c);
+    if (rc == 0)
+        rc = rs_comm_finalize(c);
+    else
+        rs_comm_abort(c);
+    return rc;
+}
+
 static int run(int argc, char **argv) {
-    if (argc < 6) return RS_FAIL("usage: dpo_tool grad|steps|snip MODEL ADAPTER PAIRS OUT ...");
+    if (argc < 6) return RS_FAIL("usage: dpo_tool grad|steps|snip|ref MODEL ADAPTER PAIRS OUT ...");
     const char *cmd = argv[1];
     rs_model m;
     RS_TRY(rs_model_load(argv[2], rs_backend_cpu(), &m));
@@ -214,7 +240,13 @@ static int run(int argc, char **argv) {
     int rc = load_adapter(argv[3], &m, &l);
     if (rc == 0) rc = read_pairs(argv[4], &set, &p);
     if (rc == 0) rc = rs_dpo_trainer_init(&t, &m, &l, &set, &p);
-    if (rc == 0 && !set.has_ref) rc = rs_dpo_reference(&t);
+    int is_ref = strcmp(cmd, "ref") == 0;
+    rs_dist d = {0};
+    rs_shard mine = {0, 0};
+    if (rc == 0 && is_ref)
+        rc = argc >= 7 ? cmd_ref(&t, argv[6], &d, &mine) : RS_FAIL("ref: give COMM_DIR");
+    else if (rc == 0 && !set.has_ref)
+        rc = rs_dpo_reference(&t);
     rs_h5 *h = NULL;
     if (rc == 0) rc = rs_h5_create(argv[5], &h);
     if (rc == 0) {
@@ -222,7 +254,12 @@ static int run(int argc, char **argv) {
         rc = rs_h5_write(h, "ref/chosen", RS_F32, 1, shape, set.ref_chosen);
         if (rc == 0) rc = rs_h5_write(h, "ref/rejected", RS_F32, 1, shape, set.ref_rejected);
     }
-    if (rc == 0 && strcmp(cmd, "grad") == 0) rc = cmd_grad(&t, h);
+    if (rc == 0 && is_ref) {
+        const char *keys[] = {"rank", "world", "first", "count"};
+        int64_t vals[] = {d.rank, d.world, mine.first, mine.count};
+        for (int k = 0; k < 4 && rc == 0; k++) rc = rs_h5_set_attr_i64(h, NULL, keys[k], vals[k]);
+    } else if (rc == 0 && strcmp(cmd, "grad") == 0)
+        rc = cmd_grad(&t, h);
     else if (rc == 0 && strcmp(cmd, "steps") == 0 && argc >= 8)
         rc = cmd_steps(&t, h, atoi(argv[6]), atof(argv[7]));
     else if (rc == 0 && strcmp(cmd, "snip") == 0 && argc >= 10) {

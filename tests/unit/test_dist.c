@@ -301,6 +301,43 @@ TEST(test_resume_at_another_world_size_gives_the_same_global_batches) {
     }
 }
 
+/* ---------------------------------------------------------------- chunk shards */
+
+/* Rank r's chunks by the definition, counted rather than computed: chunk j belongs to the
+ * rank r with floor(r c / world) <= j < floor((r + 1) c / world). */
+static int chunk_owner(int j, int c, int world) {
+    int owner = -1;
+    for (int r = 0; r < world; r++)
+        if ((int64_t)r * c / world <= j && j < (int64_t)(r + 1) * c / world) owner = r;
+    return owner;
+}
+
+TEST(test_chunk_shards_are_whole_chunks_in_rank_order_covering_every_item_once) {
+    rs_rng rng;
+    rs_rng_seed(&rng, rs_test_seed() + 5);
+    for (int trial = 0; trial < 500; trial++) {
+        int n = (int)(rs_rng_next(&rng) % 300), chunk = 1 + (int)(rs_rng_next(&rng) % 9);
+        int world = 1 + (int)(rs_rng_next(&rng) % 12), c = (n + chunk - 1) / chunk;
+        int at = 0, lo = c, hi = 0;
+        for (int r = 0; r < world; r++) {
+            rs_shard s;
+            rs_chunk_shard(n, chunk, world, r, &s);
+            REQUIRE(s.first == at && s.count >= 0, "n %d chunk %d world %d rank %d: [%d, +%d) "
+                    "after %d", n, chunk, world, r, s.first, s.count, at);
+            CHECK(s.count == 0 || s.first % chunk == 0, "rank %d starts inside a chunk", r);
+            CHECK(s.count % chunk == 0 || s.first + s.count == n, "rank %d ends inside a chunk", r);
+            int mine = (s.count + chunk - 1) / chunk;
+            lo = mine < lo ? mine : lo, hi = mine > hi ? mine : hi;
+            for (int i = s.first; i < s.first + s.count; i++)
+                CHECK(chunk_owner(i / chunk, c, world) == r, "item %d on rank %d", i, r);
+            at += s.count;
+        }
+        CHECK(at == n, "n %d chunk %d world %d: %d items dealt", n, chunk, world, at);
+        CHECK(hi - lo <= 1 || c == 0, "n %d chunk %d world %d: %d .. %d chunks", n, chunk, world,
+              lo, hi);
+    }
+}
+
 /* ---------------------------------------------------------------- prompt shards */
 
 TEST(test_prompt_shards_cover_every_prompt_once_and_the_gather_restores_the_order) {
