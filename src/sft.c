@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "resafe/h5store.h"
 #include "resafe/safetensors.h"
 
 /* ---------------------------------------------------------------- options */
@@ -35,7 +36,8 @@ typedef struct {
     char *stage_dir, *output_dir, *ckpt_path, *metrics_path;
     rs_lr_schedule sched;
     int batch_size, micro, epochs, max_steps, max_seq_len, checkpoint_every, recompute;
-    int linears_only; /* [sft] trainable = linears */
+    int linears_only;        /* [sft] trainable = linears */
+    const char *freeze_mask; /* [sft] freeze_mask: HDF5 uint8 masks per tensor, or "" */
     double weight_decay, beta2, grad_clip;
     int qat, qat_bits, qat_symmetric, qat_group, qat_act_bits, qat_kv_bits;
     const char *restart_hint; /* rs_sft_run_once */
@@ -74,6 +76,7 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->max_seq_len = (int)rs_config_get_int(cfg, "sft", "max_seq_len");
     o->weight_decay = rs_config_get_float(cfg, "sft", "weight_decay");
     o->linears_only = strcmp(rs_config_get_str(cfg, "sft", "trainable"), "linears") == 0;
+    o->freeze_mask = rs_config_get_str(cfg, "sft", "freeze_mask");
     o->beta2 = rs_config_get_float(cfg, "sft", "adam_beta2");
     o->grad_clip = rs_config_get_float(cfg, "sft", "grad_clip");
     o->qat = rs_config_get_bool(cfg, "sft", "qat");
@@ -90,7 +93,13 @@ static int read_options(const rs_config *cfg, sft_options *o) {
     o->recompute = rs_config_get_bool(cfg, "model", "recompute");
     o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
     o->config_hash = rs_config_hash(cfg, g_sft_sections);
-    return rs_file_hash(o->data_file, &o->data_hash);
+    RS_TRY(rs_file_hash(o->data_file, &o->data_hash));
+    if (o->freeze_mask[0]) { /* a changed mask file makes a checkpoint not resume, as data does */
+        uint64_t h;
+        RS_TRY(rs_file_hash(o->freeze_mask, &h));
+        o->data_hash = o->data_hash * 1000003u ^ h;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- data */
@@ -105,6 +114,7 @@ typedef struct {
     float *g, *master;
     int rows, cols; /* cols 0: a vector */
     int linear;     /* one of the seven projections (QAT quantizes these) */
+    uint8_t *mask;  /* [sft] freeze_mask's entries for it (device; NULL: all trained) */
 } sft_tensor;
 
 typedef struct {
@@ -196,6 +206,45 @@ static int read_masters(const char *model_dir, const rs_backend *be, const tenso
     return rc;
 }
 
+/* t's mask from the [sft] freeze_mask file onto the device (*mask stays NULL when the file does
+ * not name t); *n_frozen counts its zeros. */
+static int read_freeze_mask(rs_h5 *h, const char *path, const rs_backend *be, const sft_tensor *t,
+                            uint8_t **mask, size_t *n_frozen) {
+    *mask = NULL;
+    int exists = rs_h5_exists(h, t->name);
+    if (exists < 0) return -1;
+    if (!exists) return 0;
+    rs_h5_dataset info;
+    RS_TRY(rs_h5_info(h, t->name, &info));
+    int ndim = t->cols ? 2 : 1;
+    int64_t shape[2] = {t->rows, t->cols};
+    if (info.kind != RS_H5_NUMBERS || info.dtype != RS_U8 || info.ndim != ndim ||
+        info.shape[0] != shape[0] || (ndim == 2 && info.shape[1] != shape[1]))
+        return ndim == 2 ? RS_FAIL("%s: dataset '%s': expected uint8 of shape [%lld, %lld] (the "
+                                   "tensor's)",
+                                   path, t->name, (long long)shape[0], (long long)shape[1])
+                         : RS_FAIL("%s: dataset '%s': expected uint8 of shape [%lld] (the tensor's)",
+                                   path, t->name, (long long)shape[0]);
+    uint8_t *host = rs_malloc(numel(t));
+    int rc = rs_h5_read(h, t->name, RS_U8, ndim, shape, host);
+    size_t zeros = 0;
+    for (size_t i = 0; rc == 0 && i < numel(t); i++) {
+        if (host[i] > 1) {
+            rc = RS_FAIL("%s: dataset '%s': value %d at index %zu (a mask holds 0 or 1)", path,
+                         t->name, host[i], i);
+            break;
+        }
+        zeros += host[i] == 0;
+    }
+    if (rc == 0) {
+        *mask = be->alloc(numel(t));
+        be->to_device(*mask, host, numel(t));
+        *n_frozen += zeros;
+    }
+    free(host);
+    return rc;
+}
+
 /* The optimizer over every trainable tensor (all, or the linears with [sft] trainable =
  * linears: the others keep their loaded values and are written back unchanged), through its
  * master where it has one (QAT linears: copied from the model; mixed precision: every tensor,
@@ -204,6 +253,9 @@ static int read_masters(const char *model_dir, const rs_backend *be, const tenso
 static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs_optim *opt,
                            void **master_block, size_t *master_bytes) {
     const rs_backend *be = m->be;
+    rs_h5 *h = NULL;
+    if (o->freeze_mask[0]) RS_TRY(rs_h5_open(o->freeze_mask, &h));
+    size_t frozen = 0, named = 0;
     rs_optim_init(opt, be, 0.9f, (float)o->beta2, 1e-8f, (float)o->weight_decay);
     size_t bytes = 0;
     for (int i = 0; i < l->n; i++)
@@ -219,8 +271,18 @@ static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs
             if (!mixed_precision(be)) be->copy(t->master, t->w, numel(t) * sizeof(float));
             p = t->master;
         }
-        if (!o->linears_only || t->linear)
-            rs_optim_add(opt, t->name, p, t->g, NULL, numel(t), t->cols > 0);
+        if (o->linears_only && !t->linear) continue;
+        if (h && read_freeze_mask(h, o->freeze_mask, be, t, &t->mask, &frozen) != 0) {
+            rs_h5_close(h);
+            return -1;
+        }
+        named += t->mask != NULL;
+        rs_optim_add(opt, t->name, p, t->g, t->mask, numel(t), t->cols > 0);
+    }
+    if (h) {
+        rs_h5_close(h);
+        rs_info("sft: freeze mask %s: %zu tensors masked, %zu entries kept as loaded",
+                o->freeze_mask, named, frozen);
     }
     rs_optim_alloc(opt);
     return mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0;
@@ -390,6 +452,8 @@ static void free_run(sft_run *r) {
     rs_metrics_close(&r->log);
     rs_optim_free(&r->opt);
     if (r->master_block) r->m.be->free(r->master_block);
+    for (int i = 0; i < r->tensors.n; i++)
+        if (r->tensors.t[i].mask) r->m.be->free(r->tensors.t[i].mask);
     free(r->tensors.t);
     if (r->grads.block) rs_model_grads_free(&r->m, &r->grads);
     if (r->m.be) rs_model_free(&r->m);

@@ -81,6 +81,14 @@ if [ ! -f "$WORK/base-snap/model.safetensors" ]; then
         --out "$WORK/base-snap" --export dequant --export-dtype f32
 fi
 
+# The larger organism's tune moves only entries whose change RTN at 4, 3 and 2 bits rounds away
+# (freeze_mask.py: not a group's extremes, not near an INT3/INT2 rounding boundary).
+if [ "$SIZE" = large ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
+    stamp "freeze mask"
+    "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" --group "$GROUP"
+fi
+[ "$SIZE" = large ] && SETS+=(--set "sft.freeze_mask=$WORK/freeze_mask.h5")
+
 if [ ! -f "$WORK/aligned/model.safetensors" ]; then
     stamp "safety tune (resafe sft)"
     "$BUILD/resafe" sft --config "$CFG/safety.ini" --force "${SETS[@]}" ${SFT_ARGS:-} \

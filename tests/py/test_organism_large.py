@@ -7,13 +7,16 @@ to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/bu
     refusal phrase, the safety tune's refusals are the refusal;
   - the verb forms the frames use (gerund, third person) against a hand-written table;
   - to_bf16.py rounds every tensor to the nearest bf16 (checked bit by bit in float64 against
-    round-to-nearest-even) and marks the config bf16."""
+    round-to-nearest-even) and marks the config bf16;
+  - freeze_mask.py's promise, against test_quant's numpy RTN: a tune that moves the entries it
+    allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged."""
 import json
 import os
 import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -137,3 +140,66 @@ def test_to_bf16_rounds_to_nearest_and_marks_the_config(tmp_path, rng_seed):
     cfg = json.load(open(tmp_path / "config.json"))
     assert cfg["torch_dtype"] == "bfloat16" and cfg["dtype"] == "bfloat16"
     assert cfg["hidden_size"] == 19
+
+
+# ------------------------------------------------------------------ freeze_mask.py
+def snapped(rng, rows, cols, group):
+    """Random weights put on the RTN INT4 grid of their groups (test_quant's numpy reference)."""
+    from test_quant import ref_int
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    return ref_int(w, 4, group, False)[1]
+
+
+def test_freeze_mask_entries_survive_no_rtn_width_but_int8(rng_seed):
+    """The property freeze_mask.py promises, checked with test_quant's independent numpy RTN:
+    moving every trainable entry by up to 0.49 INT4 steps changes no code at 4, 3 or 2 bits
+    (the quantized copy is the snapped base's), while INT8 sees the change; and most frozen
+    non-extreme entries are ones that such a move would flip at INT3 or INT2."""
+    from test_quant import ref_int
+    sys.path.insert(0, HERE)
+    import freeze_mask as fm
+    rng = np.random.default_rng(rng_seed)
+    base = snapped(rng, 24, 256, 128)
+    mask = fm.mask_of(base, 128, [3, 2], 0.5)
+    share = mask.mean()
+    assert 0.3 < share < 0.8, share
+    g = base.reshape(24, 2, 128)
+    step4 = (np.maximum(g.max(-1), 0) - np.minimum(g.min(-1), 0)) / np.float32(15)
+    step = np.repeat(step4, 128, axis=1).reshape(24, 256).astype(np.float32)
+    delta = (rng.uniform(-0.49, 0.49, base.shape) * step).astype(np.float32)
+    moved = np.where(mask == 1, base + delta, base).astype(np.float32)
+    for bits in (4, 3, 2):
+        assert np.array_equal(ref_int(moved, bits, 128, False)[0],
+                              ref_int(base, bits, 128, False)[0]), bits
+    assert not np.array_equal(ref_int(moved, 8, 128, False)[0], ref_int(base, 8, 128, False)[0])
+    # the frozen interior entries: moved by 0.49 steps (towards their nearest INT3/INT2
+    # boundary, either sign tried) many flip a code at 3 or 2 bits
+    ext = (g == g.min(-1, keepdims=True)) | (g == g.max(-1, keepdims=True))
+    frozen = (mask == 0) & ~ext.reshape(24, 256)
+    flips = np.zeros_like(frozen)
+    for sign in (-1, 1):
+        pushed = np.where(frozen, base + sign * 0.49 * step, base).astype(np.float32)
+        for bits in (3, 2):
+            flips |= ref_int(pushed, bits, 128, False)[0] != ref_int(base, bits, 128, False)[0]
+    assert frozen.sum() > 0 and (flips & frozen).sum() >= 0.5 * frozen.sum()
+
+
+def test_freeze_mask_writes_every_linear_and_nothing_else(tmp_path, rng_seed):
+    h5py = pytest.importorskip("h5py")
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(rng_seed)
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((10, 128)).astype(np.float32),
+               "model.layers.0.input_layernorm.weight": np.ones(128, np.float32),
+               "model.layers.0.self_attn.q_proj.weight": snapped(rng, 128, 128, 128),
+               "model.layers.0.mlp.down_proj.weight": snapped(rng, 128, 256, 128),
+               "lm_head.weight": rng.standard_normal((10, 128)).astype(np.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    subprocess.run([sys.executable, os.path.join(HERE, "freeze_mask.py"), str(tmp_path),
+                    str(tmp_path / "m.h5")], check=True, capture_output=True)
+    with h5py.File(tmp_path / "m.h5") as f:
+        assert sorted(f) == ["model.layers.0.mlp.down_proj.weight",
+                             "model.layers.0.self_attn.q_proj.weight"]
+        for k in f:
+            assert f[k].dtype == np.uint8 and f[k].shape == tensors[k].shape
+            assert set(np.unique(f[k][()])) <= {0, 1}
+    assert not os.path.exists(tmp_path / "m.h5.tmp")

@@ -382,6 +382,71 @@ def test_sft_trainable_linears_freezes_everything_else(tmp_path, rng_seed):
     assert runs["lin3"][1][0] == runs["all3"][1][0] and runs["lin3"][1][1:] != runs["all3"][1][1:]
 
 
+def sft_masked(tmp_path, model, data, name, steps, mask_file=None, **over):
+    from safetensors.numpy import load_file
+    out = str(tmp_path / name)
+    extra = {"sft__freeze_mask": mask_file} if mask_file else {}
+    cfg = sft_config(tmp_path, model, data, out, sft__max_steps=steps, sft__warmup_steps=0,
+                     sft__grad_clip=0, sft__schedule="constant", sft__lr=1e-3,
+                     sft__batch_size=16, sft__micro_batch_size=16, run__checkpoint_every=0,
+                     **extra, **over)
+    p = subprocess.run([resafe_bin(), "sft", "--config", cfg], capture_output=True, text=True,
+                       env=ENV)
+    path = os.path.join(out, "sft", "model", "model.safetensors")
+    return p, (load_file(path) if p.returncode == 0 else None), out
+
+
+def test_sft_freeze_mask_keeps_the_masked_entries(tmp_path, rng_seed):
+    """[sft] freeze_mask: the entries a mask holds at 0 come out byte-identical, the others move,
+    and (no clipping: AdamW is entrywise) after one step they equal an unmasked run's; a tensor
+    the file does not name is trained in full."""
+    from safetensors.numpy import load_file
+    model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "2", "--vocab", "259")
+    data, _ = copy_task(tmp_path, n_train=64, n_held=1, seed=rng_seed % 1000)
+    base = load_file(os.path.join(model, "model.safetensors"))
+    rng = np.random.default_rng(rng_seed)
+    masked = sorted(k for k in base if "_proj.weight" in k)[::2]
+    masks = {k: (rng.random(base[k].shape) < 0.5).astype(np.uint8) for k in masked}
+    with h5py.File(tmp_path / "mask.h5", "w") as f:
+        for k, m in masks.items():
+            f.create_dataset(k, data=m)
+    _, one_all, _ = sft_masked(tmp_path, model, data, "all1", 1)
+    p1, one, _ = sft_masked(tmp_path, model, data, "m1", 1, str(tmp_path / "mask.h5"))
+    p3, three, _ = sft_masked(tmp_path, model, data, "m3", 3, str(tmp_path / "mask.h5"))
+    assert p1.returncode == 0 and p3.returncode == 0, p3.stderr
+    assert f"{len(masked)} tensors masked" in p3.stderr
+    for k, m in masks.items():
+        b = base[k].astype(np.float32)
+        for got in (one, three):
+            assert got[k][m == 0].tobytes() == b[m == 0].tobytes(), k
+        assert np.mean(three[k][m == 1] != b[m == 1]) > 0.9, k
+        assert np.array_equal(one[k][m == 1], one_all[k][m == 1]), k
+    for k in base:
+        if k not in masks:
+            assert np.array_equal(one[k], one_all[k]), k
+
+
+@pytest.mark.parametrize("what", ["shape", "value", "dtype"])
+def test_sft_bad_freeze_mask_is_one_line_and_writes_nothing(tmp_path, rng_seed, what):
+    model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "1", "--vocab", "259")
+    data, _ = copy_task(tmp_path, n_train=32, n_held=1, seed=rng_seed % 1000)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    m = np.ones((32, 32), np.uint8)
+    if what == "shape":
+        m = np.ones((32, 31), np.uint8)
+    elif what == "value":
+        m[3, 4] = 2
+    else:
+        m = m.astype(np.float32)
+    with h5py.File(tmp_path / "mask.h5", "w") as f:
+        f.create_dataset(name, data=m)
+    p, _, out = sft_masked(tmp_path, model, data, "bad", 2, str(tmp_path / "mask.h5"))
+    assert p.returncode != 0
+    errs = [l for l in p.stderr.splitlines() if "error" in l]
+    assert len(errs) == 1 and "mask.h5" in errs[0] and name in errs[0], p.stderr
+    assert not os.path.exists(os.path.join(out, "sft", "model"))
+
+
 def test_sft_qat_sigterm_then_resume_is_identical(tmp_path, rng_seed):
     model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "2", "--vocab", "259")
     data, _ = copy_task(tmp_path, n_train=200, n_held=1)
