@@ -125,6 +125,9 @@ static const rs_config_key g_schema[] = {
               "share of patch-set prompts drawn from harmful_file"),
     INT_KEY("patch", "n_prompts", "512", 1, 10000000, LATER_PATCH,
             "prompts answered by both models (identical pairs are then dropped)"),
+    INT_KEY("patch", "min_pairs", "1", 1, 10000000, LATER_PATCH,
+            "fewer differing FP/quantized responses than this: no patch set (too few pairs to "
+            "patch without overfitting them; the stage fails with that message)"),
     INT_KEY("patch", "max_new_tokens", "128", 1, 65536, LATER_PATCH, "response length at most"),
     FLOAT_KEY("patch", "temperature", "0", 0, 100, LATER_PATCH,
               "decoding of both responses; 0 = greedy (the paper's setting)"),

@@ -280,6 +280,12 @@ static int build_pairs(triplets *t) {
         return RS_FAIL("triplets: all %d responses of the FP and the quantized model are "
                        "identical: no preference pairs (no patch set written)",
                        t->n_identical);
+    int min_pairs = (int)rs_config_get_int(t->cfg, "patch", "min_pairs");
+    if (t->n_pairs < min_pairs)
+        return RS_FAIL("triplets: only %d of %d responses of the FP and the quantized model "
+                       "differ, fewer than [patch] min_pairs = %d: too few preference pairs to "
+                       "patch (no patch set written)",
+                       t->n_pairs, t->n_pairs + t->n_identical, min_pairs);
     rs_pref_alloc(&t->set, t->n_pairs);
     for (int k = 0; k < t->n_pairs; k++) {
         int i = t->pair_prompt[k];

@@ -50,7 +50,8 @@ METHODS = {
     "nf4": {"label": "NF4", "calib": False, "int": False},
     "fp4": {"label": "FP4", "calib": False, "int": False},
 }
-NOTHING_TO_PATCH = "nothing to patch: the quantized model answers every patch prompt as FP does"
+NOTHING_TO_PATCH = ("nothing to patch: the quantized model answers every patch prompt (or all but "
+                    "fewer than [patch] min_pairs) as FP does")
 CALIB_METHODS = [m for m, v in METHODS.items() if v["calib"]]
 RISKS = {1: "Risk-I (benign)", 2: "Risk-II (obedience)", 3: "Risk-III (harmful)"}
 # --quick: a smoke run of the same code paths (tests), not numbers to report.
@@ -445,7 +446,8 @@ class Ctx:
         info["times"] = times
         self.compute_s += sum(times.values())
         if rc != 0:
-            if "responses of the FP and the quantized model are" in out:
+            if ("responses of the FP and the quantized model are" in out or
+                    "too few preference pairs to patch" in out):
                 info["note"] = NOTHING_TO_PATCH
                 write_atomic(nothing_path, json.dumps({"key": nothing_key}))
                 self.log(f"patch {name}: {info['note']}")

@@ -220,6 +220,14 @@ def test_pairs_equal_transformers_greedy_and_identical_pairs_are_dropped(setup, 
         assert ps["loser_text"][i] == tok.decode(lose, skip_special_tokens=True).replace("\0", "\ufffd")
         src, row = key
         assert ps["category"][i] == (setup["harmful"][row][1] if src == "harmful" else "benign")
+    # [patch] min_pairs: one more than the pairs transformers counts refuses, with no file
+    out2 = str(tmp_path / "few.h5")
+    p = triplets(setup, cfg, "--set", f"patch.min_pairs={len(differ) + 1}", out=out2, check=False)
+    line = one_error_line(p)
+    assert f"only {len(differ)} of {len(want)}" in line and "min_pairs" in line, line
+    assert not os.path.exists(out2)
+    p = triplets(setup, cfg, "--set", f"patch.min_pairs={len(differ)}", out=out2, check=False)
+    assert p.returncode == 0 and read_patchset(out2)["attrs"]["n_pairs"] == len(differ)
 
 
 def test_reference_logprobs_equal_torch_on_the_dequantized_export(setup, hf, tmp_path):
