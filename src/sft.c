@@ -245,6 +245,22 @@ static int read_freeze_mask(rs_h5 *h, const char *path, const rs_backend *be, co
     return rc;
 }
 
+/* Every dataset of the freeze_mask file must name a tensor of the model (a typo would otherwise
+ * leave that tensor trained in full without a word). */
+static int check_mask_names(rs_h5 *h, const char *path, const tensor_list *l) {
+    rs_h5_dataset *ds;
+    int n, rc = 0;
+    RS_TRY(rs_h5_list(h, &ds, &n));
+    for (int i = 0; i < n && rc == 0; i++) {
+        int found = 0;
+        for (int j = 0; j < l->n && !found; j++) found = strcmp(ds[i].path, l->t[j].name) == 0;
+        if (!found)
+            rc = RS_FAIL("%s: dataset '%s' names no tensor of the model", path, ds[i].path);
+    }
+    rs_h5_free_list(ds, n);
+    return rc;
+}
+
 /* The optimizer over every trainable tensor (all, or the linears with [sft] trainable =
  * linears: the others keep their loaded values and are written back unchanged), through its
  * master where it has one (QAT linears: copied from the model; mixed precision: every tensor,
@@ -280,7 +296,9 @@ static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs
         rs_optim_add(opt, t->name, p, t->g, t->mask, numel(t), t->cols > 0);
     }
     if (h) {
+        int rc = check_mask_names(h, o->freeze_mask, l);
         rs_h5_close(h);
+        RS_TRY(rc);
         rs_info("sft: freeze mask %s: %zu tensors masked, %zu entries kept as loaded",
                 o->freeze_mask, named, frozen);
     }

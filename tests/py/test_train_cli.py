@@ -426,7 +426,7 @@ def test_sft_freeze_mask_keeps_the_masked_entries(tmp_path, rng_seed):
             assert np.array_equal(one[k], one_all[k]), k
 
 
-@pytest.mark.parametrize("what", ["shape", "value", "dtype"])
+@pytest.mark.parametrize("what", ["shape", "value", "dtype", "name"])
 def test_sft_bad_freeze_mask_is_one_line_and_writes_nothing(tmp_path, rng_seed, what):
     model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "1", "--vocab", "259")
     data, _ = copy_task(tmp_path, n_train=32, n_held=1, seed=rng_seed % 1000)
@@ -436,8 +436,10 @@ def test_sft_bad_freeze_mask_is_one_line_and_writes_nothing(tmp_path, rng_seed, 
         m = np.ones((32, 31), np.uint8)
     elif what == "value":
         m[3, 4] = 2
-    else:
+    elif what == "dtype":
         m = m.astype(np.float32)
+    else:
+        name = "model.layers.0.self_attn.qq_proj.weight"  # a typo: names no tensor
     with h5py.File(tmp_path / "mask.h5", "w") as f:
         f.create_dataset(name, data=m)
     p, _, out = sft_masked(tmp_path, model, data, "bad", 2, str(tmp_path / "mask.h5"))
