@@ -80,9 +80,11 @@ def test_fake_quant_groups_matches_the_formula_and_float64(tmp_path, rng_seed, s
     rng = np.random.default_rng(rng_seed)
     for bits in range(2, 9):
         group = int(rng.choice([1, 2, 3, 8, 37, 64, 129]))
-        n_groups = int(rng.integers(1, 40))
+        # at least 8 groups: a group lands within 1e-4 of a tie with probability up to ~3% (129
+        # arguments), so with 1-2 groups the "most groups clear" check below failed ~0.4% of runs
+        n_groups = int(rng.integers(8, 40))
         x = (rng.standard_normal((n_groups, group)) * rng.uniform(0.01, 10)).astype(np.float32)
-        if n_groups > 2 and group > 1:
+        if group > 1:
             x[0] = 0
             x[1] = np.float32(0.3)
             x[2, :] = x[2, 0]
