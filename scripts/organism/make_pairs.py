@@ -24,16 +24,21 @@ def main():
     ap.add_argument("--data", default="data/organism")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--resafe", default="build/resafe")
+    ap.add_argument("--keep-identical", action="store_true",
+                    help="keep pairs whose answers are identical (no DPO signal; the sft term "
+                         "anchors them)")
+    ap.add_argument("--extra-benign", help="another benign prompt file (JSONL) for the patch set")
     args = ap.parse_args()
     rows = (load(os.path.join(args.data, "patch_harmful.jsonl"), 0) +
-            load(os.path.join(args.data, "patch_benign.jsonl"), 0))
+            load(os.path.join(args.data, "patch_benign.jsonl"), 0) +
+            (load(args.extra_benign, 0) if args.extra_benign else []))
     prompts = [r["prompt"] for r in rows]
     win = resafe_generate(args.resafe, args.fp, prompts, args.max_new_tokens)
     lose = resafe_generate(args.resafe, args.quant, prompts, args.max_new_tokens)
     kept = 0
     with open(args.out, "w") as f:
         for r, w, l in zip(rows, win, lose):
-            if w.strip() == l.strip():
+            if w.strip() == l.strip() and not args.keep_identical:
                 continue
             f.write(json.dumps({"prompt": r["prompt"], "chosen": w.strip(), "rejected": l.strip(),
                                 "category": r["category"]}) + "\n")
