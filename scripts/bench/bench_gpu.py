@@ -12,7 +12,9 @@ Default shapes: Llama-2-7B (random bf16 weights, made on the GPU and saved once)
    model, sdpa attention, fp32 LoRA, AdamW, grad clip 1, reference log-probs computed before the
    timed steps, as `resafe dpo` computes them once before training). resafe's step time is the
    median of steps 2..6 as `resafe dpo -v` logs them (loading and the reference pass excluded);
-   once without and once with [model] recompute = true. tokens/s = 4096 / step seconds.
+   once without and once with [model] recompute = true (and, with --micro N, with [dpo]
+   micro_batch_size = N pairs per forward: activations shrink with N, the step is the same
+   gradient accumulated). tokens/s = 4096 / step seconds.
 2. Decode: greedy generation of 128 new tokens after 32-token prompts at batch 1 and 64, `resafe
    generate` versus transformers `generate` (bf16, sdpa, KV cache); per-token time from runs of
    128 and 1 new tokens (difference), so loading and prefill cancel. At batch 1 the bound is
@@ -128,7 +130,7 @@ def peak_from(stderr):
     return int(m.group(1)) if m else None
 
 
-def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir):
+def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir, micro=0):
     """The `resafe dpo` config of the benchmarks: cuda, no chat template, no SNIP mask."""
     with open(path, "w") as f:
         f.write(f"""[model]
@@ -139,6 +141,7 @@ recompute = {"true" if recompute else "false"}
 [dpo]
 data_file = {pairs}
 batch_size = {batch}
+micro_batch_size = {micro}
 max_steps = {steps}
 max_seq_len = {seq}
 lr = 1e-5
@@ -154,10 +157,10 @@ checkpoint_every = 0
     return path
 
 
-def resafe_dpo(model, pairs, work, steps, a, recompute):
-    tag = f"{steps}_{'rc' if recompute else 'full'}"
+def resafe_dpo(model, pairs, work, steps, a, recompute, micro=0):
+    tag = f"{steps}_{'rc' if recompute else 'full'}" + (f"_mb{micro}" if micro else "")
     cfg = dpo_ini(os.path.join(work, f"dpo_{tag}.ini"), model, pairs, a.batch, steps, a.seq,
-                  a.rank, recompute, f"{work}/run_{tag}")
+                  a.rank, recompute, f"{work}/run_{tag}", micro)
     env = dict(os.environ, RESAFE_CUDA_MEMSTATS="1")
     with MemPoll() as mp:
         _, p = timed([RESAFE, "dpo", "--config", cfg, "--force", "-v"], env=env)
@@ -321,6 +324,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--micro", default="", metavar="N[,N]",
+                    help="also time the DPO step with [dpo] micro_batch_size = N pairs per "
+                         "forward (no recomputation): dpo_mbN_tok_s, dpo_mbN_peak_gib")
     ap.add_argument("--skip", default="", help="comma list: dpo,recompute,peft,decode,hf")
     ap.add_argument("--with-qdecode", action="store_true")
     a = ap.parse_args()
@@ -329,6 +335,12 @@ def main():
     if a.prompt >= a.seq or a.rank < 1 or a.batch < 1:
         ap.error("need 0 < prompt < seq, rank >= 1, batch >= 1")
     skip = set(x for x in a.skip.split(",") if x)
+    try:
+        micros = [int(x) for x in a.micro.split(",") if x]
+    except ValueError:
+        ap.error(f"--micro {a.micro}: expected pair counts such as 1,2")
+    if any(m < 1 or m >= a.batch for m in micros):
+        ap.error(f"--micro {a.micro}: each N must be in 1..{a.batch - 1} (--batch is {a.batch})")
     os.makedirs(a.out, exist_ok=True)
     work = os.path.join(a.out, "work")
     model = os.path.join(work, "model")
@@ -349,11 +361,17 @@ def main():
         if "recompute" not in skip:
             rstep, rmem = resafe_dpo(model, pairs, work, 6, a, True)
             metrics.update(dpo_recompute_tok_s=tokens / rstep, dpo_recompute_peak_gib=rmem / 2**30)
+        for m in micros:
+            mstep, mmem = resafe_dpo(model, pairs, work, 6, a, False, m)
+            metrics.update({f"dpo_mb{m}_tok_s": tokens / mstep, f"dpo_mb{m}_peak_gib": mmem / 2**30})
         if "peft" not in skip:
             pt_step, pt_mem = torch_dpo_step(model, pairs, a)
             metrics.update(dpo_peft_tok_s=tokens / pt_step, dpo_peft_peak_gib=pt_mem / 2**30,
                            dpo_speedup_vs_peft=pt_step / step,
                            dpo_peak_ratio_vs_peft=mem / pt_mem)
+            for m in micros:
+                metrics[f"dpo_mb{m}_speedup_vs_peft"] = metrics[f"dpo_mb{m}_tok_s"] / metrics["dpo_peft_tok_s"]
+                metrics[f"dpo_mb{m}_peak_ratio_vs_peft"] = metrics[f"dpo_mb{m}_peak_gib"] / metrics["dpo_peft_peak_gib"]
     if "decode" not in skip:
         bw = copy_bandwidth()
         weight_bytes = 2 * (linear + cfg.vocab_size * cfg.hidden_size)
