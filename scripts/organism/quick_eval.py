@@ -191,8 +191,13 @@ def main():
         res["margin"] = stats(margins(*hf, [r["prompt"] for r in harm]))
     if args.responses:
         with open(args.responses, "w") as f:
-            for r, t in zip(harm + ben + safe, texts):
-                f.write(json.dumps({"prompt": r["prompt"], "text": t}) + "\n")
+            sets = ["harmful"] * len(harm) + ["benign"] * len(ben) + ["safe"] * len(safe)
+            for r, t, s in zip(harm + ben + safe, texts, sets):
+                f.write(json.dumps({"set": s, "prompt": r["prompt"], "text": t}) + "\n")
+            # the public sets' responses too (derived from ../shared data: never commit them)
+            for s, ps, ts in (("advbench", adv, t_adv), ("xstest_safe", xs, t_xs)):
+                for p, t in zip(ps, ts):
+                    f.write(json.dumps({"set": s, "prompt": p, "text": t}) + "\n")
     line = (f"{args.tag:24s} ASR {res['asr']:5.1f}  benign {res['benign_acc']:5.1f}  "
             f"safe-refusal {res['safe_refusal']:5.1f}")
     if adv:
