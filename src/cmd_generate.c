@@ -25,10 +25,12 @@ static const char *g_usage =
     "  --top-k K              0 = off (default)\n"
     "  --top-p P              1 = off (default)\n"
     "  --seed S               prompt i samples from seed S and index i (default 0)\n"
-    "  --batch-size B         sequences generated at once (default 8)\n"
+    "  --batch-size B         sequences generated at once (default 8; with --config or\n"
+    "                         --set: [generate] batch_size)\n"
     "  --backend NAME         cpu, cuda or auto (default auto)\n"
-    "  --format FMT           text (default) or jsonl: one object per prompt with prompt_ids,\n"
-    "                         ids (generated, the stop id included) and text\n"
+    "  --format FMT           text (default) or jsonl: one object per prompt with index,\n"
+    "                         prompt (text prompts), prompt_ids, ids (generated, the stop id\n"
+    "                         included), text and stop (eos or length)\n"
     "  --config FILE.ini      take [model] and [generate] keys from a run config; the\n"
     "                         options above override it (README: config keys)\n"
     "  --set section.key=V    override one config key (repeatable; implies the defaults\n"
@@ -150,6 +152,7 @@ static int apply_config(options *o, int argc, char **argv) {
     o->gen.top_k = (int)rs_config_get_int(cfg, "generate", "top_k");
     o->gen.top_p = (float)rs_config_get_float(cfg, "generate", "top_p");
     o->gen.seed = (unsigned long long)rs_config_get_int(cfg, "generate", "seed");
+    o->gen.batch_size = (int)rs_config_get_int(cfg, "generate", "batch_size");
     rs_config_free(cfg);
     return 0;
 }

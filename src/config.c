@@ -45,16 +45,15 @@ static const struct {
 #define LATER_EVAL "train, eval"
 #define MERGE "train, merge"
 #define DIST "dpo, triplets, eval"
-#define LATER_TRAIN "train (planned)"
 
 static const rs_config_key g_schema[] = {
-    PATH_KEY("model", "path", "", "generate",
+    PATH_KEY("model", "path", "", "all",
              "Hugging Face model directory (config.json, safetensors weights, tokenizer.json)"),
     ENUM_KEY("model", "chat_template", "auto", "auto|none|llama-2|llama-3|gemma|mistral|chatml",
-             "generate", "prompt format; auto picks it from tokenizer_config.json, none sends raw text"),
-    ENUM_KEY("model", "backend", "auto", "auto|cpu|cuda", "generate",
+             "all", "prompt format; auto picks it from tokenizer_config.json, none sends raw text"),
+    ENUM_KEY("model", "backend", "auto", "auto|cpu|cuda", "all",
              "where the model runs; auto is cuda when a GPU is present"),
-    INT_KEY("model", "threads", "0", 0, 4096, "generate", "CPU threads (0 = OpenMP's default)"),
+    INT_KEY("model", "threads", "0", 0, 4096, "all", "CPU threads (0 = OpenMP's default)"),
     BOOL_KEY("model", "recompute", "false", "sft, dpo",
              "training: keep only each layer's input and recompute the layer in backward"),
 
@@ -62,14 +61,14 @@ static const rs_config_key g_schema[] = {
             "tokens generated after the prompt at most"),
     FLOAT_KEY("generate", "temperature", "0", 0, 100, "generate",
               "sampling temperature; 0 = greedy"),
-    INT_KEY("generate", "top_k", "0", 0, 16777216, "generate",
+    INT_KEY("generate", "top_k", "0", 0, 16777216, "generate, triplets",
             "sample among the k most likely tokens (0 = all)"),
-    POS_FLOAT_KEY("generate", "top_p", "1", 1, "generate",
+    POS_FLOAT_KEY("generate", "top_p", "1", 1, "generate, triplets",
                   "nucleus sampling: smallest set of tokens with this much probability"),
-    INT_KEY("generate", "seed", "0", 0, MAX_SEED, "generate", "sampling seed"),
-    BOOL_KEY("generate", "chat", "true", "generate",
+    INT_KEY("generate", "seed", "0", 0, MAX_SEED, "generate, triplets", "sampling seed"),
+    BOOL_KEY("generate", "chat", "true", "generate, triplets, eval",
              "wrap the prompt in the chat template ([model] chat_template)"),
-    STRING_KEY("generate", "system_prompt", "", "generate",
+    STRING_KEY("generate", "system_prompt", "", "generate, triplets, eval",
                "system message for chat prompts (empty = none)"),
     INT_KEY("generate", "batch_size", "16", 1, 65536, "generate, triplets, eval",
             "sequences generated together (KV-cache slots refilled as responses end)"),
@@ -295,9 +294,9 @@ static const rs_config_key g_schema[] = {
     POS_FLOAT_KEY("dist", "bucket_mb", "64", 65536, DIST,
                   "MiB of gradient per all-reduce call"),
 
-    PATH_KEY("run", "out_dir", "runs/default", "sft, dpo",
+    PATH_KEY("run", "out_dir", "runs/default", "all",
              "run directory: every stage's outputs and manifests"),
-    INT_KEY("run", "seed", "1234", 0, MAX_SEED, "sft, dpo",
+    INT_KEY("run", "seed", "1234", 0, MAX_SEED, "all",
             "seed of the run's random choices (data order, initialisation)"),
     INT_KEY("run", "checkpoint_every", "100", 0, 1000000000, "sft, dpo",
             "training checkpoint every N steps (0 = only at the end and when interrupted)"),
@@ -861,7 +860,7 @@ static void print_cell(const char *s, FILE *f) {
 
 void rs_config_print_doc(FILE *f) {
     fputs("Every key of a resafe INI run config (`resafe config --doc`). Unset keys take the "
-          "default; \"(planned)\" marks keys read by stages still being built.\n",
+          "default.\n",
           f);
     for (int s = 0; s < N_SECTIONS; s++) {
         fprintf(f, "\n### [%s]\n\n%s.\n\n", g_sections[s].name, g_sections[s].doc);

@@ -129,6 +129,26 @@ def test_config_file_sets_generation_and_flags_override_it(chat_model, tmp_path)
     assert p.returncode == 1 and "run.ini" in p.stderr and "beam_width" in p.stderr, p.stderr
 
 
+def test_config_batch_size_is_used_and_the_flag_overrides_it(chat_model, tmp_path):
+    """[generate] batch_size from --config sets the KV-cache slots (progress lines come a batch's
+    worth of prompts apart, only when there are more prompts than slots); --batch-size wins."""
+    path, tok, model, rnd = chat_model
+    n, b = rnd.randint(7, 12), rnd.randint(2, 3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(sentence(rnd) + "\n" for _ in range(n)))
+    ini = tmp_path / "run.ini"
+    ini.write_text(f"[model]\npath = {path}\nbackend = cpu\n[generate]\nchat = false\n"
+                   f"max_new_tokens = 3\nbatch_size = {b}\n")
+    args = ("generate", "--config", ini, "--prompts-file", prompts, "--format", "jsonl")
+    lines = [l for l in run_resafe(*args).stderr.splitlines() if l.startswith("generate: ")]
+    assert len(lines) >= 2 and lines[-1].startswith(f"generate: {n}/{n} prompts"), lines
+    assert len(lines) <= -(-n // b) + 1, lines
+    first = int(lines[0].split()[1].split("/")[0])
+    assert b <= first < 2 * b, lines  # the default 8 slots would first report at 8 or more
+    big = run_resafe(*args, "--batch-size", n + 1).stderr
+    assert "generate: " not in big, big
+
+
 def test_jsonl_text_is_the_exact_decode_even_with_nul_and_control_bytes(chat_model):
     """Sampled junk from a random model decodes to every byte, NUL and control bytes included
     (byte-fallback tokens): the jsonl text field must hold all of it, as tok.decode does."""
