@@ -73,7 +73,7 @@ def timed(cmd, env=None):
     return dt, p
 
 
-def make_model(d, a):
+def make_model(d, a, device="cuda"):
     import torch
     import make_test_model as mtm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,12 +87,13 @@ def make_model(d, a):
         return cfg
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         m = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     m.save_pretrained(d, safe_serialization=True, max_shard_size="20GB")
     del m
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return cfg
 
 
