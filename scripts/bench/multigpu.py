@@ -45,12 +45,13 @@ LAUNCH_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_
                "PMIX_NAMESPACE", "RESAFE_RUN_ID"]
 
 
-def dpo_config(path, a, model, pairs, out_dir, mask, checkpoint_every):
+def dpo_config(path, a, model, pairs, out_dir, mask, checkpoint_every, world):
     """mask: SNIP factor masks and an lr at which the losses move (the equivalence runs);
     else no mask (the throughput runs, as bench_gpu.py's)."""
     snip = ("mask = factor\ntau = 0.6\nreidentify_every = 2\nscore_batches = 1\n"
             if mask else "mask = none\n")
-    transport = "nccl" if a.backend == "cuda" else "file"
+    # one process communicates with nobody (auto); ranks: nccl on GPUs, the file transport on cpu
+    transport = "auto" if world == 1 else "nccl" if a.backend == "cuda" else "file"
     threads = "threads = 1\n" if a.backend == "cpu" else ""
     with open(path, "w") as f:
         f.write(f"""[model]
@@ -236,7 +237,7 @@ def main():
     if "throughput" in parts:
         for w in (1, N):
             d = os.path.join(work, f"tp{w}")
-            cfg = dpo_config(os.path.join(work, f"tp{w}.ini"), a, model, pairs, d, False, 0)
+            cfg = dpo_config(os.path.join(work, f"tp{w}.ini"), a, model, pairs, d, False, 0, w)
             step = step_times(run_world(w, cfg, f"tp{w}")[0][2])
             m[f"dpo_tok_s_{w}gpu"] = tokens / step
             log(f"throughput on {w}: {tokens / step:.0f} tokens/s ({step * 1e3:.1f} ms/step)")
@@ -245,7 +246,7 @@ def main():
         runs = {}
         for w in (1, N):
             d = os.path.join(work, f"eq{w}")
-            cfg = dpo_config(os.path.join(work, f"eq{w}.ini"), a, model, pairs, d, True, 0)
+            cfg = dpo_config(os.path.join(work, f"eq{w}.ini"), a, model, pairs, d, True, 0, w)
             res = run_world(w, cfg, f"eq{w}")
             runs[w] = (cfg, d, [mask_hashes(err) for _, _, err in res])
             log(f"equiv on {w}: losses {' '.join(f'{x:.6f}' for x in losses(d))}")
@@ -265,7 +266,7 @@ def main():
         if "kill" in parts:
             d_eq = runs[N][1]
             d = os.path.join(work, "kill")
-            kcfg = dpo_config(os.path.join(work, "kill.ini"), a, model, pairs, d, True, 1)
+            kcfg = dpo_config(os.path.join(work, "kill.ini"), a, model, pairs, d, True, 1, N)
             took, msgs, named = kill_and_resume(a, kcfg, d, N)
             m["kill_others_exit_s"] = took
             m["kill_message_names_rank"] = int(named)
