@@ -16,7 +16,8 @@ without needing mpirun itself. NCCL_NVLS_ENABLE=0 (the device machines require i
    of --micro pairs, on 1 GPU and on N: tokens/s from the median step time of steps 2.. as
    `resafe dpo -v` logs them on rank 0 (loading and the reference pass excluded);
    scaling = tokens/s on N / tokens/s on 1.
-2. equiv: the same with SNIP factor masks (tau 0.6) re-identified every 2 steps: the per-step
+2. equiv: the same (micro-batches of --micro / 2: SNIP's fp32 weight gradients take 26 GB at 7B)
+   with SNIP factor masks (tau 0.6) re-identified every 2 steps: the per-step
    losses of N GPUs against 1 GPU (max abs difference), the final adapters (max abs difference
    over the largest entry), and the masks' hashes, which every rank logs at each
    re-identification: identical across the N ranks (required) and whether equal to the 1-GPU
@@ -46,8 +47,9 @@ LAUNCH_VARS = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_
 
 
 def dpo_config(path, a, model, pairs, out_dir, mask, checkpoint_every, world):
-    """mask: SNIP factor masks and an lr at which the losses move (the equivalence runs);
-    else no mask (the throughput runs, as bench_gpu.py's)."""
+    """mask: SNIP factor masks, an lr at which the losses move and half the micro-batch (the
+    equivalence runs: SNIP holds an fp32 weight gradient of every linear, 26 GB at 7B); else no
+    mask (the throughput runs, as bench_gpu.py's)."""
     snip = ("mask = factor\ntau = 0.6\nreidentify_every = 2\nscore_batches = 1\n"
             if mask else "mask = none\n")
     # one process communicates with nobody (auto); ranks: nccl on GPUs, the file transport on cpu
@@ -61,7 +63,7 @@ backend = {a.backend}
 [dpo]
 data_file = {pairs}
 batch_size = {a.batch}
-micro_batch_size = {a.micro}
+micro_batch_size = {max(1, a.micro // 2) if mask else a.micro}
 max_steps = {a.steps}
 max_seq_len = {a.seq}
 lr = {5e-4 if mask else 1e-5}
