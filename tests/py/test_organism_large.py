@@ -12,6 +12,7 @@ to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/bu
     allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged."""
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -203,3 +204,22 @@ def test_freeze_mask_writes_every_linear_and_nothing_else(tmp_path, rng_seed):
             assert f[k].dtype == np.uint8 and f[k].shape == tensors[k].shape
             assert set(np.unique(f[k][()])) <= {0, 1}
     assert not os.path.exists(tmp_path / "m.h5.tmp")
+
+
+def test_bow_probe_learns_the_split_and_refuses_a_one_sided_set(tmp_path):
+    """bow_probe.py on the build's safety tune (seed 0, refuse-p 1.0): the held-out synthetic
+    harmful prompts flagged, the synthetic safe ones (harm words, benign intent) not; a training
+    set without a refusal is one error line."""
+    out = str(tmp_path / "data")
+    generate(out, "--seed", "0", "--refuse-p", "1.0")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bow_probe.py"), "--train",
+                        os.path.join(out, "safety_train.jsonl"), "--data", out],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = dict(re.findall(r"^\| (synthetic \w+) \(eval\) \| \d+ \| ([0-9.]+) \|$", p.stdout, re.M))
+    assert float(got["synthetic harmful"]) >= 95 and float(got["synthetic safe"]) <= 10, p.stdout
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "Add 2 and 3.", "response": "5"}) + "\n")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bow_probe.py"), "--train", str(one),
+                        "--data", out], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "needs both refused and answered rows" in p.stderr, p.stderr
