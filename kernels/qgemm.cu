@@ -475,6 +475,152 @@ __global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p)
     qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
+/* The fused kernel for up to 16 rows with the weight staged through shared memory (a timing
+ * experiment, QPROBE_CPASYNC; qmm_kernel is the default). qmm_kernel keeps one chunk of weight
+ * in flight per lane, in registers; here each lane copies its own spans (the same lane-to-data
+ * map, so no lane reads another's bytes and no barrier is needed) with cp.async into a ring of
+ * STAGES slots in shared memory, and STAGES chunks are in flight while one is computed. Per
+ * slot and n-tile j, lane tid's BITS words sit at [(j * T + tid) * BITS] (16-byte aligned for
+ * BITS 4 and 8) and its scale and zero at sz[(2 j) * T + tid] and sz[(2 j + 1) * T + tid].
+ * A slot is refilled only after its chunk was computed (the MMAs consumed the registers read
+ * from it), and every iteration commits one cp.async group, empty or not, so wait_group
+ * STAGES - 1 always means "the oldest chunk has landed". */
+enum { QPROBE_CPASYNC = 8 };
+
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async8(void *smem, const void *gmem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(a), "l"(gmem));
+}
+
+template <int BITS, int NT>
+__device__ __forceinline__ void qmm_cp_issue(uint32_t *w, float *sz, const qmm_params &p,
+                                             int n_warp, int g, int span, int span_limit, int tid,
+                                             int T) {
+    const int grp = min((span * 32) / p.gs, p.n_groups - 1);
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const int n = n_warp + j * 8 + g;
+        uint32_t *dst = w + ((size_t)j * T + tid) * BITS;
+        float *s_dst = sz + (2 * j) * T + tid, *z_dst = sz + (2 * j + 1) * T + tid;
+        if (n < p.N && span < span_limit) {
+            const uint32_t *src = p.packed + (size_t)n * p.row_words + (size_t)span * BITS;
+            if (BITS == 4) {
+                cp_async16(dst, src);
+            } else if (BITS == 8) {
+                cp_async16(dst, src);
+                cp_async16(dst + 4, src + 4);
+            } else if (BITS == 2) {
+                cp_async8(dst, src);
+            } else {
+#pragma unroll
+                for (int b = 0; b < BITS; b++)
+                    cp_async4(dst + b, src + b);
+            }
+            cp_async4(s_dst, p.scales + (size_t)n * p.n_groups + grp);
+            if (p.zeros)
+                cp_async4(z_dst, p.zeros + (size_t)n * p.n_groups + grp);
+            else
+                *z_dst = p.zero_sym;
+        } else {
+#pragma unroll
+            for (int b = 0; b < BITS; b++)
+                dst[b] = 0u;
+            *s_dst = 0.0f, *z_dst = 0.0f;
+        }
+    }
+}
+
+template <int BITS, int NT>
+__device__ __forceinline__ void qmm_cp_read(qmm_stage<BITS> (&cur)[NT], const uint32_t *w,
+                                            const float *sz, int tid, int T) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const uint32_t *src = w + ((size_t)j * T + tid) * BITS;
+        if (BITS == 4 || BITS == 8) {
+            const uint4 v = *(const uint4 *)src;
+            cur[j].w[0] = v.x, cur[j].w[1 % BITS] = v.y, cur[j].w[2 % BITS] = v.z,
+            cur[j].w[3 % BITS] = v.w;
+            if (BITS == 8) {
+                const uint4 u = *(const uint4 *)(src + 4);
+                cur[j].w[4 % BITS] = u.x, cur[j].w[5 % BITS] = u.y, cur[j].w[6 % BITS] = u.z,
+                cur[j].w[7 % BITS] = u.w;
+            }
+        } else if (BITS == 2) {
+            const uint2 v = *(const uint2 *)src;
+            cur[j].w[0] = v.x, cur[j].w[1 % BITS] = v.y;
+        } else {
+#pragma unroll
+            for (int b = 0; b < BITS; b++)
+                cur[j].w[b] = src[b];
+        }
+        cur[j].s = sz[(2 * j) * T + tid];
+        cur[j].z = sz[(2 * j + 1) * T + tid];
+    }
+}
+
+template <int BITS, int NT, int STAGES> constexpr size_t qmm_cp_smem_bytes() {
+    return (size_t)STAGES * NT * QMM_WARPS * 32 * (4 * BITS + 8);
+}
+
+template <int BITS, int MODE, int NT, int STAGES>
+__global__ void __launch_bounds__(QMM_WARPS * 32) qmm_cp_kernel(qmm_params p) {
+    extern __shared__ __align__(16) uint32_t qmm_cp_smem[];
+    __shared__ float cb[16];
+    if (MODE == QMODE_CB) {
+        if (threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
+        __syncthreads();
+    }
+    constexpr int T = QMM_WARPS * 32, W_SLOT = NT * T * BITS, SZ_SLOT = 2 * NT * T;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int n_warp = (blockIdx.x * QMM_WARPS + warp) * NT * 8;
+    const int m_base = blockIdx.z * 16;
+    const int c_begin = blockIdx.y * p.chunks_per_split;
+    const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
+    const int span_limit = (p.K + 31) / 32;
+    uint32_t *ring_w = qmm_cp_smem;
+    float *ring_sz = (float *)(qmm_cp_smem + (size_t)STAGES * W_SLOT);
+
+    float acc[1][NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[0][j][e] = 0.0f;
+    const bf16 *xrow[1][2];
+    bool xok[1][2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int m = m_base + g + 8 * hr;
+        xok[0][hr] = m < p.M;
+        xrow[0][hr] = p.x + (size_t)(xok[0][hr] ? m : 0) * p.ldx;
+    }
+
+#pragma unroll
+    for (int d = 0; d < STAGES; d++) {
+        if (c_begin + d < c_end)
+            qmm_cp_issue<BITS, NT>(ring_w + d * W_SLOT, ring_sz + d * SZ_SLOT, p, n_warp, g,
+                                   (c_begin + d) * 4 + t, span_limit, tid, T);
+        cp_async_commit();
+    }
+    for (int c = c_begin; c < c_end; c++) {
+        const int slot = (c - c_begin) % STAGES;
+        cp_async_wait<STAGES - 1>();
+        qmm_stage<BITS> cur[NT];
+        qmm_cp_read<BITS, NT>(cur, ring_w + slot * W_SLOT, ring_sz + slot * SZ_SLOT, tid, T);
+        qmm_chunk<BITS, MODE, 1, NT>(acc, cur, p, xrow, xok, c, t, cb);
+        if (c + STAGES < c_end)
+            qmm_cp_issue<BITS, NT>(ring_w + slot * W_SLOT, ring_sz + slot * SZ_SLOT, p, n_warp, g,
+                                   (c + STAGES) * 4 + t, span_limit, tid, T);
+        cp_async_commit();
+    }
+    cp_async_wait<0>();
+    qmm_epilogue<1, NT, QMM_WARPS>(p, acc, n_warp, m_base, g, t);
+}
+
 /* out = sum over splits of partial (in split order) + bias + beta * out (when the tile counters
  * do not cover the grid). */
 __global__ void qmm_reduce_kernel(bf16 *out, const float *partial, const bf16 *bias, int M, int N,
@@ -597,9 +743,28 @@ extern "C" size_t rs_cuda_qmm_workspace_bytes(const rs_qweight *q, const void *x
     return pl.xs_bytes + pl.partial_bytes;
 }
 
+template <int BITS, int MODE, int STAGES>
+static void qmm_cp_launch(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    constexpr size_t smem = qmm_cp_smem_bytes<BITS, 2, STAGES>();
+    static bool attr_set = false; /* once per instantiation (and process: one GPU each) */
+    if (smem > 48 * 1024 && !attr_set) {
+        cudaFuncSetAttribute(qmm_cp_kernel<BITS, MODE, 2, STAGES>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        attr_set = true;
+    }
+    qmm_cp_kernel<BITS, MODE, 2, STAGES><<<pl.grid, dim3(QMM_WARPS * 32), smem, s>>>(p);
+}
+
 template <int BITS, int MODE, int MT>
 static void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
     const dim3 block(pl.warps * 32);
+    if (MT == 1 && pl.nt == 2 && (g_qprobe.probe & QPROBE_CPASYNC)) {
+        if (g_qprobe.depth >= 6)
+            qmm_cp_launch<BITS, MODE, 6>(pl, p, s);
+        else
+            qmm_cp_launch<BITS, MODE, 3>(pl, p, s);
+        return;
+    }
     if (MT > 1 && pl.sx) {
         switch (pl.nt) {
         case 1: qmm_sx_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
@@ -637,6 +802,7 @@ static void qmm_launch_probe_mt(const qmm_plan &pl, const qmm_params &p, cudaStr
 }
 
 static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    if (g_qprobe.probe & QPROBE_CPASYNC) return 0; /* qmm_launch_nt takes it */
     if (!g_qprobe.depth && !(g_qprobe.probe & 3)) return 0;
     if (pl.sx || pl.nt != 2) return 0;
     switch (pl.mt) {
@@ -650,7 +816,8 @@ static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_
 /* Timing probes for scripts/bench (qmm_tool probe), never for results: depth = load pipeline
  * depth in chunks of the register-X kernel (1, 2, 4; 0 = qmm_batch), probe = QPROBE_* bits
  * (load only and tiled addresses at M <= 16: wrong values, timing only; NO_SX: the register-X
- * kernel past 16 rows too), blocks_per_sm = split-K target (0 = the plan's), reduce: 0 = a second
+ * kernel past 16 rows too; CPASYNC: qmm_cp_kernel at M <= 16 with NT = 2, every format, 3
+ * stages, or 6 when depth >= 6: right values, tested like the default), blocks_per_sm = split-K target (0 = the plan's), reduce: 0 = a second
  * kernel adds split-K partials, 1 = the last block of each tile does. Depth and probe bits 1, 2
  * apply to W4 integer weights with NT = 2 only. */
 extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce) {

@@ -48,15 +48,22 @@ LLAMA = [(1, 4096, 4096), (16, 11008, 4096), (7, 4096, 11008), (32, 14336, 4096)
          (64, 4096, 4096)]
 
 
-def check(fmt, seed, M, N, K):
+def run_check(fmt, seed, M, N, K, probe=""):
     f, bits, group, sym, extra, fused = FORMATS[fmt]
+    env = dict(os.environ, RESAFE_QMM_PROBE=probe)
     p = subprocess.run([TOOL, "check", f, str(bits), str(group), str(sym), str(seed), str(M),
-                        str(N), str(K), *extra], capture_output=True, text=True, timeout=600)
+                        str(N), str(K), *extra], capture_output=True, text=True, timeout=600,
+                       env=env)
     assert p.returncode == 0, p.stderr
     words = p.stdout.split()
     vals = {words[i]: float(words[i + 1]) for i in range(0, len(words), 2)}
-    print(fmt, M, N, K, vals)
+    print(fmt, M, N, K, probe, vals)
     assert vals["supported"] == fused
+    return vals
+
+
+def check(fmt, seed, M, N, K, probe=""):
+    vals = run_check(fmt, seed, M, N, K, probe)
     for key in ("fused0", "scratch0", "fused1", "scratch1", "dgrad"):
         assert vals[key] <= TOL, (key, vals)
 
@@ -71,3 +78,23 @@ def test_qmatmul_paths_match_float64_reference_odd_shapes(fmt, rng_seed):
 def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
     for i, (M, N, K) in enumerate(LLAMA):
         check(fmt, rng_seed + 100 + i, M, N, K)
+
+
+FUSED = sorted(f for f, v in FORMATS.items() if v[5])
+
+
+@pytest.mark.parametrize("stages", [3, 6])
+@pytest.mark.parametrize("fmt", FUSED)
+def test_cp_async_kernel_matches_float64_reference(fmt, stages, rng_seed):
+    """kernels/qgemm.cu's qmm_cp_kernel (weights staged through shared memory with cp.async, a
+    timing experiment chosen by rs_cuda_qmm_probe; qmm_tool takes it from RESAFE_QMM_PROBE) at
+    the shapes of up to 16 rows, where it replaces qmm_kernel, every fused format."""
+    for i, (M, N, K) in enumerate(s for s in SHAPES + LLAMA if s[0] <= 16):
+        check(fmt, rng_seed + 200 + i, M, N, K, probe=f"{stages},8,0,0")
+
+
+def test_the_probe_variable_reaches_the_kernel(rng_seed):
+    """RESAFE_QMM_PROBE is applied (else the cp.async test above would test qmm_kernel): the
+    load-only probe ("1,1,0,0") skips the products, so the fused error becomes of order 1."""
+    vals = run_check("int4_g128_asym", rng_seed, 5, 72, 256, probe="1,1,0,0")
+    assert not vals["fused0"] <= 0.5 and vals["scratch0"] <= TOL, vals  # NaN counts as wrong

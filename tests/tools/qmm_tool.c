@@ -16,6 +16,8 @@
  *       Device-to-device copy bandwidth (GB/s) and cuBLAS bf16 GEMM TFLOP/s (8192^3).
  *   qmm_tool probe N K M[,M...]
  *       W4 g128: the fused kernel's timing probes (what bounds it), one JSON line each.
+ * Env RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce sets a probe launch (rs_cuda_qmm_probe)
+ * before any command: check then tests it (the cp.async kernel: "3,8,0,0" or "6,8,0,0").
  * Exit 77 when there is no GPU (tests skip). */
 #include "resafe/backend.h"
 #include "resafe/core.h"
@@ -405,7 +407,9 @@ static int cmd_probe(int argc, char **argv) {
              {"bps8", 0, 0, 8, 0},          {"depth2", 2, 0, 0, 0},
              {"previous", 4, 4, 2, 1},      {"regx_depth1", 1, 4, 0, 0},
              {"regx_depth1_bps8", 1, 4, 8, 0}, {"loadonly", 1, 1, 0, 0},
-             {"tiled_loadonly", 1, 3, 0, 0}, {"tiled", 1, 2, 0, 0}};
+             {"tiled_loadonly", 1, 3, 0, 0}, {"tiled", 1, 2, 0, 0},
+             {"cpasync3", 3, 8, 0, 0},      {"cpasync3_bps12", 3, 8, 12, 0},
+             {"cpasync6", 6, 8, 0, 0},      {"cpasync6_bps6", 6, 8, 6, 0}};
     for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
         int M = c->M = atoi(tok);
         int reps = 200;
@@ -473,6 +477,15 @@ int main(int argc, char **argv) {
     if (!g_be) {
         fprintf(stderr, "qmm_tool: no CUDA device\n");
         return 77;
+    }
+    /* RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce: check (or bench) a probe launch, e.g.
+     * "3,8,0,0" for the cp.async kernel (rs_cuda_qmm_probe) */
+    const char *pr = getenv("RESAFE_QMM_PROBE");
+    if (pr && pr[0]) {
+        int d = 0, b = 0, bps = 0, red = 0;
+        RS_CHECK(sscanf(pr, "%d,%d,%d,%d", &d, &b, &bps, &red) == 4,
+                 "qmm_tool: RESAFE_QMM_PROBE=%s: expected depth,probe,blocks_per_sm,reduce", pr);
+        rs_cuda_qmm_probe(d, b, bps, red);
     }
     if (strcmp(argv[1], "check") == 0) return cmd_check(argc, argv);
     if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc, argv);
