@@ -399,11 +399,15 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+/* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
+ * or a wait (qmm_cp_kernel has no barrier after its wait to stop it). */
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 template <int MT>
@@ -489,11 +493,11 @@ enum { QPROBE_CPASYNC = 8 };
 
 __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(gmem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async8(void *smem, const void *gmem) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(a), "l"(gmem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(a), "l"(gmem) : "memory");
 }
 
 template <int BITS, int NT>
@@ -688,6 +692,9 @@ static int qmm_sm_count(void) {
 
 /* Timing probes (rs_cuda_qmm_probe; all zero in real use). */
 static struct { int depth, probe, blocks_per_sm, reduce; } g_qprobe;
+/* What the last rs_cuda_qmm launched: 0 the default kernels, else the cp.async kernel's stages
+ * (rs_cuda_qmm_last_variant: so a test knows which kernel it checked). */
+static int g_qmm_last_variant;
 enum { QPROBE_NO_SX = 4 };
 
 typedef struct {
@@ -748,11 +755,12 @@ static void qmm_cp_launch(const qmm_plan &pl, const qmm_params &p, cudaStream_t 
     constexpr size_t smem = qmm_cp_smem_bytes<BITS, 2, STAGES>();
     static bool attr_set = false; /* once per instantiation (and process: one GPU each) */
     if (smem > 48 * 1024 && !attr_set) {
-        cudaFuncSetAttribute(qmm_cp_kernel<BITS, MODE, 2, STAGES>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        CUDA_CHECK(cudaFuncSetAttribute(qmm_cp_kernel<BITS, MODE, 2, STAGES>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         attr_set = true;
     }
     qmm_cp_kernel<BITS, MODE, 2, STAGES><<<pl.grid, dim3(QMM_WARPS * 32), smem, s>>>(p);
+    g_qmm_last_variant = STAGES;
 }
 
 template <int BITS, int MODE, int MT>
@@ -820,6 +828,8 @@ static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_
  * stages, or 6 when depth >= 6: right values, tested like the default), blocks_per_sm = split-K target (0 = the plan's), reduce: 0 = a second
  * kernel adds split-K partials, 1 = the last block of each tile does. Depth and probe bits 1, 2
  * apply to W4 integer weights with NT = 2 only. */
+extern "C" int rs_cuda_qmm_last_variant(void) { return g_qmm_last_variant; }
+
 extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce) {
     g_qprobe.depth = depth, g_qprobe.probe = probe;
     g_qprobe.blocks_per_sm = blocks_per_sm, g_qprobe.reduce = reduce;
@@ -842,6 +852,7 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
                             int n_counters, int tune_nt, int tune_splits) {
     if (M <= 0) return;
     qmm_plan pl = qmm_make_plan(q, x, M, tune_nt, tune_splits);
+    g_qmm_last_variant = 0;
     qmm_params p;
     memset(&p, 0, sizeof p);
     p.x = x;

@@ -23,14 +23,17 @@ without needing mpirun itself. NCCL_NVLS_ENABLE=0 (the device machines require i
    re-identification: identical across the N ranks (required) and whether equal to the 1-GPU
    run's (the scores are all-reduced in another order, so entries at the threshold may differ).
 3. kill: the equiv run on N GPUs again, one checkpoint per step; after step 2 the last rank is
-   SIGKILLed: seconds until every other rank has exited and their error line; then `--resume`
-   on N ranks: its losses must equal the uninterrupted N-GPU run's (bit for bit).
+   SIGKILLed: seconds until every other rank has exited and rank 0's error line (it must name
+   the dead rank); then `--resume` on N ranks: it must start at the step-2 checkpoint and its
+   losses must equal the uninterrupted N-GPU run's (bit for bit).
+Each rank's output is in OUT_DIR/work/logs-*/rank<r>.log.
 Writes OUT_DIR/multigpu.json and (unless --quick) RESULTS_DIR/multigpu-<device>-<date>.json with
 dpo_tok_s_1gpu, dpo_tok_s_2gpu, scaling_2gpu, max_loss_diff_1v2 (for N = 2; the keys carry N)."""
 import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -83,39 +86,56 @@ seed = 7
     return path
 
 
-def launch(world, args, run_id):
+def launch(world, args, run_id, log_dir):
+    """world ranks of `resafe args`; each rank's output goes to its own file in log_dir (a pipe
+    nobody reads while the ranks run could fill and block a rank)."""
+    os.makedirs(log_dir, exist_ok=True)
     procs = []
     for r in range(world):
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
         env.update(OMPI_COMM_WORLD_RANK=str(r), OMPI_COMM_WORLD_SIZE=str(world),
                    OMPI_COMM_WORLD_LOCAL_RANK=str(r), RESAFE_RUN_ID=run_id,
                    NCCL_NVLS_ENABLE="0", RESAFE_CUDA_MEMSTATS="1")
-        procs.append(subprocess.Popen([bg.RESAFE, *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        log = open(os.path.join(log_dir, f"rank{r}.log"), "w")
+        p = subprocess.Popen([bg.RESAFE, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        p.log_path = log.name
+        log.close()
+        procs.append(p)
     return procs
 
 
 def finish(procs, timeout=3600):
+    """(returncode, output) per rank; ranks still running after timeout are killed."""
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     out = []
     for p in procs:
-        o, e = p.communicate(timeout=timeout)
-        out.append((p.returncode, o, e))
+        with open(p.log_path) as f:
+            out.append((p.returncode, f.read()))
     return out
 
 
-def run_world(world, cfg, tag, extra=("--force",)):
+def run_world(world, cfg, tag, log_dir, extra=("--force",)):
     res = finish(launch(world, ["dpo", "--config", cfg, "-v", *extra],
-                        f"{tag}-{os.getpid()}-{time.time_ns()}"))
-    for r, (rc, _, err) in enumerate(res):
+                        f"{tag}-{os.getpid()}-{time.time_ns()}", log_dir))
+    for r, (rc, out) in enumerate(res):
         if rc != 0:
-            raise SystemExit(f"multigpu: {tag}: rank {r} of {world} failed ({rc}):\n{err[-3000:]}")
+            raise SystemExit(f"multigpu: {tag}: rank {r} of {world} failed ({rc}):\n{out[-3000:]}")
     return res
 
 
 def step_times(stderr):
     took = [float(x) for x in re.findall(r"dpo: step \d+ took ([0-9.]+) s", stderr)]
     if len(took) < 3:
-        raise SystemExit("multigpu: resafe dpo -v logged fewer than 3 step times:\n" + stderr[-2000:])
+        raise SystemExit("multigpu: resafe dpo -v logged fewer than 3 step times:\n" +
+                         stderr[-2000:])
     return statistics.median(took[1:])
 
 
@@ -145,40 +165,43 @@ def adapter_diff(d1, d2):
     return max(float(np.abs(x[k].astype(np.float64) - y[k]).max()) for k in x) / scale
 
 
-def kill_and_resume(a, cfg, out_dir, world):
-    """The equiv run on `world` ranks, its last rank SIGKILLed after step 2; then --resume."""
-    procs = launch(world, ["dpo", "--config", cfg, "--force"], f"kill-{os.getpid()}")
+def kill_and_resume(a, cfg, out_dir, world, log_dir):
+    """The equiv run on `world` ranks, its last rank SIGKILLed after step 2; then --resume.
+    Returns (seconds until the other ranks exited, rank 0's error line, whether every other
+    rank exited and rank 0 named the dead rank, whether the resume started at the checkpoint)."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # --force deletes nothing: no old metrics here
+    procs = launch(world, ["dpo", "--config", cfg, "--force"], f"kill-{os.getpid()}",
+                   os.path.join(log_dir, "killed"))
     metrics = os.path.join(out_dir, "dpo", "metrics.jsonl")
     deadline = time.time() + 1800
-    while time.time() < deadline:
-        if os.path.exists(metrics) and open(metrics).read().count("\n") >= 2:
-            break
-        if any(p.poll() is not None for p in procs):
-            res = finish(procs)
-            raise SystemExit("multigpu: kill: a rank ended before step 2:\n" +
-                             "\n".join(e[-1500:] for _, _, e in res))
-        time.sleep(0.05)
-    else:
-        raise SystemExit("multigpu: kill: step 2 did not come within 30 minutes")
-    victim = world - 1
-    procs[victim].send_signal(signal.SIGKILL)
-    t0 = time.time()
-    for r in range(world - 1):
-        try:
-            procs[r].wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            pass
-    took = time.time() - t0
-    res = finish([p for r, p in enumerate(procs) if r != victim and p.poll() is not None])
-    hung = [r for r in range(world - 1) if procs[r].poll() is None]
-    for r in hung:
-        procs[r].kill()
-    procs[victim].wait()
-    msgs = [next((l for l in err.splitlines() if l.startswith("resafe: error")), "")
-            for _, _, err in res]
-    named = all(re.search(rf"rank {victim} \(pid \d+\) died", m) for m in msgs) and not hung
-    run_world(world, cfg, "resume", ["--resume"])
-    return took, msgs, named and not hung
+    try:
+        while time.time() < deadline:
+            if os.path.exists(metrics) and open(metrics).read().count("\n") >= 2:
+                break
+            if any(p.poll() is not None for p in procs):
+                raise SystemExit("multigpu: kill: a rank ended before step 2:\n" +
+                                 "\n".join(o[-1500:] for _, o in finish(procs)))
+            time.sleep(0.05)
+        else:
+            raise SystemExit("multigpu: kill: step 2 did not come within 30 minutes")
+        victim = world - 1
+        procs[victim].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        for r in range(world - 1):
+            try:
+                procs[r].wait(timeout=max(1, t0 + 180 - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        took = time.time() - t0
+        exited = all(procs[r].poll() is not None for r in range(world - 1))
+    finally:
+        res = finish(procs, timeout=1)  # kills what still runs
+    msg = next((l for l in res[0][1].splitlines() if l.startswith("resafe: error")), "")
+    # rank 0 names the dead rank; with more ranks the others may name rank 0's exit first
+    named = exited and re.search(rf"rank {victim} \(pid \d+\) died", msg) is not None
+    out = run_world(world, cfg, "resume", os.path.join(log_dir, "resume"), ["--resume"])
+    resumed = re.search(r"dpo: resuming \S+ at step 2\b", out[0][1]) is not None
+    return took, msg, named, resumed
 
 
 def main():
@@ -187,7 +210,8 @@ def main():
     ap.add_argument("--gpus", type=int, default=2, help="ranks of the data-parallel runs (>= 2)")
     ap.add_argument("--only", default="throughput,equiv,kill")
     ap.add_argument("--batch", type=int, default=8, help="global batch in pairs")
-    ap.add_argument("--micro", type=int, default=4, help="pairs per forward ([dpo] micro_batch_size)")
+    ap.add_argument("--micro", type=int, default=4,
+                    help="pairs per forward ([dpo] micro_batch_size)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--quick", action="store_true",
                     help="a small model (smoke test; results stay in OUT_DIR)")
@@ -240,7 +264,8 @@ def main():
         for w in (1, N):
             d = os.path.join(work, f"tp{w}")
             cfg = dpo_config(os.path.join(work, f"tp{w}.ini"), a, model, pairs, d, False, 0, w)
-            step = step_times(run_world(w, cfg, f"tp{w}")[0][2])
+            res = run_world(w, cfg, f"tp{w}", os.path.join(work, f"logs-tp{w}"))
+            step = step_times(res[0][1])
             m[f"dpo_tok_s_{w}gpu"] = tokens / step
             log(f"throughput on {w}: {tokens / step:.0f} tokens/s ({step * 1e3:.1f} ms/step)")
         m[f"scaling_{N}gpu"] = m[f"dpo_tok_s_{N}gpu"] / m["dpo_tok_s_1gpu"]
@@ -249,8 +274,8 @@ def main():
         for w in (1, N):
             d = os.path.join(work, f"eq{w}")
             cfg = dpo_config(os.path.join(work, f"eq{w}.ini"), a, model, pairs, d, True, 0, w)
-            res = run_world(w, cfg, f"eq{w}")
-            runs[w] = (cfg, d, [mask_hashes(err) for _, _, err in res])
+            res = run_world(w, cfg, f"eq{w}", os.path.join(work, f"logs-eq{w}"))
+            runs[w] = (cfg, d, [mask_hashes(out) for _, out in res])
             log(f"equiv on {w}: losses {' '.join(f'{x:.6f}' for x in losses(d))}")
         l1, ln = losses(runs[1][1]), losses(runs[N][1])
         if len(l1) != a.steps or len(ln) != a.steps:
@@ -264,17 +289,20 @@ def main():
         m[f"masks_equal_1v{N}"] = int(hashes[0] == runs[1][2][0])
         log(f"equiv: max loss diff {m[f'max_loss_diff_1v{N}']:.3g}, adapters "
             f"{m[f'adapter_max_rel_diff_1v{N}']:.3g} of the largest entry, masks identical across "
-            f"ranks: {bool(m['masks_identical_across_ranks'])} ({len(hashes[0])} re-identifications)")
+            f"ranks: {bool(m['masks_identical_across_ranks'])} "
+            f"({len(hashes[0])} re-identifications)")
         if "kill" in parts:
             d_eq = runs[N][1]
             d = os.path.join(work, "kill")
             kcfg = dpo_config(os.path.join(work, "kill.ini"), a, model, pairs, d, True, 1, N)
-            took, msgs, named = kill_and_resume(a, kcfg, d, N)
+            took, msg, named, resumed = kill_and_resume(a, kcfg, d, N,
+                                                        os.path.join(work, "logs-kill"))
             m["kill_others_exit_s"] = took
             m["kill_message_names_rank"] = int(named)
-            m["resume_losses_equal"] = int(losses(d) == losses(d_eq))
+            m["resume_from_checkpoint"] = int(resumed)
+            m["resume_losses_equal"] = int(resumed and losses(d) == losses(d_eq))
             log(f"kill: the other ranks exited {took:.1f} s after rank {N - 1} was killed: "
-                f"{msgs[0] if msgs else '(no error line)'}; resumed losses equal the "
+                f"{msg or '(no error line)'}; resumed at step 2: {resumed}; losses equal the "
                 f"uninterrupted run's: {bool(m['resume_losses_equal'])}")
     res = {"device": dev, "date": time.strftime("%Y-%m-%d"),
            "command": "scripts/bench/multigpu.py " + " ".join(sys.argv[2:]) if len(sys.argv) > 2
@@ -288,8 +316,18 @@ def main():
     if not a.quick and a.backend == "cuda":
         os.makedirs(a.results_dir, exist_ok=True)
         slug = dev.lower().replace(" ", "-")
-        with open(os.path.join(a.results_dir, f"multigpu-{slug}-{res['date']}.json"), "w") as f:
-            json.dump({k: res[k] for k in ("device", "date", "command", "metrics")}, f, indent=2)
+        path = os.path.join(a.results_dir, f"multigpu-{slug}-{res['date']}.json")
+        rec = {k: res[k] for k in ("device", "date", "command", "metrics")}
+        try:  # a partial run (--only) adds its metrics to the day's file instead of replacing it
+            with open(path) as f:
+                old = json.load(f)
+            rec["metrics"] = {**old.get("metrics", {}), **m}
+            if old.get("command") != rec["command"]:
+                rec["command"] = f"{old.get('command')}; {rec['command']}"
+        except (OSError, ValueError):
+            pass
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=2)
     print("| metric | value |\n|---|---|")
     for k, v in m.items():
         print(f"| {k} | {v:.4g} |")

@@ -34,7 +34,7 @@ def test_cpu_smoke_run_meets_the_acceptance_checks(tmp_path):
     assert m["mask_reidentifications"] == 3  # steps 0, 2, 4 of 6
     assert m["masks_identical_across_ranks"] == 1
     assert m["kill_others_exit_s"] < 60 and m["kill_message_names_rank"] == 1
-    assert m["resume_losses_equal"] == 1
+    assert m["resume_from_checkpoint"] == 1 and m["resume_losses_equal"] == 1
     assert not [f for f in os.listdir(os.path.join(ROOT, "scripts", "bench", "results"))
                 if "cpu-ranks" in f], "a smoke run wrote a results file"
 

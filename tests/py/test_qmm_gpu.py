@@ -83,18 +83,25 @@ def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
 FUSED = sorted(f for f, v in FORMATS.items() if v[5])
 
 
-@pytest.mark.parametrize("stages", [3, 6])
+@pytest.mark.parametrize("stages,bps", [(3, 0), (6, 0), (3, 1), (6, 1)])
 @pytest.mark.parametrize("fmt", FUSED)
-def test_cp_async_kernel_matches_float64_reference(fmt, stages, rng_seed):
+def test_cp_async_kernel_matches_float64_reference(fmt, stages, bps, rng_seed):
     """kernels/qgemm.cu's qmm_cp_kernel (weights staged through shared memory with cp.async, a
     timing experiment chosen by rs_cuda_qmm_probe; qmm_tool takes it from RESAFE_QMM_PROBE) at
-    the shapes of up to 16 rows, where it replaces qmm_kernel, every fused format."""
+    the shapes of up to 16 rows, where it replaces qmm_kernel, every fused format; the tool
+    says which kernel ran. With the plan's split-K a block sees at most ~6 chunks, so the ring
+    never wraps at 6 stages: one block per SM (bps 1) gives 29-32 chunks per block on the
+    Llama shapes, and the refills run."""
     for i, (M, N, K) in enumerate(s for s in SHAPES + LLAMA if s[0] <= 16):
-        check(fmt, rng_seed + 200 + i, M, N, K, probe=f"{stages},8,0,0")
+        vals = run_check(fmt, rng_seed + 200 + i, M, N, K, probe=f"{stages},8,{bps},0")
+        assert vals["variant"] == stages, vals
+        for key in ("fused0", "scratch0", "fused1", "scratch1", "dgrad"):
+            assert vals[key] <= TOL, (key, vals)
 
 
 def test_the_probe_variable_reaches_the_kernel(rng_seed):
-    """RESAFE_QMM_PROBE is applied (else the cp.async test above would test qmm_kernel): the
-    load-only probe ("1,1,0,0") skips the products, so the fused error becomes of order 1."""
+    """RESAFE_QMM_PROBE is applied: the load-only probe ("1,1,0,0") skips the products, so the
+    fused error becomes of order 1; without it the default kernels run (variant 0)."""
     vals = run_check("int4_g128_asym", rng_seed, 5, 72, 256, probe="1,1,0,0")
     assert not vals["fused0"] <= 0.5 and vals["scratch0"] <= TOL, vals  # NaN counts as wrong
+    assert run_check("int4_g128_asym", rng_seed, 5, 72, 256)["variant"] == 0

@@ -7,6 +7,8 @@
  *       with rs_dequantize's effective weight, for beta 0 (output poisoned with NaN first) and
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
+ *       Also "variant V": what the fused call launched (0 the default kernels, else the stages
+ *       of the cp.async kernel, see RESAFE_QMM_PROBE).
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, and
@@ -185,6 +187,7 @@ static int cmd_check(int argc, char **argv) {
     if (g_be->qweight_upload(&dq, &q) != 0) rs_die_last();
     int sup = rs_cuda_qmm_fused_supported(&dq);
     double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0);
+    const int variant = rs_cuda_qmm_last_variant(); /* 0 default, else cp.async stages */
     double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
@@ -197,8 +200,9 @@ static int cmd_check(int argc, char **argv) {
     g_be->qmatmul_t(ddx, ddout, &dq, M, 0.0f);
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
-    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e\n", sup, f0,
-           s0, f1, s1, dg);
+    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
+           "variant %d\n",
+           sup, f0, s0, f1, s1, dg, variant);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
