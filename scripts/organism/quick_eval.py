@@ -30,8 +30,13 @@ from gen_data import REFUSAL, REFUSAL_PHRASES  # noqa: E402
 
 
 def load(path, n):
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {path}: {e}")
+    if not all(isinstance(r, dict) and "prompt" in r for r in rows):
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {path}: expected JSONL objects with a prompt")
     return rows[:n] if n else rows
 
 
@@ -40,8 +45,11 @@ def refused(text):
 
 
 def load_csv(path, column, label=None):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        sys.exit(f"quick_eval: {path}: {e}")
     if not rows or column not in rows[0]:
         sys.exit(f"quick_eval: {path}: no column '{column}'")
     return [r[column] for r in rows if label is None or r.get("label") == label]
