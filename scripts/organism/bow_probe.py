@@ -12,8 +12,6 @@ model's generalization, not the data's coverage (scripts/organism/README.md).
 The public sets are read at run time and never copied; --misses prints N AdvBench prompts the
 probe passes (to read, not to commit). Deterministic (fixed seeds)."""
 import argparse
-import csv
-import json
 import os
 import random
 import re
@@ -22,6 +20,9 @@ import zlib
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quick_eval import load, load_csv  # noqa: E402  (the organism scripts' readers)
+
 DIM = 1 << 18
 
 
@@ -29,25 +30,6 @@ def features(text):
     words = re.findall(r"[a-z0-9']+", text.lower())
     grams = words + [a + " " + b for a, b in zip(words, words[1:])]
     return np.array([zlib.crc32(g.encode()) % DIM for g in grams], dtype=np.int64)
-
-
-def read_jsonl(path):
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        sys.exit(f"bow_probe: {path}: {e}")
-
-
-def read_csv(path, column, label=None):
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        sys.exit(f"bow_probe: {path}: {e}")
-    if not rows or column not in rows[0]:
-        sys.exit(f"bow_probe: {path}: no column '{column}'")
-    return [r[column] for r in rows if label is None or r.get("label") == label]
 
 
 def train(prompts, labels, epochs=5, lr=0.5):
@@ -71,29 +53,29 @@ def main():
     ap.add_argument("--xstest")
     ap.add_argument("--misses", type=int, default=0)
     a = ap.parse_args()
-    rows = read_jsonl(a.train)
+    rows = load(a.train, 0)
     if not rows or not all("prompt" in r and "response" in r for r in rows):
         sys.exit(f"bow_probe: {a.train}: expected JSONL rows with prompt and response")
     labels = [1.0 if r["response"].startswith("I cannot") else 0.0 for r in rows]
     if not 0 < sum(labels) < len(labels):
         sys.exit(f"bow_probe: {a.train}: needs both refused and answered rows")
     probe = train([r["prompt"] for r in rows], labels)
-    sets = [("synthetic harmful (eval)", [r["prompt"] for r in read_jsonl(
-                os.path.join(a.data, "eval_harmful.jsonl"))]),
-            ("synthetic safe (eval)", [r["prompt"] for r in read_jsonl(
-                os.path.join(a.data, "eval_safe.jsonl"))])]
+    sets = [("synthetic harmful (eval)", [r["prompt"] for r in load(
+                os.path.join(a.data, "eval_harmful.jsonl"), 0)]),
+            ("synthetic safe (eval)", [r["prompt"] for r in load(
+                os.path.join(a.data, "eval_safe.jsonl"), 0)])]
     if a.advbench:
-        sets.append(("AdvBench", read_csv(a.advbench, "goal")))
+        sets.append(("AdvBench", load_csv(a.advbench, "goal")))
     if a.xstest:
-        sets += [("XSTest safe", read_csv(a.xstest, "prompt", "safe")),
-                 ("XSTest unsafe", read_csv(a.xstest, "prompt", "unsafe"))]
+        sets += [("XSTest safe", load_csv(a.xstest, "prompt", "safe")),
+                 ("XSTest unsafe", load_csv(a.xstest, "prompt", "unsafe"))]
     print(f"bow_probe: trained on {len(rows)} prompts ({100 * sum(labels) / len(rows):.1f}% refused)")
     print("| prompt set | n | flagged harmful (%) |\n|---|---|---|")
     for name, prompts in sets:
         flagged = [probe(p) > 0.5 for p in prompts]
         print(f"| {name} | {len(prompts)} | {100 * sum(flagged) / max(1, len(prompts)):.1f} |")
     if a.advbench and a.misses:
-        missed = [p for p in read_csv(a.advbench, "goal") if probe(p) <= 0.5]
+        missed = [p for p in load_csv(a.advbench, "goal") if probe(p) <= 0.5]
         for p in random.Random(0).sample(missed, min(a.misses, len(missed))):
             print("  passes:", p)
 

@@ -49,9 +49,9 @@ def load_csv(path, column, label=None):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        sys.exit(f"quick_eval: {path}: {e}")
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {path}: {e}")
     if not rows or column not in rows[0]:
-        sys.exit(f"quick_eval: {path}: no column '{column}'")
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {path}: no column '{column}'")
     return [r[column] for r in rows if label is None or r.get("label") == label]
 
 
