@@ -13,7 +13,7 @@
 
 static const char *g_usage =
     "usage: resafe eval --config FILE.ini [--set section.key=value]... [--model NAME=DIR]...\n"
-    "                   [--reference DIR] [--out DIR] [--report] [-v]\n"
+    "                   [--reference DIR] [--out DIR] [--report | --report-only] [-v]\n"
     "  --config FILE.ini   run config: [eval] sets and metrics, [generate] chat/system/batch,\n"
     "                      [model] backend, [run] seed and out_dir\n"
     "  --set s.k=V         override one config key (repeatable)\n"
@@ -23,11 +23,13 @@ static const char *g_usage =
     "  --reference DIR     full-precision model for KL and token flips (default [model] path)\n"
     "  --out DIR           where eval.json and <name>/responses.jsonl go (default <run>/eval)\n"
     "  --report            also write report.md and results.json (README: resafe eval)\n"
+    "  --report-only       write them from the eval.json already in the eval directory\n"
+    "                      (evaluates nothing)\n"
     "  -v, --verbose       debug log\n";
 
 typedef struct {
     const char *config, *reference, *out;
-    int report, verbose;
+    int report, report_only, verbose;
     rs_eval_model *models;
     int n_models;
     char **owned;
@@ -55,8 +57,9 @@ static int parse_args(options *o, int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return fputs(g_usage, stdout), -1;
-        if (strcmp(a, "--report") == 0) {
+        if (strcmp(a, "--report") == 0 || strcmp(a, "--report-only") == 0) {
             o->report = 1;
+            o->report_only |= strcmp(a, "--report-only") == 0;
             continue;
         }
         if (strcmp(a, "-v") == 0 || strcmp(a, "--verbose") == 0) {
@@ -88,6 +91,8 @@ static int parse_args(options *o, int argc, char **argv) {
         }
     }
     if (!o->config) return usage_error("%s", "--config FILE is required");
+    if (o->report_only && o->n_models)
+        return usage_error("%s", "--report-only evaluates nothing: it takes no --model");
     return 0;
 }
 
@@ -126,6 +131,28 @@ static void print_summary(const char *out_dir) {
     free(text), free(path);
 }
 
+/* --report-only: the evaluation it reports must exist and hold a "models" object. */
+static int check_eval_json(const char *eval_dir) {
+    char *path = rs_path_join(eval_dir, "eval.json"), *text = NULL;
+    size_t n = 0;
+    int rc = 0;
+    if (!rs_path_exists(path)) {
+        rc = RS_FAIL("eval: --report-only: %s does not exist (run resafe eval first)", path);
+    } else if (rs_read_file(path, &text, &n) != 0) {
+        rc = -1;
+    } else {
+        cJSON *root = cJSON_ParseWithLength(text, n);
+        const char *at = cJSON_GetErrorPtr();
+        if (!root)
+            rc = RS_FAIL("%s: not valid JSON (near byte %ld)", path, at ? (long)(at - text) : 0L);
+        else if (!cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(root, "models")))
+            rc = RS_FAIL("%s: no \"models\" object (not written by resafe eval?)", path);
+        cJSON_Delete(root);
+    }
+    free(text), free(path);
+    return rc;
+}
+
 static int run(options *o, int argc, char **argv) {
     rs_config *cfg = rs_config_load(o->config);
     if (!cfg) return -1;
@@ -139,7 +166,7 @@ static int run(options *o, int argc, char **argv) {
     if (rc == 0) rc = rs_run_paths_init(cfg, &p);
     if (rc == 0) {
         cli_apply_run_settings(cfg, o->verbose);
-        if (o->n_models == 0) {
+        if (o->n_models == 0 && !o->report_only) {
             rs_eval_model *ms;
             int n;
             rs_eval_default_models(cfg, &p, &ms, &n);
@@ -147,7 +174,7 @@ static int run(options *o, int argc, char **argv) {
                 add_model(o, own(o, (char *)ms[i].name), own(o, (char *)ms[i].dir));
             free(ms);
         }
-        if (o->n_models == 0)
+        if (o->n_models == 0 && !o->report_only)
             rc = RS_FAIL("eval: no --model given and none of the run's models exist (%s, %s, %s/*)",
                          p.fp_dir[0] ? p.fp_dir : "[model] path is empty", p.q_dir, p.merge_dir);
     }
@@ -157,7 +184,10 @@ static int run(options *o, int argc, char **argv) {
         free(p.eval_dir);
         p.eval_dir = rs_strdup(o->out);
     }
-    if (rc == 0) rc = rs_eval_run(cfg, o->models, o->n_models, ref, p.eval_dir);
+    if (rc == 0 && o->report_only)
+        rc = check_eval_json(p.eval_dir);
+    else if (rc == 0)
+        rc = rs_eval_run(cfg, o->models, o->n_models, ref, p.eval_dir);
     if (rc == 0 && o->report && d.rank == 0) rc = rs_report_write(cfg, &p);
     if (rc == 0 && d.rank == 0) print_summary(p.eval_dir);
     rs_run_paths_free(&p);
