@@ -141,8 +141,7 @@ static int rate(const cJSON *m, const char *key, double *out) {
     return 1;
 }
 
-static void warn_item(text *t, cJSON *list, const char *code, const char *fmt, ...)
-    RS_PRINTF(4, 5);
+static void warn_item(text *t, cJSON *list, const char *code, const char *fmt, ...) RS_PRINTF(4, 5);
 static void warn_item(text *t, cJSON *list, const char *code, const char *fmt, ...) {
     char msg[256];
     va_list ap;
