@@ -35,7 +35,7 @@ static const char *g_usage =
     "  --export-dtype T       bf16 (default), f16 or f32 for --export dequant\n"
     "training methods: qat (LLM-QAT: full fine-tuning through fake quantization on RTN's grid\n"
     "  (--bits, --group, --sym), then RTN on that grid) and qlora (NF4 base + LoRA fine-tuning,\n"
-    "  adapter merged);\n"
+    "  adapter merged; with --bits [--group] [--sym] the base is RTN's integer grid);\n"
     "  --calib is a JSONL file of {prompt, response}, the loss is on the response tokens\n"
     "  --calib-column C       JSONL member holding the prompt (default prompt)\n"
     "  --response-column R    JSONL member holding the response (default response)\n"

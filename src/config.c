@@ -81,7 +81,7 @@ static const rs_config_key g_schema[] = {
              "symmetric integer grid (no zero point)"),
     ENUM_KEY("quant", "method", "rtn", "rtn|awq|gptq|qat|qlora", LATER_QUANT,
              "quantization method: PTQ rtn; PTQ + calibration awq, gptq; QAT qat (format int*); "
-             "LoRA-QAT qlora (format nf4); all but rtn read calib_file"),
+             "LoRA-QAT qlora (format nf4, or int* for an integer base); all but rtn read calib_file"),
     PATH_KEY("quant", "calib_file", "", LATER_QUANT,
              "calibration data: prompts for awq/gptq (CSV or JSONL); qat/qlora: JSONL of "
              "{prompt, response} to fine-tune on"),
@@ -113,7 +113,7 @@ static const rs_config_key g_schema[] = {
     STRING_KEY("quant", "qlora_targets", "all", LATER_QUANT,
                "qlora: linears that get an adapter: all, or a comma list such as q_proj,v_proj"),
     ENUM_KEY("quant", "qlora_merge", "refit", "refit|grid", LATER_QUANT,
-             "qlora: how the adapter is merged into the NF4 base (resafe merge's modes)"),
+             "qlora: how the adapter is merged into the base (resafe merge's modes)"),
     PATH_KEY("quant", "model", "", "train, triplets, dpo, merge, eval",
              "an existing quantized model directory to patch instead of quantizing [model] path "
              "(empty = <out_dir>/quantize/model)"),

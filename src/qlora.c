@@ -1,18 +1,21 @@
 /* qlora: `resafe quantize --method qlora`, QLoRA (Dettmers et al. 2023, arXiv 2305.14314):
  * the base quantized to NF4, a LoRA adapter trained on top of the packed weights with the SFT
- * loss on the calibration set, then merged.
+ * loss on the calibration set, then merged. With --bits B (the paper's QLoRA rows at 8, 3 and
+ * 2 bits; NF4 has 4 only) the base is RTN's integer grid instead (--group, --sym as rtn).
  *
  *   1. <work>/base: the model as `resafe quantize --method nf4` writes it (absmax blocks of 64),
- *      with "qlora" as the method in its metadata.
+ *      or as `--method rtn --bits B --group G [--sym]` does, with "qlora" as the method in its
+ *      metadata.
  *   2. LoRA on the targeted linears of the loaded base (PEFT's init: A Kaiming-uniform, B zero,
  *      no dropout, no masks); the base stays frozen and packed, forward and backward run through
  *      qmatmul / qmatmul_t (rs_train_forward / rs_train_backward with the adapter). Loss: mean
  *      NLL over the response tokens of a batch, as `resafe sft`; AdamW, cosine decay, clip 1.
  *   3. rs_merge_run (`resafe merge`) of the adapter into the base with train.merge: refit
- *      (default: W' = NF4(dequant(Q0) + (alpha/r) B A), absmax recomputed: the usual
- *      merge-then-requantize, a plain NF4 model every stage loads, trains on and merges into),
- *      grid (the codes re-rounded on Q0's absmax), or adapter (QLoRA's own inference form, the
- *      adapter kept beside the NF4 weights as resafe_adapter.h5: generate, triplets and eval
+ *      (default: W' = NF4(dequant(Q0) + (alpha/r) B A), absmax recomputed (an integer base:
+ *      RTN with new scales and zeros): the usual merge-then-requantize, a plain quantized model
+ *      every stage loads, trains on and merges into), grid (the codes re-rounded on Q0's
+ *      absmax or scales), or adapter (QLoRA's own inference form, the
+ *      adapter kept beside the quantized weights as resafe_adapter.h5: generate, triplets and eval
  *      apply it, but training does not see it and `resafe merge` refuses it, so it cannot be the
  *      quantized model of a `resafe train` run).
  * The output also holds the adapter (qlora_adapter.h5, inert: only resafe_adapter.h5 is
@@ -208,8 +211,9 @@ typedef struct {
 static void edit_merge_stats(void *stats, void *user) {
     const rs_quantize_job *j = ((manifest_edit *)user)->j;
     cJSON_ReplaceItemInObject(stats, "adapter", cJSON_CreateString("qlora_adapter.h5"));
-    char base[1024];
-    snprintf(base, sizeof base, "nf4 of %s", j->model);
+    char base[1024], spec[64];
+    snprintf(base, sizeof base, "%s of %s", rs_qspec_name(&j->q.spec, spec, sizeof spec),
+             j->model);
     cJSON_ReplaceItemInObject(stats, "base", cJSON_CreateString(base));
 }
 
@@ -250,13 +254,16 @@ int rs_qlora_job_run(const rs_quantize_job *j, rs_quant_sizes *sizes) {
         return RS_FAIL("--merge: '%s' is not refit, grid or adapter", j->train.merge);
     char *work = rs_tmp_name(j->out), *base = rs_path_join(work, "base");
     char *adapter = rs_path_join(work, "adapter.h5"), *merged = rs_path_join(work, "merged");
-    rs_quantize_job nf4 = *j;
-    rs_quantize_job_set_method(&nf4, "nf4", 0, 0);
-    nf4.method_name = "qlora";
-    nf4.out = base;
-    nf4.calib = NULL;
+    rs_quantize_job q0 = *j; /* the base: nf4, or rtn with the job's bits, group and sym */
+    if (j->q.spec.format == RS_QFMT_NF4)
+        rs_quantize_job_set_method(&q0, "nf4", 0, 0);
+    else
+        rs_quantize_job_set_method(&q0, "rtn", 1, 1);
+    q0.method_name = "qlora";
+    q0.out = base;
+    q0.calib = NULL;
     int rc = rs_mkdir_p(work);
-    if (rc == 0) rc = rs_quantize_job_run(&nf4, sizes);
+    if (rc == 0) rc = rs_quantize_job_run(&q0, sizes);
     if (rc == 0) rc = train(j, base, work, adapter);
     rs_merge_stats st;
     if (rc == 0) rc = rs_merge_run(NULL, base, adapter, mode, merged, &st);

@@ -44,12 +44,12 @@ int rs_quantize_job_set_method(rs_quantize_job *j, const char *m, int bits_given
         if (!(j->train.lr > 0)) j->train.lr = 2e-5; /* LLM-QAT's learning rate */
         return 0;
     }
-    if (!strcmp(m, "qlora")) { /* QLoRA: NF4 base, blocks of 64 */
-        s->format = RS_QFMT_NF4;
+    if (!strcmp(m, "qlora")) { /* QLoRA: NF4 base, blocks of 64; with --bits RTN's grid */
+        s->format = bits_given ? RS_QFMT_INT : RS_QFMT_NF4;
         j->q.method = RS_QMETHOD_RTN;
         j->train.kind = RS_QTRAIN_QLORA;
         if (!bits_given) s->bits = 4;
-        if (!group_given) s->group_size = 64;
+        if (!bits_given && !group_given) s->group_size = 64;
         if (!(j->train.lr > 0)) j->train.lr = 2e-4; /* the QLoRA paper's for 7B models */
         return 0;
     }
@@ -86,9 +86,9 @@ int rs_quantize_job_check(const rs_quantize_job *j, int bits_given, int group_gi
                        t->prompt_key, t->response_key);
     if (j->q.protect_tau > 0.0f) return RS_FAIL("--method %s: --protect-tau does not apply", m);
     if (j->export_kind) return RS_FAIL("--method %s: --export does not apply", m);
-    if (t->kind == RS_QTRAIN_QLORA && (bits_given || group_given || j->q.spec.symmetric))
-        return RS_FAIL("--method qlora: the base is NF4 (4 bits, absmax blocks of 64): --bits, "
-                       "--group and --sym do not apply");
+    if (t->kind == RS_QTRAIN_QLORA && !bits_given && (group_given || j->q.spec.symmetric))
+        return RS_FAIL("--method qlora: without --bits the base is NF4 (absmax blocks of 64): "
+                       "--group and --sym need --bits (an integer base on RTN's grid)");
     if (t->kind == RS_QTRAIN_QLORA && strcmp(t->merge, "refit") && strcmp(t->merge, "grid") &&
         strcmp(t->merge, "adapter"))
         return RS_FAIL("--merge: '%s' is not refit, grid or adapter", t->merge);

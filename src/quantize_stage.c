@@ -7,7 +7,8 @@
  * group_size, symmetric, and for awq/gptq calib_file / calib_column / calib_samples map to
  * --group, --sym, --calib, --calib-column, --calib-max.
  *   method qat                  format int2..int8 (= --bits), group_size (= --group, unset 128)
- *   method qlora                format nf4, group_size unset, symmetric false
+ *   method qlora                format nf4, group_size unset, symmetric false; or format
+ *                               int2..int8 (= --bits: an integer base), group_size, symmetric
  * with calib_file, calib_column, response_column, max_seq_len, train_*, qat_* and qlora_* as the
  * training flags, [model] backend / threads / chat_template and [run] seed as --backend,
  * --threads, --chat-template and --seed. */
@@ -50,19 +51,22 @@ static int training_job(const rs_config *cfg, rs_quantize_job *j, const char *fo
                         const char *method) {
     int qlora = !strcmp(method, "qlora");
     int group_given = rs_config_is_set(cfg, "quant", "group_size");
-    if (qlora && strcmp(format, "nf4"))
-        return RS_FAIL("[quant] method qlora: the base is NF4: set format = nf4 (not %s)", format);
+    int int_fmt = !strncmp(format, "int", 3);
+    if (qlora && strcmp(format, "nf4") && !int_fmt)
+        return RS_FAIL("[quant] method qlora: the base is NF4 or an integer grid: set format = "
+                       "nf4 or int2 .. int8 (not %s)", format);
     if (!qlora && strncmp(format, "int", 3))
         return RS_FAIL("[quant] method qat: format %s: needs an integer format (int2 .. int8)",
                        format);
-    rs_quantize_job_set_method(j, method, 0, group_given);
-    if (!qlora) j->q.spec.bits = format[3] - '0';
+    rs_quantize_job_set_method(j, method, int_fmt, group_given);
+    if (int_fmt) j->q.spec.bits = format[3] - '0';
     if (group_given) j->q.spec.group_size = (int)get_int(cfg, "group_size");
     j->q.spec.symmetric = rs_config_get_bool(cfg, "quant", "symmetric");
     j->calib = rs_config_get_str(cfg, "quant", "calib_file");
     if (!j->calib[0]) return RS_FAIL("[quant] method %s needs [quant] calib_file", method);
     train_of_config(cfg, j);
-    if (rs_quantize_job_check(j, 0, qlora && group_given) != 0) return rs_fail_context("[quant]");
+    if (rs_quantize_job_check(j, int_fmt, qlora && group_given) != 0)
+        return rs_fail_context("[quant]");
     if (rs_qspec_check(&j->q.spec) != 0) return rs_fail_context("[quant]");
     return 0;
 }

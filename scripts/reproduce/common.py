@@ -37,15 +37,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Quantization methods: how `resafe quantize` is called and what the paper calls the family.
-# "train": fine-tunes on its calibration set ({prompt, response}); "only_bits": the one width
-# it has (qlora: an NF4 base).
+# "train": fine-tunes on its calibration set ({prompt, response}); "nf4_bits": the width at which
+# its base is NF4 (qlora; at the other widths `--bits N --group G`: RTN's integer grid).
 METHODS = {
     "rtn": {"label": "PTQ (RTN)", "calib": False, "int": True},
     "awq": {"label": "PTQ+calib (AWQ)", "calib": True, "int": True},
     "gptq": {"label": "PTQ+calib (GPTQ)", "calib": True, "int": True},
     "qat": {"label": "QAT (LLM-QAT)", "calib": True, "int": True, "train": True},
     "qlora": {"label": "LoRA-QAT (QLoRA)", "calib": True, "int": False, "train": True,
-              "only_bits": 4},
+              "nf4_bits": 4},
     "int8": {"label": "LLM.int8", "calib": False, "int": False},
     "nf4": {"label": "NF4", "calib": False, "int": False},
     "fp4": {"label": "FP4", "calib": False, "int": False},
@@ -324,7 +324,8 @@ class Ctx:
         bits = self.bits if bits is None else bits
         group = self.group if group is None else group
         model = model or self.model_dir
-        if spec["int"]:
+        int_base = spec["int"] or ("nf4_bits" in spec and bits != spec["nf4_bits"])
+        if int_base:
             qname = f"{method}-int{bits}-g{group}{'-sym' if self.sym else ''}"
         else:
             qname = method
@@ -333,17 +334,15 @@ class Ctx:
         if protect_tau:
             qname += f"-protect{protect_tau:g}"
         name = name or qname
-        info = {"name": name, "method": method, "bits": bits if spec["int"] else None,
+        info = {"name": name, "method": method,
+                "bits": bits if spec["int"] or "nf4_bits" in spec else None,
                 "risk": risk, "quantization": None, "note": None, "time_s": None}
-        if spec.get("only_bits") and bits != spec["only_bits"]:
-            info["note"] = f"{method} has {spec['only_bits']} bits only (NF4 base)"
-            return None, info
         if not self._quantize_knows(method):  # a note, not a failure: asked again next run
             info["note"] = f"resafe quantize has no method '{method}' in this build"
             self.log(f"quantize {name}: skipped ({info['note']})")
             return None, info
         cmd = [self.resafe, "quantize", "--model", model, "--method", method]
-        if spec["int"]:
+        if int_base:
             cmd += ["--bits", str(bits), "--group", str(group)] + (["--sym"] if self.sym else [])
         inputs = {"model": dir_fingerprint(model)}
         if spec["calib"]:

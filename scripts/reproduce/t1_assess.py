@@ -39,7 +39,7 @@ def main():
              "asr": fp.get("asr"), "benign_accuracy": fp.get("benign_accuracy"),
              "over_refusal": fp.get("over_refusal"), "ppl": fp.get("ppl"), "note": None}]
     for m, r, b, q, info in cells:
-        e = ev.get(info["name"], {}) if q else {}  # qlora's name has no width: INT4 only
+        e = ev.get(info["name"], {}) if q else {}
         rows.append({"method": m, "risk": r, "bits": b, "quantization": info["quantization"],
                      "asr": e.get("asr"), "benign_accuracy": e.get("benign_accuracy"),
                      "over_refusal": e.get("over_refusal"), "ppl": e.get("ppl"),

@@ -40,7 +40,7 @@ def main():
     fp = ev.get("fp", {})
     rows, md = [], []
     for m, b, q, qi, p, pi in cells:
-        # only the cell's own models (qlora's name has no width: its one model is the 4-bit one)
+        # only the cell's own models (qlora's 4-bit model is NF4 and has no width in its name)
         eq = ev.get(qi["name"], {}) if q else {}
         ep = ev.get("patched-" + qi["name"], {}) if p else {}
         row = {"method": m, "bits": b, "risk": qi["risk"], "quantization": qi["quantization"],

@@ -9,7 +9,8 @@ against independent numpy / torch computations.
 - qlora: the output's NF4 codes and absmax equal numpy's NF4 refit of (NF4 of the original weights)
   + (alpha / r) B A from the saved adapter (exactly: the same fp32 operations); with --merge
   adapter the logits equal transformers' on those weights (1e-4: fp32 both sides, as
-  test_merge.py).
+  test_merge.py); with --bits (an integer base) the codes equal numpy's RTN (test_quant.ref_int)
+  of (RTN of the original weights) + the delta.
 - both lower the response NLL on the calibration set, computed in torch from the exported weights,
   below the same format without training (rtn per row / plain nf4); same seed -> the same bytes,
   another seed -> other bytes; bad arguments -> one line, nothing written.
@@ -399,13 +400,40 @@ def test_qlora_output_is_a_plain_quantized_model_directory(setup, qlora):
     assert "down_proj.qweight" in info and "resafe_adapter.h5" not in os.listdir(out)
 
 
+@pytest.mark.parametrize("bits,sym", [(3, False), (8, True)])
+def test_qlora_integer_base_refit_equals_rtn_of_rtn_base_plus_the_saved_adapter(setup, bits, sym):
+    """--bits B: the base is RTN's integer grid (groups of 32 here), the merge RTN of
+    dequant(base) + (alpha / r) B A with new scales and zeros."""
+    flags = ["--bits", str(bits), "--group", "32"] + (["--sym"] if sym else [])
+    out = run(setup, f"qlora_int{bits}", *QLORA, "--calib", setup["calib"], "--seed", "3", *flags)
+    orig = load_file(os.path.join(setup["model"], "model.safetensors"))
+    t = load_file(os.path.join(out, "model.safetensors"))
+    deltas = adapter_deltas(os.path.join(out, "qlora_adapter.h5"))
+    assert sorted(deltas) == sorted(lin(l, x) for l in range(2) for x in TARGETS)
+    for base, d in deltas.items():
+        w = orig[base + ".weight"]
+        _, w0 = ref_int(w, bits, 32, sym)  # the base: RTN of the model
+        want_codes, want_w = ref_int((w0.astype(np.float64) + d).astype(f32), bits, 32, sym)
+        codes, sc, z = qparams(t, base, w.shape[1], bits, 32)
+        assert np.array_equal(codes, want_codes), base
+        assert np.array_equal(dequant(codes, sc, z, bits), want_w), base
+    assert max(float(np.abs(d).max()) for d in deltas.values()) > 1e-3  # it trained
+    for name in orig:
+        if not name.endswith("_proj.weight"):
+            assert np.array_equal(t[name], orig[name]), name
+    man = json.load(open(os.path.join(out, "resafe_manifest.json")))
+    spec = f"int{bits}-g32-{'sym' if sym else 'asym'}"
+    assert man["method"] == "qlora" and man["quantization"] == spec
+    assert man["merge"]["base"] == f"{spec} of {setup['model']}"
+
+
 # ---------------------------------------------------------------- bad arguments
 
 @pytest.mark.parametrize("args,want", [
     (["--method", "qat"], "--method qat needs --calib FILE"),
     (["--method", "qlora"], "--method qlora needs --calib FILE"),
-    (["--method", "qlora", "--calib", "CALIB", "--bits", "4"], "--bits, --group and --sym do not"),
-    (["--method", "qlora", "--calib", "CALIB", "--sym"], "--bits, --group and --sym do not"),
+    (["--method", "qlora", "--calib", "CALIB", "--group", "32"], "--group and --sym need --bits"),
+    (["--method", "qlora", "--calib", "CALIB", "--sym"], "--group and --sym need --bits"),
     (["--method", "qat", "--calib", "CALIB", "--rank", "4"], "--rank applies to --method qlora"),
     (["--method", "qlora", "--calib", "CALIB", "--act-bits", "8"], "--act-bits applies to --method qat"),
     (["--method", "rtn", "--lr", "1e-3"], "--lr applies to --method qat and qlora only"),
@@ -492,6 +520,10 @@ def files(setup):
       "quant__qlora_rank": 4, "quant__qlora_alpha": 8, "quant__train_lr": 1e-2,
       "quant__qlora_targets": "q,v,down"},
      ["--method", "qlora", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--targets", "q,v,down"]),
+    ({"quant__method": "qlora", "quant__format": "int3", "quant__group_size": 32,
+      "quant__qlora_rank": 4, "quant__qlora_alpha": 8, "quant__train_lr": 1e-2},
+     ["--method", "qlora", "--bits", "3", "--group", "32", "--rank", "4", "--alpha", "8", "--lr",
+      "1e-2"]),
 ])
 def test_train_stage_equals_resafe_quantize_and_resumes(setup, files, wide, tmp_path, quant, cli):
     if quant.get("quant__group_size") == 32:  # on the model whose columns 32 divides
@@ -546,12 +578,12 @@ def test_whole_run_on_a_qat_or_qlora_model_finishes_and_is_then_up_to_date(setup
 
 @pytest.mark.parametrize("over,want", [
     ({"quant__method": "qat"}, "[quant] method qat needs [quant] calib_file"),
-    ({"quant__method": "qlora", "quant__format": "int4", "quant__calib_file": "CALIB"},
-     "set format = nf4"),
+    ({"quant__method": "qlora", "quant__format": "fp4", "quant__calib_file": "CALIB"},
+     "set format = nf4 or int2 .. int8"),
     ({"quant__method": "qat", "quant__group_size": 48, "quant__calib_file": "CALIB"},
      "48"),
     ({"quant__method": "qlora", "quant__format": "nf4", "quant__group_size": 64,
-      "quant__calib_file": "CALIB"}, "do not apply"),
+      "quant__calib_file": "CALIB"}, "--group and --sym need --bits"),
 ])
 def test_train_config_errors_are_one_line(setup, files, tmp_path, over, want):
     over = {k: (setup["calib"] if v == "CALIB" else v) for k, v in over.items()}

@@ -277,3 +277,29 @@ def test_all_tables_quick(tmp_path):
         with open(out / f"T{t}.json") as f:
             assert json.load(f)["rows"], t
         assert f"| T{t} | ok |" in p.stdout
+
+
+def test_t5_qlora_has_an_nf4_base_at_4_bits_and_rtn_grids_at_the_others(tmp_path):
+    """The paper's QLoRA rows span 8 / 4 / 3 / 2 bits: NF4 at 4, `--bits N --group G` elsewhere;
+    each row holds its own model's numbers (one quick run, Risk-I, no patch asked of the
+    unbroken ones)."""
+    need_organism()
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(SCRIPTS, "t5_bits.py"), MODEL, str(out),
+                        "--quick", "--backend", "cpu", "--methods", "qlora", "--bits", "8,4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    cmds = [l for l in p.stdout.splitlines() if " quantize " in l and l.startswith("T5: $")]
+    assert len(cmds) == 2, p.stdout
+    assert "--method qlora --bits 8 --group 128" in cmds[0] and "--bits" not in cmds[1], cmds
+    with open(out / "T5.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["bits"], r["quantization"]) for r in rows] == [(8, "int8-g128-asym"), (4, "nf4-b64")]
+    evals = {}
+    for b in (out / "work-quick" / "evalbatch").iterdir():
+        with open(b / "eval.json") as f:
+            evals.update(json.load(f)["models"])
+    for r, name in zip(rows, ["qlora-int8-g128-risk1", "qlora-risk1"]):
+        assert r["asr_quantized"] == evals[name]["asr"], name
+        assert r["benign_quantized"] == evals[name]["benign_accuracy"], name
