@@ -402,7 +402,7 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
 }
 /* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
- * or a wait (qmm_cp_kernel has no barrier after its wait to stop it). */
+ * or a wait (qmm_sxp_kernel's barrier follows its wait, but a lane's own copies need only the wait). */
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -410,8 +410,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+/* Chunk c of the block's MT x 16 rows of X into xs (rows past M zero), without a commit. */
 template <int MT>
-__device__ __forceinline__ void qmm_sx_stage(bf16 *xs, const qmm_params &p, int m_base, int c) {
+__device__ __forceinline__ void qmm_sx_copy(bf16 *xs, const qmm_params &p, int m_base, int c) {
     for (int idx = threadIdx.x; idx < MT * 16 * 16; idx += blockDim.x) {
         const int row = idx >> 4, piece = idx & 15, m = m_base + row;
         bf16 *dst = xs + row * QMM_SX_STRIDE + piece * 8;
@@ -420,6 +421,11 @@ __device__ __forceinline__ void qmm_sx_stage(bf16 *xs, const qmm_params &p, int 
         else
             *(uint4 *)dst = make_uint4(0u, 0u, 0u, 0u);
     }
+}
+
+template <int MT>
+__device__ __forceinline__ void qmm_sx_stage(bf16 *xs, const qmm_params &p, int m_base, int c) {
+    qmm_sx_copy<MT>(xs, p, m_base, c);
     cp_async_commit();
 }
 
@@ -479,17 +485,18 @@ __global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p)
     qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
-/* The fused kernel for up to 16 rows with the weight staged through shared memory (a timing
- * experiment, QPROBE_CPASYNC; qmm_kernel is the default). qmm_kernel keeps one chunk of weight
- * in flight per lane, in registers; here each lane copies its own spans (the same lane-to-data
- * map, so no lane reads another's bytes and no barrier is needed) with cp.async into a ring of
- * STAGES slots in shared memory, and STAGES chunks are in flight while one is computed. Per
- * slot and n-tile j, lane tid's BITS words sit at [(j * T + tid) * BITS] (16-byte aligned for
- * BITS 4 and 8) and its scale and zero at sz[(2 j) * T + tid] and sz[(2 j + 1) * T + tid].
- * A slot is refilled only after its chunk was computed (the MMAs consumed the registers read
- * from it), and every iteration commits one cp.async group, empty or not, so wait_group
- * STAGES - 1 always means "the oldest chunk has landed". */
-enum { QPROBE_CPASYNC = 8 };
+/* The fused kernel for 17..64 rows with a STAGES-deep cp.async ring (a timing experiment,
+ * QPROBE_SXPIPE; qmm_sx_kernel is the default). Past 16 rows the plan's split-K is capped by the
+ * size of the fp32 partials, so a 4096-row weight runs about one 8-warp block per SM, and
+ * qmm_sx_kernel keeps one chunk of weight in flight per lane: too little to cover the memory
+ * latency with 8 warps. Here each slot of the ring holds one chunk of X (qmm_sx_copy's layout)
+ * and every lane's weight spans, scales and zeros (lane-private: per n-tile j, lane tid's BITS
+ * words at [(j * T + tid) * BITS], 16-byte aligned for BITS 4 and 8, its scale and zero at
+ * sz[(2 j) * T + tid] and sz[(2 j + 1) * T + tid]), and STAGES - 1 chunks are in flight while
+ * one is computed. Each iteration waits for its chunk (wait_group STAGES - 2: one group is
+ * committed per iteration, empty or not), then a barrier (X is shared, and every warp is then
+ * done with the slot computed last iteration, which is refilled next). */
+enum { QPROBE_SXPIPE = 8 };
 
 __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
@@ -566,63 +573,74 @@ __device__ __forceinline__ void qmm_cp_read(qmm_stage<BITS> (&cur)[NT], const ui
     }
 }
 
-template <int BITS, int NT, int STAGES> constexpr size_t qmm_cp_smem_bytes() {
-    return (size_t)STAGES * NT * QMM_WARPS * 32 * (4 * BITS + 8);
+template <int BITS, int MT, int NT, int STAGES> constexpr size_t qmm_sxp_smem_bytes() {
+    return (size_t)STAGES * ((size_t)MT * 16 * QMM_SX_STRIDE * sizeof(bf16) +
+                             (size_t)NT * QMM_SX_WARPS * 32 * (4 * BITS + 8));
 }
 
-template <int BITS, int MODE, int NT, int STAGES>
-__global__ void __launch_bounds__(QMM_WARPS * 32) qmm_cp_kernel(qmm_params p) {
-    extern __shared__ __align__(16) uint32_t qmm_cp_smem[];
+template <int BITS, int MODE, int MT, int NT, int STAGES>
+__global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sxp_kernel(qmm_params p) {
+    extern __shared__ __align__(16) uint32_t qmm_sxp_smem[];
     __shared__ float cb[16];
-    if (MODE == QMODE_CB) {
-        if (threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
-        __syncthreads();
-    }
-    constexpr int T = QMM_WARPS * 32, W_SLOT = NT * T * BITS, SZ_SLOT = 2 * NT * T;
+    if (MODE == QMODE_CB && threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
+    constexpr int T = QMM_SX_WARPS * 32, X_SLOT = MT * 16 * QMM_SX_STRIDE; /* bf16 */
+    constexpr int W_SLOT = NT * T * BITS, SZ_SLOT = 2 * NT * T;            /* words */
+    static_assert(STAGES >= 2, "the ring needs a slot to compute and one to fill");
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int n_warp = (blockIdx.x * QMM_WARPS + warp) * NT * 8;
-    const int m_base = blockIdx.z * 16;
+    const int n_warp = (blockIdx.x * QMM_SX_WARPS + warp) * NT * 8;
+    const int m_base = blockIdx.z * MT * 16;
     const int c_begin = blockIdx.y * p.chunks_per_split;
     const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
     const int span_limit = (p.K + 31) / 32;
-    uint32_t *ring_w = qmm_cp_smem;
-    float *ring_sz = (float *)(qmm_cp_smem + (size_t)STAGES * W_SLOT);
+    bf16 *ring_x = (bf16 *)qmm_sxp_smem;
+    uint32_t *ring_w = qmm_sxp_smem + (size_t)STAGES * X_SLOT / 2;
+    float *ring_sz = (float *)(ring_w + (size_t)STAGES * W_SLOT);
 
-    float acc[1][NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; j++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            acc[0][j][e] = 0.0f;
-    const bf16 *xrow[1][2];
-    bool xok[1][2];
+        for (int j = 0; j < NT; j++)
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        const int m = m_base + g + 8 * hr;
-        xok[0][hr] = m < p.M;
-        xrow[0][hr] = p.x + (size_t)(xok[0][hr] ? m : 0) * p.ldx;
-    }
+            for (int e = 0; e < 4; e++)
+                acc[mt][j][e] = 0.0f;
+    bool xok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        xok[mt][0] = xok[mt][1] = true;
 
 #pragma unroll
-    for (int d = 0; d < STAGES; d++) {
-        if (c_begin + d < c_end)
+    for (int d = 0; d < STAGES - 1; d++) {
+        if (c_begin + d < c_end) {
+            qmm_sx_copy<MT>(ring_x + d * X_SLOT, p, m_base, c_begin + d);
             qmm_cp_issue<BITS, NT>(ring_w + d * W_SLOT, ring_sz + d * SZ_SLOT, p, n_warp, g,
                                    (c_begin + d) * 4 + t, span_limit, tid, T);
+        }
         cp_async_commit();
     }
     for (int c = c_begin; c < c_end; c++) {
         const int slot = (c - c_begin) % STAGES;
-        cp_async_wait<STAGES - 1>();
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nc = c + STAGES - 1, ns = (nc - c_begin) % STAGES;
+        if (nc < c_end) {
+            qmm_sx_copy<MT>(ring_x + ns * X_SLOT, p, m_base, nc);
+            qmm_cp_issue<BITS, NT>(ring_w + ns * W_SLOT, ring_sz + ns * SZ_SLOT, p, n_warp, g,
+                                   nc * 4 + t, span_limit, tid, T);
+        }
+        cp_async_commit();
         qmm_stage<BITS> cur[NT];
         qmm_cp_read<BITS, NT>(cur, ring_w + slot * W_SLOT, ring_sz + slot * SZ_SLOT, tid, T);
-        qmm_chunk<BITS, MODE, 1, NT>(acc, cur, p, xrow, xok, c, t, cb);
-        if (c + STAGES < c_end)
-            qmm_cp_issue<BITS, NT>(ring_w + slot * W_SLOT, ring_sz + slot * SZ_SLOT, p, n_warp, g,
-                                   (c + STAGES) * 4 + t, span_limit, tid, T);
-        cp_async_commit();
+        const bf16 *xrow[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++)
+                xrow[mt][hr] = ring_x + slot * X_SLOT + (mt * 16 + g + 8 * hr) * QMM_SX_STRIDE;
+        qmm_chunk<BITS, MODE, MT, NT, true>(acc, cur, p, xrow, xok, c, t, cb);
     }
     cp_async_wait<0>();
-    qmm_epilogue<1, NT, QMM_WARPS>(p, acc, n_warp, m_base, g, t);
+    qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
 /* out = sum over splits of partial (in split order) + bias + beta * out (when the tile counters
@@ -692,7 +710,7 @@ static int qmm_sm_count(void) {
 
 /* Timing probes (rs_cuda_qmm_probe; all zero in real use). */
 static struct { int depth, probe, blocks_per_sm, reduce; } g_qprobe;
-/* What the last rs_cuda_qmm launched: 0 the default kernels, else the cp.async kernel's stages
+/* What the last rs_cuda_qmm launched: 0 the default kernels, else qmm_sxp_kernel's stages
  * (rs_cuda_qmm_last_variant: so a test knows which kernel it checked). */
 static int g_qmm_last_variant;
 enum { QPROBE_NO_SX = 4 };
@@ -750,36 +768,38 @@ extern "C" size_t rs_cuda_qmm_workspace_bytes(const rs_qweight *q, const void *x
     return pl.xs_bytes + pl.partial_bytes;
 }
 
-template <int BITS, int MODE, int STAGES>
-static void qmm_cp_launch(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
-    constexpr size_t smem = qmm_cp_smem_bytes<BITS, 2, STAGES>();
+template <int BITS, int MODE, int MT, int STAGES>
+static void qmm_sxp_launch(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    constexpr size_t smem = qmm_sxp_smem_bytes<BITS, MT, 2, STAGES>();
     static bool attr_set = false; /* once per instantiation (and process: one GPU each) */
     if (smem > 48 * 1024 && !attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(qmm_cp_kernel<BITS, MODE, 2, STAGES>,
+        CUDA_CHECK(cudaFuncSetAttribute(qmm_sxp_kernel<BITS, MODE, MT, 2, STAGES>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         attr_set = true;
     }
-    qmm_cp_kernel<BITS, MODE, 2, STAGES><<<pl.grid, dim3(QMM_WARPS * 32), smem, s>>>(p);
+    qmm_sxp_kernel<BITS, MODE, MT, 2, STAGES><<<pl.grid, dim3(QMM_SX_WARPS * 32), smem, s>>>(p);
     g_qmm_last_variant = STAGES;
 }
 
 template <int BITS, int MODE, int MT>
 static void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
     const dim3 block(pl.warps * 32);
-    if (MT == 1 && pl.nt == 2 && (g_qprobe.probe & QPROBE_CPASYNC)) {
-        if (g_qprobe.depth >= 6)
-            qmm_cp_launch<BITS, MODE, 6>(pl, p, s);
-        else
-            qmm_cp_launch<BITS, MODE, 3>(pl, p, s);
-        return;
-    }
-    if (MT > 1 && pl.sx) {
-        switch (pl.nt) {
-        case 1: qmm_sx_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
-        case 4: qmm_sx_kernel<BITS, MODE, MT, 4><<<pl.grid, block, 0, s>>>(p); break;
-        default: qmm_sx_kernel<BITS, MODE, MT, 2><<<pl.grid, block, 0, s>>>(p); break;
+    if constexpr (MT > 1) { /* the shared-memory kernels: past 16 rows only */
+        if (pl.sx && pl.nt == 2 && (g_qprobe.probe & QPROBE_SXPIPE)) {
+            if (g_qprobe.depth >= 4)
+                qmm_sxp_launch<BITS, MODE, MT, 4>(pl, p, s);
+            else
+                qmm_sxp_launch<BITS, MODE, MT, 3>(pl, p, s);
+            return;
         }
-        return;
+        if (pl.sx) {
+            switch (pl.nt) {
+            case 1: qmm_sx_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
+            case 4: qmm_sx_kernel<BITS, MODE, MT, 4><<<pl.grid, block, 0, s>>>(p); break;
+            default: qmm_sx_kernel<BITS, MODE, MT, 2><<<pl.grid, block, 0, s>>>(p); break;
+            }
+            return;
+        }
     }
     switch (pl.nt) {
     case 1: qmm_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
@@ -810,7 +830,7 @@ static void qmm_launch_probe_mt(const qmm_plan &pl, const qmm_params &p, cudaStr
 }
 
 static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
-    if (g_qprobe.probe & QPROBE_CPASYNC) return 0; /* qmm_launch_nt takes it */
+    if (g_qprobe.probe & QPROBE_SXPIPE) return 0; /* qmm_launch_nt takes it */
     if (!g_qprobe.depth && !(g_qprobe.probe & 3)) return 0;
     if (pl.sx || pl.nt != 2) return 0;
     switch (pl.mt) {
@@ -824,10 +844,10 @@ static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_
 /* Timing probes for scripts/bench (qmm_tool probe), never for results: depth = load pipeline
  * depth in chunks of the register-X kernel (1, 2, 4; 0 = qmm_batch), probe = QPROBE_* bits
  * (load only and tiled addresses at M <= 16: wrong values, timing only; NO_SX: the register-X
- * kernel past 16 rows too; CPASYNC: qmm_cp_kernel at M <= 16 with NT = 2, every format, 3
- * stages, or 6 when depth >= 6: right values, tested like the default), blocks_per_sm = split-K target (0 = the plan's), reduce: 0 = a second
- * kernel adds split-K partials, 1 = the last block of each tile does. Depth and probe bits 1, 2
- * apply to W4 integer weights with NT = 2 only. */
+ * kernel past 16 rows too; SXPIPE: qmm_sxp_kernel for 17..64 rows with NT = 2, every format, 3
+ * stages, or 4 when depth >= 4: right values, tested like the default), blocks_per_sm = split-K
+ * target (0 = the plan's), reduce: 0 = a second kernel adds split-K partials, 1 = the last block
+ * of each tile does. Depth and probe bits 1, 2 apply to W4 integer weights with NT = 2 only. */
 extern "C" int rs_cuda_qmm_last_variant(void) { return g_qmm_last_variant; }
 
 extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce) {

@@ -83,16 +83,16 @@ def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
 FUSED = sorted(f for f, v in FORMATS.items() if v[5])
 
 
-@pytest.mark.parametrize("stages,bps", [(3, 0), (6, 0), (3, 1), (6, 1)])
+@pytest.mark.parametrize("stages,bps", [(3, 0), (4, 0), (3, 1), (4, 1)])
 @pytest.mark.parametrize("fmt", FUSED)
-def test_cp_async_kernel_matches_float64_reference(fmt, stages, bps, rng_seed):
-    """kernels/qgemm.cu's qmm_cp_kernel (weights staged through shared memory with cp.async, a
-    timing experiment chosen by rs_cuda_qmm_probe; qmm_tool takes it from RESAFE_QMM_PROBE) at
-    the shapes of up to 16 rows, where it replaces qmm_kernel, every fused format; the tool
-    says which kernel ran. With the plan's split-K a block sees at most ~6 chunks, so the ring
-    never wraps at 6 stages: one block per SM (bps 1) gives 29-32 chunks per block on the
-    Llama shapes, and the refills run."""
-    for i, (M, N, K) in enumerate(s for s in SHAPES + LLAMA if s[0] <= 16):
+def test_cp_async_ring_kernel_matches_float64_reference(fmt, stages, bps, rng_seed):
+    """kernels/qgemm.cu's qmm_sxp_kernel (X and the weight spans staged through a ring of 3 or 4
+    shared-memory slots with cp.async, a timing experiment chosen by rs_cuda_qmm_probe; qmm_tool
+    takes it from RESAFE_QMM_PROBE) at the shapes of 17..64 rows, where it replaces
+    qmm_sx_kernel, every fused format; the tool says which kernel ran. The Llama shapes give a
+    block 4-16 chunks (7-16 at one block per SM, bps 1), more than the slots, so the ring wraps
+    and slots are refilled; the small odd shapes have fewer chunks than slots (empty commits)."""
+    for i, (M, N, K) in enumerate(s for s in SHAPES + LLAMA if 16 < s[0] <= 64):
         vals = run_check(fmt, rng_seed + 200 + i, M, N, K, probe=f"{stages},8,{bps},0")
         assert vals["variant"] == stages, vals
         for key in ("fused0", "scratch0", "fused1", "scratch1", "dgrad"):

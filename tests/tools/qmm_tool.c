@@ -8,7 +8,7 @@
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
  *       Also "variant V": what the fused call launched (0 the default kernels, else the stages
- *       of the cp.async kernel, see RESAFE_QMM_PROBE).
+ *       of qmm_sxp_kernel, the cp.async ring past 16 rows, see RESAFE_QMM_PROBE).
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, and
@@ -19,7 +19,7 @@
  *   qmm_tool probe N K M[,M...]
  *       W4 g128: the fused kernel's timing probes (what bounds it), one JSON line each.
  * Env RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce sets a probe launch (rs_cuda_qmm_probe)
- * before any command: check then tests it (the cp.async kernel: "3,8,0,0" or "6,8,0,0").
+ * before any command: check then tests it (the cp.async ring past 16 rows: "3,8,0,0", "4,8,0,0").
  * Exit 77 when there is no GPU (tests skip). */
 #include "resafe/backend.h"
 #include "resafe/core.h"
@@ -187,7 +187,7 @@ static int cmd_check(int argc, char **argv) {
     if (g_be->qweight_upload(&dq, &q) != 0) rs_die_last();
     int sup = rs_cuda_qmm_fused_supported(&dq);
     double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0);
-    const int variant = rs_cuda_qmm_last_variant(); /* 0 default, else cp.async stages */
+    const int variant = rs_cuda_qmm_last_variant(); /* 0 default, else the ring's stages */
     double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
@@ -401,24 +401,39 @@ static int cmd_probe(int argc, char **argv) {
     fill_normal(&r, xh, (size_t)64 * K, 1.0f, 1);
     c->x = dev_upload(xh, (size_t)64 * K);
     c->y = g_be->alloc((size_t)64 * N * 2);
-    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X), blocks per SM, reduce in
-     * the last block; see rs_cuda_qmm_probe. "previous" = the launch before this probe existed. */
+    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X, 8 the cp.async ring past
+     * 16 rows), blocks per SM, reduce in the last block (see rs_cuda_qmm_probe), split-K count
+     * (0: the plan's); rows: 1 only up to 16 rows, 2 only past 16, 0 both. "previous" = the
+     * launch before this probe existed. */
     static const struct {
         const char *name;
-        int depth, probe, bps, reduce;
-    } v[] = {{"default", 0, 0, 0, 0},       {"reduce_last_block", 0, 0, 0, 1},
-             {"bps2", 0, 0, 2, 0},          {"bps4", 0, 0, 4, 0},
-             {"bps8", 0, 0, 8, 0},          {"depth2", 2, 0, 0, 0},
-             {"previous", 4, 4, 2, 1},      {"regx_depth1", 1, 4, 0, 0},
-             {"regx_depth1_bps8", 1, 4, 8, 0}, {"loadonly", 1, 1, 0, 0},
-             {"tiled_loadonly", 1, 3, 0, 0}, {"tiled", 1, 2, 0, 0},
-             {"cpasync3", 3, 8, 0, 0},      {"cpasync3_bps12", 3, 8, 12, 0},
-             {"cpasync6", 6, 8, 0, 0},      {"cpasync6_bps6", 6, 8, 6, 0}};
+        int depth, probe, bps, reduce, splits, rows;
+    } v[] = {{"default", 0, 0, 0, 0, 0, 0},
+             {"reduce_last_block", 0, 0, 0, 1, 0, 0},
+             {"bps2", 0, 0, 2, 0, 0, 1},
+             {"bps4", 0, 0, 4, 0, 0, 1},
+             {"bps8", 0, 0, 8, 0, 0, 1},
+             {"depth2", 2, 0, 0, 0, 0, 1},
+             {"previous", 4, 4, 2, 1, 0, 0},
+             {"regx_depth1", 1, 4, 0, 0, 0, 0},
+             {"regx_depth1_bps8", 1, 4, 8, 0, 0, 1},
+             {"loadonly", 1, 1, 0, 0, 0, 1},
+             {"tiled_loadonly", 1, 3, 0, 0, 0, 1},
+             {"tiled", 1, 2, 0, 0, 0, 1},
+             {"split8", 0, 0, 0, 0, 8, 2},
+             {"split16", 0, 0, 0, 0, 16, 2},
+             {"sxpipe3", 3, 8, 0, 0, 0, 2},
+             {"sxpipe4", 4, 8, 0, 0, 0, 2},
+             {"sxpipe4_bps2", 4, 8, 2, 0, 0, 2},
+             {"sxpipe4_split8", 4, 8, 0, 0, 8, 2},
+             {"sxpipe4_split16", 4, 8, 0, 0, 16, 2}};
     for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
         int M = c->M = atoi(tok);
+        RS_CHECK(M >= 1 && M <= 64, "qmm_tool probe: M %s: want 1..64 rows", tok);
         int reps = 200;
         for (size_t i = 0; i < sizeof v / sizeof *v; i++) {
-            rs_cuda_qmm_configure(RS_QMM_FUSED, 2, 0);
+            if ((v[i].rows == 1 && M > 16) || (v[i].rows == 2 && M <= 16)) continue;
+            rs_cuda_qmm_configure(RS_QMM_FUSED, 2, v[i].splits);
             rs_cuda_qmm_probe(v[i].depth, v[i].probe, v[i].bps, v[i].reduce);
             double t = time_op(op_q, c, reps);
             printf("{\"N\": %d, \"K\": %d, \"M\": %d, \"probe\": \"%s\", \"us\": %.3f, "
@@ -483,7 +498,7 @@ int main(int argc, char **argv) {
         return 77;
     }
     /* RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce: check (or bench) a probe launch, e.g.
-     * "3,8,0,0" for the cp.async kernel (rs_cuda_qmm_probe) */
+     * "3,8,0,0" for the cp.async ring past 16 rows (rs_cuda_qmm_probe) */
     const char *pr = getenv("RESAFE_QMM_PROBE");
     if (pr && pr[0]) {
         int d = 0, b = 0, bps = 0, red = 0;
