@@ -59,21 +59,23 @@ static int parse_args(options *o, int argc, char **argv) {
 
 /* The summary, from the file just written. */
 static int print_summary(const char *path) {
-    static const char *const keys[] = {"n_pairs", "n_harmful_pairs", "n_benign_pairs",
-                                       "n_identical", "n_too_long", "n_prompts_asked"};
-    int64_t v[6];
+    static const char *const keys[] = {"n_pairs",     "n_harmful_pairs", "n_benign_pairs",
+                                       "n_identical", "n_too_long",      "n_prompts_asked",
+                                       "n_complying_winners_dropped"};
+    int64_t v[7];
     rs_h5 *h;
     RS_TRY(rs_h5_open(path, &h));
-    for (int i = 0; i < 6; i++)
+    for (int i = 0; i < 7; i++)
         if (rs_h5_get_attr_i64(h, NULL, keys[i], &v[i]) != 0) {
             rs_h5_close(h);
             return -1;
         }
     rs_h5_close(h);
-    printf("%s: %lld pairs kept (%lld harmful, %lld benign); %lld identical pairs dropped, "
-           "%lld prompts too long skipped, of %lld prompts asked\n",
-           path, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3],
-           (long long)v[4], (long long)v[5]);
+    printf("%s: %lld pairs kept (%lld harmful, %lld benign); %lld identical pairs dropped, ",
+           path, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3]);
+    if (v[6]) printf("%lld harmful pairs with a complying FP winner dropped, ", (long long)v[6]);
+    printf("%lld prompts too long skipped, of %lld prompts asked\n", (long long)v[4],
+           (long long)v[5]);
     return 0;
 }
 

@@ -127,6 +127,10 @@ static const rs_config_key g_schema[] = {
     INT_KEY("patch", "min_pairs", "1", 1, 10000000, LATER_PATCH,
             "fewer differing FP/quantized responses than this: no patch set (too few pairs to "
             "patch without overfitting them; the stage fails with that message)"),
+    ENUM_KEY("patch", "harmful_winner", "any", "any|refusal", LATER_PATCH,
+             "harmful prompts' pairs: any = every differing pair (the paper); refusal = only those "
+             "whose FP winner the [eval] refusal judge calls a refusal (a pair whose FP response "
+             "complies would teach compliance; dropped and counted)"),
     INT_KEY("patch", "max_new_tokens", "128", 1, 65536, LATER_PATCH, "response length at most"),
     FLOAT_KEY("patch", "temperature", "0", 0, 100, LATER_PATCH,
               "decoding of both responses; 0 = greedy (the paper's setting)"),

@@ -206,6 +206,8 @@ static int stage_files(const train_run *r, int s, cJSON *files) {
         RS_TRY(add_file(files, "fp_model", p->fp_dir));
         RS_TRY(add_file(files, "q_model", p->q_dir));
         RS_TRY(add_config_file(files, cfg, "patch", "harmful_file"));
+        if (!strcmp(rs_config_get_str(cfg, "patch", "harmful_winner"), "refusal"))
+            RS_TRY(add_config_file(files, cfg, "eval", "refusal_phrases"));
         return add_config_file(files, cfg, "patch", "benign_file");
     case ST_DPO:
         RS_TRY(add_file(files, "q_model", p->q_dir));

@@ -19,6 +19,7 @@
 
 #include "resafe/dist.h"
 #include "resafe/dpo.h"
+#include "resafe/eval.h"
 #include "resafe/gen_shard.h"
 #include "resafe/generate.h"
 #include "resafe/h5store.h"
@@ -46,6 +47,8 @@ typedef struct {
     rs_model_config mcfg;  /* the FP model's (the quantized one's is checked equal) */
     rs_table tables[2];
     int n_asked, n_drawn[2], n_too_long, n_identical;
+    int n_complying; /* harmful pairs dropped: FP's winner is no refusal ([patch] harmful_winner) */
+    const rs_tokenizer *tok;
     trip_prompt *prompts;
     int n_prompts;
     rs_gen_output *out[2]; /* [n_prompts] FP and quantized responses */
@@ -269,23 +272,46 @@ static int same_ids(const rs_gen_output *a, const rs_gen_output *b) {
     return a->n_ids == b->n_ids && memcmp(a->ids, b->ids, (size_t)a->n_ids * sizeof *a->ids) == 0;
 }
 
+static char *decode_text(const rs_tokenizer *tok, const int32_t *ids, int n);
+
+/* [patch] harmful_winner = refusal: does the FP response to harmful prompt i refuse? */
+static int winner_refuses(const triplets *t, const rs_judge *j, int i) {
+    char *text = decode_text(t->tok, t->out[0][i].ids, t->out[0][i].n_ids);
+    int r = rs_judge_is_refusal(j, text, strlen(text));
+    free(text);
+    return r;
+}
+
 static int build_pairs(triplets *t) {
     t->pair_prompt = rs_malloc((size_t)(t->n_prompts ? t->n_prompts : 1) * sizeof *t->pair_prompt);
+    rs_judge judge;
+    const int refusal_only = !strcmp(rs_config_get_str(t->cfg, "patch", "harmful_winner"), "refusal");
+    if (refusal_only) RS_TRY(rs_judge_init(&judge, rs_config_get_str(t->cfg, "eval", "refusal_phrases")));
     for (int i = 0; i < t->n_prompts; i++) {
         if (t->prompts[i].skip) continue;
         if (same_ids(&t->out[0][i], &t->out[1][i])) t->n_identical++;
+        else if (refusal_only && t->prompts[i].source == HARMFUL && !winner_refuses(t, &judge, i))
+            t->n_complying++;
         else t->pair_prompt[t->n_pairs++] = i;
     }
-    if (t->n_pairs == 0)
+    if (refusal_only) rs_judge_free(&judge);
+    if (t->n_pairs == 0 && t->n_complying == 0)
         return RS_FAIL("triplets: all %d responses of the FP and the quantized model are "
                        "identical: no preference pairs (no patch set written)",
                        t->n_identical);
+    if (t->n_pairs == 0)
+        return RS_FAIL("triplets: no preference pairs: %d responses identical, %d harmful pairs "
+                       "dropped because the FP response does not refuse ([patch] harmful_winner "
+                       "= refusal; no patch set written)",
+                       t->n_identical, t->n_complying);
     int min_pairs = (int)rs_config_get_int(t->cfg, "patch", "min_pairs");
     if (t->n_pairs < min_pairs)
         return RS_FAIL("triplets: only %d of %d responses of the FP and the quantized model "
-                       "differ, fewer than [patch] min_pairs = %d: too few preference pairs to "
+                       "differ%s, fewer than [patch] min_pairs = %d: too few preference pairs to "
                        "patch (no patch set written)",
-                       t->n_pairs, t->n_pairs + t->n_identical, min_pairs);
+                       t->n_pairs, t->n_pairs + t->n_identical + t->n_complying,
+                       t->n_complying ? " and are kept (harmful_winner = refusal)" : "",
+                       min_pairs);
     rs_pref_alloc(&t->set, t->n_pairs);
     for (int k = 0; k < t->n_pairs; k++) {
         int i = t->pair_prompt[k];
@@ -407,6 +433,7 @@ static int write_attrs(rs_h5 *h, const triplets *t) {
                 {"n_benign_prompts", t->n_drawn[BENIGN]},
                 {"n_too_long", t->n_too_long},
                 {"n_identical", t->n_identical},
+                {"n_complying_winners_dropped", t->n_complying},
                 {"n_pairs", t->n_pairs},
                 {"n_harmful_pairs", t->n_pairs_of[HARMFUL]},
                 {"n_benign_pairs", t->n_pairs_of[BENIGN]},
@@ -529,15 +556,16 @@ int rs_triplets_run(const rs_config *cfg, const char *fp_dir, const char *q_dir,
     if (rc == 0 && !(tok = rs_tokenizer_load(fp_dir))) rc = -1;
     int max_new = (int)rs_config_get_int(cfg, "patch", "max_new_tokens");
     if (rc == 0) rc = encode_prompts(&t, tok, max_new);
+    t.tok = tok;
     if (rc == 0) rc = answer_and_score(&t);
     if (rc == 0 && t.rank == 0) rc = write_patchset(&t, tok);
     if (t.comm && rc == 0) rc = rs_comm_finalize(t.comm);
     else if (t.comm) rs_comm_abort(t.comm);
     if (rc == 0)
-        rs_info("triplets: %d pairs (%d harmful, %d benign), %d identical dropped, %d prompts "
-                "too long; wrote %s",
+        rs_info("triplets: %d pairs (%d harmful, %d benign), %d identical dropped, %d harmful "
+                "dropped for a complying FP winner, %d prompts too long; wrote %s",
                 t.n_pairs, t.n_pairs_of[HARMFUL], t.n_pairs_of[BENIGN], t.n_identical,
-                t.n_too_long, out_path);
+                t.n_complying, t.n_too_long, out_path);
     if (tok) rs_tokenizer_free(tok);
     free_triplets(&t);
     return rc;

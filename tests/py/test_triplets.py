@@ -182,6 +182,16 @@ def triplets(setup, cfg, *args, out=None, check=True):
                       env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+def patchset_or_skip(setup, cfg, out):
+    """The patch set the config gives, or a skip when every response is identical at this seed
+    (test_pairs_equal_transformers_greedy_and_identical_pairs_are_dropped checks that case)."""
+    p = triplets(setup, cfg, out=out, check=False)
+    if p.returncode != 0:
+        assert "identical" in one_error_line(p)
+        pytest.skip("every response identical at this seed")
+    return read_patchset(out)
+
+
 # ---------------------------------------------------------------- tests
 
 def test_pairs_equal_transformers_greedy_and_identical_pairs_are_dropped(setup, hf, tmp_path):
@@ -230,15 +240,53 @@ def test_pairs_equal_transformers_greedy_and_identical_pairs_are_dropped(setup, 
     assert p.returncode == 0 and read_patchset(out2)["attrs"]["n_pairs"] == len(differ)
 
 
+def judge_text(t):
+    """src/eval_judge.c's normalisation: U+2019 becomes an ASCII apostrophe."""
+    return t.replace("\u2019", "'")
+
+
+def test_harmful_winner_refusal_keeps_harmful_pairs_whose_fp_winner_refuses(setup, tmp_path):
+    """[patch] harmful_winner = refusal keeps a harmful pair only when the [eval] refusal judge
+    finds a phrase in FP's response (the winner); benign pairs all stay. Reference: the default
+    (any) patch set filtered here by substring search, with a phrase cut from one harmful winner
+    (so that winner is kept and others are kept or dropped by what they say); then a phrase no
+    response holds drops every harmful pair (or, with no benign pair, fails with one line)."""
+    cfg = write_config(setup["d"], setup["fp"], setup["q"], n_prompts=10, harmful_fraction=0.5)
+    ps = patchset_or_skip(setup, cfg, str(tmp_path / "any.h5"))
+    assert ps["attrs"]["n_complying_winners_dropped"] == 0  # the default keeps every pair
+    keys = list(zip(ps["source"], ps["rows"]))
+    harm = [i for i, s in enumerate(ps["source"])
+            if s == "harmful" and judge_text(ps["winner_text"][i]).split("\n")[0].strip()]
+    if not harm:
+        pytest.skip("no harmful pair with a non-empty winner at this seed")
+    words = judge_text(ps["winner_text"][harm[0]]).split("\n")[0].split()
+    phrase = " ".join(words[len(words) // 2:len(words) // 2 + 2])
+    for name, phr in (("cut", phrase), ("none", "\u2603 no response says this \u2603")):
+        phrases = tmp_path / f"{name}.txt"
+        phrases.write_text(phr + "\n", encoding="utf-8")
+        want = [k for i, k in enumerate(keys)
+                if k[0] == "benign" or phr in judge_text(ps["winner_text"][i])]
+        out = str(tmp_path / f"{name}.h5")
+        p = triplets(setup, cfg, "--set", "patch.harmful_winner=refusal", "--set",
+                     f"eval.refusal_phrases={phrases}", out=out, check=False)
+        if not want:
+            line = one_error_line(p)
+            assert "harmful_winner" in line and not os.path.exists(out), line
+            continue
+        assert p.returncode == 0, p.stderr
+        got = read_patchset(out)
+        assert list(zip(got["source"], got["rows"])) == want, (phr, want)
+        assert got["attrs"]["n_complying_winners_dropped"] == len(keys) - len(want)
+        assert got["attrs"]["n_pairs"] == len(want)
+        if len(want) < len(keys):
+            assert f"{len(keys) - len(want)} harmful pairs with a complying FP winner" in p.stdout
+        print(f"phrase {phr!r}: {len(want)} of {len(keys)} pairs kept")
+
+
 def test_reference_logprobs_equal_torch_on_the_dequantized_export(setup, hf, tmp_path):
     tok, _, q_model = hf
     cfg = write_config(setup["d"], setup["fp"], setup["q"], n_prompts=10)
-    out = str(tmp_path / "ps.h5")
-    p = triplets(setup, cfg, out=out, check=False)
-    if p.returncode != 0:
-        assert "identical" in one_error_line(p)
-        pytest.skip("every response identical at this seed (checked by the test above)")
-    ps = read_patchset(out)
+    ps = patchset_or_skip(setup, cfg, str(tmp_path / "ps.h5"))
     worst = 0.0
     for i in range(len(ps["prompt"])):
         for resp, ref in ((ps["winner"][i], ps["ref_w"][i]), (ps["loser"][i], ps["ref_l"][i])):
