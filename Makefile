@@ -125,7 +125,7 @@ test:
 # GPU tests: needs a CUDA device (run through the device tool, see README).
 test-gpu:
 	@$(MAKE) --no-print-directory all
-	@RESAFE_TEST_GPU=1 $(PYTHON) tests/run.py --gpu $(TEST_ARGS)
+	@RESAFE_TEST_GPU=1 $(PYTHON) tests/run.py --gpu-only $(TEST_ARGS)
 
 # AddressSanitizer + UBSan build of the CPU code, then the test suite against it.
 asan:
