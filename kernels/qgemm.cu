@@ -402,7 +402,8 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
 }
 /* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
- * or a wait (qmm_sxp_kernel's barrier follows its wait, but a lane's own copies need only the wait). */
+ * or a wait (qmm_sxp_kernel's barrier follows its wait; a lane's own copies need only the
+ * wait). */
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

@@ -81,7 +81,8 @@ static const rs_config_key g_schema[] = {
              "symmetric integer grid (no zero point)"),
     ENUM_KEY("quant", "method", "rtn", "rtn|awq|gptq|qat|qlora", LATER_QUANT,
              "quantization method: PTQ rtn; PTQ + calibration awq, gptq; QAT qat (format int*); "
-             "LoRA-QAT qlora (format nf4, or int* for an integer base); all but rtn read calib_file"),
+             "LoRA-QAT qlora (format nf4, or int* for an integer base); all but rtn read "
+             "calib_file"),
     PATH_KEY("quant", "calib_file", "", LATER_QUANT,
              "calibration data: prompts for awq/gptq (CSV or JSONL); qat/qlora: JSONL of "
              "{prompt, response} to fine-tune on"),

@@ -285,8 +285,10 @@ static int winner_refuses(const triplets *t, const rs_judge *j, int i) {
 static int build_pairs(triplets *t) {
     t->pair_prompt = rs_malloc((size_t)(t->n_prompts ? t->n_prompts : 1) * sizeof *t->pair_prompt);
     rs_judge judge;
-    const int refusal_only = !strcmp(rs_config_get_str(t->cfg, "patch", "harmful_winner"), "refusal");
-    if (refusal_only) RS_TRY(rs_judge_init(&judge, rs_config_get_str(t->cfg, "eval", "refusal_phrases")));
+    const char *winner = rs_config_get_str(t->cfg, "patch", "harmful_winner");
+    const int refusal_only = !strcmp(winner, "refusal");
+    if (refusal_only)
+        RS_TRY(rs_judge_init(&judge, rs_config_get_str(t->cfg, "eval", "refusal_phrases")));
     for (int i = 0; i < t->n_prompts; i++) {
         if (t->prompts[i].skip) continue;
         if (same_ids(&t->out[0][i], &t->out[1][i])) t->n_identical++;

@@ -57,7 +57,8 @@ class Counter:
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     args = sys.argv[1:]
-    plugins = [Counter()]
+    counter = Counter()
+    plugins = [counter]
     if "--gpu-only" in args:
         args.remove("--gpu-only")
         os.environ["RESAFE_TEST_GPU"] = "1"
@@ -65,7 +66,6 @@ def main():
     if "--gpu" in args:
         args.remove("--gpu")
         os.environ["RESAFE_TEST_GPU"] = "1"
-    counter = plugins[0]
     rc = pytest.main(["-q", "-p", "no:cacheprovider", "-rfE", os.path.join(here, "py")] + args,
                      plugins=plugins)
     print(f"{counter.passed} passed, {counter.failed} failed, {counter.skipped} skipped")
