@@ -402,8 +402,7 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
 }
 /* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
- * or a wait (qmm_sxp_kernel's barrier follows its wait; a lane's own copies need only the
- * wait). */
+ * or a wait (other threads' copies are seen after the wait and the barrier that follows it). */
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -486,164 +485,6 @@ __global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p)
     qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
-/* The fused kernel for 17..64 rows with a STAGES-deep cp.async ring (a timing experiment,
- * QPROBE_SXPIPE; qmm_sx_kernel is the default). Past 16 rows the plan's split-K is capped by the
- * size of the fp32 partials, so a 4096-row weight runs about one 8-warp block per SM, and
- * qmm_sx_kernel keeps one chunk of weight in flight per lane: too little to cover the memory
- * latency with 8 warps. Here each slot of the ring holds one chunk of X (qmm_sx_copy's layout)
- * and every lane's weight spans, scales and zeros (lane-private: per n-tile j, lane tid's BITS
- * words at [(j * T + tid) * BITS], 16-byte aligned for BITS 4 and 8, its scale and zero at
- * sz[(2 j) * T + tid] and sz[(2 j + 1) * T + tid]), and STAGES - 1 chunks are in flight while
- * one is computed. Each iteration waits for its chunk (wait_group STAGES - 2: one group is
- * committed per iteration, empty or not), then a barrier (X is shared, and every warp is then
- * done with the slot computed last iteration, which is refilled next). */
-enum { QPROBE_SXPIPE = 8 };
-
-__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async8(void *smem, const void *gmem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(a), "l"(gmem) : "memory");
-}
-
-template <int BITS, int NT>
-__device__ __forceinline__ void qmm_cp_issue(uint32_t *w, float *sz, const qmm_params &p,
-                                             int n_warp, int g, int span, int span_limit, int tid,
-                                             int T) {
-    const int grp = min((span * 32) / p.gs, p.n_groups - 1);
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-        const int n = n_warp + j * 8 + g;
-        uint32_t *dst = w + ((size_t)j * T + tid) * BITS;
-        float *s_dst = sz + (2 * j) * T + tid, *z_dst = sz + (2 * j + 1) * T + tid;
-        if (n < p.N && span < span_limit) {
-            const uint32_t *src = p.packed + (size_t)n * p.row_words + (size_t)span * BITS;
-            if (BITS == 4) {
-                cp_async16(dst, src);
-            } else if (BITS == 8) {
-                cp_async16(dst, src);
-                cp_async16(dst + 4, src + 4);
-            } else if (BITS == 2) {
-                cp_async8(dst, src);
-            } else {
-#pragma unroll
-                for (int b = 0; b < BITS; b++)
-                    cp_async4(dst + b, src + b);
-            }
-            cp_async4(s_dst, p.scales + (size_t)n * p.n_groups + grp);
-            if (p.zeros)
-                cp_async4(z_dst, p.zeros + (size_t)n * p.n_groups + grp);
-            else
-                *z_dst = p.zero_sym;
-        } else {
-#pragma unroll
-            for (int b = 0; b < BITS; b++)
-                dst[b] = 0u;
-            *s_dst = 0.0f, *z_dst = 0.0f;
-        }
-    }
-}
-
-template <int BITS, int NT>
-__device__ __forceinline__ void qmm_cp_read(qmm_stage<BITS> (&cur)[NT], const uint32_t *w,
-                                            const float *sz, int tid, int T) {
-#pragma unroll
-    for (int j = 0; j < NT; j++) {
-        const uint32_t *src = w + ((size_t)j * T + tid) * BITS;
-        if (BITS == 4 || BITS == 8) {
-            const uint4 v = *(const uint4 *)src;
-            cur[j].w[0] = v.x, cur[j].w[1 % BITS] = v.y, cur[j].w[2 % BITS] = v.z,
-            cur[j].w[3 % BITS] = v.w;
-            if (BITS == 8) {
-                const uint4 u = *(const uint4 *)(src + 4);
-                cur[j].w[4 % BITS] = u.x, cur[j].w[5 % BITS] = u.y, cur[j].w[6 % BITS] = u.z,
-                cur[j].w[7 % BITS] = u.w;
-            }
-        } else if (BITS == 2) {
-            const uint2 v = *(const uint2 *)src;
-            cur[j].w[0] = v.x, cur[j].w[1 % BITS] = v.y;
-        } else {
-#pragma unroll
-            for (int b = 0; b < BITS; b++)
-                cur[j].w[b] = src[b];
-        }
-        cur[j].s = sz[(2 * j) * T + tid];
-        cur[j].z = sz[(2 * j + 1) * T + tid];
-    }
-}
-
-template <int BITS, int MT, int NT, int STAGES> constexpr size_t qmm_sxp_smem_bytes() {
-    return (size_t)STAGES * ((size_t)MT * 16 * QMM_SX_STRIDE * sizeof(bf16) +
-                             (size_t)NT * QMM_SX_WARPS * 32 * (4 * BITS + 8));
-}
-
-template <int BITS, int MODE, int MT, int NT, int STAGES>
-__global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sxp_kernel(qmm_params p) {
-    extern __shared__ __align__(16) uint32_t qmm_sxp_smem[];
-    __shared__ float cb[16];
-    if (MODE == QMODE_CB && threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
-    constexpr int T = QMM_SX_WARPS * 32, X_SLOT = MT * 16 * QMM_SX_STRIDE; /* bf16 */
-    constexpr int W_SLOT = NT * T * BITS, SZ_SLOT = 2 * NT * T;            /* words */
-    static_assert(STAGES >= 2, "the ring needs a slot to compute and one to fill");
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int n_warp = (blockIdx.x * QMM_SX_WARPS + warp) * NT * 8;
-    const int m_base = blockIdx.z * MT * 16;
-    const int c_begin = blockIdx.y * p.chunks_per_split;
-    const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
-    const int span_limit = (p.K + 31) / 32;
-    bf16 *ring_x = (bf16 *)qmm_sxp_smem;
-    uint32_t *ring_w = qmm_sxp_smem + (size_t)STAGES * X_SLOT / 2;
-    float *ring_sz = (float *)(ring_w + (size_t)STAGES * W_SLOT);
-
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                acc[mt][j][e] = 0.0f;
-    bool xok[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-        xok[mt][0] = xok[mt][1] = true;
-
-#pragma unroll
-    for (int d = 0; d < STAGES - 1; d++) {
-        if (c_begin + d < c_end) {
-            qmm_sx_copy<MT>(ring_x + d * X_SLOT, p, m_base, c_begin + d);
-            qmm_cp_issue<BITS, NT>(ring_w + d * W_SLOT, ring_sz + d * SZ_SLOT, p, n_warp, g,
-                                   (c_begin + d) * 4 + t, span_limit, tid, T);
-        }
-        cp_async_commit();
-    }
-    for (int c = c_begin; c < c_end; c++) {
-        const int slot = (c - c_begin) % STAGES;
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int nc = c + STAGES - 1, ns = (nc - c_begin) % STAGES;
-        if (nc < c_end) {
-            qmm_sx_copy<MT>(ring_x + ns * X_SLOT, p, m_base, nc);
-            qmm_cp_issue<BITS, NT>(ring_w + ns * W_SLOT, ring_sz + ns * SZ_SLOT, p, n_warp, g,
-                                   nc * 4 + t, span_limit, tid, T);
-        }
-        cp_async_commit();
-        qmm_stage<BITS> cur[NT];
-        qmm_cp_read<BITS, NT>(cur, ring_w + slot * W_SLOT, ring_sz + slot * SZ_SLOT, tid, T);
-        const bf16 *xrow[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int hr = 0; hr < 2; hr++)
-                xrow[mt][hr] = ring_x + slot * X_SLOT + (mt * 16 + g + 8 * hr) * QMM_SX_STRIDE;
-        qmm_chunk<BITS, MODE, MT, NT, true>(acc, cur, p, xrow, xok, c, t, cb);
-    }
-    cp_async_wait<0>();
-    qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
-}
-
 /* out = sum over splits of partial (in split order) + bias + beta * out (when the tile counters
  * do not cover the grid). */
 __global__ void qmm_reduce_kernel(bf16 *out, const float *partial, const bf16 *bias, int M, int N,
@@ -711,9 +552,6 @@ static int qmm_sm_count(void) {
 
 /* Timing probes (rs_cuda_qmm_probe; all zero in real use). */
 static struct { int depth, probe, blocks_per_sm, reduce; } g_qprobe;
-/* What the last rs_cuda_qmm launched: 0 the default kernels, else qmm_sxp_kernel's stages
- * (rs_cuda_qmm_last_variant: so a test knows which kernel it checked). */
-static int g_qmm_last_variant;
 enum { QPROBE_NO_SX = 4 };
 
 typedef struct {
@@ -769,30 +607,10 @@ extern "C" size_t rs_cuda_qmm_workspace_bytes(const rs_qweight *q, const void *x
     return pl.xs_bytes + pl.partial_bytes;
 }
 
-template <int BITS, int MODE, int MT, int STAGES>
-static void qmm_sxp_launch(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
-    constexpr size_t smem = qmm_sxp_smem_bytes<BITS, MT, 2, STAGES>();
-    static bool attr_set = false; /* once per instantiation (and process: one GPU each) */
-    if (smem > 48 * 1024 && !attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(qmm_sxp_kernel<BITS, MODE, MT, 2, STAGES>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        attr_set = true;
-    }
-    qmm_sxp_kernel<BITS, MODE, MT, 2, STAGES><<<pl.grid, dim3(QMM_SX_WARPS * 32), smem, s>>>(p);
-    g_qmm_last_variant = STAGES;
-}
-
 template <int BITS, int MODE, int MT>
 static void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
     const dim3 block(pl.warps * 32);
     if constexpr (MT > 1) { /* the shared-memory kernels: past 16 rows only */
-        if (pl.sx && pl.nt == 2 && (g_qprobe.probe & QPROBE_SXPIPE)) {
-            if (g_qprobe.depth >= 4)
-                qmm_sxp_launch<BITS, MODE, MT, 4>(pl, p, s);
-            else
-                qmm_sxp_launch<BITS, MODE, MT, 3>(pl, p, s);
-            return;
-        }
         if (pl.sx) {
             switch (pl.nt) {
             case 1: qmm_sx_kernel<BITS, MODE, MT, 1><<<pl.grid, block, 0, s>>>(p); break;
@@ -831,7 +649,6 @@ static void qmm_launch_probe_mt(const qmm_plan &pl, const qmm_params &p, cudaStr
 }
 
 static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
-    if (g_qprobe.probe & QPROBE_SXPIPE) return 0; /* qmm_launch_nt takes it */
     if (!g_qprobe.depth && !(g_qprobe.probe & 3)) return 0;
     if (pl.sx || pl.nt != 2) return 0;
     switch (pl.mt) {
@@ -845,12 +662,9 @@ static int qmm_launch_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_
 /* Timing probes for scripts/bench (qmm_tool probe), never for results: depth = load pipeline
  * depth in chunks of the register-X kernel (1, 2, 4; 0 = qmm_batch), probe = QPROBE_* bits
  * (load only and tiled addresses at M <= 16: wrong values, timing only; NO_SX: the register-X
- * kernel past 16 rows too; SXPIPE: qmm_sxp_kernel for 17..64 rows with NT = 2, every format, 3
- * stages, or 4 when depth >= 4: right values, tested like the default), blocks_per_sm = split-K
+ * kernel past 16 rows too), blocks_per_sm = split-K
  * target (0 = the plan's), reduce: 0 = a second kernel adds split-K partials, 1 = the last block
  * of each tile does. Depth and probe bits 1, 2 apply to W4 integer weights with NT = 2 only. */
-extern "C" int rs_cuda_qmm_last_variant(void) { return g_qmm_last_variant; }
-
 extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce) {
     g_qprobe.depth = depth, g_qprobe.probe = probe;
     g_qprobe.blocks_per_sm = blocks_per_sm, g_qprobe.reduce = reduce;
@@ -873,7 +687,6 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
                             int n_counters, int tune_nt, int tune_splits) {
     if (M <= 0) return;
     qmm_plan pl = qmm_make_plan(q, x, M, tune_nt, tune_splits);
-    g_qmm_last_variant = 0;
     qmm_params p;
     memset(&p, 0, sizeof p);
     p.x = x;

@@ -22,9 +22,6 @@ typedef enum { RS_QMM_AUTO = 0, RS_QMM_SCRATCH = 1, RS_QMM_FUSED = 2 } rs_qmm_pa
 void rs_cuda_qmm_configure(rs_qmm_path path, int nt, int splits);
 /* Timing probes for the benchmark only (kernels/qgemm.cu says what each does); all 0 = off. */
 void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce_kernel);
-/* What the last fused call launched: 0 the default kernels, else the stages of the cp.async
- * ring past 16 rows (qmm_sxp_kernel, a probe launch; for tests). */
-int rs_cuda_qmm_last_variant(void);
 /* 1 when the fused kernel takes this (backend-resident) weight. */
 int rs_cuda_qmm_fused_supported(const rs_qweight *q);
 /* The backend's stream (a cudaStream_t), for benchmarks that time or capture its work. */

@@ -7,19 +7,18 @@
  *       with rs_dequantize's effective weight, for beta 0 (output poisoned with NaN first) and
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
- *       Also "variant V": what the fused call launched (0 the default kernels, else the stages
- *       of qmm_sxp_kernel, the cp.async ring past 16 rows, see RESAFE_QMM_PROBE).
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
- *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, and
- *       (dgrad) of the input gradient against cuBLAS's. Each timing is a CUDA graph of many
- *       calls cycling through enough weight copies to defeat the 50 MB L2.
+ *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, of
+ *       the dequantizer alone (first M only) and (dgrad) of the input gradient against cuBLAS's.
+ *       Each timing is a CUDA graph of many calls cycling through enough weight copies to
+ *       defeat the 50 MB L2.
  *   qmm_tool roofline
  *       Device-to-device copy bandwidth (GB/s) and cuBLAS bf16 GEMM TFLOP/s (8192^3).
  *   qmm_tool probe N K M[,M...]
  *       W4 g128: the fused kernel's timing probes (what bounds it), one JSON line each.
  * Env RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce sets a probe launch (rs_cuda_qmm_probe)
- * before any command: check then tests it (the cp.async ring past 16 rows: "3,8,0,0", "4,8,0,0").
+ * before any command: check then tests it (e.g. "1,1,0,0", the load-only probe: wrong values).
  * Exit 77 when there is no GPU (tests skip). */
 #include "resafe/backend.h"
 #include "resafe/core.h"
@@ -187,7 +186,6 @@ static int cmd_check(int argc, char **argv) {
     if (g_be->qweight_upload(&dq, &q) != 0) rs_die_last();
     int sup = rs_cuda_qmm_fused_supported(&dq);
     double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0);
-    const int variant = rs_cuda_qmm_last_variant(); /* 0 default, else the ring's stages */
     double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
@@ -200,9 +198,8 @@ static int cmd_check(int argc, char **argv) {
     g_be->qmatmul_t(ddx, ddout, &dq, M, 0.0f);
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
-    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
-           "variant %d\n",
-           sup, f0, s0, f1, s1, dg, variant);
+    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e\n", sup,
+           f0, s0, f1, s1, dg);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
@@ -282,6 +279,11 @@ static void op_q_dgrad(void *c_, int i) {
     g_be->qmatmul_t(c->dx, c->dy, &c->q[i % c->n_copies], c->M, 0.0f);
 }
 
+static void op_dequant(void *c_, int i) { /* the scratch path's first half alone */
+    bench_ctx *c = c_;
+    g_be->qdequantize(c->w[i % c->n_copies], &c->q[i % c->n_copies]);
+}
+
 static int reps_for(double flops) { /* about 20 ms of work at 500 TFLOP/s, 20..400 calls */
     double r = 20e-3 * 500e12 / (flops > 1 ? flops : 1);
     return r < 20 ? 20 : r > 400 ? 400 : (int)r;
@@ -353,7 +355,8 @@ static int cmd_bench(int argc, char **argv) {
         }
         rs_cuda_qmm_configure(RS_QMM_AUTO, 0, 0);
         double t_auto = time_op(op_q, c, reps);
-        double t_dd = -1.0, t_qd = -1.0;
+        double t_dd = -1.0, t_qd = -1.0, t_deq = -1.0;
+        if (mi == 0) t_deq = time_op(op_dequant, c, reps_for(nw * 4.0)); /* overwrites dense W */
         if (dgrad) {
             t_dd = time_op(op_dense_dgrad, c, reps);
             t_qd = time_op(op_q_dgrad, c, reps);
@@ -362,9 +365,10 @@ static int cmd_bench(int argc, char **argv) {
                "\"fused_supported\": %d, "
                "\"qbytes\": %zu, \"dense_bytes\": %.0f, \"us_cublas\": %.3f, \"us_scratch\": %.3f, "
                "\"us_fused\": %.3f, \"us_auto\": %.3f, \"us_best\": %.3f, \"best_nt\": %d, "
-               "\"best_split\": %d, \"us_cublas_dgrad\": %.3f, \"us_q_dgrad\": %.3f}\n",
+               "\"best_split\": %d, \"us_cublas_dgrad\": %.3f, \"us_q_dgrad\": %.3f, "
+               "\"us_dequant\": %.3f}\n",
                N, K, M, sp.bits, q.group_size, sup, qbytes, dense_bytes, t_dense, t_scratch,
-               t_fused, t_auto, t_best, best_nt, best_split, t_dd, t_qd);
+               t_fused, t_auto, t_best, best_nt, best_split, t_dd, t_qd, t_deq);
         fflush(stdout);
     }
     for (int i = 0; i < c->n_copies; i++)
@@ -401,10 +405,9 @@ static int cmd_probe(int argc, char **argv) {
     fill_normal(&r, xh, (size_t)64 * K, 1.0f, 1);
     c->x = dev_upload(xh, (size_t)64 * K);
     c->y = g_be->alloc((size_t)64 * N * 2);
-    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X, 8 the cp.async ring past
-     * 16 rows), blocks per SM, reduce in the last block (see rs_cuda_qmm_probe), split-K count
-     * (0: the plan's); rows: 1 only up to 16 rows, 2 only past 16, 0 both. "previous" = the
-     * launch before this probe existed. */
+    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X), blocks per SM, reduce in
+     * the last block (see rs_cuda_qmm_probe), split-K count (0: the plan's); rows: 1 only up
+     * to 16 rows, 2 only past 16, 0 both. "previous" = the launch before this probe existed. */
     static const struct {
         const char *name;
         int depth, probe, bps, reduce, splits, rows;
@@ -421,12 +424,7 @@ static int cmd_probe(int argc, char **argv) {
              {"tiled_loadonly", 1, 3, 0, 0, 0, 1},
              {"tiled", 1, 2, 0, 0, 0, 1},
              {"split8", 0, 0, 0, 0, 8, 2},
-             {"split16", 0, 0, 0, 0, 16, 2},
-             {"sxpipe3", 3, 8, 0, 0, 0, 2},
-             {"sxpipe4", 4, 8, 0, 0, 0, 2},
-             {"sxpipe4_bps2", 4, 8, 2, 0, 0, 2},
-             {"sxpipe4_split8", 4, 8, 0, 0, 8, 2},
-             {"sxpipe4_split16", 4, 8, 0, 0, 16, 2}};
+             {"split16", 0, 0, 0, 0, 16, 2}};
     for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
         int M = c->M = atoi(tok);
         RS_CHECK(M >= 1 && M <= 64, "qmm_tool probe: M %s: want 1..64 rows", tok);
@@ -497,8 +495,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qmm_tool: no CUDA device\n");
         return 77;
     }
-    /* RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce: check (or bench) a probe launch, e.g.
-     * "3,8,0,0" for the cp.async ring past 16 rows (rs_cuda_qmm_probe) */
+    /* RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce: check (or bench) a probe launch
+     * (rs_cuda_qmm_probe) */
     const char *pr = getenv("RESAFE_QMM_PROBE");
     if (pr && pr[0]) {
         int d = 0, b = 0, bps = 0, red = 0;
