@@ -41,6 +41,7 @@ extern "C" {
 #include "resafe/quant.h"
 }
 
+#include <stdlib.h>
 #include <string.h>
 
 #define QMM_WARPS 4
@@ -749,6 +750,28 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
     }
 }
 
+/* Eight dequantized values of row n from column kk: divided by input_scale (AWQ) when given,
+ * rounded to bf16 once, one 16-byte store (K % 8 == 0) or element by element up to K. */
+__device__ __forceinline__ void qdq_store8(bf16 *dst, float (&f)[8], const float *input_scale,
+                                           int kk, int K) {
+    if (input_scale)
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            if (kk + e < K) f[e] /= input_scale[kk + e];
+    if (K % 8 == 0) {
+        uint4 o;
+        o.x = bf16x2_bits(__floats2bfloat162_rn(f[0], f[1]));
+        o.y = bf16x2_bits(__floats2bfloat162_rn(f[2], f[3]));
+        o.z = bf16x2_bits(__floats2bfloat162_rn(f[4], f[5]));
+        o.w = bf16x2_bits(__floats2bfloat162_rn(f[6], f[7]));
+        *(uint4 *)dst = o;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            if (kk + e < K) dst[e] = __float2bfloat16(f[e]);
+    }
+}
+
 /* ---------------------------------------------------------------- the dequantizer
  * One thread per 8 codes (one 16-byte store; neighbouring threads store neighbouring bytes):
  * w[n, k] = bf16(value / input_scale[k]) with the value of rs_dequantize_row (fp32 arithmetic,
@@ -780,30 +803,49 @@ __global__ void qdequant_fast_kernel(bf16 *w, const uint32_t *packed, int row_wo
                 f[e] = CB ? cbp.cb[c] * sc : ((float)c - z) * sc;
             }
         }
-        if (input_scale)
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-                if (kk + e < K) f[e] /= input_scale[kk + e];
-        bf16 *dst = w + (size_t)n * K + kk;
-        if (K % 8 == 0) {
-            uint4 o;
-            o.x = bf16x2_bits(__floats2bfloat162_rn(f[0], f[1]));
-            o.y = bf16x2_bits(__floats2bfloat162_rn(f[2], f[3]));
-            o.z = bf16x2_bits(__floats2bfloat162_rn(f[4], f[5]));
-            o.w = bf16x2_bits(__floats2bfloat162_rn(f[6], f[7]));
-            *(uint4 *)dst = o;
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-                if (kk + e < K) dst[e] = __float2bfloat16(f[e]);
-        }
+        qdq_store8(w + (size_t)n * K + kk, f, input_scale, kk, K);
     }
 }
+
+/* The same values as qdequant_fast_kernel with less work per thread, for RESAFE_CUDA_QDEQUANT=2
+ * (an experiment until timed against it): a 2-D grid (pieces of 8 codes along x, rows along y:
+ * no 64-bit division), and each thread loads only the one or two words that hold its 8 codes
+ * (code j of a span sits at bit BITS j) and decodes them with shifts, where the default loads
+ * the whole span and branches on which quarter is its own (a four-way split inside each warp). */
+template <int BITS, int CB>
+__global__ void qdequant_v2_kernel(bf16 *w, const uint32_t *packed, int row_words,
+                                   const float *scales, const float *zeros,
+                                   const float *input_scale, int N, int K, int n_groups, int gs,
+                                   float zero_sym, qmm_params cbp) {
+    const int pc = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pc >= (K + 7) / 8) return;
+    const int sp = pc >> 2, kk = 8 * pc, bit = (pc & 3) * 8 * BITS, lo = bit >> 5;
+    const bool two = BITS == 8 || (BITS == 3 && lo + 1 < BITS); /* 8 codes over two words */
+    const int grp = min(sp * 32 / gs, n_groups - 1);
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const uint32_t *src = packed + (size_t)n * row_words + (size_t)sp * BITS + lo;
+        const uint64_t codes =
+            ((two ? (uint64_t)__ldg(src + 1) << 32 : 0ull) | __ldg(src)) >> (bit & 31);
+        const float sc = __ldg(scales + (size_t)n * n_groups + grp);
+        const float z = zeros ? __ldg(zeros + (size_t)n * n_groups + grp) : zero_sym;
+        float f[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const uint32_t c = (uint32_t)(codes >> (e * BITS)) & ((1u << BITS) - 1u);
+            f[e] = CB ? cbp.cb[c] * sc : ((float)c - z) * sc;
+        }
+        qdq_store8(w + (size_t)n * K + kk, f, input_scale, kk, K);
+    }
+}
+
+static int g_qdq_last; /* the dequantizer the last call took: 1 fast, 2 v2, 0 none (generic) */
+extern "C" int rs_cuda_qdequant_last_kernel(void) { return g_qdq_last; }
 
 /* The weight's dense bf16 matrix without critical entries (the caller adds them), for the
  * formats rs_cuda_qmm_supported takes apart from the critical entries; 0 when done, -1 when the
  * format needs the generic dequantizer (outlier columns). */
 extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *q) {
+    g_qdq_last = 0;
     if (q->n_outlier_cols > 0 || q->rows <= 0 || q->cols <= 0) return -1;
     if (q->spec.format == RS_QFMT_INT8_OUTLIER) return -1;
     if (!(q->group_size % 32 == 0 || q->n_groups == 1)) return -1;
@@ -812,27 +854,38 @@ extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *
     const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
     for (int i = 0; i < 16; i++)
         cbp.cb[i] = book[i];
-    const int rw = (int)(rs_qpack_row_bytes(q->cols, q->spec.bits) / 4);
-    const size_t total = (size_t)q->rows * ((q->cols + 7) / 8);
-    const unsigned blocks = rs_cuda_blocks(total, RS_CUDA_THREADS);
-    const float zs = (float)(1 << (q->spec.bits - 1));
-    const uint32_t *pk = (const uint32_t *)q->packed;
-#define QDQ_ARGS                                                                                   \
-    w, pk, rw, q->scales, q->zeros, q->input_scale, q->rows, q->cols, q->n_groups, q->group_size,  \
-        zs, cbp
-    if (q->spec.format != RS_QFMT_INT)
-        qdequant_fast_kernel<4, 1><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
-    else if (q->spec.bits == 2)
-        qdequant_fast_kernel<2, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
-    else if (q->spec.bits == 3)
-        qdequant_fast_kernel<3, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
-    else if (q->spec.bits == 4)
-        qdequant_fast_kernel<4, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
-    else if (q->spec.bits == 8)
-        qdequant_fast_kernel<8, 0><<<blocks, RS_CUDA_THREADS, 0, s>>>(QDQ_ARGS);
-    else
-        return -1;
-#undef QDQ_ARGS
-    CUDA_CHECK_LAUNCH(s, "qdequant_fast_kernel");
+    static int v2 = -1; /* RESAFE_CUDA_QDEQUANT=2: qdequant_v2_kernel */
+    if (v2 < 0) {
+        const char *e = getenv("RESAFE_CUDA_QDEQUANT");
+        v2 = e && strcmp(e, "2") == 0;
+    }
+    typedef void (*qdq_fn)(bf16 *, const uint32_t *, int, const float *, const float *,
+                           const float *, int, int, int, int, float, qmm_params);
+    /* [v2][0: codebook 4-bit, 1..4: integer 2, 3, 4, 8 bits] */
+    static const qdq_fn fns[2][5] = {
+        {qdequant_fast_kernel<4, 1>, qdequant_fast_kernel<2, 0>, qdequant_fast_kernel<3, 0>,
+         qdequant_fast_kernel<4, 0>, qdequant_fast_kernel<8, 0>},
+        {qdequant_v2_kernel<4, 1>, qdequant_v2_kernel<2, 0>, qdequant_v2_kernel<3, 0>,
+         qdequant_v2_kernel<4, 0>, qdequant_v2_kernel<8, 0>}};
+    const int b = q->spec.bits;
+    const int which = q->spec.format != RS_QFMT_INT ? 0
+                      : b == 2                        ? 1
+                      : b == 3                        ? 2
+                      : b == 4                        ? 3
+                      : b == 8                        ? 4
+                                                      : -1;
+    if (which < 0) return -1;
+    /* v2: pieces of 8 codes along x, rows along y; the default: one grid-stride range */
+    const dim3 grid = v2 ? dim3((unsigned)(((q->cols + 7) / 8 + RS_CUDA_THREADS - 1) /
+                                           RS_CUDA_THREADS),
+                                (unsigned)(q->rows < 65535 ? q->rows : 65535))
+                         : dim3(rs_cuda_blocks((size_t)q->rows * ((q->cols + 7) / 8),
+                                               RS_CUDA_THREADS));
+    fns[v2][which]<<<grid, RS_CUDA_THREADS, 0, s>>>(
+        w, (const uint32_t *)q->packed, (int)(rs_qpack_row_bytes(q->cols, b) / 4), q->scales,
+        q->zeros, q->input_scale, q->rows, q->cols, q->n_groups, q->group_size,
+        (float)(1 << (b - 1)), cbp);
+    CUDA_CHECK_LAUNCH(s, v2 ? "qdequant_v2_kernel" : "qdequant_fast_kernel");
+    g_qdq_last = 1 + v2;
     return 0;
 }

@@ -376,7 +376,7 @@ int rs_comm_all_reduce_device_f32(rs_comm *c, const rs_backend *be, float *buf, 
                                   const char *what) {
     if (n == 0) return 0;
 #ifdef RS_HAVE_NCCL
-    if (c->transport == RS_COMM_NCCL) return rs_comm_nccl_all_reduce(c, be, buf, n, what);
+    if (c->transport == RS_COMM_NCCL) return rs_comm_nccl_all_reduce(c, buf, n, what);
 #endif
     if (c->world == 1) return 0;
     size_t bucket = c->bucket_bytes / sizeof(float);
@@ -394,6 +394,22 @@ int rs_comm_all_reduce_device_f32(rs_comm *c, const rs_backend *be, float *buf, 
     }
     free(host);
     return rc;
+}
+
+int rs_comm_all_reduce_device_f32_async(rs_comm *c, const rs_backend *be, float *buf, size_t n,
+                                        const char *what) {
+#ifdef RS_HAVE_NCCL
+    if (c->transport == RS_COMM_NCCL) return n ? rs_comm_nccl_all_reduce_async(c, buf, n, what) : 0;
+#endif
+    return rs_comm_all_reduce_device_f32(c, be, buf, n, what);
+}
+
+int rs_comm_wait_device(rs_comm *c, const char *what) {
+#ifdef RS_HAVE_NCCL
+    if (c->transport == RS_COMM_NCCL) return rs_comm_nccl_wait(c, what);
+#endif
+    (void)c, (void)what;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- set-up */
@@ -415,6 +431,8 @@ int rs_comm_have_nccl(void) {
 
 int rs_comm_rank(const rs_comm *c) { return c->rank; }
 int rs_comm_world(const rs_comm *c) { return c->world; }
+size_t rs_comm_bucket_bytes(const rs_comm *c) { return c->bucket_bytes; }
+
 const char *rs_comm_transport_name(const rs_comm *c) {
     return c->world == 1 ? "none" : c->transport == RS_COMM_NCCL ? "nccl" : "file";
 }

@@ -36,8 +36,9 @@ int rs_comm_peer_gone(rs_comm *c, int r, char *why, size_t cap);
 #ifdef RS_HAVE_NCCL
 int rs_comm_nccl_gpus(void); /* visible CUDA devices, 0 when none or no driver */
 int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank);
-int rs_comm_nccl_all_reduce(rs_comm *c, const rs_backend *be, float *buf, size_t n,
-                            const char *what);
+int rs_comm_nccl_all_reduce(rs_comm *c, float *buf, size_t n, const char *what);
+int rs_comm_nccl_all_reduce_async(rs_comm *c, float *buf, size_t n, const char *what);
+int rs_comm_nccl_wait(rs_comm *c, const char *what);
 void rs_comm_nccl_free(rs_comm *c, int abort);
 #endif
 

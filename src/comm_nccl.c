@@ -3,10 +3,11 @@
  * the gather of prompts, barriers) go through the file transport's directory, which the NCCL id
  * file needs on a shared filesystem anyway: they are small and rare next to the gradients.
  *
- * The all-reduce runs on a stream of its own after the backend's stream is drained
- * (be->synchronize: the backend keeps its stream private), so it does not overlap backward.
- * NCCL is used non-blocking (ncclConfig_t.blocking = 0): every call returns at once and the wait
- * polls cudaStreamQuery and ncclCommGetAsyncError, checking the peers' liveness files every half
+ * The all-reduce runs on a stream of its own, ordered after the work enqueued so far on the
+ * backend's stream by an event (no host wait), so a caller can start it for a finished part of
+ * the gradients while backward goes on (rs_comm_all_reduce_device_f32_async). NCCL is used
+ * non-blocking (ncclConfig_t.blocking = 0): every call returns at once and the wait polls
+ * cudaStreamQuery and ncclCommGetAsyncError, checking the peers' liveness files every half
  * second and giving up after [dist] timeout_s; any failure aborts the communicator
  * (ncclCommAbort), which is what unblocks a rank whose peer died inside a collective. */
 #ifdef RS_HAVE_NCCL
@@ -19,11 +20,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "resafe/backend.h"
 #include "resafe/core.h"
 
 struct rs_comm_nccl {
     ncclComm_t comm;
     cudaStream_t stream;
+    cudaEvent_t ready; /* recorded on the backend's stream before each reduce */
     int device;
 };
 
@@ -86,8 +89,9 @@ int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank) {
     /* before the backend's first call, so its context and stream live on this rank's GPU */
     if (cudaSetDevice(n->device) != cudaSuccess)
         return RS_FAIL("rank %d: cannot select GPU %d", c->rank, n->device);
-    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess)
-        return RS_FAIL("rank %d: cannot create a CUDA stream", c->rank);
+    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaEventCreateWithFlags(&n->ready, cudaEventDisableTiming) != cudaSuccess)
+        return RS_FAIL("rank %d: cannot create a CUDA stream and event", c->rank);
     ncclUniqueId id;
     memset(&id, 0, sizeof id);
     if (c->rank == 0 && ncclGetUniqueId(&id) != ncclSuccess)
@@ -113,9 +117,14 @@ int rs_comm_nccl_init(rs_comm *c, const char *id_file, int local_rank) {
     return 0;
 }
 
-int rs_comm_nccl_all_reduce(rs_comm *c, const rs_backend *be, float *buf, size_t n,
-                            const char *what) {
-    be->synchronize(); /* the gradients are complete on the backend's stream */
+int rs_comm_nccl_all_reduce_async(rs_comm *c, float *buf, size_t n, const char *what) {
+    /* behind what the backend's stream holds now (the event's state at this call is what the
+     * wait takes: recording it again for the next reduce does not move this one) */
+    rs_comm_nccl *nc = c->nccl;
+    if (cudaEventRecord(nc->ready, (cudaStream_t)rs_cuda_stream_handle()) != cudaSuccess ||
+        cudaStreamWaitEvent(nc->stream, nc->ready, 0) != cudaSuccess)
+        return RS_FAIL("rank %d of %d: CUDA failed ordering %s after the backend's work: %s",
+                       c->rank, c->world, what, cudaGetErrorString(cudaGetLastError()));
     size_t bucket = c->bucket_bytes / sizeof(float);
     if (bucket < 1) bucket = 1;
     for (size_t at = 0; at < n; at += bucket) {
@@ -128,6 +137,13 @@ int rs_comm_nccl_all_reduce(rs_comm *c, const rs_backend *be, float *buf, size_t
         /* a non-blocking communicator takes the next call once this one is enqueued */
         if (r == ncclInProgress) RS_TRY(nccl_wait(c, 0, what));
     }
+    return 0;
+}
+
+int rs_comm_nccl_wait(rs_comm *c, const char *what) { return nccl_wait(c, 1, what); }
+
+int rs_comm_nccl_all_reduce(rs_comm *c, float *buf, size_t n, const char *what) {
+    RS_TRY(rs_comm_nccl_all_reduce_async(c, buf, n, what));
     return nccl_wait(c, 1, what);
 }
 
@@ -143,6 +159,7 @@ void rs_comm_nccl_free(rs_comm *c, int abort) {
             ncclCommDestroy(n->comm);
     }
     if (n->stream) cudaStreamDestroy(n->stream);
+    if (n->ready) cudaEventDestroy(n->ready);
     free(n);
     c->nccl = NULL;
 }

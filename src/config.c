@@ -297,7 +297,8 @@ static const rs_config_key g_schema[] = {
                   "seconds any one collective waits for the other ranks before failing with the "
                   "ranks that did not arrive"),
     POS_FLOAT_KEY("dist", "bucket_mb", "64", 65536, DIST,
-                  "MiB of gradient per all-reduce call"),
+                  "MiB of gradient per all-reduce call; dpo's buckets are whole layers of at "
+                  "least this much, each started as backward finishes it"),
 
     PATH_KEY("run", "out_dir", "runs/default", "all",
              "run directory: every stage's outputs and manifests"),

@@ -267,7 +267,11 @@ int rs_dpo_accumulate(rs_dpo_trainer *t, const int32_t *idx, int n, rs_dpo_stats
             sum.accuracy += r.reward_chosen > r.reward_rejected;
             sum.logp_chosen += pw, sum.logp_rejected += pl;
         }
-        RS_TRY(rs_train_backward(t->m, t->lora, t->state, b, t->d_logp, NULL));
+        const int last = a + k >= n;
+        if (last) rs_train_state_set_layer_hook(t->state, t->layer_done, t->layer_done_user);
+        int rc = rs_train_backward(t->m, t->lora, t->state, b, t->d_logp, NULL);
+        if (last) rs_train_state_set_layer_hook(t->state, NULL, NULL);
+        RS_TRY(rc);
     }
     if (stats) {
         *stats = sum;

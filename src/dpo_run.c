@@ -11,9 +11,11 @@
  * are split over the ranks by whole micro-batches and all-gathered (rs_dpo_reference_sharded:
  * the arrays of one process, bit for bit). Every rank draws the same global batch; rank r
  * computes the gradient of its slice (shard.h) as that slice's share of the global
- * mean, and the sum all-reduce (in buckets of [dist] bucket_mb, after backward) gives every rank
- * the global batch's gradient; clipping and AdamW then run on identical numbers everywhere, so
- * the adapters stay identical without being broadcast. The SNIP weight gradients are
+ * mean, and the sum all-reduce gives every rank the global batch's gradient: in buckets of whole
+ * layers (at least [dist] bucket_mb each), each started as soon as the step's last backward has
+ * finished its layers (top first), so on nccl it overlaps the rest of backward. Clipping and
+ * AdamW then run on identical numbers everywhere, so the adapters stay identical without being
+ * broadcast. The SNIP weight gradients are
  * all-reduced per scoring batch (before |W * dW|), so every rank selects the same masks. The
  * stats are summed for the log; a stop signal seen by any rank stops all after the same step.
  * Rank 0 alone writes the metrics, checkpoints (the others wait at a barrier) and outputs. */
@@ -162,6 +164,15 @@ typedef struct {
     int32_t *batch_idx;
     rs_dist dist;
     rs_comm *comm; /* NULL in one process */
+    /* Data parallel: the adapter gradients in buckets of whole layers, top layer first (the
+     * order backward finishes them): bucket b is flat_grads[lo[b], hi[b]), final once backward
+     * has done layer low[b]. next: buckets started this step, early: of them, during backward. */
+    struct {
+        int n, next, early;
+        size_t *lo, *hi;
+        int *low;
+        char what[96];
+    } gb;
 } dpo_run;
 
 /* A patch set: ids and stored reference log-probs. Responses longer than max_seq_len are cut as
@@ -267,6 +278,67 @@ static int snip_reduce(void *user, float *dW, size_t n) {
     return rs_comm_all_reduce_device_f32(r->comm, r->m.be, dW, n, "SNIP weight gradients");
 }
 
+/* ---------------------------------------------------------------- gradient buckets */
+
+/* Buckets of whole layers of at least [dist] bucket_mb from the top layer down (flat_grads is
+ * laid out layer by layer, lora.c), so the first bucket is final first. */
+static void plan_grad_buckets(dpo_run *r) {
+    const rs_lora *l = &r->lora;
+    const int L = l->n_layers;
+    size_t *start = rs_malloc((size_t)(L + 1) * sizeof *start);
+    start[L] = l->n_flat;
+    for (int layer = L - 1; layer >= 0; layer--) {
+        start[layer] = start[layer + 1];
+        for (int t = RS_LORA_N_TARGETS - 1; t >= 0; t--) {
+            const rs_lora_linear *x = &l->lin[layer * RS_LORA_N_TARGETS + t];
+            if (x->in) start[layer] = (size_t)(x->dA - l->flat_grads);
+        }
+    }
+    r->gb.lo = rs_malloc((size_t)L * sizeof *r->gb.lo);
+    r->gb.hi = rs_malloc((size_t)L * sizeof *r->gb.hi);
+    r->gb.low = rs_malloc((size_t)L * sizeof *r->gb.low);
+    const size_t want = rs_comm_bucket_bytes(r->comm) / sizeof(float);
+    size_t hi = l->n_flat;
+    for (int layer = L - 1; layer >= 0; layer--)
+        if (layer == 0 || hi - start[layer] >= want) {
+            if (hi > start[layer]) {
+                r->gb.lo[r->gb.n] = start[layer], r->gb.hi[r->gb.n] = hi;
+                r->gb.low[r->gb.n++] = layer;
+            }
+            hi = start[layer];
+        }
+    free(start);
+    rs_debug("dpo: the adapter gradients (%zu floats) all-reduced in %d buckets of whole layers, "
+             "each started as backward finishes it",
+             l->n_flat, r->gb.n);
+}
+
+static int start_bucket(dpo_run *r, int b) {
+    char what[160];
+    snprintf(what, sizeof what, "%s, layers %d.. [%zu, %zu)", r->gb.what, r->gb.low[b],
+             r->gb.lo[b], r->gb.hi[b]);
+    return rs_comm_all_reduce_device_f32_async(r->comm, r->m.be, r->lora.flat_grads + r->gb.lo[b],
+                                               r->gb.hi[b] - r->gb.lo[b], what);
+}
+
+/* rs_train_backward's hook on the step's last backward: layer and those above are final. */
+static int grad_layer_done(void *user, int layer) {
+    dpo_run *r = user;
+    for (; r->gb.next < r->gb.n && r->gb.low[r->gb.next] >= layer; r->gb.next++, r->gb.early++)
+        RS_TRY(start_bucket(r, r->gb.next));
+    return 0;
+}
+
+/* The rest (all of them on a rank whose slice was empty), then the wait. */
+static int finish_grad_buckets(dpo_run *r) {
+    for (; r->gb.next < r->gb.n; r->gb.next++)
+        RS_TRY(start_bucket(r, r->gb.next));
+    RS_TRY(rs_comm_wait_device(r->comm, r->gb.what));
+    rs_debug("%s: %d of %d buckets all-reduced during backward", r->gb.what, r->gb.early,
+             r->gb.n);
+    return 0;
+}
+
 static int setup(dpo_run *r) {
     dpo_options *o = &r->o;
     const rs_backend *be = r->m.be;
@@ -283,6 +355,7 @@ static int setup(dpo_run *r) {
         r->have_snip = 1;
         if (r->comm) r->snip.reduce = snip_reduce, r->snip.reduce_user = r;
     }
+    if (r->comm) plan_grad_buckets(r);
     live1 = be->live_bytes ? be->live_bytes() : 0;
     RS_TRY(rs_dpo_trainer_init(&r->t, &r->m, &r->lora, &r->data, &o->dp));
     rs_rng_seed(rs_train_state_rng(r->t.state), o->seed ^ 0xd0d0d0d0d0d0d0d0ull);
@@ -324,6 +397,7 @@ static void free_run(dpo_run *r) {
     rs_optim_free(&r->opt);
     if (r->m.be) rs_model_free(&r->m);
     free(r->batch_idx);
+    free(r->gb.lo), free(r->gb.hi), free(r->gb.low);
     free_options(&r->o);
 }
 
@@ -471,9 +545,7 @@ static void release_signal(int sig) {
 /* The global batch's gradient and stats on every rank, and a stop signal seen anywhere. */
 static int reduce_step(dpo_run *r, rs_dpo_stats *st) {
     char what[96];
-    snprintf(what, sizeof what, "dpo step %lld gradients", (long long)r->step + 1);
-    RS_TRY(rs_comm_all_reduce_device_f32(r->comm, r->m.be, r->lora.flat_grads, r->lora.n_flat,
-                                         what));
+    RS_TRY(finish_grad_buckets(r));
     double v[8] = {st->loss, st->reward_chosen, st->reward_rejected, st->margin, st->accuracy,
                    st->logp_chosen, st->logp_rejected, g_held_signal != 0};
     snprintf(what, sizeof what, "dpo step %lld stats", (long long)r->step + 1);
@@ -507,7 +579,14 @@ static int one_step(dpo_run *r) {
     rs_dpo_stats st;
     rs_shard sh;
     take_slice(r, r->batch_idx, n, &sh);
-    RS_TRY(rs_dpo_accumulate(&r->t, r->batch_idx + sh.first, sh.count, &st));
+    if (r->comm) { /* the gradient all-reduce starts inside the last backward */
+        r->gb.next = r->gb.early = 0;
+        snprintf(r->gb.what, sizeof r->gb.what, "dpo step %lld gradients", (long long)r->step + 1);
+        r->t.layer_done = grad_layer_done, r->t.layer_done_user = r;
+    }
+    int rc = rs_dpo_accumulate(&r->t, r->batch_idx + sh.first, sh.count, &st);
+    r->t.layer_done = NULL;
+    RS_TRY(rc);
     if (r->comm) RS_TRY(reduce_step(r, &st));
     test_signal(r);
     rs_lora_tie_grads(&r->lora);

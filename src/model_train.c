@@ -58,6 +58,8 @@ struct rs_train_state {
     int B, T, forward_done;
     const rs_lora *fwd_lora;  /* the adapter it ran with (NULL: none or disabled) */
     float fwd_dropout;        /* and its dropout (0: none) */
+    rs_layer_done_fn layer_done; /* rs_train_state_set_layer_hook */
+    void *layer_done_user;
     int act_bits, kv_bits;    /* LLM-QAT fake quantization of linear inputs and of K, V (0: off) */
 };
 
@@ -640,6 +642,11 @@ int rs_train_state_set_fake_quant(rs_train_state *s, int act_bits, int kv_bits) 
 }
 rs_rng *rs_train_state_rng(rs_train_state *s) { return &s->rng; }
 
+void rs_train_state_set_layer_hook(rs_train_state *s, rs_layer_done_fn fn, void *user) {
+    s->layer_done = fn;
+    s->layer_done_user = user;
+}
+
 uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_target t) {
     if (layer < 0 || layer >= s->n_layers || (unsigned)t >= RS_LORA_N_TARGETS) return 0;
     return s->dropout_seed[layer * RS_LORA_N_TARGETS + (int)t];
@@ -780,7 +787,10 @@ int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
     p.dropout = s->fwd_dropout;
     p.dropout_on = p.dropout > 0.0f;
     logprob_bwd(&p);
-    for (int l = m->cfg.n_layers - 1; l >= 0; l--) layer_bwd(&p, l);
+    for (int l = m->cfg.n_layers - 1; l >= 0; l--) {
+        layer_bwd(&p, l);
+        if (s->layer_done) RS_TRY(s->layer_done(s->layer_done_user, l));
+    }
     if (grads)
         m->be->embedding_bwd(grads->embed, s->dres, s->ids, n, m->cfg.hidden_size,
                              rs_model_embed_scale(m));

@@ -215,6 +215,10 @@ typedef struct rs_backend {
 const rs_backend *rs_backend_cpu(void);
 /* NULL when resafe was built without CUDA or no GPU is present. */
 const rs_backend *rs_backend_cuda(void);
+/* CUDA builds only: the cuda backend's stream (a cudaStream_t), on which every op runs in order,
+ * for code that orders its own stream's work after the backend's (comm_nccl.c) and for
+ * benchmarks that time or capture it. */
+void *rs_cuda_stream_handle(void);
 /* "cpu", "cuda" or "auto" (cuda when available). NULL + message if unknown/unavailable. */
 const rs_backend *rs_backend_by_name(const char *name);
 

@@ -73,6 +73,8 @@ void rs_comm_abort(rs_comm *c);
 int rs_comm_rank(const rs_comm *c);
 int rs_comm_world(const rs_comm *c);
 const char *rs_comm_transport_name(const rs_comm *c);
+/* [dist] bucket_mb in bytes: the most one all-reduce call moves. */
+size_t rs_comm_bucket_bytes(const rs_comm *c);
 
 /* Collectives on HOST buffers, every rank calling them in the same order. `what` names the
  * operation in timeout messages ("dpo step 12 gradients"). */
@@ -93,6 +95,15 @@ int rs_comm_all_gather(rs_comm *c, const void *blob, size_t bytes, void **out, s
  * the device buffer in place; file stages each bucket through host memory. */
 int rs_comm_all_reduce_device_f32(rs_comm *c, const rs_backend *be, float *buf, size_t n,
                                   const char *what);
+/* The same, overlapped with the backend's later work: nccl enqueues the reduce on the
+ * communicator's stream behind everything the backend has enqueued so far (a CUDA event orders
+ * the streams; the host does not wait) and returns; file reduces at once. buf must not be
+ * touched again until rs_comm_wait_device returns. Every rank must make the same calls in the
+ * same order (sizes included). */
+int rs_comm_all_reduce_device_f32_async(rs_comm *c, const rs_backend *be, float *buf, size_t n,
+                                        const char *what);
+/* Wait for every reduce enqueued so far (nccl: the stream, against [dist] timeout_s). */
+int rs_comm_wait_device(rs_comm *c, const char *what);
 
 /* "auto", "file", "nccl" -> 0, RS_COMM_FILE, RS_COMM_NCCL; -1 when unknown. */
 int rs_comm_transport_from_name(const char *name, int *out);

@@ -22,9 +22,10 @@ typedef enum { RS_QMM_AUTO = 0, RS_QMM_SCRATCH = 1, RS_QMM_FUSED = 2 } rs_qmm_pa
 void rs_cuda_qmm_configure(rs_qmm_path path, int nt, int splits);
 /* Timing probes for the benchmark only (kernels/qgemm.cu says what each does); all 0 = off. */
 void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce_kernel);
+/* Which dequantizer the scratch path's last call took (for tests): 1 qdequant_fast_kernel,
+ * 2 qdequant_v2_kernel (RESAFE_CUDA_QDEQUANT=2), 0 the generic one (LLM.int8 outliers). */
+int rs_cuda_qdequant_last_kernel(void);
 /* 1 when the fused kernel takes this (backend-resident) weight. */
 int rs_cuda_qmm_fused_supported(const rs_qweight *q);
-/* The backend's stream (a cudaStream_t), for benchmarks that time or capture its work. */
-void *rs_cuda_stream_handle(void);
 
 #endif

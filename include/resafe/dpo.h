@@ -78,6 +78,11 @@ typedef struct {
      * numbers: each pair's gradient scale is bit-identical to it. 0 = the call's own idx. */
     int global_pairs;
     long global_targets;
+    /* Data parallel: set on the last backward of rs_dpo_accumulate (rs_train_state_set_layer_hook),
+     * where each layer's adapter gradients become final, so their all-reduce can start while
+     * backward goes on. NULL: none. */
+    rs_layer_done_fn layer_done;
+    void *layer_done_user;
 } rs_dpo_trainer;
 
 int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_set *data,

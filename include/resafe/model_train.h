@@ -70,6 +70,12 @@ int rs_train_state_set_fake_quant(rs_train_state *s, int act_bits, int kv_bits);
 /* The rng the LoRA dropout masks are drawn from (seeded with 0 by rs_train_state_new): seed it,
  * or save and restore it with a checkpoint to resume bit-identically. */
 rs_rng *rs_train_state_rng(rs_train_state *s);
+/* Called by rs_train_backward once layer l's backward is enqueued (top layer first, so the
+ * adapter gradients of layers l and above are then final for this backward): data parallel
+ * starts their all-reduce while the layers below run. Non-zero fails the backward. fn NULL: no
+ * hook (the default). */
+typedef int (*rs_layer_done_fn)(void *user, int layer);
+void rs_train_state_set_layer_hook(rs_train_state *s, rs_layer_done_fn fn, void *user);
 /* The dropout seed the last rs_train_forward used for one adapter (0 when dropout was off):
  * the backend dropout op's mask is a function of this seed alone (tests reproduce it). */
 uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_target t);

@@ -1,7 +1,7 @@
 """Data-parallel `resafe dpo` over NCCL on two or more GPUs (one rank per GPU): the ranks'
-per-step losses against the one-process run on one GPU (same global batch and seed), the masks'
-hashes identical across ranks at every re-identification, and a SIGKILLed rank named by the
-others within 60 s. Needs RESAFE_TEST_GPU=1 and at least two visible GPUs (skipped otherwise: a
+per-step losses against the one-process run on one GPU (same global batch and seed) with the
+gradient all-reduce overlapped with backward (one bucket per layer), the masks' hashes identical
+across ranks at every re-identification, and a SIGKILLed rank named by the others within 60 s. Needs RESAFE_TEST_GPU=1 and at least two visible GPUs (skipped otherwise: a
 machine of one GPU cannot run two NCCL ranks). The tolerance: the GPU ranks' sums of the LoRA
 gradients differ from one process's in the order of fp32 additions, as on the CPU ranks
 (test_dist_ranks.py), but the bf16 forward of a rank's slice is not the forward of the same rows
@@ -39,11 +39,15 @@ def nccl_config(tiny, name, **over):
 def test_nccl_ranks_match_one_gpu_and_hold_identical_masks(tiny):
     cfg1, out1 = nccl_config(tiny, "nccl1", dist__transport="auto")
     (_, _, err1), = tdr.run_world(1, ["dpo", "--config", cfg1, "-v"], f"n1-{os.getpid()}")
-    cfg2, out2 = nccl_config(tiny, "nccl2")
+    # one bucket per layer (as in test_dist_ranks.py): each layer's all-reduce is enqueued on the
+    # communicator's stream during backward, behind an event on the backend's stream
+    cfg2, out2 = nccl_config(tiny, "nccl2", dist__bucket_mb=0.004)
     res = tdr.run_world(2, ["dpo", "--config", cfg2, "-v"], f"n2-{os.getpid()}",
                         NCCL_NVLS_ENABLE="0")
     for _, _, err in res:
         assert "over NCCL" in err, err
+        assert tdr.re.findall(r"dpo step \d+ gradients: (\d+) of (\d+) buckets", err) == [
+            ("2", "2")] * 6, err
     l1, l2 = tdr.losses(out1), tdr.losses(out2)
     assert len(l1) == len(l2) == 6
     for a, b in zip(l1, l2):

@@ -188,6 +188,25 @@ def test_dpo_on_ranks_matches_one_process(tiny, single, world, tmp_path):
         os.path.join(out, ".dist")), "the session's files were left behind"
 
 
+def test_gradient_buckets_are_all_reduced_during_backward(tiny, single):
+    """[dist] bucket_mb small enough for one bucket per layer (each layer's adapter gradients
+    are ~9 KB here, the bucket 4 KB): both ranks plan 2 buckets and start both inside each
+    step's last backward, as it finishes their layers (the debug line counts them: 2 of 2 at
+    every one of the 6 steps), and the run still matches one process. A reduce left until after
+    backward counts 0 of 2."""
+    _, out1, _, _ = single
+    cfg, out = config(tiny, "w2buckets", dist__bucket_mb=0.004)
+    res = run_world(2, ["dpo", "--config", cfg, "-v"], f"w2b-{os.getpid()}")
+    for r, (_, _, err) in enumerate(res):
+        assert re.findall(r"all-reduced in (\d+) buckets of whole layers", err) == ["2"], err
+        counts = re.findall(r"dpo step (\d+) gradients: (\d+) of (\d+) buckets all-reduced "
+                            r"during backward", err)
+        assert [int(s) for s, _, _ in counts] == list(range(1, 7)), (r, counts)
+        assert all(e == n == "2" for _, e, n in counts), (r, counts)
+    np.testing.assert_allclose(losses(out), losses(out1), rtol=0, atol=LOSS_TOL)
+    assert_adapters_close(out1, out)
+
+
 @pytest.mark.parametrize("world_after", [1, 3])
 def test_world_2_checkpoint_resumes_on_another_world_size(tiny, single, world_after):
     """World 2 stops at step 4 (an injected NaN: every rank stops, checkpoint of step 3 intact);

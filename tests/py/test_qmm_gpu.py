@@ -48,9 +48,9 @@ LLAMA = [(1, 4096, 4096), (16, 11008, 4096), (7, 4096, 11008), (32, 14336, 4096)
          (64, 4096, 4096)]
 
 
-def run_check(fmt, seed, M, N, K, probe=""):
+def run_check(fmt, seed, M, N, K, probe="", dequant=""):
     f, bits, group, sym, extra, fused = FORMATS[fmt]
-    env = dict(os.environ, RESAFE_QMM_PROBE=probe)
+    env = dict(os.environ, RESAFE_QMM_PROBE=probe, RESAFE_CUDA_QDEQUANT=dequant)
     p = subprocess.run([TOOL, "check", f, str(bits), str(group), str(sym), str(seed), str(M),
                         str(N), str(K), *extra], capture_output=True, text=True, timeout=600,
                        env=env)
@@ -78,6 +78,21 @@ def test_qmatmul_paths_match_float64_reference_odd_shapes(fmt, rng_seed):
 def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
     for i, (M, N, K) in enumerate(LLAMA):
         check(fmt, rng_seed + 100 + i, M, N, K)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_dequantizer_v2_matches_float64_reference(fmt, rng_seed):
+    """RESAFE_CUDA_QDEQUANT=2 (kernels/qgemm.cu qdequant_v2_kernel, an experiment until timed):
+    the scratch path and the input gradient through it, every format, the odd shapes (K not a
+    multiple of 8 or 32: the element-wise tail; N past one block of x) and a Llama shape. The
+    tool says which dequantizer ran: v2, except LLM.int8 outliers (the generic one), and the
+    default one without the variable."""
+    for i, (M, N, K) in enumerate(SHAPES + [(100, 11008, 4096)]):
+        vals = run_check(fmt, rng_seed + 400 + i, M, N, K, dequant="2")
+        assert vals["dequant"] == (0 if fmt == "int8_outlier" else 2), vals
+        for key in ("scratch0", "scratch1", "dgrad"):
+            assert vals[key] <= TOL, (key, vals)
+    assert run_check(fmt, rng_seed, 5, 37, 77)["dequant"] == (0 if fmt == "int8_outlier" else 1)
 
 
 def test_the_probe_variable_reaches_the_kernel(rng_seed):

@@ -7,6 +7,7 @@
  *       with rs_dequantize's effective weight, for beta 0 (output poisoned with NaN first) and
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
+ *       Also "dequant D": the scratch path's dequantizer (rs_cuda_qdequant_last_kernel).
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, of
@@ -189,6 +190,7 @@ static int cmd_check(int argc, char **argv) {
     double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
+    const int dequant = rs_cuda_qdequant_last_kernel();
     void *ddout = dev_upload(dout, (size_t)M * N), *ddx;
     float *nanx = rs_malloc((size_t)M * K * sizeof *nanx),
           *gx = rs_malloc((size_t)M * K * sizeof *gx);
@@ -198,8 +200,9 @@ static int cmd_check(int argc, char **argv) {
     g_be->qmatmul_t(ddx, ddout, &dq, M, 0.0f);
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
-    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e\n", sup,
-           f0, s0, f1, s1, dg);
+    printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
+           "dequant %d\n",
+           sup, f0, s0, f1, s1, dg, dequant);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
