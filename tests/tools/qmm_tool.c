@@ -7,7 +7,8 @@
  *       with rs_dequantize's effective weight, for beta 0 (output poisoned with NaN first) and
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
- *       Also "dequant D": the scratch path's dequantizer (rs_cuda_qdequant_last_kernel).
+ *       Also "dequant D": the scratch path's dequantizer (rs_cuda_qdequant_last_kernel), and
+ *       "dqhash H": a 52-bit hash of the dequantized bf16 weight's bytes.
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, of
@@ -191,6 +192,20 @@ static int cmd_check(int argc, char **argv) {
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
     const int dequant = rs_cuda_qdequant_last_kernel();
+    /* the dequantized bf16 weight itself (buffer poisoned with NaN first): an FNV-1a hash of
+     * its bytes, 52 bits so that it survives a float parse, for bit-exact comparisons */
+    size_t wbytes = nw * 2;
+    uint8_t *hw = rs_malloc(wbytes);
+    memset(hw, 0xff, wbytes);
+    void *dwd = g_be->alloc(wbytes);
+    g_be->to_device(dwd, hw, wbytes);
+    g_be->qdequantize(dwd, &dq);
+    g_be->to_host(hw, dwd, wbytes);
+    uint64_t dqhash = 1469598103934665603ull;
+    for (size_t i = 0; i < wbytes; i++)
+        dqhash = (dqhash ^ hw[i]) * 1099511628211ull;
+    dqhash &= (1ull << 52) - 1;
+    g_be->free(dwd), free(hw);
     void *ddout = dev_upload(dout, (size_t)M * N), *ddx;
     float *nanx = rs_malloc((size_t)M * K * sizeof *nanx),
           *gx = rs_malloc((size_t)M * K * sizeof *gx);
@@ -201,8 +216,8 @@ static int cmd_check(int argc, char **argv) {
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
     printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
-           "dequant %d\n",
-           sup, f0, s0, f1, s1, dg, dequant);
+           "dequant %d dqhash %llu\n",
+           sup, f0, s0, f1, s1, dg, dequant, (unsigned long long)dqhash);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
