@@ -1,8 +1,9 @@
 """Data-parallel `resafe dpo` over NCCL on two or more GPUs (one rank per GPU): the ranks'
 per-step losses against the one-process run on one GPU (same global batch and seed) with the
 gradient all-reduce overlapped with backward (one bucket per layer), the masks' hashes identical
-across ranks at every re-identification, and a SIGKILLed rank named by the others within 60 s. Needs RESAFE_TEST_GPU=1 and at least two visible GPUs (skipped otherwise: a
-machine of one GPU cannot run two NCCL ranks). The tolerance: the GPU ranks' sums of the LoRA
+across ranks at every re-identification, and a SIGKILLed rank named by the others within 60 s.
+Needs RESAFE_TEST_GPU=1 and at least two visible GPUs (skipped otherwise: a machine of one GPU
+cannot run two NCCL ranks). The tolerance: the GPU ranks' sums of the LoRA
 gradients differ from one process's in the order of fp32 additions, as on the CPU ranks
 (test_dist_ranks.py), but the bf16 forward of a rank's slice is not the forward of the same rows
 inside a larger batch (other GEMM shapes), so the losses agree to bf16 precision: 2^-8 of the
