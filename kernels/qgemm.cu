@@ -839,7 +839,9 @@ __global__ void qdequant_v2_kernel(bf16 *w, const uint32_t *packed, int row_word
 }
 
 static int g_qdq_last; /* the dequantizer the last call took: 1 fast, 2 v2, 0 none (generic) */
+static int g_qdq_force = -1; /* rs_cuda_qdequant_select: 1 or 2, or -1 for the environment's */
 extern "C" int rs_cuda_qdequant_last_kernel(void) { return g_qdq_last; }
+extern "C" void rs_cuda_qdequant_select(int which) { g_qdq_force = which; }
 
 /* The weight's dense bf16 matrix without critical entries (the caller adds them), for the
  * formats rs_cuda_qmm_supported takes apart from the critical entries; 0 when done, -1 when the
@@ -854,11 +856,12 @@ extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *
     const float *book = q->spec.format == RS_QFMT_FP4 ? rs_fp4_codebook : rs_nf4_codebook;
     for (int i = 0; i < 16; i++)
         cbp.cb[i] = book[i];
-    static int v2 = -1; /* RESAFE_CUDA_QDEQUANT=2: qdequant_v2_kernel */
-    if (v2 < 0) {
+    static int env_v2 = -1; /* RESAFE_CUDA_QDEQUANT=2: qdequant_v2_kernel */
+    if (env_v2 < 0) {
         const char *e = getenv("RESAFE_CUDA_QDEQUANT");
-        v2 = e && strcmp(e, "2") == 0;
+        env_v2 = e && strcmp(e, "2") == 0;
     }
+    const int v2 = g_qdq_force > 0 ? g_qdq_force == 2 : env_v2;
     typedef void (*qdq_fn)(bf16 *, const uint32_t *, int, const float *, const float *,
                            const float *, int, int, int, int, float, qmm_params);
     /* [v2][0: codebook 4-bit, 1..4: integer 2, 3, 4, 8 bits] */

@@ -25,6 +25,8 @@ void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce_kerne
 /* Which dequantizer the scratch path's last call took (for tests): 1 qdequant_fast_kernel,
  * 2 qdequant_v2_kernel (RESAFE_CUDA_QDEQUANT=2), 0 the generic one (LLM.int8 outliers). */
 int rs_cuda_qdequant_last_kernel(void);
+/* Tests: take dequantizer 1 or 2 from now on (-1: RESAFE_CUDA_QDEQUANT's choice again). */
+void rs_cuda_qdequant_select(int which);
 /* 1 when the fused kernel takes this (backend-resident) weight. */
 int rs_cuda_qmm_fused_supported(const rs_qweight *q);
 

@@ -83,18 +83,19 @@ def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_dequantizer_v2_is_bit_identical_to_the_default(fmt, rng_seed):
     """RESAFE_CUDA_QDEQUANT=2 (kernels/qgemm.cu qdequant_v2_kernel, an experiment until timed):
-    the dequantized weight's bytes equal the default dequantizer's (the tool hashes them), and
-    the scratch path and the input gradient through it match the float64 reference; every
-    format, the odd shapes (K not a multiple of 8 or 32: the element-wise tail), a Llama shape
-    and 70,000 rows (past the 65,535 rows of one grid column). The tool says which dequantizer
-    ran: v2 with the variable, the default without; LLM.int8 outliers take the generic one."""
-    for i, (M, N, K) in enumerate(SHAPES + [(100, 11008, 4096), (1, 70000, 40)]):
-        a = run_check(fmt, rng_seed + 400 + i, M, N, K)
+    the dequantized weight's bytes equal the default dequantizer's (the tool hashes both in one
+    process), and the scratch path and the input gradient through it match the float64
+    reference; every format, odd shapes (K not a multiple of 8 or 32: the element-wise tail), a
+    Llama shape and 70,000 rows (past the 65,535 rows of one grid column). The tool says which
+    dequantizer ran: v2 with the variable (LLM.int8 outliers take the generic one), the default
+    without."""
+    for i, (M, N, K) in enumerate(SHAPES[1:4] + [(100, 11008, 4096), (1, 70000, 40)]):
         b = run_check(fmt, rng_seed + 400 + i, M, N, K, dequant="2")
-        assert (a["dequant"], b["dequant"]) == ((0, 0) if fmt == "int8_outlier" else (1, 2)), b
-        assert b["dqhash"] == a["dqhash"], (a, b)
+        assert (b["dequant"], b["dqkernel1"]) == ((0, 0) if fmt == "int8_outlier" else (2, 1)), b
+        assert b["dqhash"] == b["dqhash1"], b
         for key in ("scratch0", "scratch1", "dgrad"):
             assert b[key] <= TOL, (key, b)
+    assert run_check(fmt, rng_seed, 5, 37, 77)["dequant"] == (0 if fmt == "int8_outlier" else 1)
 
 
 def test_the_probe_variable_reaches_the_kernel(rng_seed):

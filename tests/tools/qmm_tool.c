@@ -8,7 +8,8 @@
  *       beta 1 with a bias, and of the input gradient (qmatmul_t). awq: a random input_scale;
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
  *       Also "dequant D": the scratch path's dequantizer (rs_cuda_qdequant_last_kernel), and
- *       "dqhash H": a 52-bit hash of the dequantized bf16 weight's bytes.
+ *       "dqhash H", "dqhash1 H1": 52-bit hashes of the dequantized bf16 weight's bytes by that
+ *       dequantizer and by the default one (which ran for H1: "dqkernel1 D1").
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, of
@@ -107,6 +108,27 @@ static double run_fwd(rs_qmm_path path, const rs_qweight *dq, const float *x, co
     return e;
 }
 
+/* The backend's dequantized weight (nw bf16 values) by dequantizer `which` (see
+ * rs_cuda_qdequant_select; -1 the environment's), hashed: FNV-1a over its bytes, 52 bits.
+ * *ran: the dequantizer that ran (rs_cuda_qdequant_last_kernel). */
+static uint64_t dequant_hash(const rs_qweight *dq, size_t nw, int which, int *ran) {
+    size_t bytes = nw * 2;
+    uint8_t *h = rs_malloc(bytes);
+    memset(h, 0xff, bytes); /* NaN: a value the dequantizer did not write shows */
+    void *d = g_be->alloc(bytes);
+    g_be->to_device(d, h, bytes);
+    rs_cuda_qdequant_select(which);
+    g_be->qdequantize(d, dq);
+    *ran = rs_cuda_qdequant_last_kernel();
+    rs_cuda_qdequant_select(-1);
+    g_be->to_host(h, d, bytes);
+    uint64_t hash = 1469598103934665603ull;
+    for (size_t i = 0; i < bytes; i++)
+        hash = (hash ^ h[i]) * 1099511628211ull;
+    g_be->free(d), free(h);
+    return hash & ((1ull << 52) - 1);
+}
+
 static int cmd_check(int argc, char **argv) {
     RS_CHECK(argc >= 10,
              "usage: qmm_tool check FMT BITS GROUP SYM SEED M N K [awq] [floatzero] [crit]");
@@ -192,20 +214,11 @@ static int cmd_check(int argc, char **argv) {
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
     const int dequant = rs_cuda_qdequant_last_kernel();
-    /* the dequantized bf16 weight itself (buffer poisoned with NaN first): an FNV-1a hash of
-     * its bytes, 52 bits so that it survives a float parse, for bit-exact comparisons */
-    size_t wbytes = nw * 2;
-    uint8_t *hw = rs_malloc(wbytes);
-    memset(hw, 0xff, wbytes);
-    void *dwd = g_be->alloc(wbytes);
-    g_be->to_device(dwd, hw, wbytes);
-    g_be->qdequantize(dwd, &dq);
-    g_be->to_host(hw, dwd, wbytes);
-    uint64_t dqhash = 1469598103934665603ull;
-    for (size_t i = 0; i < wbytes; i++)
-        dqhash = (dqhash ^ hw[i]) * 1099511628211ull;
-    dqhash &= (1ull << 52) - 1;
-    g_be->free(dwd), free(hw);
+    /* the dequantized bf16 weight itself (buffer poisoned with NaN first) by the dequantizer the
+     * run chose and by the default one: FNV-1a hashes of its bytes, 52 bits so that they
+     * survive a float parse, for bit-exact comparisons */
+    int ran, ran1;
+    uint64_t dqhash = dequant_hash(&dq, nw, -1, &ran), dqhash1 = dequant_hash(&dq, nw, 1, &ran1);
     void *ddout = dev_upload(dout, (size_t)M * N), *ddx;
     float *nanx = rs_malloc((size_t)M * K * sizeof *nanx),
           *gx = rs_malloc((size_t)M * K * sizeof *gx);
@@ -216,8 +229,9 @@ static int cmd_check(int argc, char **argv) {
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
     printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
-           "dequant %d dqhash %llu\n",
-           sup, f0, s0, f1, s1, dg, dequant, (unsigned long long)dqhash);
+           "dequant %d dqhash %llu dqhash1 %llu dqkernel1 %d\n",
+           sup, f0, s0, f1, s1, dg, dequant, (unsigned long long)dqhash,
+           (unsigned long long)dqhash1, ran1);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
