@@ -860,6 +860,8 @@ extern "C" int rs_cuda_qdequant_fast(cudaStream_t s, bf16 *w, const rs_qweight *
     if (env_v2 < 0) {
         const char *e = getenv("RESAFE_CUDA_QDEQUANT");
         env_v2 = e && strcmp(e, "2") == 0;
+        if (e && *e && !env_v2 && strcmp(e, "1") != 0)
+            rs_warn("RESAFE_CUDA_QDEQUANT=%s: want 1 or 2; using 1", e);
     }
     const int v2 = g_qdq_force > 0 ? g_qdq_force == 2 : env_v2;
     typedef void (*qdq_fn)(bf16 *, const uint32_t *, int, const float *, const float *,
