@@ -22,6 +22,9 @@ typedef enum { RS_QMM_AUTO = 0, RS_QMM_SCRATCH = 1, RS_QMM_FUSED = 2 } rs_qmm_pa
 void rs_cuda_qmm_configure(rs_qmm_path path, int nt, int splits);
 /* Timing probes for the benchmark only (kernels/qgemm.cu says what each does); all 0 = off. */
 void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce_kernel);
+/* Which fused kernel the last fused call launched (for tests): 1 qmm_kernel, 2 qmm_sx_kernel,
+ * 3 qmm_wg_kernel (the wgmma experiment, probe bits 8 / 16 only); 0 before any. */
+int rs_cuda_qmm_last_kernel(void);
 /* Which dequantizer the scratch path's last call took (for tests): 1 qdequant_fast_kernel,
  * 2 qdequant_v2_kernel (RESAFE_CUDA_QDEQUANT=2), 0 the generic one (LLM.int8 outliers). */
 int rs_cuda_qdequant_last_kernel(void);

@@ -104,3 +104,21 @@ def test_the_probe_variable_reaches_the_kernel(rng_seed):
     vals = run_check("int4_g128_asym", rng_seed, 5, 72, 256, probe="1,1,0,0")
     assert not vals["fused0"] <= 0.5 and vals["scratch0"] <= TOL, vals  # NaN counts as wrong
     assert run_check("int4_g128_asym", rng_seed, 5, 72, 256)["fused0"] <= TOL
+
+
+@pytest.mark.parametrize("probe", ["0,8,0,0", "4,16,0,0"])
+def test_wgmma_kernel_matches_float64_reference(probe, rng_seed):
+    """The wgmma experiment (kernels/qgemm.cu qmm_wg_kernel, probe bits 8 / 16: 2 / 4 warpgroups
+    per block; depth 4: the weight four chunks ahead; one of each): W4 integer weights
+    (asymmetric, symmetric, group 32), every M up to 64 it takes (X padded to 8, 16, 32, 64
+    columns), odd N and K, the Llama shapes (split-K across blocks too), beta = 0 on a
+    NaN-poisoned output and beta = 1 with a bias. The tool reports which kernel ran: the wgmma
+    one up to 64 rows on an H100 / H200 (sm_90), the others past 64."""
+    shapes = [(1, 72, 256), (5, 37, 77), (8, 130, 384), (16, 96, 200), (17, 130, 384),
+              (33, 64, 160), (64, 40, 136), (100, 24, 520)]
+    for i, fmt in enumerate(["int4_g128_asym", "int4_g128_sym", "int4_g32_asym"]):
+        for j, (M, N, K) in enumerate(shapes + (LLAMA if i == 0 else [])):
+            vals = run_check(fmt, rng_seed + 500 + 20 * i + j, M, N, K, probe=probe)
+            assert vals["fkernel"] == (3 if M <= 64 else 2), vals
+            for key in ("fused0", "fused1"):
+                assert vals[key] <= TOL, (key, fmt, M, N, K, vals)

@@ -212,6 +212,7 @@ static int cmd_check(int argc, char **argv) {
     double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
     double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
+    const int fkernel = rs_cuda_qmm_last_kernel();
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
     const int dequant = rs_cuda_qdequant_last_kernel();
     /* the dequantized bf16 weight itself (buffer poisoned with NaN first) by the dequantizer the
@@ -229,9 +230,9 @@ static int cmd_check(int argc, char **argv) {
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
     printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
-           "dequant %d dqhash %llu dqhash1 %llu dqkernel1 %d\n",
+           "dequant %d dqhash %llu dqhash1 %llu dqkernel1 %d fkernel %d\n",
            sup, f0, s0, f1, s1, dg, dequant, (unsigned long long)dqhash,
-           (unsigned long long)dqhash1, ran1);
+           (unsigned long long)dqhash1, ran1, sup ? fkernel : 0);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
@@ -437,7 +438,8 @@ static int cmd_probe(int argc, char **argv) {
     fill_normal(&r, xh, (size_t)64 * K, 1.0f, 1);
     c->x = dev_upload(xh, (size_t)64 * K);
     c->y = g_be->alloc((size_t)64 * N * 2);
-    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X), blocks per SM, reduce in
+    /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X, 8 / 16 the wgmma kernel
+     * with 2 / 4 warpgroups per block), blocks per SM, reduce in
      * the last block (see rs_cuda_qmm_probe), split-K count (0: the plan's); rows: 1 only up
      * to 16 rows, 2 only past 16, 0 both. "previous" = the launch before this probe existed. */
     static const struct {
@@ -456,7 +458,13 @@ static int cmd_probe(int argc, char **argv) {
              {"tiled_loadonly", 1, 3, 0, 0, 0, 1},
              {"tiled", 1, 2, 0, 0, 0, 1},
              {"split8", 0, 0, 0, 0, 8, 2},
-             {"split16", 0, 0, 0, 0, 16, 2}};
+             {"split16", 0, 0, 0, 0, 16, 2},
+             {"wg2", 0, 8, 0, 0, 0, 0},
+             {"wg4", 0, 16, 0, 0, 0, 0},
+             {"wg2_depth4", 4, 8, 0, 0, 0, 0},
+             {"wg4_depth4", 4, 16, 0, 0, 0, 0},
+             {"wg4_split1", 0, 16, 0, 0, 1, 0},
+             {"wg4_split4", 0, 16, 0, 0, 4, 0}};
     for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
         int M = c->M = atoi(tok);
         RS_CHECK(M >= 1 && M <= 64, "qmm_tool probe: M %s: want 1..64 rows", tok);
