@@ -535,7 +535,6 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 /* D[64 x N] += A[64 x 16] (registers) * B[16 x N] (shared memory, descriptor), N = NP. */
 template <int NP> struct wg_mma;
-#define WG_A "{%%%d, %%%d, %%%d, %%%d}"
 template <> struct wg_mma<8> {
     static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
         asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
@@ -579,7 +578,6 @@ template <> struct wg_mma<64> {
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
     }
 };
-#undef WG_A
 #endif
 
 /* Chunk c of X's first M rows (perm-2 layout) into a warpgroup's buffer, without a commit. */
