@@ -135,7 +135,7 @@ void rs_cuda_glu_fwd(cudaStream_t s, bf16 *out, const bf16 *gate, const bf16 *up
  * semantics); q is a backend-resident rs_qweight (device arrays). */
 struct rs_qweight;
 extern "C" void rs_cuda_qdequantize(cudaStream_t s, bf16 *w, const struct rs_qweight *q);
-/* qgemm.cu: the fused dequant-matmul for few rows of x (see its header comment) and the fast
+/* qgemm.cu: the fused dequant-matmul for few rows of x (kernels/qgemm.cuh says how) and the fast
  * dequantizer quant.cu uses where the format allows. tune_nt / tune_splits: 0 = heuristics. */
 extern "C" int rs_cuda_qmm_supported(const struct rs_qweight *q);
 extern "C" size_t rs_cuda_qmm_workspace_bytes(const struct rs_qweight *q, const void *x, int M,

@@ -25,8 +25,8 @@ void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int reduce_kerne
 /* Which fused kernel the last fused call launched (for tests): 1 qmm_kernel, 2 qmm_sx_kernel,
  * 3 qmm_wg_kernel (the wgmma experiment, probe bits 8 / 16 only); 0 before any. */
 int rs_cuda_qmm_last_kernel(void);
-/* Which dequantizer the scratch path's last call took (for tests): 1 qdequant_fast_kernel,
- * 2 qdequant_v2_kernel (RESAFE_CUDA_QDEQUANT=2), 0 the generic one (LLM.int8 outliers). */
+/* Which dequantizer the scratch path's last call took (for tests): 2 qdequant_v2_kernel (the
+ * default), 1 qdequant_fast_kernel (RESAFE_CUDA_QDEQUANT=1), 0 the generic one (LLM.int8). */
 int rs_cuda_qdequant_last_kernel(void);
 /* Tests: take dequantizer 1 or 2 from now on (-1: RESAFE_CUDA_QDEQUANT's choice again). */
 void rs_cuda_qdequant_select(int which);

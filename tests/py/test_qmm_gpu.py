@@ -81,21 +81,24 @@ def test_qmatmul_paths_match_float64_reference_llama_shapes(fmt, rng_seed):
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_dequantizer_v2_is_bit_identical_to_the_default(fmt, rng_seed):
-    """RESAFE_CUDA_QDEQUANT=2 (kernels/qgemm.cu qdequant_v2_kernel, an experiment until timed):
-    the dequantized weight's bytes equal the default dequantizer's (the tool hashes both in one
-    process), and the scratch path and the input gradient through it match the float64
-    reference; every format, odd shapes (K not a multiple of 8 or 32: the element-wise tail), a
-    Llama shape and 70,000 rows (past the 65,535 rows of one grid column). The tool says which
-    dequantizer ran: v2 with the variable (LLM.int8 outliers take the generic one), the default
-    without."""
+def test_dequantizers_1_and_2_are_bit_identical(fmt, rng_seed):
+    """The scratch path's dequantizer (kernels/qgemm.cu qdequant_v2_kernel, the default) writes
+    the same bytes as the former one (qdequant_fast_kernel, RESAFE_CUDA_QDEQUANT=1: a different
+    work split, kept as a cross-check; the tool hashes both in one process), and the scratch path
+    and the input gradient through either match the float64 reference; every format, odd shapes
+    (K not a multiple of 8 or 32: the element-wise tail), a Llama shape and 70,000 rows (past the
+    65,535 rows of one grid column). The tool says which dequantizer ran: 2 by default, 1 with
+    the variable (LLM.int8 outliers take the generic one, 0)."""
     for i, (M, N, K) in enumerate(SHAPES[1:4] + [(100, 11008, 4096), (1, 70000, 40)]):
-        b = run_check(fmt, rng_seed + 400 + i, M, N, K, dequant="2")
+        b = run_check(fmt, rng_seed + 400 + i, M, N, K)
         assert (b["dequant"], b["dqkernel1"]) == ((0, 0) if fmt == "int8_outlier" else (2, 1)), b
         assert b["dqhash"] == b["dqhash1"], b
         for key in ("scratch0", "scratch1", "dgrad"):
             assert b[key] <= TOL, (key, b)
-    assert run_check(fmt, rng_seed, 5, 37, 77)["dequant"] == (0 if fmt == "int8_outlier" else 1)
+    b = run_check(fmt, rng_seed, 5, 37, 77, dequant="1")
+    assert b["dequant"] == (0 if fmt == "int8_outlier" else 1), b
+    for key in ("scratch0", "scratch1", "dgrad"):
+        assert b[key] <= TOL, (key, b)
 
 
 def test_the_probe_variable_reaches_the_kernel(rng_seed):
@@ -108,7 +111,7 @@ def test_the_probe_variable_reaches_the_kernel(rng_seed):
 
 @pytest.mark.parametrize("probe", ["0,8,0,0", "4,16,0,0"])
 def test_wgmma_kernel_matches_float64_reference(probe, rng_seed):
-    """The wgmma experiment (kernels/qgemm.cu qmm_wg_kernel, probe bits 8 / 16: 2 / 4 warpgroups
+    """The wgmma experiment (kernels/qgemm_wg.cu qmm_wg_kernel, probe bits 8 / 16: 2 / 4 warpgroups
     per block; depth 4: the weight four chunks ahead; one of each): W4 integer weights
     (asymmetric, symmetric, group 32), every M up to 64 it takes (X padded to 8, 16, 32, 64
     columns), odd N and K, the Llama shapes (split-K across blocks too), beta = 0 on a

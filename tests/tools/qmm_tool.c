@@ -9,7 +9,7 @@
  *       floatzero: zero points moved off the integers (float_zeros); crit: ~1% critical entries.
  *       Also "dequant D": the scratch path's dequantizer (rs_cuda_qdequant_last_kernel), and
  *       "dqhash H", "dqhash1 H1": 52-bit hashes of the dequantized bf16 weight's bytes by that
- *       dequantizer and by the default one (which ran for H1: "dqkernel1 D1").
+ *       dequantizer and by dequantizer 1 (the former default; which ran: "dqkernel1 D1").
  *   qmm_tool bench FMT BITS GROUP SYM N K M[,M...] [sweep] [dgrad]
  *       One JSON line per M: microseconds of cuBLAS bf16 on the dense weight, of the fused
  *       kernel (heuristic launch; with sweep also every NT x split-K), of the scratch path, of
@@ -216,7 +216,7 @@ static int cmd_check(int argc, char **argv) {
     double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
     const int dequant = rs_cuda_qdequant_last_kernel();
     /* the dequantized bf16 weight itself (buffer poisoned with NaN first) by the dequantizer the
-     * run chose and by the default one: FNV-1a hashes of its bytes, 52 bits so that they
+     * run chose and by dequantizer 1: FNV-1a hashes of its bytes, 52 bits so that they
      * survive a float parse, for bit-exact comparisons */
     int ran, ran1;
     uint64_t dqhash = dequant_hash(&dq, nw, -1, &ran), dqhash1 = dequant_hash(&dq, nw, 1, &ran1);
