@@ -4,11 +4,14 @@ backend op waits for the GPU before and after itself, so the per-op times add up
 slower than an unprofiled one, which is what scripts/bench/bench_gpu.py times).
 
   scripts/bench/profile_gpu.py OUT_DIR [--hidden 4096 --layers 8 --inter 11008
-                                        --rank 128 --pairs 4 --seq 512 --decode-batch 1,64]
+                                        --rank 128 --pairs 4 --seq 512 --steps 2 --more 2
+                                        --decode-batch 1,64]
 
 Builds a random Llama of the given shape (bench_gpu.make_model: head_dim 128) (default: Llama-2-7B's layer shape, 8 layers), runs
-`resafe dpo` for 2 steps and `resafe generate` at each decode batch, and prints each run's
-profile table (also written to OUT_DIR/profile.txt)."""
+`resafe dpo` for --steps and again for --steps + --more steps, `resafe generate` at each decode
+batch, and prints each run's profile table (also written to OUT_DIR/profile.txt), then the
+steady-state DPO step: the two DPO runs' per-op times subtracted and divided by --more (loading,
+the first calls' set-up, the reference pass and the final save cancel)."""
 import argparse
 import json
 import os
@@ -22,6 +25,39 @@ import bench_gpu  # noqa: E402  (make_model, dpo_ini)
 RESAFE = os.path.join(ROOT, os.environ.get("RESAFE_BUILD", "build"), "resafe")
 
 
+def table(stderr):
+    """{op: (ms, calls)} of a `cuda profile:` table."""
+    out = {}
+    if "cuda profile:" not in stderr:
+        return out
+    for line in stderr[stderr.find("cuda profile:"):].splitlines()[2:]:
+        f = line.split()
+        if len(f) != 5:
+            break
+        try:
+            out[f[0]] = (float(f[1]), int(f[2]))
+        except ValueError:
+            break
+    return out
+
+
+def steady(t1, t2, more):
+    """Per-step ms and calls of each op between two runs that differ by `more` steps."""
+    rows = []
+    for op in sorted(set(t1) | set(t2)):
+        ms = (t2.get(op, (0.0, 0))[0] - t1.get(op, (0.0, 0))[0]) / more
+        calls = (t2.get(op, (0.0, 0))[1] - t1.get(op, (0.0, 0))[1]) / more
+        if calls > 0 or abs(ms) >= 0.05:
+            rows.append((op, ms, calls))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(max(r[1], 0.0) for r in rows)
+    lines = [f"steady-state DPO step ({more} extra steps): {total:.1f} ms in ops",
+             f"  {'op':<20} {'ms/step':>9} {'calls':>7} {'%':>6}"]
+    for op, ms, calls in rows:
+        lines.append(f"  {op:<20} {ms:9.2f} {calls:7.1f} {100 * ms / total if total else 0:6.1f}")
+    return "\n".join(lines)
+
+
 def run(cmd, log, env_extra):
     env = dict(os.environ, **env_extra)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -31,6 +67,7 @@ def run(cmd, log, env_extra):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
     tail = p.stderr[p.stderr.find("cuda profile:"):] if "cuda profile:" in p.stderr else p.stderr
     print("$ " + " ".join(cmd[:3]) + " ...\n" + tail, flush=True)
+    return table(p.stderr)
 
 
 def main():
@@ -44,6 +81,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--more", type=int, default=2, help="the second DPO run's extra steps")
     ap.add_argument("--recompute", action="store_true")
     ap.add_argument("--decode-batch", default="1,64")
     a = ap.parse_args()
@@ -56,15 +94,24 @@ def main():
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "blue", "map"]
     pairs = os.path.join(a.out, "pairs.jsonl")
     with open(pairs, "w") as f:
-        for i in range(a.pairs * (a.steps + 1)):
+        for i in range(a.pairs * (a.steps + a.more + 1)):
             def text(n, s):
                 return " ".join(words[(i * 7 + j * s) % len(words)] for j in range(n))
             f.write(json.dumps({"prompt": text(a.seq // 16, 3), "chosen": text(a.seq // 3, 1),
                                 "rejected": text(a.seq // 3, 7)}) + "\n")
-    cfg = bench_gpu.dpo_ini(os.path.join(a.out, "dpo.ini"), model, pairs, a.pairs, a.steps,
-                            a.seq, a.rank, a.recompute, f"{a.out}/run")
+    if a.steps < 2 or a.more < 1:
+        raise SystemExit("profile_gpu.py: --steps must be >= 2 and --more >= 1")
     prof = {"RESAFE_CUDA_PROFILE": "1", "RESAFE_CUDA_MEMSTATS": "1"}
-    run([RESAFE, "dpo", "--config", cfg, "--force", "-v"], log, prof)
+    # the pairs file above holds enough pairs for the longer run
+    tabs = []
+    for steps in (a.steps, a.steps + a.more):
+        cfg = bench_gpu.dpo_ini(os.path.join(a.out, f"dpo_{steps}.ini"), model, pairs, a.pairs,
+                                steps, a.seq, a.rank, a.recompute, f"{a.out}/run_{steps}")
+        tabs.append(run([RESAFE, "dpo", "--config", cfg, "--force", "-v"], log, prof))
+    text = steady(tabs[0], tabs[1], a.more)
+    print(text, flush=True)
+    with open(log, "a") as f:
+        f.write(text + "\n")
     for b in [int(x) for x in a.decode_batch.split(",") if x]:
         ids = ";".join(",".join(str(3 + (7 * i + 13 * j) % 300) for j in range(32))
                        for i in range(b))
