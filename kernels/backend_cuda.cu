@@ -307,19 +307,31 @@ static void cuda_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, in
 }
 
 /* Which attention kernels run: RESAFE_CUDA_ATTENTION = gemm (tensor-core path where the shape
- * fits), fused (the online-softmax kernels always) or unset (auto: gemm where it fits). Read at
- * every call, so a test can compare both paths in one process. */
+ * fits), fused (the online-softmax kernels always), flash (the forward through
+ * attention_flash.cu where it fits, else as unset; the backward as unset: an experiment) or
+ * unset (auto: gemm where it fits). Read at every call, so a test can compare the paths in one
+ * process. */
 static int use_attention_gemm(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
     const char *mode = getenv("RESAFE_CUDA_ATTENTION");
     if (mode && strcmp(mode, "fused") == 0) return 0;
     return rs_cuda_attention_gemm_fits(Tq, Tk, n_heads, n_kv_heads, head_dim);
 }
 
+static int use_attention_flash(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
+    const char *mode = getenv("RESAFE_CUDA_ATTENTION");
+    return mode && strcmp(mode, "flash") == 0 &&
+           rs_cuda_attention_flash_fits(Tq, Tk, n_heads, n_kv_heads, head_dim);
+}
+
 static void cuda_attention_fwd(void *out, const void *q, const void *k, const void *v,
                                const int32_t *q_pos, int B, int Tq, int Tk, int n_heads,
                                int n_kv_heads, int head_dim, float scale) {
     PROF_BEGIN;
-    if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+    if (use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        rs_cuda_attention_flash_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)q, (const bf16 *)k,
+                                    (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
+                                    head_dim, scale);
+    } else if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
         void *scratch = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads,
                                                                         n_kv_heads, head_dim, 0));
         rs_cuda_attention_gemm_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)out, (const bf16 *)q,

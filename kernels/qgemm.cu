@@ -165,6 +165,20 @@ static qmm_plan qmm_make_plan(const rs_qweight *q, const void *x, int M, int tun
     pl.prep = pl.perm || q->input_scale || K % 8 != 0 || ((uintptr_t)x & 15u) != 0;
     pl.ldx = pl.perm ? pl.n_chunks * QMM_CHUNK : pl.prep ? (K + 7) / 8 * 8 : K;
     pl.xs_bytes = pl.prep ? ((size_t)M * pl.ldx * sizeof(bf16) + 255) / 256 * 256 : 0;
+    /* up to QMM_XS_ROWS rows: X staged in shared memory (qmm_xs_kernel, the next chunk's weight
+     * loaded before the current one is computed), unless a probe asks for the register-X kernel
+     * (QPROBE_REGX, or one of its depth / load-only / tiled probes); QPROBE_XS takes it up to 16
+     * rows (depth 2: that order, else compute first). At most 32 KB of X per block. */
+    const int regx = (g_qprobe.probe & (QPROBE_REGX | 3)) || g_qprobe.depth;
+    if (pl.mt == 1 && ((g_qprobe.probe & QPROBE_XS) || (M <= QMM_XS_ROWS && !regx))) {
+        const int rows = M < 16 ? M : 16;
+        pl.xs = 1, pl.xs_pipe = (g_qprobe.probe & QPROBE_XS) ? g_qprobe.depth == 2 : 1;
+        pl.xs_seg = (32768 / (2 * rows) - 32) / QMM_CHUNK;
+        if (pl.xs_seg > pl.chunks_per_split) pl.xs_seg = pl.chunks_per_split;
+        if (pl.xs_seg < 1) pl.xs_seg = 1;
+        pl.xs_stride = pl.xs_seg * QMM_CHUNK + 32; /* 64 bytes of pad: rows on other banks */
+        pl.xs_smem = (size_t)rows * pl.xs_stride * sizeof(bf16);
+    }
     return pl;
 }
 
@@ -196,7 +210,7 @@ extern "C" void rs_cuda_qmm_probe(int depth, int probe, int blocks_per_sm, int r
     g_qprobe.blocks_per_sm = blocks_per_sm, g_qprobe.reduce = reduce;
 }
 
-static int g_qmm_last_kernel; /* 1 qmm_kernel, 2 qmm_sx_kernel, 3 qmm_wg_kernel */
+static int g_qmm_last_kernel; /* 1 qmm_kernel, 2 qmm_sx_kernel, 3 qmm_wg_kernel, 4 qmm_xs_kernel */
 extern "C" int rs_cuda_qmm_last_kernel(void) { return g_qmm_last_kernel; }
 
 /* The fused product (rs_cuda_qmm_supported(q) must hold). ws: at least
@@ -225,6 +239,10 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
     p.zeros = q->zeros;
     p.n_groups = q->n_groups;
     p.gs = q->group_size;
+    p.gs_shift = -1;
+    for (int b = 0; b < 31; b++)
+        if (q->group_size == (1 << b)) p.gs_shift = b;
+    p.xs_seg = pl.xs_seg, p.xs_stride = pl.xs_stride;
     p.zero_sym = (float)(1 << (q->spec.bits - 1));
     p.M = M, p.N = q->rows, p.K = q->cols;
     p.n_chunks = pl.n_chunks;
@@ -258,7 +276,7 @@ extern "C" void rs_cuda_qmm(cudaStream_t s, bf16 *out, const bf16 *x, const rs_q
     else
         qmm_launch_fz(q->spec.bits, pl, p, s);
     CUDA_CHECK_LAUNCH(s, pl.wgs ? "qmm_wg_kernel" : "qmm_kernel");
-    g_qmm_last_kernel = pl.wgs ? 3 : pl.sx ? 2 : 1;
+    g_qmm_last_kernel = pl.wgs ? 3 : pl.sx ? 2 : pl.xs ? 4 : 1;
     if (p.partial && !p.counters) {
         const size_t n = (size_t)M * q->rows;
         qmm_reduce_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(

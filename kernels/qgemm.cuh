@@ -52,6 +52,7 @@ extern "C" {
 
 #define QMM_WARPS 4
 #define QMM_CHUNK 128 /* k per chunk: 4 lanes x 32 codes */
+#define QMM_XS_ROWS 4 /* qmm_xs_kernel by default up to this many rows (measured, see qgemm.cu) */
 
 enum { QMODE_BF16 = 0, QMODE_F32 = 1, QMODE_CB = 2 };
 
@@ -62,6 +63,8 @@ struct qmm_params {
     int row_words; /* 32-bit words per packed row */
     const float *scales, *zeros;
     int n_groups, gs;
+    int gs_shift; /* log2(gs) when gs is a power of two, else -1 (a division per chunk) */
+    int xs_seg, xs_stride; /* qmm_xs_kernel: chunks of X per shared-memory segment, row stride */
     float zero_sym; /* the zero point of symmetric codes: 2^(bits-1) */
     int M, N, K;
     int n_chunks, chunks_per_split;
@@ -177,7 +180,8 @@ template <int BITS> struct qmm_stage {
 template <int BITS, int NT, bool TILED = false>
 __device__ __forceinline__ void qmm_load(qmm_stage<BITS> (&st)[NT], const qmm_params &p, int n_warp,
                                          int g, int span, int span_limit) {
-    const int grp = min((span * 32) / p.gs, p.n_groups - 1);
+    const int grp =
+        min(p.gs_shift >= 0 ? (span * 32) >> p.gs_shift : (span * 32) / p.gs, p.n_groups - 1);
 #pragma unroll
     for (int j = 0; j < NT; j++) {
         const int n = n_warp + j * 8 + g;
@@ -483,21 +487,132 @@ __global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p)
     qmm_epilogue<MT, NT, QMM_SX_WARPS>(p, acc, n_warp, m_base, g, t);
 }
 
+/* The fused kernel for few rows with X staged in shared memory ("XS"; the default up to
+ * QMM_XS_ROWS rows, QPROBE_XS takes it up to 16). qmm_kernel reads each lane's X fragments from
+ * global memory (L2) inside the chunk loop: four L2 round trips per chunk, each behind a bounds
+ * test, and byte permutes to form the fragments. Here the block copies its rows of X for xs_seg
+ * chunks at a time into shared memory once, permuted as qmm_prep_x_kernel's layout (slot (i, t)
+ * of a chunk holds k = 128 c + 32 t + 8 i + (0, 4, 1, 5, 2, 6, 3, 7)), so that every fragment is
+ * one 16-byte shared load; rows past M read a zero row. Same fragments, same MMAs in the same
+ * order as qmm_kernel: the result is bit-identical (test_qmm_gpu.py checks it, every format).
+ * PIPE 1 (the default) copies the chunk's weight registers, loads the next chunk, then computes
+ * (the load overlaps the compute); PIPE 0 computes first, as qmm_kernel. Measured on an H200
+ * (2026-12-07, `qmm_tool probe`): at 1 and 4 rows 0-16% faster than qmm_kernel (11008x4096,
+ * M = 1: 17.6 vs 20.3 us), at 16 rows slower on two of the four Llama shapes: hence the limit.
+ * A copy through cp.async (every piece in flight, permuted in place after) and per-row weight
+ * pointers set once measured slower (more registers: 71 against 62, fewer blocks per SM). */
+__device__ __forceinline__ uint4 qmm_perm8(uint4 v) { /* (k0..k7) -> (k0 k4, k1 k5, k2 k6, k3 k7) */
+    return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                      __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+}
+
+template <int BITS, int MODE, int NT, int PIPE>
+__global__ void __launch_bounds__(QMM_WARPS * 32) qmm_xs_kernel(qmm_params p) {
+    extern __shared__ __align__(16) bf16 qmm_xs[];
+    __shared__ __align__(16) bf16 zrow[QMM_CHUNK];
+    __shared__ float cb[16];
+    if (MODE == QMODE_CB && threadIdx.x < 16) cb[threadIdx.x] = p.cb[threadIdx.x];
+    if (threadIdx.x < QMM_CHUNK / 8) ((uint4 *)zrow)[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int n_warp = (blockIdx.x * QMM_WARPS + warp) * NT * 8;
+    const int m_base = blockIdx.z * 16, rows = min(16, p.M - m_base);
+    const int c_begin = blockIdx.y * p.chunks_per_split;
+    const int c_end = min(c_begin + p.chunks_per_split, p.n_chunks);
+    const int span_limit = (p.K + 31) / 32;
+
+    float acc[1][NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[0][j][e] = 0.0f;
+    bool xok[1][2];
+    xok[0][0] = xok[0][1] = true;
+
+    qmm_stage<BITS> st[NT];
+    if (c_begin < c_end) qmm_load<BITS, NT>(st, p, n_warp, g, c_begin * 4 + t, span_limit);
+    for (int s0 = c_begin; s0 < c_end; s0 += p.xs_seg) {
+        const int s1 = min(s0 + p.xs_seg, c_end), pieces = (s1 - s0) * 16;
+        __syncthreads(); /* the previous segment's reads are done (and zrow, cb are written) */
+        for (int idx = threadIdx.x; idx < rows * pieces; idx += blockDim.x) {
+            const int r = idx / pieces, q = idx % pieces, c = s0 + (q >> 4), kq = (q & 15) * 8;
+            const int k = c * QMM_CHUNK + kq;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (k < p.K)
+                v = qmm_perm8(__ldg((const uint4 *)(p.x + (size_t)(m_base + r) * p.ldx + k)));
+            /* piece 4 t + i of the chunk goes to slot 4 i + t */
+            const int slot = ((kq >> 3) & 3) * 4 + (kq >> 5);
+            *(uint4 *)(qmm_xs + r * p.xs_stride + (c - s0) * QMM_CHUNK + slot * 8) = v;
+        }
+        __syncthreads();
+        for (int c = s0; c < s1; c++) {
+            const bf16 *xrow[1][2];
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int r = g + 8 * hr;
+                xrow[0][hr] = r < rows ? qmm_xs + r * p.xs_stride + (c - s0) * QMM_CHUNK : zrow;
+            }
+            if (PIPE) {
+                qmm_stage<BITS> cur[NT];
+#pragma unroll
+                for (int j = 0; j < NT; j++) cur[j] = st[j];
+                if (c + 1 < c_end)
+                    qmm_load<BITS, NT>(st, p, n_warp, g, (c + 1) * 4 + t, span_limit);
+                qmm_chunk<BITS, MODE, 1, NT, true>(acc, cur, p, xrow, xok, c, t, cb);
+            } else {
+                qmm_chunk<BITS, MODE, 1, NT, true>(acc, st, p, xrow, xok, c, t, cb);
+                if (c + 1 < c_end)
+                    qmm_load<BITS, NT>(st, p, n_warp, g, (c + 1) * 4 + t, span_limit);
+            }
+        }
+    }
+    qmm_epilogue<1, NT, QMM_WARPS>(p, acc, n_warp, m_base, g, t);
+}
+
 /* Probe bits (rs_cuda_qmm_probe; qgemm.cu says what each does): QPROBE_NO_SX, the register-X
  * kernel past 16 rows; QPROBE_WG2 / QPROBE_WG4: qmm_wg_kernel (qgemm_wg.cu). */
-enum { QPROBE_NO_SX = 4, QPROBE_WG2 = 8, QPROBE_WG4 = 16 };
+enum { QPROBE_NO_SX = 4, QPROBE_WG2 = 8, QPROBE_WG4 = 16, QPROBE_XS = 32, QPROBE_REGX = 64 };
 #define QMM_WG_ROWS 64 /* weight rows per qmm_wg_kernel block */
 
 typedef struct {
     int mt, nt, sx, warps, splits, chunks_per_split, n_chunks, ldx, prep, perm;
     int wgs, np, depth; /* qmm_wg_kernel: warpgroups per block (0: not it), X columns, depth */
+    int xs, xs_pipe, xs_seg, xs_stride; /* qmm_xs_kernel (1..16 rows): taken, PIPE, segment */
+    size_t xs_smem;     /* its dynamic shared memory */
     dim3 grid;
     size_t partial_bytes, xs_bytes;
 } qmm_plan;
 
+template <int BITS, int MODE, int NT, int PIPE>
+void qmm_launch_xs_kernel(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    qmm_xs_kernel<BITS, MODE, NT, PIPE><<<pl.grid, dim3(QMM_WARPS * 32), pl.xs_smem, s>>>(p);
+}
+
+template <int BITS, int MODE>
+void qmm_launch_xs(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
+    if (pl.xs_pipe) {
+        switch (pl.nt) {
+        case 1: qmm_launch_xs_kernel<BITS, MODE, 1, 1>(pl, p, s); break;
+        case 4: qmm_launch_xs_kernel<BITS, MODE, 4, 1>(pl, p, s); break;
+        default: qmm_launch_xs_kernel<BITS, MODE, 2, 1>(pl, p, s); break;
+        }
+        return;
+    }
+    switch (pl.nt) {
+    case 1: qmm_launch_xs_kernel<BITS, MODE, 1, 0>(pl, p, s); break;
+    case 4: qmm_launch_xs_kernel<BITS, MODE, 4, 0>(pl, p, s); break;
+    default: qmm_launch_xs_kernel<BITS, MODE, 2, 0>(pl, p, s); break;
+    }
+}
+
 template <int BITS, int MODE, int MT>
 void qmm_launch_nt(const qmm_plan &pl, const qmm_params &p, cudaStream_t s) {
     const dim3 block(pl.warps * 32);
+    if constexpr (MT == 1) {
+        if (pl.xs) {
+            qmm_launch_xs<BITS, MODE>(pl, p, s);
+            return;
+        }
+    }
     if constexpr (MT > 1) { /* the shared-memory kernels: past 16 rows only */
         if (pl.sx) {
             switch (pl.nt) {

@@ -30,7 +30,7 @@ static void qmm_launch_probe_mt(const qmm_plan &pl, const qmm_params &p, cudaStr
 
 int qmm_launch_w4_probe(const qmm_plan &pl, const qmm_params &p, cudaStream_t s, int depth,
                         int probe) {
-    if (!depth && !(probe & 3)) return 0;
+    if (pl.xs || (!depth && !(probe & 3))) return 0;
     if (pl.sx || pl.nt != 2) return 0;
     switch (pl.mt) {
     case 1: qmm_launch_probe_mt<1>(pl, p, s, depth, probe); break;

@@ -125,3 +125,34 @@ def test_wgmma_kernel_matches_float64_reference(probe, rng_seed):
             assert vals["fkernel"] == (3 if M <= 64 else 2), vals
             for key in ("fused0", "fused1"):
                 assert vals[key] <= TOL, (key, fmt, M, N, K, vals)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_shared_memory_x_kernel_is_bit_identical_to_the_register_kernel(fmt, rng_seed):
+    """qmm_xs_kernel (X staged in shared memory: the default up to 4 rows; probe bit 32 takes it up
+    to 16, depth 2 its PIPE 1, the next chunk loaded before the current one is computed, as by
+    default, depth 0 PIPE 0) feeds the same fragments to the same MMAs in the same order as
+    qmm_kernel (probe bit 64 forces that one), so with the same split-K plan its outputs are the
+    same bytes (beta = 0 on a NaN-poisoned output, beta = 1 with a bias), and both match the
+    float64 reference. Blocks per SM 1 (the third field) forces long split ranges, so the copy of
+    X runs in several shared-memory segments (at 16 rows a segment holds 7 chunks); every
+    format, odd M/N/K, the Llama shapes. Without a probe the tool reports kernel 4 up to 4 rows
+    and 1 (qmm_kernel) from 5 to 16."""
+    shapes = [(1, 72, 256), (5, 37, 77), (16, 96, 200), (9, 130, 1000)]
+    if fmt in ("int4_g128_asym", "int3_g128_asym", "nf4", "int8_g128_asym"):
+        shapes += [(1, 4096, 4096), (16, 11008, 4096), (7, 4096, 11008)]
+    for i, (M, N, K) in enumerate(shapes):
+        for bps in ("0", "1") if N * K < 10**6 or fmt == "int4_g128_asym" else ("0",):
+            base = run_check(fmt, rng_seed + 600 + i, M, N, K, probe=f"0,64,{bps},0")
+            dflt = run_check(fmt, rng_seed + 600 + i, M, N, K, probe=f"0,0,{bps},0")
+            for depth in ("0", "2"):
+                v = run_check(fmt, rng_seed + 600 + i, M, N, K, probe=f"{depth},32,{bps},0")
+                if FORMATS[fmt][5]:
+                    assert v["fkernel"] == 4 and base["fkernel"] == 1, (v, base)
+                    assert dflt["fkernel"] == (4 if M <= 4 else 1), dflt
+                    assert dflt["fhash0"] == base["fhash0"], (fmt, M, N, K, dflt, base)
+                    assert (v["fhash0"], v["fhash1"]) == (base["fhash0"], base["fhash1"]), (
+                        fmt, M, N, K, bps, depth, v, base)
+                for key in ("fused0", "fused1"):
+                    assert v[key] <= TOL, (key, fmt, M, N, K, v)
+

@@ -90,9 +90,17 @@ static double rel_err(const float *got, const double *ref, size_t n) {
     return m > 0.0 ? e / m : e;
 }
 
-/* y = beta * out0 + x W^T (+ bias) on the device through the configured path. */
+static uint64_t fnv52(const void *p, size_t bytes) { /* FNV-1a, 52 bits: survives a float parse */
+    const uint8_t *b = p;
+    uint64_t hash = 1469598103934665603ull;
+    for (size_t i = 0; i < bytes; i++)
+        hash = (hash ^ b[i]) * 1099511628211ull;
+    return hash & ((1ull << 52) - 1);
+}
+
+/* y = beta * out0 + x W^T (+ bias) on the device through the configured path; *hash: y's. */
 static double run_fwd(rs_qmm_path path, const rs_qweight *dq, const float *x, const float *out0,
-                      const float *bias, int M, float beta, const double *ref) {
+                      const float *bias, int M, float beta, const double *ref, uint64_t *hash) {
     const int N = dq->rows, K = dq->cols;
     size_t ny = (size_t)M * N;
     void *dx = dev_upload(x, (size_t)M * K), *dy = dev_upload(out0, ny);
@@ -102,6 +110,7 @@ static double run_fwd(rs_qmm_path path, const rs_qweight *dq, const float *x, co
     float *y = rs_malloc(ny * sizeof *y);
     g_be->download_f32(y, dy, RS_BF16, ny);
     double e = rel_err(y, ref, ny);
+    *hash = fnv52(y, ny * sizeof *y);
     free(y);
     g_be->free(dx), g_be->free(dy);
     if (db) g_be->free(db);
@@ -122,11 +131,9 @@ static uint64_t dequant_hash(const rs_qweight *dq, size_t nw, int which, int *ra
     *ran = rs_cuda_qdequant_last_kernel();
     rs_cuda_qdequant_select(-1);
     g_be->to_host(h, d, bytes);
-    uint64_t hash = 1469598103934665603ull;
-    for (size_t i = 0; i < bytes; i++)
-        hash = (hash ^ h[i]) * 1099511628211ull;
+    uint64_t hash = fnv52(h, bytes);
     g_be->free(d), free(h);
-    return hash & ((1ull << 52) - 1);
+    return hash;
 }
 
 static int cmd_check(int argc, char **argv) {
@@ -209,11 +216,12 @@ static int cmd_check(int argc, char **argv) {
     rs_qweight dq;
     if (g_be->qweight_upload(&dq, &q) != 0) rs_die_last();
     int sup = rs_cuda_qmm_fused_supported(&dq);
-    double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0);
-    double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0);
-    double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1);
+    uint64_t fh0, fh1, sh;
+    double f0 = run_fwd(RS_QMM_FUSED, &dq, x, nan0, NULL, M, 0.0f, ref0, &fh0);
+    double s0 = run_fwd(RS_QMM_SCRATCH, &dq, x, nan0, NULL, M, 0.0f, ref0, &sh);
+    double f1 = run_fwd(RS_QMM_FUSED, &dq, x, out0, bias, M, 1.0f, ref1, &fh1);
     const int fkernel = rs_cuda_qmm_last_kernel();
-    double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1);
+    double s1 = run_fwd(RS_QMM_SCRATCH, &dq, x, out0, bias, M, 1.0f, ref1, &sh);
     const int dequant = rs_cuda_qdequant_last_kernel();
     /* the dequantized bf16 weight itself (buffer poisoned with NaN first) by the dequantizer the
      * run chose and by dequantizer 1: FNV-1a hashes of its bytes, 52 bits so that they
@@ -230,9 +238,10 @@ static int cmd_check(int argc, char **argv) {
     g_be->download_f32(gx, ddx, RS_BF16, (size_t)M * K);
     double dg = rel_err(gx, refdx, (size_t)M * K);
     printf("supported %d fused0 %.4e scratch0 %.4e fused1 %.4e scratch1 %.4e dgrad %.4e "
-           "dequant %d dqhash %llu dqhash1 %llu dqkernel1 %d fkernel %d\n",
+           "dequant %d dqhash %llu dqhash1 %llu dqkernel1 %d fkernel %d fhash0 %llu fhash1 %llu\n",
            sup, f0, s0, f1, s1, dg, dequant, (unsigned long long)dqhash,
-           (unsigned long long)dqhash1, ran1, sup ? fkernel : 0);
+           (unsigned long long)dqhash1, ran1, sup ? fkernel : 0, (unsigned long long)fh0,
+           (unsigned long long)fh1);
     g_be->free(ddout), g_be->free(ddx);
     g_be->qweight_free(&dq);
     rs_qweight_free(&q);
@@ -439,7 +448,9 @@ static int cmd_probe(int argc, char **argv) {
     c->x = dev_upload(xh, (size_t)64 * K);
     c->y = g_be->alloc((size_t)64 * N * 2);
     /* depth, probe bits (1 load only, 2 tiled, 4 no shared-memory X, 8 / 16 the wgmma kernel
-     * with 2 / 4 warpgroups per block), blocks per SM, reduce in
+     * with 2 / 4 warpgroups per block, 32 X staged in shared memory up to 16 rows: qmm_xs_kernel,
+     * its PIPE 1 with depth 2; 64 the register-X qmm_kernel where qmm_xs_kernel is the default:
+     * up to 4 rows), blocks per SM, reduce in
      * the last block (see rs_cuda_qmm_probe), split-K count (0: the plan's); rows: 1 only up
      * to 16 rows, 2 only past 16, 0 both. "previous" = the launch before this probe existed. */
     static const struct {
@@ -456,6 +467,9 @@ static int cmd_probe(int argc, char **argv) {
              {"regx_depth1_bps8", 1, 4, 8, 0, 0, 1},
              {"loadonly", 1, 1, 0, 0, 0, 1},
              {"tiled_loadonly", 1, 3, 0, 0, 0, 1},
+             {"loadonly_depth2", 2, 1, 0, 0, 0, 1},
+             {"loadonly_depth4", 4, 1, 0, 0, 0, 1},
+             {"tiled_loadonly_depth4", 4, 3, 0, 0, 0, 1},
              {"tiled", 1, 2, 0, 0, 0, 1},
              {"split8", 0, 0, 0, 0, 8, 2},
              {"split16", 0, 0, 0, 0, 16, 2},
@@ -464,7 +478,14 @@ static int cmd_probe(int argc, char **argv) {
              {"wg2_depth4", 4, 8, 0, 0, 0, 0},
              {"wg4_depth4", 4, 16, 0, 0, 0, 0},
              {"wg4_split1", 0, 16, 0, 0, 1, 0},
-             {"wg4_split4", 0, 16, 0, 0, 4, 0}};
+             {"wg4_split4", 0, 16, 0, 0, 4, 0},
+             {"xs", 0, 32, 0, 0, 0, 1},
+             {"xs_pipe", 2, 32, 0, 0, 0, 1},
+             {"xs_bps4", 0, 32, 4, 0, 0, 1},
+             {"xs_bps6", 0, 32, 6, 0, 0, 1},
+             {"xs_pipe_bps4", 2, 32, 4, 0, 0, 1},
+             {"xs_pipe_bps6", 2, 32, 6, 0, 0, 1},
+             {"regx", 0, 64, 0, 0, 0, 1}};
     for (char *tok = strtok(argv[4], ","); tok; tok = strtok(NULL, ",")) {
         int M = c->M = atoi(tok);
         RS_CHECK(M >= 1 && M <= 64, "qmm_tool probe: M %s: want 1..64 rows", tok);

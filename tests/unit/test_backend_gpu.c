@@ -425,10 +425,11 @@ static void run_attention(const rs_backend *be, const attention_case *c, const f
 
 /* mode: the value of RESAFE_CUDA_ATTENTION for the GPU side ("fused": the online-softmax
  * kernel; "gemm": the tensor-core path where the shape takes it, see rs_cuda_attention_gemm_fits
- * in kernels/attention_gemm.cu: Tq >= 16, Tk <= 4 Tq, head_dim % 8 == 0). The GEMM path rounds
- * the probabilities to bf16 before P V (as FlashAttention does): each weight is off by at most
- * u_bf16 = 2^-8 relative, the output by u_bf16 sum_j P_j |v_j| <= u_bf16 max|v|; 2x that is
- * added to the tolerance in that mode. */
+ * in kernels/attention_gemm.cu: Tq >= 16, Tk <= 4 Tq, head_dim % 8 == 0; "flash":
+ * kernels/attention_flash.cu where it fits: Tq >= 16, head_dim 64 or 128). Both tensor-core
+ * paths round the probabilities to bf16 before P V (as FlashAttention does): each weight is off
+ * by at most u_bf16 = 2^-8 relative, the output by u_bf16 sum_j P_j |v_j| <= u_bf16 max|v|; 2x
+ * that is added to the tolerance in those modes. */
 static void check_attention(const rs_backend *cpu, const rs_backend *gpu, rs_rng *r,
                             attention_case c, const char *mode) {
     if (c.scale == 0.0f) c.scale = 1.0f / sqrtf((float)c.head_dim);
@@ -453,7 +454,7 @@ static void check_attention(const rs_backend *cpu, const rs_backend *gpu, rs_rng
     run_attention(gpu, &c, q, k_gpu, v_gpu, q_pos, &got);
     unsetenv("RESAFE_CUDA_ATTENTION");
     double *tol = attention_tolerances(&c, q, k, v, q_pos);
-    if (strcmp(mode, "gemm") == 0) {
+    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0) {
         double vmax = 0;
         for (size_t i = 0; i < nkv; i++) vmax = fabs(v[i]) > vmax ? fabs(v[i]) : vmax;
         for (size_t i = 0; i < nq; i++) tol[i] += 2.0 * vmax / 256.0;
@@ -522,10 +523,14 @@ TEST(test_cuda_attention_matches_cpu) {
         {2, 64, 100, 3, 3, 96, 1, 0.0f},  /* several query blocks and key tiles */
         {3, 128, 128, 8, 2, 128, 1, 0.0f}, /* training shape, GQA 4 (the GEMM path's case) */
         {2, 50, 61, 4, 4, 64, 1, 0.0f},   /* odd Tq, Tk */
+        {2, 200, 260, 4, 2, 128, 1, 0.0f}, /* 4 query blocks, 5 key tiles of the flash kernel */
+        {1, 16, 300, 4, 4, 128, 0, 0.0f}, /* a chunk of prefill into a long cache */
+        {2, 77, 77, 6, 2, 64, 1, 0.3f},   /* GQA 3, head_dim 64, a sharper softmax */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         check_attention(cpu, gpu, &r, cases[i], "fused");
         check_attention(cpu, gpu, &r, cases[i], "gemm");
+        check_attention(cpu, gpu, &r, cases[i], "flash");
     }
 }
 
