@@ -31,14 +31,6 @@ extern "C" int rs_cuda_attention_flash_fits(int Tq, int Tk, int n_heads, int n_k
            n_heads % n_kv_heads == 0;
 }
 
-__device__ __forceinline__ void fa_mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                       uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ void fa_ldmatrix_x4_trans(uint32_t (&r)[4], const bf16 *p) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -128,7 +120,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             const bf16 *kr = ks + (nt * 8 + g) * STRIDE + 2 * t;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++)
-                fa_mma(s[nt], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+                mma_16816(s[nt], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
                        *(const uint32_t *)(kr + 16 * kk), *(const uint32_t *)(kr + 16 * kk + 8));
         }
         /* mask, scale (log2 units), row max over the quad's lanes */
@@ -180,8 +172,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 uint32_t bv[4];
                 fa_ldmatrix_x4_trans(bv, vs + (16 * kk + 8 * (mi & 1) + rr) * STRIDE +
                                              8 * (nd + (mi >> 1)));
-                fa_mma(o[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[0], bv[1]);
-                fa_mma(o[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[2], bv[3]);
+                mma_16816(o[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[0], bv[1]);
+                mma_16816(o[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[2], bv[3]);
             }
     }
 

@@ -152,14 +152,6 @@ __device__ __forceinline__ uint32_t dq_pair(const uint32_t (&w)[BITS], uint32_t 
     return bf16x2_bits(__floats2bfloat162_rn(fa, fb));
 }
 
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                          uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* ---------------------------------------------------------------- the fused kernel */
 /* Depth of a warp's load pipeline in chunks (the loads of chunk c + D are issued as chunk c is
  * computed). */

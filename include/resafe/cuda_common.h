@@ -72,6 +72,17 @@ __device__ __forceinline__ float rs_warp_max(float v) {
     return v;
 }
 
+/* d += a b on tensor cores: mma.sync m16n8k16, bf16 in, fp32 accumulate (sm_80+); lane 4 g + t
+ * holds A (a0: row g, k 2t..2t+1; a1: row g + 8; a2, a3: k + 8), B (b0: k 2t..2t+1, column g;
+ * b1: k + 8) and D (d0, d1: row g, columns 2t, 2t + 1; d2, d3: row g + 8). */
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 /* Block-wide sum for blocks of whole warps (at most 1024 threads); every thread gets the result.
  * scratch holds 32 values. Ends with a barrier, so scratch may be reused right after. */
 template <typename T> __device__ __forceinline__ T rs_block_sum(T v, T *scratch) {
