@@ -23,6 +23,7 @@
 #define FA_ROWS 64 /* queries per block */
 #define FA_KEYS 64 /* keys per tile */
 #define FA_WARPS 4
+static_assert(FA_ROWS == FA_KEYS, "fa_load_tile fills FA_KEYS rows for query tiles too");
 
 extern "C" int rs_cuda_attention_flash_fits(int Tq, int Tk, int n_heads, int n_kv_heads,
                                             int head_dim) {
@@ -56,11 +57,38 @@ __device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, size_t 
     }
 }
 
-template <int D>
+/* Fragments from a shared tile of row stride `stride` (bf16), lane = 4 g + t:
+ * A of rows r0..r0+15, k-step kk along the row (k = 16 kk + ..); B of rows n0..n0+7 as the
+ * n index, k along the row; B4 by ldmatrix.trans: k along 16 rows from k0, n = columns 8 nd ..
+ * 8 nd + 15 (b[0], b[1] for n-tile nd, b[2], b[3] for nd + 1). */
+__device__ __forceinline__ void fa_frag_a(uint32_t (&a)[4], const bf16 *tile, int stride, int r0,
+                                          int kk, int g, int t) {
+    const bf16 *p0 = tile + (r0 + g) * stride + 16 * kk + 2 * t, *p1 = p0 + 8 * stride;
+    a[0] = *(const uint32_t *)p0, a[1] = *(const uint32_t *)p1;
+    a[2] = *(const uint32_t *)(p0 + 8), a[3] = *(const uint32_t *)(p1 + 8);
+}
+
+__device__ __forceinline__ void fa_frag_b(uint32_t &b0, uint32_t &b1, const bf16 *tile, int stride,
+                                          int n0, int kk, int g, int t) {
+    const bf16 *p = tile + (n0 + g) * stride + 16 * kk + 2 * t;
+    b0 = *(const uint32_t *)p, b1 = *(const uint32_t *)(p + 8);
+}
+
+__device__ __forceinline__ void fa_frag_b4t(uint32_t (&b)[4], const bf16 *tile, int stride, int k0,
+                                            int nd, int lane) {
+    const int mi = lane >> 3, rr = lane & 7;
+    fa_ldmatrix_x4_trans(b, tile + (k0 + 8 * (mi & 1) + rr) * stride + 8 * (nd + (mi >> 1)));
+}
+
+/* STATS (the backward's first pass): instead of O, each row's log-sum-exp in log2 units
+ * (m + log2 l; 0 for a row without keys) to lse and Dsum = dout . O (fp32 O) to dsum, both
+ * [B, H, Tq]. */
+template <int D, bool STATS = false>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     attention_flash_fwd_kernel(bf16 *out, const bf16 *q, const bf16 *k, const bf16 *v,
                                const int32_t *q_pos, int Tq, int Tk, int H, int Hkv,
-                               float scale_log2) {
+                               float scale_log2, const bf16 *dout = NULL, float *lse = NULL,
+                               float *dsum = NULL) {
     constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
     __shared__ __align__(16) bf16 ks[FA_KEYS * STRIDE];
     __shared__ __align__(16) bf16 vs[FA_KEYS * STRIDE];
@@ -121,7 +149,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++)
                 mma_16816(s[nt], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
-                       *(const uint32_t *)(kr + 16 * kk), *(const uint32_t *)(kr + 16 * kk + 8));
+                          *(const uint32_t *)(kr + 16 * kk), *(const uint32_t *)(kr + 16 * kk + 8));
         }
         /* mask, scale (log2 units), row max over the quad's lanes */
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -183,6 +211,32 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    if constexpr (STATS) {
+        const bf16 *gb = dout + (size_t)b * Tq * q_ld + (size_t)h * D;
+        float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            const int d = nd * 8 + 2 * t;
+            if (t0 + r0 < Tq) {
+                const bf16x2 g0 = *(const bf16x2 *)(gb + (size_t)(t0 + r0) * q_ld + d);
+                d0 += __low2float(g0) * o[nd][0] + __high2float(g0) * o[nd][1];
+            }
+            if (t0 + r1 < Tq) {
+                const bf16x2 g1 = *(const bf16x2 *)(gb + (size_t)(t0 + r1) * q_ld + d);
+                d1 += __low2float(g1) * o[nd][2] + __high2float(g1) * o[nd][3];
+            }
+        }
+        d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+        d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+        d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+        d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+        const size_t row = ((size_t)b * H + h) * Tq + t0;
+        if (t == 0 && t0 + r0 < Tq)
+            lse[row + r0] = l0 > 0.0f ? m0 + log2f(l0) : 0.0f, dsum[row + r0] = d0 * i0;
+        if (t == 0 && t0 + r1 < Tq)
+            lse[row + r1] = l1 > 0.0f ? m1 + log2f(l1) : 0.0f, dsum[row + r1] = d1 * i1;
+        return;
+    }
     bf16 *ob = out + (size_t)b * Tq * q_ld + (size_t)h * D;
 #pragma unroll
     for (int nd = 0; nd < ND; nd++) {
@@ -193,6 +247,257 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
         if (t0 + r1 < Tq)
             *(uint32_t *)(ob + (size_t)(t0 + r1) * q_ld + d) =
                 fa_pack(o[nd][2] * i1, o[nd][3] * i1);
+    }
+}
+
+/* ---------------------------------------------------------------- backward
+ * Three passes after the STATS forward (lse, Dsum per query row), no atomics, each output
+ * written once (deterministic), P and dS recomputed from lse (P = exp2(scale_log2 s - lse))
+ * and rounded to bf16 before they meet a tensor-core product, as FlashAttention does:
+ *   dQ  per (sequence, head, 64 queries):   dQ = scale sum_j dS K,  dS = P (dO V^T - Dsum)
+ *   dV  per (sequence, kv head, 64 keys):   dV = sum over the group's heads and the queries P^T dO
+ *   dK  the same blocks:                    dK = scale sum dS^T Q
+ * dV and dK are separate launches of one kernel (DK) so that a thread holds one 16 x D
+ * accumulator. The key-block kernels work in the transposed frame (rows = the warp's 16 keys,
+ * columns = queries) so that P^T and dS^T come out of the C registers as A fragments, as P does
+ * in the forward. Key rows past the sequence's last visible key are zero in shared memory (an
+ * unwritten cache row may be NaN): their dK, dV are exactly 0; padded queries (lse 0, every
+ * score masked) give P = 0 and a zero dQ row. Shared memory: dQ 3 tiles, dK / dV 4 tiles of
+ * 64 x (D + 8) bf16 (52 / 70 KB at D = 128, dynamic). */
+template <int D>
+__global__ void __launch_bounds__(FA_WARPS * 32)
+    attention_flash_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
+                              const bf16 *v, const int32_t *q_pos, const float *lse,
+                              const float *dsum, int Tq, int Tk, int H, int Hkv, float scale,
+                              float scale_log2) {
+    constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
+    extern __shared__ __align__(16) bf16 fa_smem[];
+    bf16 *ks = fa_smem, *vs = ks + FA_KEYS * STRIDE, *gs = vs + FA_KEYS * STRIDE;
+    __shared__ int s_last[FA_ROWS];
+    const int b = blockIdx.z, h = blockIdx.y, hk = h / (H / Hkv), t0 = blockIdx.x * FA_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const size_t q_ld = (size_t)H * D, kv_ld = (size_t)Hkv * D;
+    const size_t qoff = (size_t)b * Tq * q_ld + (size_t)h * D;
+    const bf16 *kb = k + (size_t)b * Tk * kv_ld + (size_t)hk * D;
+    const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
+
+    for (int r = threadIdx.x; r < FA_ROWS; r += blockDim.x) {
+        int last = -1;
+        if (t0 + r < Tq) {
+            const int p = q_pos[(size_t)b * Tq + t0 + r];
+            last = p < 0 ? -1 : min(p, Tk - 1);
+        }
+        s_last[r] = last;
+    }
+    const int n_rows = min(FA_ROWS, Tq - t0);
+    fa_load_tile<D>(ks, q + qoff, q_ld, t0, n_rows);    /* Q, staged for the registers */
+    fa_load_tile<D>(gs, dout + qoff, q_ld, t0, n_rows); /* dO, for the whole kernel */
+    __syncthreads();
+    int block_last = -1;
+    for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    const int last0 = s_last[r0], last1 = s_last[r1];
+    const size_t srow = ((size_t)b * H + h) * Tq + t0;
+    const float lse0 = t0 + r0 < Tq ? lse[srow + r0] : 0.0f;
+    const float lse1 = t0 + r1 < Tq ? lse[srow + r1] : 0.0f;
+    const float ds0 = t0 + r0 < Tq ? dsum[srow + r0] : 0.0f;
+    const float ds1 = t0 + r1 < Tq ? dsum[srow + r1] : 0.0f;
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], ks, STRIDE, warp * 16, kk, g, t);
+
+    float acc[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+
+    for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
+        __syncthreads();
+        const int n_valid = min(FA_KEYS, block_last + 1 - j0);
+        fa_load_tile<D>(ks, kb, kv_ld, j0, n_valid);
+        fa_load_tile<D>(vs, vb, kv_ld, j0, n_valid);
+        __syncthreads();
+        if (!__any_sync(0xffffffffu, last0 >= j0 || last1 >= j0)) continue;
+
+        /* S = Q K^T -> P (masked, bf16) */
+        uint32_t pf[FA_KEYS / 16][4];
+        float pv[FA_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t b0, b1;
+                fa_frag_b(b0, b1, ks, STRIDE, nt * 8, kk, g, t);
+                mma_16816(sc, qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b0, b1);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                const bool ok = j <= (e < 2 ? last0 : last1);
+                pv[nt][e] = ok ? exp2f(sc[e] * scale_log2 - (e < 2 ? lse0 : lse1)) : 0.0f;
+            }
+        }
+        /* dP = dO V^T, dS = P (dP - Dsum) as A fragments */
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            float dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t a[4], b0, b1;
+                fa_frag_a(a, gs, STRIDE, warp * 16, kk, g, t);
+                fa_frag_b(b0, b1, vs, STRIDE, nt * 8, kk, g, t);
+                mma_16816(dp, a[0], a[1], a[2], a[3], b0, b1);
+            }
+            pf[nt >> 1][(nt & 1) * 2 + 0] =
+                fa_pack(pv[nt][0] * (dp[0] - ds0), pv[nt][1] * (dp[1] - ds0));
+            pf[nt >> 1][(nt & 1) * 2 + 1] =
+                fa_pack(pv[nt][2] * (dp[2] - ds1), pv[nt][3] * (dp[3] - ds1));
+        }
+        /* dQ += dS K: B (k = key, n = d) by ldmatrix.trans of K's rows */
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; kk++)
+#pragma unroll
+            for (int nd = 0; nd < ND; nd += 2) {
+                uint32_t bk[4];
+                fa_frag_b4t(bk, ks, STRIDE, 16 * kk, nd, lane);
+                mma_16816(acc[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bk[0], bk[1]);
+                mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bk[2], bk[3]);
+            }
+    }
+    bf16 *ob = dq + qoff;
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) {
+        const int d = nd * 8 + 2 * t;
+        if (t0 + r0 < Tq)
+            *(uint32_t *)(ob + (size_t)(t0 + r0) * q_ld + d) =
+                fa_pack(acc[nd][0] * scale, acc[nd][1] * scale);
+        if (t0 + r1 < Tq)
+            *(uint32_t *)(ob + (size_t)(t0 + r1) * q_ld + d) =
+                fa_pack(acc[nd][2] * scale, acc[nd][3] * scale);
+    }
+}
+
+template <int D, bool DK>
+__global__ void __launch_bounds__(FA_WARPS * 32)
+    attention_flash_dkv_kernel(bf16 *dst, const bf16 *dout, const bf16 *q, const bf16 *k,
+                               const bf16 *v, const int32_t *q_pos, const float *lse,
+                               const float *dsum, int Tq, int Tk, int H, int Hkv, float scale,
+                               float scale_log2) {
+    constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
+    extern __shared__ __align__(16) bf16 fa_smem[];
+    bf16 *kbs = fa_smem, *vbs = kbs + FA_KEYS * STRIDE, *qs = vbs + FA_KEYS * STRIDE;
+    bf16 *gs = qs + FA_ROWS * STRIDE;
+    __shared__ int s_qlast[FA_ROWS];
+    __shared__ float s_lse[FA_ROWS], s_ds[FA_ROWS];
+    __shared__ int s_red[FA_WARPS];
+    const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * FA_KEYS, group = H / Hkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const size_t q_ld = (size_t)H * D, kv_ld = (size_t)Hkv * D;
+    const size_t kvoff = (size_t)b * Tk * kv_ld + (size_t)hk * D;
+
+    /* the last key any query of the sequence sees: key rows past it stay zero */
+    int sl = -1;
+    for (int i = threadIdx.x; i < Tq; i += blockDim.x) {
+        const int p = q_pos[(size_t)b * Tq + i];
+        sl = max(sl, p < 0 ? -1 : min(p, Tk - 1));
+    }
+    for (int o = 16; o > 0; o >>= 1) sl = max(sl, __shfl_xor_sync(0xffffffffu, sl, o));
+    if (lane == 0) s_red[warp] = sl;
+    __syncthreads();
+    int seq_last = -1;
+    for (int w = 0; w < FA_WARPS; w++) seq_last = max(seq_last, s_red[w]);
+    const int n_keys = max(0, min(FA_KEYS, seq_last + 1 - j0));
+    fa_load_tile<D>(kbs, k + kvoff, kv_ld, j0, n_keys);
+    fa_load_tile<D>(vbs, v + kvoff, kv_ld, j0, n_keys);
+    const int kr0 = j0 + warp * 16 + g, kr1 = kr0 + 8; /* this lane's two keys */
+
+    float acc[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+
+    for (int hh = 0; hh < group && n_keys > 0; hh++) {
+        const int h = hk * group + hh;
+        const size_t qoff = (size_t)b * Tq * q_ld + (size_t)h * D;
+        for (int i0 = 0; i0 < Tq; i0 += FA_ROWS) {
+            __syncthreads(); /* the previous tile is no longer read */
+            const int n_rows = min(FA_ROWS, Tq - i0);
+            for (int r = threadIdx.x; r < FA_ROWS; r += blockDim.x) {
+                int last = -1;
+                float ls = 0.0f, dd = 0.0f;
+                if (r < n_rows) {
+                    const int p = q_pos[(size_t)b * Tq + i0 + r];
+                    last = p < 0 ? -1 : min(p, Tk - 1);
+                    const size_t at = ((size_t)b * H + h) * Tq + i0 + r;
+                    ls = lse[at], dd = dsum[at];
+                }
+                s_qlast[r] = last, s_lse[r] = ls, s_ds[r] = dd;
+            }
+            __syncthreads();
+            int tile_last = -1;
+            for (int r = 0; r < FA_ROWS; r++) tile_last = max(tile_last, s_qlast[r]);
+            if (tile_last < j0) continue; /* no query of the tile sees the block (uniform) */
+            fa_load_tile<D>(qs, q + qoff, q_ld, i0, n_rows);
+            fa_load_tile<D>(gs, dout + qoff, q_ld, i0, n_rows);
+            __syncthreads();
+            if (tile_last < j0 + warp * 16) continue; /* none sees this warp's keys (uniform) */
+
+            /* S^T = K Q^T (rows: the warp's keys, columns: the tile's queries) -> P^T */
+            uint32_t pf[FA_ROWS / 16][4];
+#pragma unroll
+            for (int nt = 0; nt < FA_ROWS / 8; nt++) {
+                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) {
+                    uint32_t a[4], b0, b1;
+                    fa_frag_a(a, kbs, STRIDE, warp * 16, kk, g, t);
+                    fa_frag_b(b0, b1, qs, STRIDE, nt * 8, kk, g, t);
+                    mma_16816(sc, a[0], a[1], a[2], a[3], b0, b1);
+                }
+                float pv[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
+                    pv[e] = key <= s_qlast[qi] ? exp2f(sc[e] * scale_log2 - s_lse[qi]) : 0.0f;
+                }
+                if constexpr (DK) { /* dS^T = P^T (dP^T - Dsum), dP^T = V dO^T */
+                    float dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                    for (int kk = 0; kk < KS; kk++) {
+                        uint32_t a[4], b0, b1;
+                        fa_frag_a(a, vbs, STRIDE, warp * 16, kk, g, t);
+                        fa_frag_b(b0, b1, gs, STRIDE, nt * 8, kk, g, t);
+                        mma_16816(dp, a[0], a[1], a[2], a[3], b0, b1);
+                    }
+                    const float da = s_ds[nt * 8 + 2 * t], db = s_ds[nt * 8 + 2 * t + 1];
+                    pv[0] *= dp[0] - da, pv[1] *= dp[1] - db;
+                    pv[2] *= dp[2] - da, pv[3] *= dp[3] - db;
+                }
+                pf[nt >> 1][(nt & 1) * 2 + 0] = fa_pack(pv[0], pv[1]);
+                pf[nt >> 1][(nt & 1) * 2 + 1] = fa_pack(pv[2], pv[3]);
+            }
+            /* dV += P^T dO, or dK += dS^T Q: B (k = query, n = d) by ldmatrix.trans */
+            const bf16 *bt = DK ? qs : gs;
+#pragma unroll
+            for (int kk = 0; kk < FA_ROWS / 16; kk++)
+#pragma unroll
+                for (int nd = 0; nd < ND; nd += 2) {
+                    uint32_t bv[4];
+                    fa_frag_b4t(bv, bt, STRIDE, 16 * kk, nd, lane);
+                    mma_16816(acc[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[0], bv[1]);
+                    mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[2],
+                              bv[3]);
+                }
+        }
+    }
+    const float f = DK ? scale : 1.0f;
+    bf16 *ob = dst + kvoff;
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) {
+        const int d = nd * 8 + 2 * t;
+        if (kr0 < Tk)
+            *(uint32_t *)(ob + (size_t)kr0 * kv_ld + d) = fa_pack(acc[nd][0] * f, acc[nd][1] * f);
+        if (kr1 < Tk)
+            *(uint32_t *)(ob + (size_t)kr1 * kv_ld + d) = fa_pack(acc[nd][2] * f, acc[nd][3] * f);
     }
 }
 
@@ -209,4 +514,59 @@ extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, const bf1
         attention_flash_fwd_kernel<64><<<grid, FA_WARPS * 32, 0, s>>>(
             out, q, k, v, q_pos, Tq, Tk, n_heads, n_kv_heads, scale_log2);
     CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel");
+}
+
+extern "C" size_t rs_cuda_attention_flash_bwd_scratch_bytes(int B, int Tq, int n_heads) {
+    return ((size_t)2 * B * n_heads * Tq * sizeof(float) + 255) / 256 * 256;
+}
+
+template <int D>
+static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
+                   const bf16 *k, const bf16 *v, const int32_t *q_pos, int B, int Tq, int Tk, int H,
+                   int Hkv, float scale, float *lse) {
+    constexpr size_t tile = (size_t)FA_KEYS * (D + 8) * sizeof(bf16);
+    static bool attr_set = false; /* once per instantiation (one GPU per process) */
+    if (!attr_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(3 * tile)));
+        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, false>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(4 * tile)));
+        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, true>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)(4 * tile)));
+        attr_set = true;
+    }
+    const float sl = scale * 1.4426950408889634f;
+    float *dsum = lse + (size_t)B * H * Tq;
+    const dim3 gq((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)H, (unsigned)B);
+    const dim3 gk((unsigned)((Tk + FA_KEYS - 1) / FA_KEYS), (unsigned)Hkv, (unsigned)B);
+    attention_flash_fwd_kernel<D, true>
+        <<<gq, FA_WARPS * 32, 0, s>>>(NULL, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, dout, lse, dsum);
+    CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel (stats)");
+    attention_flash_dq_kernel<D><<<gq, FA_WARPS * 32, 3 * tile, s>>>(
+        dq, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+    CUDA_CHECK_LAUNCH(s, "attention_flash_dq_kernel");
+    attention_flash_dkv_kernel<D, false><<<gk, FA_WARPS * 32, 4 * tile, s>>>(
+        dv, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+    CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dv)");
+    attention_flash_dkv_kernel<D, true><<<gk, FA_WARPS * 32, 4 * tile, s>>>(
+        dk, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+    CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dk)");
+}
+
+/* The backward (rs_cuda_attention_flash_fits must hold); scratch: at least
+ * rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads) bytes (lse and Dsum per query row). */
+extern "C" void rs_cuda_attention_flash_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv,
+                                            const bf16 *dout, const bf16 *q, const bf16 *k,
+                                            const bf16 *v, const int32_t *q_pos, int B, int Tq,
+                                            int Tk, int n_heads, int n_kv_heads, int head_dim,
+                                            float scale, void *scratch) {
+    if (head_dim == 128)
+        fa_bwd<128>(s, dq, dk, dv, dout, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale,
+                    (float *)scratch);
+    else
+        fa_bwd<64>(s, dq, dk, dv, dout, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale,
+                   (float *)scratch);
 }

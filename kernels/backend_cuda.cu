@@ -307,8 +307,8 @@ static void cuda_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, in
 }
 
 /* Which attention kernels run: RESAFE_CUDA_ATTENTION = gemm (tensor-core path where the shape
- * fits), fused (the online-softmax kernels always), flash (the forward through
- * attention_flash.cu where it fits, else as unset; the backward as unset: an experiment) or
+ * fits), fused (the online-softmax kernels always), flash (forward and backward through
+ * attention_flash.cu where it fits, else as unset: an experiment) or
  * unset (auto: gemm where it fits). Read at every call, so a test can compare the paths in one
  * process. */
 static int use_attention_gemm(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
@@ -436,7 +436,13 @@ static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, c
                                const void *k, const void *v, const int32_t *q_pos, int B, int Tq,
                                int Tk, int n_heads, int n_kv_heads, int head_dim, float scale) {
     PROF_BEGIN;
-    if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+    if (use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        void *ws = op_scratch(rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads));
+        rs_cuda_attention_flash_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv,
+                                    (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+                                    (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
+                                    head_dim, scale, ws);
+    } else if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
         void *ws = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads, n_kv_heads,
                                                                    head_dim, 1));
         rs_cuda_attention_gemm_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dq, (bf16 *)dk,

@@ -287,9 +287,12 @@ TEST(test_cuda_rope_bwd_matches_cpu) {
  * between the sides by ~(Tk + D) u relative to the largest terms (< 1e-4 here); 1e-3 of the
  * tensor's largest value bounds that with room, far below a wrong term's O(max). Plus the bf16
  * rounding (rtol). Padded queries' dq and never-attended keys' dk, dv: exactly 0. */
-/* The GEMM path (mode "gemm", where kernels/attention_gemm.cu takes the shape) rounds P to
- * bf16 before dV = P^T dO and dS to bf16 before dQ = dS K and dK = dS^T Q, as FlashAttention's
- * backward does: each term is off by at most u_bf16 = 2^-8 relative, so the outputs by
+/* The GEMM path (mode "gemm", where kernels/attention_gemm.cu takes the shape) and the flash
+ * path (mode "flash", kernels/attention_flash.cu: >= 16 queries, head_dim 64 or 128; its P is
+ * normalised by the sum of the bf16-rounded forward weights, a common factor within 1 +- u)
+ * round P to bf16 before dV = P^T dO and dS to bf16 before dQ = dS K and dK = dS^T Q, as
+ * FlashAttention's backward does: each term is off by at most u_bf16 = 2^-8 relative, so the
+ * outputs by
  *   dq: u sum_j |dS_ij| |k_j|,  dk: u sum_(i,h) |dS_ij| |q_i|,  dv: u sum_(i,h) P_ij |dout_i|,
  * computed here in double from the inputs (dS includes the scale); 2x that is added. */
 static void gemm_rounding_tolerances(const float *q, const float *k, const float *v,
@@ -373,7 +376,7 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
     const char *names[3] = {"dq", "dk", "dv"};
     size_t sizes[3] = {nq, nkv, nkv};
     double *tol[3] = {zeros_d(nq), zeros_d(nkv), zeros_d(nkv)};
-    if (strcmp(mode, "gemm") == 0)
+    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0)
         gemm_rounding_tolerances(q, k, v, dout, q_pos, B, Tq, Tk, H, Hkv, D, scale, tol[0], tol[1],
                                  tol[2]);
     for (int o = 0; o < 3; o++) {
@@ -396,8 +399,8 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
 
 TEST(test_cuda_attention_bwd_matches_cpu) {
     GPU_TEST_SETUP(105);
-    const char *modes[2] = {"fused", "gemm"};
-    for (int m = 0; m < 2; m++) {
+    const char *modes[3] = {"fused", "gemm", "flash"};
+    for (int m = 0; m < 3; m++) {
         check_attention_bwd(bes, r, 1, 1, 1, 1, 1, 64, modes[m]);    /* one key */
         check_attention_bwd(bes, r, 2, 9, 9, 4, 4, 64, modes[m]);    /* prefill, padding */
         check_attention_bwd(bes, r, 2, 7, 40, 8, 2, 128, modes[m]);  /* GQA 4, Tk > Tq */
@@ -405,6 +408,8 @@ TEST(test_cuda_attention_bwd_matches_cpu) {
         check_attention_bwd(bes, r, 2, 17, 17, 6, 3, 80, modes[m]);  /* head_dim 80 */
         check_attention_bwd(bes, r, 3, 96, 96, 8, 2, 128, modes[m]); /* training shape, GQA */
         check_attention_bwd(bes, r, 2, 41, 53, 4, 4, 64, modes[m]);  /* odd Tq, Tk */
+        check_attention_bwd(bes, r, 2, 130, 150, 4, 2, 128, modes[m]); /* 3 query, 3 key tiles */
+        check_attention_bwd(bes, r, 1, 70, 200, 2, 1, 64, modes[m]); /* prefill into a cache */
     }
 }
 
