@@ -57,6 +57,50 @@ __device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, size_t 
     }
 }
 
+/* The key tile from j0 into ks, vs (rows past block_last zero), between barriers (the previous
+ * tile, or a staging, is no longer read; every thread of the block calls it); false: none of
+ * this warp's rows (last keys last0, last1 across its lanes) sees the tile, skip it (a warp-wide
+ * test: the shuffles, ldmatrix and mma.sync after it need every lane). */
+template <int D>
+__device__ __forceinline__ bool fa_kv_tile(bf16 *ks, bf16 *vs, const bf16 *kb, const bf16 *vb,
+                                           size_t ld, int j0, int block_last, int last0,
+                                           int last1) {
+    __syncthreads();
+    const int n_valid = min(FA_KEYS, block_last + 1 - j0);
+    fa_load_tile<D>(ks, kb, ld, j0, n_valid);
+    fa_load_tile<D>(vs, vb, ld, j0, n_valid);
+    __syncthreads();
+    return __any_sync(0xffffffffu, last0 >= j0 || last1 >= j0);
+}
+
+/* s_last[r] = the last key query t0 + r of sequence b sees (-1: padding or past Tq) */
+__device__ __forceinline__ void fa_row_lasts(int *s_last, const int32_t *q_pos, int b, int t0,
+                                             int Tq, int Tk) {
+    for (int r = threadIdx.x; r < FA_ROWS; r += blockDim.x) {
+        int last = -1;
+        if (t0 + r < Tq) {
+            const int p = q_pos[(size_t)b * Tq + t0 + r];
+            last = p < 0 ? -1 : min(p, Tk - 1);
+        }
+        s_last[r] = last;
+    }
+}
+
+/* rows ra, rb (< limit) of a [.., ld] bf16 tensor from the accumulator, times fa / fb */
+template <int ND>
+__device__ __forceinline__ void fa_store_rows(bf16 *base, size_t ld, int ra, int rb, int limit,
+                                              const float (&acc)[ND][4], float fa, float fb,
+                                              int t) {
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) {
+        const int d = nd * 8 + 2 * t;
+        if (ra < limit)
+            *(uint32_t *)(base + (size_t)ra * ld + d) = fa_pack(acc[nd][0] * fa, acc[nd][1] * fa);
+        if (rb < limit)
+            *(uint32_t *)(base + (size_t)rb * ld + d) = fa_pack(acc[nd][2] * fb, acc[nd][3] * fb);
+    }
+}
+
 /* Fragments from a shared tile of row stride `stride` (bf16), lane = 4 g + t:
  * A of rows r0..r0+15, k-step kk along the row (k = 16 kk + ..); B of rows n0..n0+7 as the
  * n index, k along the row; B4 by ldmatrix.trans: k along 16 rows from k0, n = columns 8 nd ..
@@ -80,6 +124,21 @@ __device__ __forceinline__ void fa_frag_b4t(uint32_t (&b)[4], const bf16 *tile, 
     fa_ldmatrix_x4_trans(b, tile + (k0 + 8 * (mi & 1) + rr) * stride + 8 * (nd + (mi >> 1)));
 }
 
+/* c = the 16 x 8 block (rows ra.., columns nb..) of A B^T over the whole head, A and B rows of
+ * shared tiles (stride STRIDE = D + 8, KS = D / 16 k-steps) */
+template <int KS>
+__device__ __forceinline__ void fa_dot_rows(float (&c)[4], const bf16 *ta, const bf16 *tb,
+                                            int stride, int ra, int nb, int g, int t) {
+    c[0] = c[1] = c[2] = c[3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        uint32_t a[4], b0, b1;
+        fa_frag_a(a, ta, stride, ra, kk, g, t);
+        fa_frag_b(b0, b1, tb, stride, nb, kk, g, t);
+        mma_16816(c, a[0], a[1], a[2], a[3], b0, b1);
+    }
+}
+
 /* STATS (the backward's first pass): instead of O, each row's log-sum-exp in log2 units
  * (m + log2 l; 0 for a row without keys) to lse and Dsum = dout . O (fp32 O) to dsum, both
  * [B, H, Tq]. */
@@ -101,14 +160,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
 
     /* each query's last key (-1: none), the block's largest */
-    for (int r = threadIdx.x; r < FA_ROWS; r += blockDim.x) {
-        int last = -1;
-        if (t0 + r < Tq) {
-            const int p = q_pos[(size_t)b * Tq + t0 + r];
-            last = p < 0 ? -1 : min(p, Tk - 1);
-        }
-        s_last[r] = last;
-    }
+    fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
     /* Q rows through the K buffer into registers (A fragments, KS k-steps of 16) */
     fa_load_tile<D>(ks, qb, q_ld, t0, min(FA_ROWS, Tq - t0));
     __syncthreads();
@@ -131,14 +183,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
-        __syncthreads(); /* the previous tile (or the Q staging) is no longer read */
-        const int n_valid = min(FA_KEYS, block_last + 1 - j0);
-        fa_load_tile<D>(ks, kb, kv_ld, j0, n_valid);
-        fa_load_tile<D>(vs, vb, kv_ld, j0, n_valid);
-        __syncthreads();
-        /* none of this warp's rows sees the tile: skip it (a warp-wide test: the shuffles,
-         * ldmatrix and mma.sync below need every lane) */
-        if (!__any_sync(0xffffffffu, last0 >= j0 || last1 >= j0)) continue;
+        if (!fa_kv_tile<D>(ks, vs, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
 
         /* S = Q K^T: 8 n-tiles of 8 keys; B (k = d, n = key) straight from the K rows */
         float s[FA_KEYS / 8][4];
@@ -237,17 +282,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             lse[row + r1] = l1 > 0.0f ? m1 + log2f(l1) : 0.0f, dsum[row + r1] = d1 * i1;
         return;
     }
-    bf16 *ob = out + (size_t)b * Tq * q_ld + (size_t)h * D;
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) {
-        const int d = nd * 8 + 2 * t;
-        if (t0 + r0 < Tq)
-            *(uint32_t *)(ob + (size_t)(t0 + r0) * q_ld + d) =
-                fa_pack(o[nd][0] * i0, o[nd][1] * i0);
-        if (t0 + r1 < Tq)
-            *(uint32_t *)(ob + (size_t)(t0 + r1) * q_ld + d) =
-                fa_pack(o[nd][2] * i1, o[nd][3] * i1);
-    }
+    fa_store_rows<ND>(out + (size_t)b * Tq * q_ld + (size_t)h * D, q_ld, t0 + r0, t0 + r1, Tq, o,
+                      i0, i1, t);
 }
 
 /* ---------------------------------------------------------------- backward
@@ -281,14 +317,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const bf16 *kb = k + (size_t)b * Tk * kv_ld + (size_t)hk * D;
     const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
 
-    for (int r = threadIdx.x; r < FA_ROWS; r += blockDim.x) {
-        int last = -1;
-        if (t0 + r < Tq) {
-            const int p = q_pos[(size_t)b * Tq + t0 + r];
-            last = p < 0 ? -1 : min(p, Tk - 1);
-        }
-        s_last[r] = last;
-    }
+    fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
     const int n_rows = min(FA_ROWS, Tq - t0);
     fa_load_tile<D>(ks, q + qoff, q_ld, t0, n_rows);    /* Q, staged for the registers */
     fa_load_tile<D>(gs, dout + qoff, q_ld, t0, n_rows); /* dO, for the whole kernel */
@@ -311,12 +340,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
-        __syncthreads();
-        const int n_valid = min(FA_KEYS, block_last + 1 - j0);
-        fa_load_tile<D>(ks, kb, kv_ld, j0, n_valid);
-        fa_load_tile<D>(vs, vb, kv_ld, j0, n_valid);
-        __syncthreads();
-        if (!__any_sync(0xffffffffu, last0 >= j0 || last1 >= j0)) continue;
+        if (!fa_kv_tile<D>(ks, vs, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
 
         /* S = Q K^T -> P (masked, bf16) */
         uint32_t pf[FA_KEYS / 16][4];
@@ -340,14 +364,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
         /* dP = dO V^T, dS = P (dP - Dsum) as A fragments */
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-            float dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t a[4], b0, b1;
-                fa_frag_a(a, gs, STRIDE, warp * 16, kk, g, t);
-                fa_frag_b(b0, b1, vs, STRIDE, nt * 8, kk, g, t);
-                mma_16816(dp, a[0], a[1], a[2], a[3], b0, b1);
-            }
+            float dp[4];
+            fa_dot_rows<KS>(dp, gs, vs, STRIDE, warp * 16, nt * 8, g, t);
             pf[nt >> 1][(nt & 1) * 2 + 0] =
                 fa_pack(pv[nt][0] * (dp[0] - ds0), pv[nt][1] * (dp[1] - ds0));
             pf[nt >> 1][(nt & 1) * 2 + 1] =
@@ -364,17 +382,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bk[2], bk[3]);
             }
     }
-    bf16 *ob = dq + qoff;
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) {
-        const int d = nd * 8 + 2 * t;
-        if (t0 + r0 < Tq)
-            *(uint32_t *)(ob + (size_t)(t0 + r0) * q_ld + d) =
-                fa_pack(acc[nd][0] * scale, acc[nd][1] * scale);
-        if (t0 + r1 < Tq)
-            *(uint32_t *)(ob + (size_t)(t0 + r1) * q_ld + d) =
-                fa_pack(acc[nd][2] * scale, acc[nd][3] * scale);
-    }
+    fa_store_rows<ND>(dq + qoff, q_ld, t0 + r0, t0 + r1, Tq, acc, scale, scale, t);
 }
 
 template <int D, bool DK>
@@ -445,14 +453,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             uint32_t pf[FA_ROWS / 16][4];
 #pragma unroll
             for (int nt = 0; nt < FA_ROWS / 8; nt++) {
-                float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int kk = 0; kk < KS; kk++) {
-                    uint32_t a[4], b0, b1;
-                    fa_frag_a(a, kbs, STRIDE, warp * 16, kk, g, t);
-                    fa_frag_b(b0, b1, qs, STRIDE, nt * 8, kk, g, t);
-                    mma_16816(sc, a[0], a[1], a[2], a[3], b0, b1);
-                }
+                float sc[4];
+                fa_dot_rows<KS>(sc, kbs, qs, STRIDE, warp * 16, nt * 8, g, t);
                 float pv[4];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -460,14 +462,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                     pv[e] = key <= s_qlast[qi] ? exp2f(sc[e] * scale_log2 - s_lse[qi]) : 0.0f;
                 }
                 if constexpr (DK) { /* dS^T = P^T (dP^T - Dsum), dP^T = V dO^T */
-                    float dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                    for (int kk = 0; kk < KS; kk++) {
-                        uint32_t a[4], b0, b1;
-                        fa_frag_a(a, vbs, STRIDE, warp * 16, kk, g, t);
-                        fa_frag_b(b0, b1, gs, STRIDE, nt * 8, kk, g, t);
-                        mma_16816(dp, a[0], a[1], a[2], a[3], b0, b1);
-                    }
+                    float dp[4];
+                    fa_dot_rows<KS>(dp, vbs, gs, STRIDE, warp * 16, nt * 8, g, t);
                     const float da = s_ds[nt * 8 + 2 * t], db = s_ds[nt * 8 + 2 * t + 1];
                     pv[0] *= dp[0] - da, pv[1] *= dp[1] - db;
                     pv[2] *= dp[2] - da, pv[3] *= dp[3] - db;
@@ -490,15 +486,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
         }
     }
     const float f = DK ? scale : 1.0f;
-    bf16 *ob = dst + kvoff;
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) {
-        const int d = nd * 8 + 2 * t;
-        if (kr0 < Tk)
-            *(uint32_t *)(ob + (size_t)kr0 * kv_ld + d) = fa_pack(acc[nd][0] * f, acc[nd][1] * f);
-        if (kr1 < Tk)
-            *(uint32_t *)(ob + (size_t)kr1 * kv_ld + d) = fa_pack(acc[nd][2] * f, acc[nd][3] * f);
-    }
+    fa_store_rows<ND>(dst + kvoff, kv_ld, kr0, kr1, Tk, acc, f, f, t);
 }
 
 extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k,
