@@ -262,6 +262,15 @@ __device__ __forceinline__ void qmm_chunk(float (&acc)[MT][NT][4], const qmm_sta
     }
 }
 
+template <int MT, int NT> __device__ __forceinline__ void qmm_zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+}
+
 __device__ __forceinline__ void qmm_store(const qmm_params &p, int m, int n, float v) {
     bf16 *o = p.out + (size_t)m * p.N + n;
     if (p.bias) v += __bfloat162float(p.bias[n]);
@@ -341,12 +350,7 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
     const int span_limit = (p.K + 31) / 32;
 
     float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+    qmm_zero<MT, NT>(acc);
 
     const bf16 *xrow[MT][2];
     bool xok[MT][2];
@@ -439,12 +443,7 @@ __global__ void __launch_bounds__(QMM_SX_WARPS * 32) qmm_sx_kernel(qmm_params p)
     const int span_limit = (p.K + 31) / 32;
 
     float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.0f;
+    qmm_zero<MT, NT>(acc);
     bool xok[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) xok[mt][0] = xok[mt][1] = true;
@@ -513,10 +512,7 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_xs_kernel(qmm_params p) {
     const int span_limit = (p.K + 31) / 32;
 
     float acc[1][NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[0][j][e] = 0.0f;
+    qmm_zero<1, NT>(acc);
     bool xok[1][2];
     xok[0][0] = xok[0][1] = true;
 
