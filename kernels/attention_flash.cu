@@ -1,7 +1,8 @@
 /* attention_flash: causal GQA attention forward on tensor cores with an online softmax, the
  * FlashAttention-2 scheme (Dao 2023): scores stay in registers, nothing of size Tq x Tk is
- * written. An experiment beside attention_gemm.cu (RESAFE_CUDA_ATTENTION=flash selects it where
- * rs_cuda_attention_flash_fits; the default is unchanged until it is measured).
+ * written. The CUDA backend's default where rs_cuda_attention_flash_fits
+ * (RESAFE_CUDA_ATTENTION=gemm or fused select the older paths; measured 3.5x / 1.9x faster forward
+ * / backward than the gemm path on an H100 at the 7B DPO step's shape, README performance section).
  *
  * Same contract as attention.cu (backend.h): q, out [B, Tq, H, D]; k, v [B, Tk, Hkv, D];
  * q_pos[b * Tq + t] the query's position (-1: padding, a zero output row); a query at position p
@@ -9,8 +10,10 @@
  *
  * A block: 4 warps, 64 queries of one (sequence, head), 16 rows per warp; its Q rows live in
  * registers as m16n8k16 A fragments for the whole kernel. Key tiles of 64 go through shared
- * memory (rows padded to D + 8 bf16 so that the fragment reads of a warp hit 32 different banks)
- * up to the last key any of the block's queries sees; rows past it are written as zeros, so an
+ * memory (rows padded to D + 8 bf16 so that the fragment reads of a warp hit 32 different banks),
+ * double-buffered: cp.async copies the next K / V tile while the current one is computed (the
+ * synchronous copy of the first version took 3x the time), up to the last key any of the block's
+ * queries sees; rows past it are written as zeros, so an
  * unwritten cache row (NaN) is never multiplied (0 x NaN would be NaN). Per tile a warp computes
  * S = Q K^T (16 x 64, fp32 in registers), masks keys past each row's last key, updates the
  * running max m and sum l (exp2 with log2(e) folded into the scale), rounds P to bf16 (as
@@ -44,32 +47,59 @@ __device__ __forceinline__ uint32_t fa_pack(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-/* rows of a [rows, D] tile from global rows at stride ld (elements), zero where !valid */
+/* rows of a [64, D] tile from global rows at stride ld: cp.async copies of rows < n_valid, zeros
+ * past them (an unwritten cache row may be NaN, and 0 x NaN is NaN); no commit, no wait: the
+ * caller's fa_tile_sync (or its own wait) and a barrier make the tile visible. */
 template <int D>
 __device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, size_t ld, int first,
                                              int n_valid) {
     constexpr int STRIDE = D + 8, PIECES = D / 8;
     for (int idx = threadIdx.x; idx < FA_KEYS * PIECES; idx += blockDim.x) {
         const int r = idx / PIECES, c = (idx % PIECES) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r < n_valid) v = *(const uint4 *)(src + (size_t)(first + r) * ld + c);
-        *(uint4 *)(dst + r * STRIDE + c) = v;
+        if (r < n_valid)
+            cp_async16(dst + r * STRIDE + c, src + (size_t)(first + r) * ld + c);
+        else
+            *(uint4 *)(dst + r * STRIDE + c) = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
-/* The key tile from j0 into ks, vs (rows past block_last zero), between barriers (the previous
- * tile, or a staging, is no longer read; every thread of the block calls it); false: none of
- * this warp's rows (last keys last0, last1 across its lanes) sees the tile, skip it (a warp-wide
+/* every copy this thread started has landed, and (barrier) every thread's has */
+__device__ __forceinline__ void fa_tile_sync() {
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
+/* K / V tiles double-buffered in kv (4 tiles: K0 V0 K1 V1, FA_TILE<D> elements each): the tile of
+ * keys j0.. lives in buffer (j0 / FA_KEYS) & 1. */
+template <int D> constexpr int FA_TILE = FA_KEYS *(D + 8);
+
+template <int D> __device__ __forceinline__ bf16 *fa_kbuf(bf16 *kv, int j0) {
+    return kv + ((j0 / FA_KEYS) & 1) * 2 * FA_TILE<D>;
+}
+
+/* start copying the tile at j0 (rows past block_last zero) into its buffer; none past block_last */
+template <int D>
+__device__ __forceinline__ void fa_kv_load(bf16 *kv, const bf16 *kb, const bf16 *vb, size_t ld,
+                                           int j0, int block_last) {
+    if (j0 > block_last) return;
+    bf16 *kd = fa_kbuf<D>(kv, j0);
+    const int n_valid = min(FA_KEYS, block_last + 1 - j0);
+    fa_load_tile<D>(kd, kb, ld, j0, n_valid);
+    fa_load_tile<D>(kd + FA_TILE<D>, vb, ld, j0, n_valid);
+}
+
+/* The top of the key tile at j0 (every thread of the block calls it; the tile's copy was started
+ * by the previous call or the prologue): wait for it, then (after the barrier: every warp is done
+ * with the tile before, in the other buffer) start the next tile's copy. false: none of this
+ * warp's rows (last keys last0, last1 across its lanes) sees the tile, skip it (a warp-wide
  * test: the shuffles, ldmatrix and mma.sync after it need every lane). */
 template <int D>
-__device__ __forceinline__ bool fa_kv_tile(bf16 *ks, bf16 *vs, const bf16 *kb, const bf16 *vb,
-                                           size_t ld, int j0, int block_last, int last0,
-                                           int last1) {
-    __syncthreads();
-    const int n_valid = min(FA_KEYS, block_last + 1 - j0);
-    fa_load_tile<D>(ks, kb, ld, j0, n_valid);
-    fa_load_tile<D>(vs, vb, ld, j0, n_valid);
-    __syncthreads();
+__device__ __forceinline__ bool fa_kv_next(bf16 *kv, const bf16 *kb, const bf16 *vb, size_t ld,
+                                           int j0, int block_last, int last0, int last1) {
+    fa_tile_sync();
+    fa_kv_load<D>(kv, kb, vb, ld, j0 + FA_KEYS, block_last);
+    cp_async_commit();
     return __any_sync(0xffffffffu, last0 >= j0 || last1 >= j0);
 }
 
@@ -101,21 +131,29 @@ __device__ __forceinline__ void fa_store_rows(bf16 *base, size_t ld, int ra, int
     }
 }
 
-/* Fragments from a shared tile of row stride `stride` (bf16), lane = 4 g + t:
- * A of rows r0..r0+15, k-step kk along the row (k = 16 kk + ..); B of rows n0..n0+7 as the
- * n index, k along the row; B4 by ldmatrix.trans: k along 16 rows from k0, n = columns 8 nd ..
- * 8 nd + 15 (b[0], b[1] for n-tile nd, b[2], b[3] for nd + 1). */
-__device__ __forceinline__ void fa_frag_a(uint32_t (&a)[4], const bf16 *tile, int stride, int r0,
-                                          int kk, int g, int t) {
-    const bf16 *p0 = tile + (r0 + g) * stride + 16 * kk + 2 * t, *p1 = p0 + 8 * stride;
-    a[0] = *(const uint32_t *)p0, a[1] = *(const uint32_t *)p1;
-    a[2] = *(const uint32_t *)(p0 + 8), a[3] = *(const uint32_t *)(p1 + 8);
+__device__ __forceinline__ void fa_ldmatrix_x4(uint32_t (&r)[4], const bf16 *p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
-__device__ __forceinline__ void fa_frag_b(uint32_t &b0, uint32_t &b1, const bf16 *tile, int stride,
-                                          int n0, int kk, int g, int t) {
-    const bf16 *p = tile + (n0 + g) * stride + 16 * kk + 2 * t;
-    b0 = *(const uint32_t *)p, b1 = *(const uint32_t *)(p + 8);
+/* Fragments from a shared tile of row stride `stride` (bf16; rows 16-byte aligned, stride = 16
+ * mod 128 bytes, so the 8 row addresses of each ldmatrix phase hit distinct bank groups):
+ * A of rows r0..r0+15, k-step kk along the row (k = 16 kk + ..): a[0] rows r0 + 0..7, a[1]
+ * rows r0 + 8..15, a[2], a[3] the same at k + 8; B2: B of rows n0..n0+7 as the n index, k along
+ * the row, for the k-steps 2 kp (b[0], b[1]) and 2 kp + 1 (b[2], b[3]); B4 by ldmatrix.trans:
+ * k along 16 rows from k0, n = columns 8 nd .. 8 nd + 15 (b[0], b[1] for n-tile nd, b[2], b[3]
+ * for nd + 1). */
+__device__ __forceinline__ void fa_frag_a(uint32_t (&a)[4], const bf16 *tile, int stride, int r0,
+                                          int kk, int lane) {
+    fa_ldmatrix_x4(a, tile + (r0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * stride + 16 * kk +
+                          8 * (lane >> 4));
+}
+
+__device__ __forceinline__ void fa_frag_b2(uint32_t (&b)[4], const bf16 *tile, int stride, int n0,
+                                           int kp, int lane) {
+    fa_ldmatrix_x4(b, tile + (n0 + (lane & 7)) * stride + 32 * kp + 8 * (lane >> 3));
 }
 
 __device__ __forceinline__ void fa_frag_b4t(uint32_t (&b)[4], const bf16 *tile, int stride, int k0,
@@ -125,17 +163,34 @@ __device__ __forceinline__ void fa_frag_b4t(uint32_t (&b)[4], const bf16 *tile, 
 }
 
 /* c = the 16 x 8 block (rows ra.., columns nb..) of A B^T over the whole head, A and B rows of
- * shared tiles (stride STRIDE = D + 8, KS = D / 16 k-steps) */
+ * shared tiles (stride STRIDE = D + 8, KS = D / 16 k-steps), fragments by 32-bit shared loads
+ * (an ldmatrix form of this measured 13-22% slower in the backward on an H100, 2026-12-07) */
 template <int KS>
 __device__ __forceinline__ void fa_dot_rows(float (&c)[4], const bf16 *ta, const bf16 *tb,
-                                            int stride, int ra, int nb, int g, int t) {
+                                            int stride, int ra, int nb, int lane) {
+    const int g = lane >> 2, t = lane & 3;
     c[0] = c[1] = c[2] = c[3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
-        uint32_t a[4], b0, b1;
-        fa_frag_a(a, ta, stride, ra, kk, g, t);
-        fa_frag_b(b0, b1, tb, stride, nb, kk, g, t);
-        mma_16816(c, a[0], a[1], a[2], a[3], b0, b1);
+        const bf16 *p0 = ta + (ra + g) * stride + 16 * kk + 2 * t, *p1 = p0 + 8 * stride;
+        const bf16 *pb = tb + (nb + g) * stride + 16 * kk + 2 * t;
+        mma_16816(c, *(const uint32_t *)p0, *(const uint32_t *)p1, *(const uint32_t *)(p0 + 8),
+                  *(const uint32_t *)(p1 + 8), *(const uint32_t *)pb, *(const uint32_t *)(pb + 8));
+    }
+}
+
+/* S[nt] = Q K^T for the 8 keys n0.. (Q: the warp's A fragments of KS k-steps in registers) */
+template <int KS>
+__device__ __forceinline__ void fa_qk(float (&c)[4], const uint32_t (&qf)[KS][4], const bf16 *ks,
+                                      int stride, int n0, int lane) {
+    c[0] = c[1] = c[2] = c[3] = 0.0f;
+#pragma unroll
+    for (int kp = 0; kp < KS / 2; kp++) {
+        uint32_t b[4];
+        fa_frag_b2(b, ks, stride, n0, kp, lane);
+        mma_16816(c, qf[2 * kp][0], qf[2 * kp][1], qf[2 * kp][2], qf[2 * kp][3], b[0], b[1]);
+        mma_16816(c, qf[2 * kp + 1][0], qf[2 * kp + 1][1], qf[2 * kp + 1][2], qf[2 * kp + 1][3],
+                  b[2], b[3]);
     }
 }
 
@@ -149,8 +204,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                                float scale_log2, const bf16 *dout = NULL, float *lse = NULL,
                                float *dsum = NULL) {
     constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
-    __shared__ __align__(16) bf16 ks[FA_KEYS * STRIDE];
-    __shared__ __align__(16) bf16 vs[FA_KEYS * STRIDE];
+    extern __shared__ __align__(16) bf16 fa_smem[]; /* K / V double buffer (fa_kv_next) */
     __shared__ int s_last[FA_ROWS];
     const int b = blockIdx.z, h = blockIdx.y, hk = h / (H / Hkv), t0 = blockIdx.x * FA_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -161,21 +215,21 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 
     /* each query's last key (-1: none), the block's largest */
     fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
-    /* Q rows through the K buffer into registers (A fragments, KS k-steps of 16) */
-    fa_load_tile<D>(ks, qb, q_ld, t0, min(FA_ROWS, Tq - t0));
     __syncthreads();
     int block_last = -1;
     for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    /* Q rows through buffer 1's K slot into registers (A fragments, KS k-steps of 16), while the
+     * first key tile goes to buffer 0; the first fa_kv_next's barrier orders the fragment reads
+     * before the second tile's copy into buffer 1 */
+    const bf16 *qs = fa_smem + 2 * FA_TILE<D>;
+    fa_load_tile<D>(fa_smem + 2 * FA_TILE<D>, qb, q_ld, t0, min(FA_ROWS, Tq - t0));
+    fa_kv_load<D>(fa_smem, kb, vb, kv_ld, 0, block_last);
+    fa_tile_sync();
     const int r0 = warp * 16 + g, r1 = r0 + 8;
     const int last0 = s_last[r0], last1 = s_last[r1];
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-        const bf16 *q0 = ks + r0 * STRIDE + 16 * kk + 2 * t,
-                   *q1 = ks + r1 * STRIDE + 16 * kk + 2 * t;
-        qf[kk][0] = *(const uint32_t *)q0, qf[kk][1] = *(const uint32_t *)q1;
-        qf[kk][2] = *(const uint32_t *)(q0 + 8), qf[kk][3] = *(const uint32_t *)(q1 + 8);
-    }
+    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], qs, STRIDE, warp * 16, kk, lane);
 
     float o[ND][4];
 #pragma unroll
@@ -183,27 +237,23 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
-        if (!fa_kv_tile<D>(ks, vs, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
+        if (!fa_kv_next<D>(fa_smem, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
+        const bf16 *ks = fa_kbuf<D>(fa_smem, j0), *vs = ks + FA_TILE<D>;
 
         /* S = Q K^T: 8 n-tiles of 8 keys; B (k = d, n = key) straight from the K rows */
         float s[FA_KEYS / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const bf16 *kr = ks + (nt * 8 + g) * STRIDE + 2 * t;
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++)
-                mma_16816(s[nt], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
-                          *(const uint32_t *)(kr + 16 * kk), *(const uint32_t *)(kr + 16 * kk + 8));
-        }
-        /* mask, scale (log2 units), row max over the quad's lanes */
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) fa_qk<KS>(s[nt], qf, ks, STRIDE, nt * 8, lane);
+        /* mask (not needed where every row of the warp sees the whole tile), scale (log2
+         * units), row max over the quad's lanes */
         float mx0 = -INFINITY, mx1 = -INFINITY;
+        const bool full = __all_sync(0xffffffffu, j0 + FA_KEYS - 1 <= min(last0, last1));
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                const bool ok = j <= (e < 2 ? last0 : last1);
+                const bool ok = full || j <= (e < 2 ? last0 : last1);
                 s[nt][e] = ok ? s[nt][e] * scale_log2 : -INFINITY;
                 if (e < 2)
                     mx0 = fmaxf(mx0, s[nt][e]);
@@ -220,9 +270,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
         const float al0 = exp2f(m0 - b0), al1 = exp2f(m1 - b1); /* exp2(-inf) = 0 */
         m0 = mn0, m1 = mn1;
         l0 *= al0, l1 *= al1;
+        if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) /* else: x 1 changes nothing */
 #pragma unroll
-        for (int nd = 0; nd < ND; nd++)
-            o[nd][0] *= al0, o[nd][1] *= al0, o[nd][2] *= al1, o[nd][3] *= al1;
+            for (int nd = 0; nd < ND; nd++)
+                o[nd][0] *= al0, o[nd][1] *= al0, o[nd][2] *= al1, o[nd][3] *= al1;
         uint32_t pf[FA_KEYS / 16][4];
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; nt++) {
@@ -307,8 +358,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                               const float *dsum, int Tq, int Tk, int H, int Hkv, float scale,
                               float scale_log2) {
     constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
-    extern __shared__ __align__(16) bf16 fa_smem[];
-    bf16 *ks = fa_smem, *vs = ks + FA_KEYS * STRIDE, *gs = vs + FA_KEYS * STRIDE;
+    extern __shared__ __align__(16) bf16 fa_smem[]; /* K / V double buffer, then dO */
+    bf16 *gs = fa_smem + 4 * FA_TILE<D>;
     __shared__ int s_last[FA_ROWS];
     const int b = blockIdx.z, h = blockIdx.y, hk = h / (H / Hkv), t0 = blockIdx.x * FA_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -318,12 +369,17 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
 
     fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
-    const int n_rows = min(FA_ROWS, Tq - t0);
-    fa_load_tile<D>(ks, q + qoff, q_ld, t0, n_rows);    /* Q, staged for the registers */
-    fa_load_tile<D>(gs, dout + qoff, q_ld, t0, n_rows); /* dO, for the whole kernel */
     __syncthreads();
     int block_last = -1;
     for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    const int n_rows = min(FA_ROWS, Tq - t0);
+    /* Q staged in buffer 1's K slot for the registers (as in the forward), dO for the whole
+     * kernel, the first key tile in buffer 0 */
+    const bf16 *qs = fa_smem + 2 * FA_TILE<D>;
+    fa_load_tile<D>(fa_smem + 2 * FA_TILE<D>, q + qoff, q_ld, t0, n_rows);
+    fa_load_tile<D>(gs, dout + qoff, q_ld, t0, n_rows);
+    fa_kv_load<D>(fa_smem, kb, vb, kv_ld, 0, block_last);
+    fa_tile_sync();
     const int r0 = warp * 16 + g, r1 = r0 + 8;
     const int last0 = s_last[r0], last1 = s_last[r1];
     const size_t srow = ((size_t)b * H + h) * Tq + t0;
@@ -333,27 +389,23 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const float ds1 = t0 + r1 < Tq ? dsum[srow + r1] : 0.0f;
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], ks, STRIDE, warp * 16, kk, g, t);
+    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], qs, STRIDE, warp * 16, kk, lane);
 
     float acc[ND][4];
 #pragma unroll
     for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
-        if (!fa_kv_tile<D>(ks, vs, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
+        if (!fa_kv_next<D>(fa_smem, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
+        const bf16 *ks = fa_kbuf<D>(fa_smem, j0), *vs = ks + FA_TILE<D>;
 
         /* S = Q K^T -> P (masked, bf16) */
         uint32_t pf[FA_KEYS / 16][4];
         float pv[FA_KEYS / 8][4];
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-            float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t b0, b1;
-                fa_frag_b(b0, b1, ks, STRIDE, nt * 8, kk, g, t);
-                mma_16816(sc, qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b0, b1);
-            }
+            float sc[4];
+            fa_qk<KS>(sc, qf, ks, STRIDE, nt * 8, lane);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + nt * 8 + 2 * t + (e & 1);
@@ -365,7 +417,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 #pragma unroll
         for (int nt = 0; nt < FA_KEYS / 8; nt++) {
             float dp[4];
-            fa_dot_rows<KS>(dp, gs, vs, STRIDE, warp * 16, nt * 8, g, t);
+            fa_dot_rows<KS>(dp, gs, vs, STRIDE, warp * 16, nt * 8, lane);
             pf[nt >> 1][(nt & 1) * 2 + 0] =
                 fa_pack(pv[nt][0] * (dp[0] - ds0), pv[nt][1] * (dp[1] - ds0));
             pf[nt >> 1][(nt & 1) * 2 + 1] =
@@ -417,6 +469,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const int n_keys = max(0, min(FA_KEYS, seq_last + 1 - j0));
     fa_load_tile<D>(kbs, k + kvoff, kv_ld, j0, n_keys);
     fa_load_tile<D>(vbs, v + kvoff, kv_ld, j0, n_keys);
+    cp_async_commit();
+    cp_async_wait<0>(); /* the barrier at the top of the query loop makes it visible */
     const int kr0 = j0 + warp * 16 + g, kr1 = kr0 + 8; /* this lane's two keys */
 
     float acc[ND][4];
@@ -446,7 +500,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             if (tile_last < j0) continue; /* no query of the tile sees the block (uniform) */
             fa_load_tile<D>(qs, q + qoff, q_ld, i0, n_rows);
             fa_load_tile<D>(gs, dout + qoff, q_ld, i0, n_rows);
-            __syncthreads();
+            fa_tile_sync();
             if (tile_last < j0 + warp * 16) continue; /* none sees this warp's keys (uniform) */
 
             /* S^T = K Q^T (rows: the warp's keys, columns: the tile's queries) -> P^T */
@@ -454,7 +508,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 #pragma unroll
             for (int nt = 0; nt < FA_ROWS / 8; nt++) {
                 float sc[4];
-                fa_dot_rows<KS>(sc, kbs, qs, STRIDE, warp * 16, nt * 8, g, t);
+                fa_dot_rows<KS>(sc, kbs, qs, STRIDE, warp * 16, nt * 8, lane);
                 float pv[4];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -463,7 +517,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 }
                 if constexpr (DK) { /* dS^T = P^T (dP^T - Dsum), dP^T = V dO^T */
                     float dp[4];
-                    fa_dot_rows<KS>(dp, vbs, gs, STRIDE, warp * 16, nt * 8, g, t);
+                    fa_dot_rows<KS>(dp, vbs, gs, STRIDE, warp * 16, nt * 8, lane);
                     const float da = s_ds[nt * 8 + 2 * t], db = s_ds[nt * 8 + 2 * t + 1];
                     pv[0] *= dp[0] - da, pv[1] *= dp[1] - db;
                     pv[2] *= dp[2] - da, pv[3] *= dp[3] - db;
@@ -489,19 +543,47 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     fa_store_rows<ND>(dst + kvoff, kv_ld, kr0, kr1, Tk, acc, f, f, t);
 }
 
+/* Shared memory of each kernel (dynamic, bytes): the forward 4 tiles (the K / V double buffer),
+ * dQ 5 (and dO), dK / dV 4 (K, V, Q, dO) of 64 x (D + 8) bf16: 70 / 87 / 70 KB at D = 128. The
+ * opt-in above 48 KB is set once per instantiation (one GPU per process). */
+template <int D> constexpr int FA_SMEM_FWD = 4 * FA_TILE<D> *(int)sizeof(bf16);
+template <int D> constexpr int FA_SMEM_DQ = 5 * FA_TILE<D> *(int)sizeof(bf16);
+template <int D> constexpr int FA_SMEM_DKV = 4 * FA_TILE<D> *(int)sizeof(bf16);
+
+template <int D> static void fa_set_smem() {
+    static bool done = false;
+    if (done) return;
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, false>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DQ<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, false>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
+    done = true;
+}
+
+template <int D>
+static void fa_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k, const bf16 *v,
+                   const int32_t *q_pos, int B, int Tq, int Tk, int H, int Hkv, float scale) {
+    fa_set_smem<D>();
+    const dim3 grid((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)H, (unsigned)B);
+    attention_flash_fwd_kernel<D><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
+        out, q, k, v, q_pos, Tq, Tk, H, Hkv, scale * 1.4426950408889634f);
+    CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel");
+}
+
 extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k,
                                             const bf16 *v, const int32_t *q_pos, int B, int Tq,
                                             int Tk, int n_heads, int n_kv_heads, int head_dim,
                                             float scale) {
-    const dim3 grid((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)n_heads, (unsigned)B);
-    const float scale_log2 = scale * 1.4426950408889634f;
     if (head_dim == 128)
-        attention_flash_fwd_kernel<128><<<grid, FA_WARPS * 32, 0, s>>>(
-            out, q, k, v, q_pos, Tq, Tk, n_heads, n_kv_heads, scale_log2);
+        fa_fwd<128>(s, out, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
     else
-        attention_flash_fwd_kernel<64><<<grid, FA_WARPS * 32, 0, s>>>(
-            out, q, k, v, q_pos, Tq, Tk, n_heads, n_kv_heads, scale_log2);
-    CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel");
+        fa_fwd<64>(s, out, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
 }
 
 extern "C" size_t rs_cuda_attention_flash_bwd_scratch_bytes(int B, int Tq, int n_heads) {
@@ -512,34 +594,21 @@ template <int D>
 static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
                    const bf16 *k, const bf16 *v, const int32_t *q_pos, int B, int Tq, int Tk, int H,
                    int Hkv, float scale, float *lse) {
-    constexpr size_t tile = (size_t)FA_KEYS * (D + 8) * sizeof(bf16);
-    static bool attr_set = false; /* once per instantiation (one GPU per process) */
-    if (!attr_set) {
-        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)(3 * tile)));
-        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)(4 * tile)));
-        CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)(4 * tile)));
-        attr_set = true;
-    }
+    fa_set_smem<D>();
     const float sl = scale * 1.4426950408889634f;
     float *dsum = lse + (size_t)B * H * Tq;
     const dim3 gq((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)H, (unsigned)B);
     const dim3 gk((unsigned)((Tk + FA_KEYS - 1) / FA_KEYS), (unsigned)Hkv, (unsigned)B);
-    attention_flash_fwd_kernel<D, true>
-        <<<gq, FA_WARPS * 32, 0, s>>>(NULL, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, dout, lse, dsum);
+    attention_flash_fwd_kernel<D, true><<<gq, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
+        NULL, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, dout, lse, dsum);
     CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel (stats)");
-    attention_flash_dq_kernel<D><<<gq, FA_WARPS * 32, 3 * tile, s>>>(
+    attention_flash_dq_kernel<D><<<gq, FA_WARPS * 32, FA_SMEM_DQ<D>, s>>>(
         dq, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dq_kernel");
-    attention_flash_dkv_kernel<D, false><<<gk, FA_WARPS * 32, 4 * tile, s>>>(
+    attention_flash_dkv_kernel<D, false><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
         dv, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dv)");
-    attention_flash_dkv_kernel<D, true><<<gk, FA_WARPS * 32, 4 * tile, s>>>(
+    attention_flash_dkv_kernel<D, true><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
         dk, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dk)");
 }

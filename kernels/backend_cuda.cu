@@ -306,20 +306,23 @@ static void cuda_rope_fwd(void *x, const int32_t *pos, const float *inv_freq, in
     PROF_END("rope_fwd");
 }
 
-/* Which attention kernels run: RESAFE_CUDA_ATTENTION = gemm (tensor-core path where the shape
- * fits), fused (the online-softmax kernels always), flash (forward and backward through
- * attention_flash.cu where it fits, else as unset: an experiment) or
- * unset (auto: gemm where it fits). Read at every call, so a test can compare the paths in one
- * process. */
-static int use_attention_gemm(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
+/* Which attention kernels run: RESAFE_CUDA_ATTENTION = flash or unset (the default: the fused
+ * FlashAttention-2 kernels of attention_flash.cu where the shape fits, Tq >= 16 and head_dim 64
+ * or 128; else as gemm), gemm (the tensor-core path of attention_gemm.cu where the shape fits,
+ * else fused), fused (the online-softmax kernels of attention.cu always). Read at every call,
+ * so a test can compare the paths in one process. */
+static const char *attention_mode(void) {
     const char *mode = getenv("RESAFE_CUDA_ATTENTION");
-    if (mode && strcmp(mode, "fused") == 0) return 0;
+    return mode && mode[0] ? mode : "flash";
+}
+
+static int use_attention_gemm(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
+    if (strcmp(attention_mode(), "fused") == 0) return 0;
     return rs_cuda_attention_gemm_fits(Tq, Tk, n_heads, n_kv_heads, head_dim);
 }
 
 static int use_attention_flash(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
-    const char *mode = getenv("RESAFE_CUDA_ATTENTION");
-    return mode && strcmp(mode, "flash") == 0 &&
+    return strcmp(attention_mode(), "flash") == 0 &&
            rs_cuda_attention_flash_fits(Tq, Tk, n_heads, n_kv_heads, head_dim);
 }
 
@@ -483,11 +486,11 @@ static void cuda_logprob_bwd(void *dlogits, const float *dlogp, const void *logi
 }
 
 static void cuda_lora_fwd(void *y, float *xa, const void *x, const float *A, const float *B, int n,
-                          int k, int m, int r, float scale) {
+                          int k, int m, int r, float scale, float beta) {
     PROF_BEGIN;
     void *scratch = op_scratch(rs_cuda_lora_scratch_bytes(n, k, m, r));
     rs_cuda_lora_fwd(g_cuda.stream, g_cuda.cublas, (bf16 *)y, xa, (const bf16 *)x, A, B, n, k, m,
-                     r, scale, scratch);
+                     r, scale, beta, scratch);
     PROF_END("lora_fwd");
 }
 

@@ -44,11 +44,16 @@ static void to_bf16(cudaStream_t s, bf16 *dst, const float *src, size_t n) {
     rs_cuda_convert_from_f32(s, dst, RS_BF16, src, n);
 }
 
-/* xa[n, r] = x A^T (fp32 out); y[n, m] += scale bf16(xa) B^T (one rounding of y). */
+/* xa[n, r] = x A^T (fp32 out); y[n, m] = beta y + scale bf16(xa) B^T (one rounding of y; beta 0:
+ * y not read). */
 void rs_cuda_lora_fwd(cudaStream_t s, cublasHandle_t h, bf16 *y, float *xa, const bf16 *x,
                       const float *A, const float *B, int n, int k, int m, int r, float scale,
-                      void *scratch) {
-    if (n <= 0 || r <= 0 || k <= 0 || m <= 0) return;
+                      float beta, void *scratch) {
+    if (n <= 0 || m <= 0) return;
+    if (r <= 0 || k <= 0) {
+        rs_cuda_scale_bf16(s, y, (size_t)n * m, beta);
+        return;
+    }
     lora_scratch w = carve(scratch, n, k, m, r);
     float *xa_out = xa ? xa : w.dyB;
     to_bf16(s, w.A, A, (size_t)r * k);
@@ -57,7 +62,7 @@ void rs_cuda_lora_fwd(cudaStream_t s, cublasHandle_t h, bf16 *y, float *xa, cons
                     CUDA_R_16BF, k, 0.0f, xa_out, CUDA_R_32F, r);
     to_bf16(s, w.xa, xa_out, (size_t)n * r);
     rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, m, r, scale, w.xa, CUDA_R_16BF, r, w.B,
-                    CUDA_R_16BF, r, 1.0f, y, CUDA_R_16BF, m);
+                    CUDA_R_16BF, r, beta, y, CUDA_R_16BF, m);
 }
 
 /* dyB = dy B [n, r]; dx = beta dx + scale dyB A; dA += scale dyB^T x; dB += scale dy^T xa. */

@@ -398,19 +398,6 @@ __global__ void __launch_bounds__(QMM_WARPS * 32) qmm_kernel(qmm_params p) {
 #define QMM_SX_WARPS 8
 #define QMM_SX_STRIDE 160
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
-}
-/* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
- * or a wait (other threads' copies are seen after the wait and the barrier that follows it). */
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* Chunk c of the block's MT x 16 rows of X into xs (rows past M zero), without a commit. */
 template <int MT>
 __device__ __forceinline__ void qmm_sx_copy(bf16 *xs, const qmm_params &p, int m_base, int c) {

@@ -136,5 +136,5 @@ void rs_model_adapter_fwd(rs_model *m, int layer, int i, void *y, const void *x,
                           lin->out, 1.0f);
     else
         m->be->lora_fwd(y, m->act.lora_xa, x, lin->A, lin->B, n, lin->in, lin->out, l->rank,
-                        l->scale);
+                        l->scale, 1.0f);
 }

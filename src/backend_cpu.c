@@ -548,15 +548,16 @@ static void cpu_logprob_bwd(void *dlogits_, const float *dlogp, const void *logi
 
 /* ---------------------------------------------------------------- LoRA */
 
-/* y[i, :] += scale * B xa[i, :] with xa[i, :] = A x[i, :] (A [r, k], B [m, r]). */
+/* y[i, :] = beta y[i, :] + scale * B xa[i, :] with xa[i, :] = A x[i, :] (A [r, k], B [m, r]). */
 static void cpu_lora_fwd(void *y_, float *xa, const void *x_, const float *A, const float *B, int n,
-                         int k, int m, int r, float scale) {
+                         int k, int m, int r, float scale, float beta) {
     float *y = y_;
     const float *x = x_;
 #pragma omp parallel for schedule(static) if (PARALLEL((size_t)n * r * (k + m)))
     for (int i = 0; i < n; i++) {
         float *xai = xa + (size_t)i * r;
         for (int a = 0; a < r; a++) xai[a] = dot(x + (size_t)i * k, A + (size_t)a * k, k);
+        start_row_beta(y + (size_t)i * m, m, beta);
         for (int j = 0; j < m; j++) y[(size_t)i * m + j] += scale * dot(B + (size_t)j * r, xai, r);
     }
 }

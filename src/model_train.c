@@ -152,7 +152,10 @@ static const void *merged_weight(const pass *p, const rs_lora_linear *a, const l
     return p->s->w_eff;
 }
 
-/* out = beta * out + x W^T + b, plus the adapter of (l, t) when it is on. */
+/* out = beta * out + x W^T + b, plus the adapter of (l, t) when it is on. The adapter goes
+ * first and the frozen product accumulates onto it: the adapter's rank-r product is bound by the
+ * bytes of out (reading them as well costs a pass over out), the frozen one by its flops (its
+ * read of out hides behind them). */
 static void project(const pass *p, int l, rs_lora_target t, void *out, const void *x, float beta,
                     float *xa) {
     linear_ref r = linear_at(p, l, t);
@@ -161,10 +164,12 @@ static void project(const pass *p, int l, rs_lora_target t, void *out, const voi
         p->be->linear_fwd(out, x, merged_weight(p, a, &r), r.b, p->n, r.in, r.out, beta);
         return;
     }
-    rs_linear_fwd(p->be, out, x, r.w, r.q, r.b, p->n, r.in, r.out, beta);
-    if (a)
+    if (a) {
         p->be->lora_fwd(out, xa, adapter_input(p, l, t, x, r.in), a->A, a->B, p->n, r.in, r.out,
-                        p->lora->rank, p->lora->scale);
+                        p->lora->rank, p->lora->scale, beta);
+        beta = 1.0f;
+    }
+    rs_linear_fwd(p->be, out, x, r.w, r.q, r.b, p->n, r.in, r.out, beta);
 }
 
 /* Elementwise mode: the full weight gradient of this backward (scratch), turned into dA, dB;
@@ -180,16 +185,16 @@ static void elementwise_bwd(const pass *p, const rs_lora_linear *a, const linear
     if (r->dw) be->linear_bwd(NULL, r->dw, NULL, dout, x, w_eff, p->n, r->in, r->out, 0.0f);
 }
 
-/* dA, dB of scale * B A drop(x), and dx += its input gradient (dx may be NULL). The dropout
- * mask is regenerated from the forward's seed. */
+/* dA, dB of scale * B A drop(x), and dx = beta * dx + its input gradient (dx may be NULL;
+ * beta must be 1 with dropout). The dropout mask is regenerated from the forward's seed. */
 static void adapter_bwd(const pass *p, int l, rs_lora_target t, const rs_lora_linear *a,
-                        const linear_ref *r, void *dx, const void *dout, const void *x,
+                        const linear_ref *r, void *dx, float beta, const void *dout, const void *x,
                         const float *xa) {
     const rs_backend *be = p->be;
     const rs_lora *lo = p->lora;
     if (!p->dropout_on) {
         be->lora_bwd(dx, a->dA, a->dB, dout, x, xa, a->A, a->B, p->n, r->in, r->out, lo->rank,
-                     lo->scale, 1.0f);
+                     lo->scale, beta);
         return;
     }
     size_t n_in = (size_t)p->n * r->in;
@@ -203,7 +208,8 @@ static void adapter_bwd(const pass *p, int l, rs_lora_target t, const rs_lora_li
 }
 
 /* Backward of project(): dx = beta * dx + dout W_eff (dx NULL: not wanted) and the gradients
- * this pass wants. */
+ * this pass wants. Without dropout the adapter's input gradient goes first and the frozen one
+ * accumulates onto it, for project()'s reason (the rank-r product is bound by dx's bytes). */
 static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float beta,
                         const void *dout, const void *x, const float *xa) {
     linear_ref r = linear_at(p, l, t);
@@ -212,6 +218,11 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
         elementwise_bwd(p, a, &r, dx, beta, dout, x);
         return;
     }
+    const int adapter_first = a && !p->dropout_on;
+    if (adapter_first) {
+        adapter_bwd(p, l, t, a, &r, dx, beta, dout, x, xa);
+        beta = 1.0f;
+    }
     if (r.q) {
         /* frozen quantized weight: dx through qmatmul_t; dW (SNIP) and db need only x, dout */
         if (dx) p->be->qmatmul_t(dx, dout, r.q, p->n, beta);
@@ -219,7 +230,7 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
     } else {
         p->be->linear_bwd(dx, r.dw, r.db, dout, x, r.w, p->n, r.in, r.out, beta);
     }
-    if (a) adapter_bwd(p, l, t, a, &r, dx, dout, x, xa);
+    if (a && !adapter_first) adapter_bwd(p, l, t, a, &r, dx, 1.0f, dout, x, xa);
 }
 
 /* ---------------------------------------------------------------- forward */

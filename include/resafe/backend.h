@@ -142,9 +142,10 @@ typedef struct rs_backend {
                         const int32_t *targets, int n, int vocab);
 
     /* ---- LoRA (trainable A [r, k], B [m, r] in fp32; W frozen)
-     * y[n, m] += scale * (x A^T) B^T; xa[n, r] (fp32) keeps x A^T for backward. */
+     * y[n, m] = beta * y + scale * (x A^T) B^T (beta 0: y is not read); xa[n, r] (fp32) keeps
+     * x A^T for backward. */
     void (*lora_fwd)(void *y, float *xa, const void *x, const float *A, const float *B, int n,
-                     int k, int m, int r, float scale);
+                     int k, int m, int r, float scale, float beta);
     /* dx = beta*dx + scale * (dy B) A (may be NULL); dA += scale * (dy B)^T x;
      * dB += scale * dy^T xa. */
     void (*lora_bwd)(void *dx, float *dA, float *dB, const void *dy, const void *x,

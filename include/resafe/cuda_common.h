@@ -83,6 +83,21 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+/* cp.async (sm_80+): a 16-byte global -> shared copy that does not wait for its data; commit
+ * closes a group of copies, wait<N> waits until at most N groups are in flight. */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem) : "memory");
+}
+/* "memory" clobbers: the compiler must not move shared-memory accesses across a copy, a commit
+ * or a wait (other threads' copies are seen after the wait and the barrier that follows it). */
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /* Block-wide sum for blocks of whole warps (at most 1024 threads); every thread gets the result.
  * scratch holds 32 values. Ends with a barrier, so scratch may be reused right after. */
 template <typename T> __device__ __forceinline__ T rs_block_sum(T v, T *scratch) {
@@ -230,7 +245,7 @@ void rs_cuda_logprob_bwd(cudaStream_t s, bf16 *dlogits, const float *dlogp, cons
 size_t rs_cuda_lora_scratch_bytes(int n, int k, int m, int r);
 void rs_cuda_lora_fwd(cudaStream_t s, cublasHandle_t h, bf16 *y, float *xa, const bf16 *x,
                       const float *A, const float *B, int n, int k, int m, int r, float scale,
-                      void *scratch);
+                      float beta, void *scratch);
 void rs_cuda_lora_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dA, float *dB,
                       const bf16 *dy, const bf16 *x, const float *xa, const float *A,
                       const float *B, int n, int k, int m, int r, float scale, float beta,

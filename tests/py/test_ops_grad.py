@@ -390,14 +390,17 @@ def lora_case(rng):
     return n, k, m, r, scale, normal(rng, n, k), normal(rng, r, k), normal(rng, m, r)
 
 
-def test_lora_fwd_adds_scaled_low_rank_product(tmp_path, rng):
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_lora_fwd_adds_scaled_low_rank_product(tmp_path, rng, beta):
+    """y = beta y + scale (x A^T) B^T; beta 0 on a NaN-poisoned y (y is not read)."""
     n, k, m, r, scale, x, A, B = lora_case(rng)
-    y0 = normal(rng, n, m)
+    y0 = nan(n, m) if beta == 0.0 else normal(rng, n, m)
     got = run_op(tmp_path, "lora_fwd", {"y": y0, "xa": nan(n, r), "x": x, "A": A, "B": B},
-                 n=n, k=k, m=m, r=r, scale=scale)
+                 n=n, k=k, m=m, r=r, scale=scale, beta=beta)
     xa = t64(x) @ t64(A).T
     check("lora_fwd xa", got["xa"], xa.numpy())
-    check("lora_fwd y", got["y"], y0 + scale * (xa @ t64(B).T).numpy())
+    want = scale * (xa @ t64(B).T).numpy()
+    check("lora_fwd y", got["y"], want if beta == 0.0 else beta * y0 + want)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, None], ids=["overwrite", "accumulate", "no_dx"])

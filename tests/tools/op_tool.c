@@ -151,7 +151,8 @@ static void op_logprob_bwd(op_ctx *c) {
 static void op_lora_fwd(op_ctx *c) {
     int n = iparam(c, "n"), k = iparam(c, "k"), m = iparam(c, "m"), r = iparam(c, "r");
     c->be->lora_fwd(req_f32(c, "y", (size_t)n * m), req_f32(c, "xa", (size_t)n * r), req_f32(c, "x", (size_t)n * k),
-                    req_f32(c, "A", (size_t)r * k), req_f32(c, "B", (size_t)m * r), n, k, m, r, fparam(c, "scale"));
+                    req_f32(c, "A", (size_t)r * k), req_f32(c, "B", (size_t)m * r), n, k, m, r, fparam(c, "scale"),
+                    fparam(c, "beta"));
 }
 
 static void op_lora_bwd(op_ctx *c) {

@@ -20,6 +20,11 @@
  *       Device-to-device copy bandwidth (GB/s) and cuBLAS bf16 GEMM TFLOP/s (8192^3).
  *   qmm_tool probe N K M[,M...]
  *       W4 g128: the fused kernel's timing probes (what bounds it), one JSON line each.
+ *   qmm_tool attn B T H HKV D
+ *       The causal attention forward and backward (the backend ops, a training shape: B
+ *       sequences of T tokens, H query and HKV kv heads of width D) under each
+ *       RESAFE_CUDA_ATTENTION mode (gemm, flash, fused): one JSON line per mode, microseconds
+ *       per call (stream events around 10 calls after 2 warm-up calls).
  * Env RESAFE_QMM_PROBE=depth,probe,blocks_per_sm,reduce sets a probe launch (rs_cuda_qmm_probe)
  * before any command: check then tests it (e.g. "1,1,0,0", the load-only probe: wrong values).
  * Exit 77 when there is no GPU (tests skip). */
@@ -549,8 +554,77 @@ static int cmd_roofline(void) {
     return 0;
 }
 
+/* ---------------------------------------------------------------- attention timing */
+static int cmd_attn(int argc, char **argv) {
+    RS_CHECK(argc == 7, "usage: qmm_tool attn B T H HKV D");
+    const int B = atoi(argv[2]), T = atoi(argv[3]), H = atoi(argv[4]), Hkv = atoi(argv[5]);
+    const int D = atoi(argv[6]);
+    RS_CHECK(B > 0 && T > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && D % 8 == 0,
+             "qmm_tool attn: bad shape B=%d T=%d H=%d HKV=%d D=%d", B, T, H, Hkv, D);
+    const size_t nq = (size_t)B * T * H * D, nkv = (size_t)B * T * Hkv * D;
+    float *h = malloc(nq * sizeof(float));
+    int32_t *pos = malloc((size_t)B * T * sizeof(int32_t));
+    RS_CHECK(h && pos, "qmm_tool attn: out of memory");
+    rs_rng r;
+    rs_rng_seed(&r, 9);
+    void *buf[7];
+    for (int i = 0; i < 7; i++) { /* q, k, v, out, dout, dq, dk (dv below) */
+        size_t n = i == 1 || i == 2 || i == 6 ? nkv : nq;
+        fill_normal(&r, h, n, 1.0f, 1);
+        buf[i] = dev_upload(h, n);
+    }
+    void *dv = g_be->alloc(nkv * 2);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) pos[(size_t)b * T + t] = t;
+    void *dpos = g_be->alloc((size_t)B * T * sizeof(int32_t));
+    g_be->to_device(dpos, pos, (size_t)B * T * sizeof(int32_t));
+    const float scale = 1.0f / sqrtf((float)D);
+    cudaStream_t s = (cudaStream_t)rs_cuda_stream_handle();
+    cudaEvent_t e0, e1, e2;
+    CU(cudaEventCreate(&e0));
+    CU(cudaEventCreate(&e1));
+    CU(cudaEventCreate(&e2));
+    const char *modes[3] = {"gemm", "flash", "fused"};
+    for (int mi = 0; mi < 3; mi++) {
+        setenv("RESAFE_CUDA_ATTENTION", modes[mi], 1);
+        float ms_f = 0, ms_b = 0;
+        for (int rep = 0; rep < 3; rep++) { /* 0: warm-up, the best of 1..2 */
+            const int n = rep == 0 ? 2 : 10;
+            CU(cudaEventRecord(e0, s));
+            for (int i = 0; i < n; i++)
+                g_be->attention_fwd(buf[3], buf[0], buf[1], buf[2], dpos, B, T, T, H, Hkv, D,
+                                    scale);
+            CU(cudaEventRecord(e1, s));
+            for (int i = 0; i < n; i++)
+                g_be->attention_bwd(buf[5], buf[6], dv, buf[4], buf[0], buf[1], buf[2], dpos, B,
+                                    T, T, H, Hkv, D, scale);
+            CU(cudaEventRecord(e2, s));
+            CU(cudaEventSynchronize(e2));
+            float a, b;
+            CU(cudaEventElapsedTime(&a, e0, e1));
+            CU(cudaEventElapsedTime(&b, e1, e2));
+            if (rep == 1 || (rep == 2 && a < ms_f)) ms_f = a;
+            if (rep == 1 || (rep == 2 && b < ms_b)) ms_b = b;
+        }
+        const double flops = 2.0 * 2.0 * B * H * (double)T * (T + 1) / 2.0 * D; /* causal */
+        printf("{\"mode\": \"%s\", \"B\": %d, \"T\": %d, \"H\": %d, \"Hkv\": %d, \"D\": %d, "
+               "\"fwd_us\": %.1f, \"bwd_us\": %.1f, \"fwd_tflops\": %.1f, "
+               "\"bwd_tflops\": %.1f}\n",
+               modes[mi], B, T, H, Hkv, D, ms_f * 100.0, ms_b * 100.0,
+               flops / (ms_f * 1e-4) / 1e12, 2.5 * flops / (ms_b * 1e-4) / 1e12);
+    }
+    unsetenv("RESAFE_CUDA_ATTENTION");
+    CU(cudaEventDestroy(e0));
+    CU(cudaEventDestroy(e1));
+    CU(cudaEventDestroy(e2));
+    for (int i = 0; i < 7; i++) g_be->free(buf[i]);
+    g_be->free(dv), g_be->free(dpos);
+    free(h), free(pos);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    RS_CHECK(argc >= 2, "usage: qmm_tool check|bench|roofline|probe ...");
+    RS_CHECK(argc >= 2, "usage: qmm_tool check|bench|roofline|probe|attn ...");
     g_be = rs_backend_cuda();
     if (!g_be) {
         fprintf(stderr, "qmm_tool: no CUDA device\n");
@@ -569,6 +643,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc, argv);
     if (strcmp(argv[1], "roofline") == 0) return cmd_roofline();
     if (strcmp(argv[1], "probe") == 0) return cmd_probe(argc, argv);
+    if (strcmp(argv[1], "attn") == 0) return cmd_attn(argc, argv);
     RS_DIE("qmm_tool: unknown command %s", argv[1]);
     return 1;
 }

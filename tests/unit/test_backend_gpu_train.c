@@ -514,9 +514,9 @@ typedef struct {
 } lora_case;
 
 /* fwd: xa = x A^T with A rounded to bf16 (2^-9 relative per product) and fp32 sums: 2^-8 of
- * sum|x A|. y = y0 + scale bf16(xa) bf16(B)^T: operands off by 2^-9 each (2^-7 of
- * scale sum_a |B xa|, doubled) plus xa's own error (scale sum_a |B| tol_xa); 2^-8 |y0| for
- * cuBLAS's beta path; bf16 store. */
+ * sum|x A|. y = beta y0 + scale bf16(xa) bf16(B)^T: operands off by 2^-9 each (2^-7 of
+ * scale sum_a |B xa|, doubled) plus xa's own error (scale sum_a |B| tol_xa); 2^-8 |beta y0| for
+ * cuBLAS's beta path; bf16 store. beta 0: y starts as NaN on both sides (it must not be read). */
 static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora_case *c) {
     size_t nk = (size_t)c->n * c->k, nm = (size_t)c->n * c->m, nr = (size_t)c->n * c->r;
     float *x = random_bf16(r, nk, 0.0f, 1.0f), *y0 = random_bf16(r, nm, 0.0f, 1.0f);
@@ -525,10 +525,11 @@ static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora
     float *y[2], *xa[2];
     for (int s = 0; s < 2; s++) {
         const rs_backend *be = bes[s];
-        void *xd = upload(be, ACT(be), x, nk), *yd = upload(be, ACT(be), y0, nm);
+        void *xd = upload(be, ACT(be), x, nk);
+        void *yd = c->beta == 0.0f ? upload_nan(be, ACT(be), nm) : upload(be, ACT(be), y0, nm);
         float *Ad = upload(be, RS_F32, A, (size_t)c->r * c->k);
         float *Bd = upload(be, RS_F32, B, (size_t)c->m * c->r), *xad = upload_nan(be, RS_F32, nr);
-        be->lora_fwd(yd, xad, xd, Ad, Bd, c->n, c->k, c->m, c->r, c->scale);
+        be->lora_fwd(yd, xad, xd, Ad, Bd, c->n, c->k, c->m, c->r, c->scale, c->beta);
         y[s] = download(be, yd, ACT(be), nm);
         xa[s] = download(be, xad, RS_F32, nr);
         be->free(xd), be->free(yd), be->free(Ad), be->free(Bd), be->free(xad);
@@ -546,7 +547,8 @@ static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora
             for (int a = 0; a < c->r; a++)
                 mag += fabs(B[(size_t)j * c->r + a]) *
                        (fabs(xa[0][(size_t)i * c->r + a]) / 128.0 + tol_xa[(size_t)i * c->r + a]);
-            tol_y[(size_t)i * c->m + j] = c->scale * mag + fabs(y0[(size_t)i * c->m + j]) / 256.0;
+            tol_y[(size_t)i * c->m + j] =
+                c->scale * mag + fabs(c->beta * y0[(size_t)i * c->m + j]) / 256.0;
         }
     char what[96];
     snprintf(what, sizeof what, "lora_fwd xa n=%d k=%d m=%d r=%d", c->n, c->k, c->m, c->r);
