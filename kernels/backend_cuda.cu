@@ -494,6 +494,27 @@ static void cuda_lora_fwd(void *y, float *xa, const void *x, const float *A, con
     PROF_END("lora_fwd");
 }
 
+/* The group ops: batched in lora.cu with RESAFE_CUDA_LORA_GROUP=1 (an experiment, not yet run
+ * on a GPU), else the single ops in turn, as the CPU backend does. */
+static int lora_group_batched(void) {
+    const char *e = getenv("RESAFE_CUDA_LORA_GROUP");
+    return e && strcmp(e, "1") == 0;
+}
+
+static void cuda_lora_fwd_group(void *const *y, const void *x, const rs_lora_group *g, int n,
+                                int k, int r, float scale, float beta) {
+    if (!lora_group_batched()) {
+        for (int i = 0; i < g->count; i++)
+            cuda_lora_fwd(y[i], g->xa[i], x, g->A[i], g->B[i], n, k, g->m[i], r, scale, beta);
+        return;
+    }
+    PROF_BEGIN;
+    void *scratch = op_scratch(rs_cuda_lora_group_scratch_bytes(n, k, r, g));
+    rs_cuda_lora_fwd_group(g_cuda.stream, g_cuda.cublas, (bf16 *const *)y, (const bf16 *)x, g,
+                           n, k, r, scale, beta, scratch);
+    PROF_END("lora_fwd_group");
+}
+
 static void cuda_lora_bwd(void *dx, float *dA, float *dB, const void *dy, const void *x,
                           const float *xa, const float *A, const float *B, int n, int k, int m,
                           int r, float scale, float beta) {
@@ -502,6 +523,22 @@ static void cuda_lora_bwd(void *dx, float *dA, float *dB, const void *dy, const 
     rs_cuda_lora_bwd(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, dA, dB, (const bf16 *)dy,
                      (const bf16 *)x, xa, A, B, n, k, m, r, scale, beta, scratch);
     PROF_END("lora_bwd");
+}
+
+static void cuda_lora_bwd_group(void *dx, const void *const *dy, const void *x,
+                                const rs_lora_group *g, int n, int k, int r, float scale,
+                                float beta) {
+    if (!lora_group_batched()) {
+        for (int i = 0; i < g->count; i++)
+            cuda_lora_bwd(dx, g->dA[i], g->dB[i], dy[i], x, g->xa[i], g->A[i], g->B[i], n, k,
+                          g->m[i], r, scale, i == 0 ? beta : 1.0f);
+        return;
+    }
+    PROF_BEGIN;
+    void *scratch = op_scratch(rs_cuda_lora_group_scratch_bytes(n, k, r, g));
+    rs_cuda_lora_bwd_group(g_cuda.stream, g_cuda.cublas, (bf16 *)dx, (const bf16 *const *)dy,
+                           (const bf16 *)x, g, n, k, r, scale, beta, scratch);
+    PROF_END("lora_bwd_group");
 }
 
 static void cuda_lora_merge(void *w_eff, const void *w, const float *A, const float *B,
@@ -790,6 +827,8 @@ static void cuda_init(void) {
     b->logprob_bwd = cuda_logprob_bwd;
     b->lora_fwd = cuda_lora_fwd;
     b->lora_bwd = cuda_lora_bwd;
+    b->lora_fwd_group = cuda_lora_fwd_group;
+    b->lora_bwd_group = cuda_lora_bwd_group;
     b->lora_merge = cuda_lora_merge;
     b->lora_masked_grad = cuda_lora_masked_grad;
     b->adamw = cuda_adamw;

@@ -96,6 +96,118 @@ void rs_cuda_lora_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dA, flo
     }
 }
 
+/* ---------------------------------------------------------------- groups
+ * The adapters of projections that read one x (q/k/v, gate/up), batched where the rank-r
+ * products share an operand: x [A_1; ..; A_c]^T is one GEMM with N = c r (instead of c GEMMs
+ * with N = r: 32 output tiles each on 132 SMs), so are dx = [dyB_1 .. dyB_c] [A_1; ..; A_c]
+ * (K = c r, one pass over dx) and [dA_1; ..; dA_c] = [dyB_1 .. dyB_c]^T x. The roundings are
+ * the single op's (A, B, xa, dy B to bf16; fp32 accumulation). */
+typedef struct {
+    bf16 *A;      /* [c r, k] */
+    bf16 *B;      /* [max m, r], one adapter's at a time */
+    float *cat;   /* [n, c r]: x A^T, then dy B */
+    bf16 *cat_bf; /* [n, c r] */
+    bf16 *xa;     /* [n, r], one adapter's at a time */
+    float *dA;    /* [c r, k] */
+} lora_group_scratch;
+
+static int group_max_m(const rs_lora_group *g) {
+    int max_m = 0;
+    for (int i = 0; i < g->count; i++) max_m = g->m[i] > max_m ? g->m[i] : max_m;
+    return max_m;
+}
+
+size_t rs_cuda_lora_group_scratch_bytes(int n, int k, int r, const rs_lora_group *g) {
+    const size_t cr = (size_t)g->count * r;
+    return align256(cr * k * 2) + align256((size_t)group_max_m(g) * r * 2) +
+           align256((size_t)n * cr * 4) + align256((size_t)n * cr * 2) +
+           align256((size_t)n * r * 2) + align256(cr * k * 4);
+}
+
+static lora_group_scratch carve_group(void *scratch, int n, int k, int r, const rs_lora_group *g) {
+    const size_t cr = (size_t)g->count * r;
+    char *p = (char *)scratch;
+    lora_group_scratch w;
+    w.A = (bf16 *)p, p += align256(cr * k * 2);
+    w.B = (bf16 *)p, p += align256((size_t)group_max_m(g) * r * 2);
+    w.cat = (float *)p, p += align256((size_t)n * cr * 4);
+    w.cat_bf = (bf16 *)p, p += align256((size_t)n * cr * 2);
+    w.xa = (bf16 *)p, p += align256((size_t)n * r * 2);
+    w.dA = (float *)p;
+    return w;
+}
+
+void rs_cuda_lora_fwd_group(cudaStream_t s, cublasHandle_t h, bf16 *const *y, const bf16 *x,
+                            const rs_lora_group *g, int n, int k, int r, float scale, float beta,
+                            void *scratch) {
+    if (n <= 0 || g->count <= 0) return;
+    if (r <= 0 || k <= 0) {
+        for (int i = 0; i < g->count; i++)
+            rs_cuda_scale_bf16(s, y[i], (size_t)n * g->m[i], beta);
+        return;
+    }
+    lora_group_scratch w = carve_group(scratch, n, k, r, g);
+    const int cr = g->count * r;
+    for (int i = 0; i < g->count; i++)
+        to_bf16(s, w.A + (size_t)i * r * k, g->A[i], (size_t)r * k);
+    rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, cr, k, 1.0f, x, CUDA_R_16BF, k, w.A,
+                    CUDA_R_16BF, k, 0.0f, w.cat, CUDA_R_32F, cr);
+    to_bf16(s, w.cat_bf, w.cat, (size_t)n * cr);
+    for (int i = 0; i < g->count; i++) {
+        if (g->xa[i]) /* the saved x A^T of adapter i: columns i r .. of the product */
+            CUDA_CHECK(cudaMemcpy2DAsync(g->xa[i], (size_t)r * 4, w.cat + (size_t)i * r,
+                                         (size_t)cr * 4, (size_t)r * 4, (size_t)n,
+                                         cudaMemcpyDeviceToDevice, s));
+        if (g->m[i] <= 0) continue;
+        to_bf16(s, w.B, g->B[i], (size_t)g->m[i] * r);
+        rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_T, n, g->m[i], r, scale,
+                        w.cat_bf + (size_t)i * r, CUDA_R_16BF, cr, w.B, CUDA_R_16BF, r, beta,
+                        y[i], CUDA_R_16BF, g->m[i]);
+    }
+}
+
+void rs_cuda_lora_bwd_group(cudaStream_t s, cublasHandle_t h, bf16 *dx, const bf16 *const *dy,
+                            const bf16 *x, const rs_lora_group *g, int n, int k, int r,
+                            float scale, float beta, void *scratch) {
+    if (n <= 0 || g->count <= 0) return;
+    if (r <= 0 || k <= 0) {
+        if (dx && k > 0) rs_cuda_scale_bf16(s, dx, (size_t)n * k, beta);
+        return;
+    }
+    lora_group_scratch w = carve_group(scratch, n, k, r, g);
+    const int cr = g->count * r;
+    /* [dy_1 B_1 .. dy_c B_c] (fp32, then bf16) */
+    for (int i = 0; i < g->count; i++) {
+        if (g->m[i] <= 0) {
+            CUDA_CHECK(cudaMemset2DAsync(w.cat + (size_t)i * r, (size_t)cr * 4, 0,
+                                         (size_t)r * 4, (size_t)n, s));
+            continue;
+        }
+        to_bf16(s, w.B, g->B[i], (size_t)g->m[i] * r);
+        rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_N, n, r, g->m[i], 1.0f, dy[i], CUDA_R_16BF,
+                        g->m[i], w.B, CUDA_R_16BF, r, 0.0f, w.cat + (size_t)i * r, CUDA_R_32F,
+                        cr);
+    }
+    to_bf16(s, w.cat_bf, w.cat, (size_t)n * cr);
+    for (int i = 0; i < g->count; i++)
+        to_bf16(s, w.A + (size_t)i * r * k, g->A[i], (size_t)r * k);
+    if (dx)
+        rs_cuda_gemm_rm(h, CUBLAS_OP_N, CUBLAS_OP_N, n, k, cr, scale, w.cat_bf, CUDA_R_16BF, cr,
+                        w.A, CUDA_R_16BF, k, beta, dx, CUDA_R_16BF, k);
+    /* [dA_1; ..; dA_c] = scale [dyB ..]^T x, added to each adapter's dA */
+    rs_cuda_gemm_rm(h, CUBLAS_OP_T, CUBLAS_OP_N, cr, k, n, scale, w.cat_bf, CUDA_R_16BF, cr, x,
+                    CUDA_R_16BF, k, 0.0f, w.dA, CUDA_R_32F, k);
+    const float one = 1.0f;
+    for (int i = 0; i < g->count; i++) {
+        if (g->dA[i])
+            CUBLAS_CHECK(cublasSaxpy(h, r * k, &one, w.dA + (size_t)i * r * k, 1, g->dA[i], 1));
+        if (!g->dB[i] || g->m[i] <= 0) continue;
+        to_bf16(s, w.xa, g->xa[i], (size_t)n * r);
+        rs_cuda_gemm_rm(h, CUBLAS_OP_T, CUBLAS_OP_N, g->m[i], r, n, scale, dy[i], CUDA_R_16BF,
+                        g->m[i], w.xa, CUDA_R_16BF, r, 1.0f, g->dB[i], CUDA_R_32F, r);
+    }
+}
+
 /* ---------------------------------------------------------------- elementwise mode */
 /* w_eff[j, l] = w[j, l] + scale (B A)[j, l] where mask allows; (B A)[j, l] summed over the rank
  * in order in fp32, as the CPU reference. Each element reads only its own w, so w_eff may be w.

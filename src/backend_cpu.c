@@ -601,6 +601,22 @@ static void cpu_lora_bwd(void *dx_, float *dA, float *dB, const void *dy_, const
     free(dyB);
 }
 
+/* The group ops as their single ops in turn (the first input gradient with beta, the rest
+ * accumulated). */
+static void cpu_lora_fwd_group(void *const *y, const void *x, const rs_lora_group *g, int n, int k,
+                               int r, float scale, float beta) {
+    for (int i = 0; i < g->count; i++)
+        cpu_lora_fwd(y[i], g->xa[i], x, g->A[i], g->B[i], n, k, g->m[i], r, scale, beta);
+}
+
+static void cpu_lora_bwd_group(void *dx, const void *const *dy, const void *x,
+                               const rs_lora_group *g, int n, int k, int r, float scale,
+                               float beta) {
+    for (int i = 0; i < g->count; i++)
+        cpu_lora_bwd(dx, g->dA[i], g->dB[i], dy[i], x, g->xa[i], g->A[i], g->B[i], n, k, g->m[i],
+                     r, scale, i == 0 ? beta : 1.0f);
+}
+
 /* One row of B A (B [m, r], A [r, k]) into ba[k]. */
 static void lora_product_row(float *ba, const float *A, const float *B, int j, int k, int r) {
     memset(ba, 0, (size_t)k * sizeof *ba);
@@ -875,6 +891,8 @@ static const rs_backend g_cpu = {
     .logprob_bwd = cpu_logprob_bwd,
     .lora_fwd = cpu_lora_fwd,
     .lora_bwd = cpu_lora_bwd,
+    .lora_fwd_group = cpu_lora_fwd_group,
+    .lora_bwd_group = cpu_lora_bwd_group,
     .lora_merge = cpu_lora_merge,
     .lora_masked_grad = cpu_lora_masked_grad,
     .adamw = cpu_adamw,

@@ -207,6 +207,20 @@ static void adapter_bwd(const pass *p, int l, rs_lora_target t, const rs_lora_li
     be->add_inplace(dx, dxd, n_in);
 }
 
+/* The frozen linear's part of project_bwd(): dx = beta * dx + dout W (dx NULL: not wanted), and
+ * the weight / bias gradients the pass wants. */
+static void frozen_bwd(const pass *p, const linear_ref *r, void *dx, float beta, const void *dout,
+                       const void *x) {
+    if (r->q) {
+        /* frozen quantized weight: dx through qmatmul_t; dW (SNIP) and db need only x, dout */
+        if (dx) p->be->qmatmul_t(dx, dout, r->q, p->n, beta);
+        if (r->dw || r->db)
+            p->be->linear_bwd(NULL, r->dw, r->db, dout, x, NULL, p->n, r->in, r->out, 0.0f);
+    } else {
+        p->be->linear_bwd(dx, r->dw, r->db, dout, x, r->w, p->n, r->in, r->out, beta);
+    }
+}
+
 /* Backward of project(): dx = beta * dx + dout W_eff (dx NULL: not wanted) and the gradients
  * this pass wants. Without dropout the adapter's input gradient goes first and the frozen one
  * accumulates onto it, for project()'s reason (the rank-r product is bound by dx's bytes). */
@@ -223,14 +237,66 @@ static void project_bwd(const pass *p, int l, rs_lora_target t, void *dx, float 
         adapter_bwd(p, l, t, a, &r, dx, beta, dout, x, xa);
         beta = 1.0f;
     }
-    if (r.q) {
-        /* frozen quantized weight: dx through qmatmul_t; dW (SNIP) and db need only x, dout */
-        if (dx) p->be->qmatmul_t(dx, dout, r.q, p->n, beta);
-        if (r.dw || r.db) p->be->linear_bwd(NULL, r.dw, r.db, dout, x, NULL, p->n, r.in, r.out, 0.0f);
-    } else {
-        p->be->linear_bwd(dx, r.dw, r.db, dout, x, r.w, p->n, r.in, r.out, beta);
-    }
+    frozen_bwd(p, &r, dx, beta, dout, x);
     if (a && !adapter_first) adapter_bwd(p, l, t, a, &r, dx, 1.0f, dout, x, xa);
+}
+
+/* The targets that read one input: q, k, v (the first norm's output) and gate, up (the
+ * second's). */
+static const rs_lora_target QKV[3] = {RS_LORA_Q, RS_LORA_K, RS_LORA_V};
+static const rs_lora_target GATE_UP[2] = {RS_LORA_GATE, RS_LORA_UP};
+
+/* Whether the adapters of the count targets t (one input) run as one group (lora_fwd_group /
+ * lora_bwd_group): every one on, factor or no masks, no dropout (each target's own mask would
+ * make the inputs differ). Fills g (xa: the targets' saved x A^T). */
+static int adapter_group(const pass *p, int l, const rs_lora_target *t, int count,
+                         float *const *xa, rs_lora_group *g) {
+    if (!p->adapter_on || p->dropout_on || p->lora->mask_mode == RS_MASK_ELEMENTWISE ||
+        !p->be->lora_fwd_group || !p->be->lora_bwd_group || count > RS_LORA_GROUP_MAX)
+        return 0;
+    g->count = count;
+    for (int i = 0; i < count; i++) {
+        rs_lora_linear *a = adapter(p, l, t[i]);
+        if (!a) return 0;
+        g->m[i] = linear_at(p, l, t[i]).out;
+        g->A[i] = a->A, g->B[i] = a->B, g->xa[i] = xa[i], g->dA[i] = a->dA, g->dB[i] = a->dB;
+    }
+    return 1;
+}
+
+/* project() (beta 0) of count targets that read the same x: the adapters first, as one group
+ * where they can be, then each frozen product accumulates onto its output. */
+static void project_shared(const pass *p, int l, const rs_lora_target *t, int count,
+                           void *const *out, const void *x, float *const *xa) {
+    rs_lora_group g;
+    if (!adapter_group(p, l, t, count, xa, &g)) {
+        for (int i = 0; i < count; i++) project(p, l, t[i], out[i], x, 0.0f, xa[i]);
+        return;
+    }
+    p->be->lora_fwd_group(out, x, &g, p->n, linear_at(p, l, t[0]).in, p->lora->rank,
+                          p->lora->scale, 0.0f);
+    for (int i = 0; i < count; i++) {
+        linear_ref r = linear_at(p, l, t[i]);
+        rs_linear_fwd(p->be, out[i], x, r.w, r.q, r.b, p->n, r.in, r.out, 1.0f);
+    }
+}
+
+/* Backward of project_shared(): dx = the sum of the targets' input gradients (dx NULL: not
+ * wanted), the adapters' as one group where they can be, then the frozen ones accumulate. */
+static void project_bwd_shared(const pass *p, int l, const rs_lora_target *t, int count, void *dx,
+                               const void *const *dout, const void *x, float *const *xa) {
+    rs_lora_group g;
+    if (!adapter_group(p, l, t, count, xa, &g)) {
+        for (int i = 0; i < count; i++)
+            project_bwd(p, l, t[i], dx, i == 0 ? 0.0f : 1.0f, dout[i], x, xa[i]);
+        return;
+    }
+    p->be->lora_bwd_group(dx, dout, x, &g, p->n, linear_at(p, l, t[0]).in, p->lora->rank,
+                          p->lora->scale, 0.0f);
+    for (int i = 0; i < count; i++) {
+        linear_ref r = linear_at(p, l, t[i]);
+        frozen_bwd(p, &r, dx, 1.0f, dout[i], x);
+    }
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -258,9 +324,8 @@ static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     int n = p->n, D = c->hidden_size;
     be->rmsnorm_fwd(a->xn1, a->rstd1, x, w->attn_norm, n, D, c->rms_norm_eps, c->norm_add_one);
     quant_act(p, a->xn1, D);
-    project(p, l, RS_LORA_Q, a->q, a->xn1, 0.0f, a->xa[RS_LORA_Q]);
-    project(p, l, RS_LORA_K, a->k, a->xn1, 0.0f, a->xa[RS_LORA_K]);
-    project(p, l, RS_LORA_V, a->v, a->xn1, 0.0f, a->xa[RS_LORA_V]);
+    project_shared(p, l, QKV, 3, (void *const[]){a->q, a->k, a->v}, a->xn1,
+                   (float *const[]){a->xa[RS_LORA_Q], a->xa[RS_LORA_K], a->xa[RS_LORA_V]});
     be->rope_fwd(a->q, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     quant_kv(p, a->k);
@@ -280,8 +345,8 @@ static void mlp_fwd(const pass *p, int l, layer_acts *a, void *x_out) {
     be->rmsnorm_fwd(a->xn2, a->rstd2, a->h, p->m->layers[l].mlp_norm, n, D, c->rms_norm_eps,
                     c->norm_add_one);
     quant_act(p, a->xn2, D);
-    project(p, l, RS_LORA_GATE, a->gate, a->xn2, 0.0f, a->xa[RS_LORA_GATE]);
-    project(p, l, RS_LORA_UP, a->up, a->xn2, 0.0f, a->xa[RS_LORA_UP]);
+    project_shared(p, l, GATE_UP, 2, (void *const[]){a->gate, a->up}, a->xn2,
+                   (float *const[]){a->xa[RS_LORA_GATE], a->xa[RS_LORA_UP]});
     be->glu_fwd(a->mlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
     quant_act(p, a->mlp, F);
     be->copy(x_out, a->h, (size_t)n * D * act_size(p));
@@ -343,8 +408,8 @@ static void mlp_bwd(const pass *p, int l, const layer_acts *a) {
     int n = p->n, D = c->hidden_size, F = c->intermediate_size;
     project_bwd(p, l, RS_LORA_DOWN, s->dmlp, 0.0f, s->dres, a->mlp, a->xa[RS_LORA_DOWN]);
     be->glu_bwd(s->dgate, s->dup, s->dmlp, a->gate, a->up, (size_t)n * F, c->hidden_act);
-    project_bwd(p, l, RS_LORA_GATE, s->dxn, 0.0f, s->dgate, a->xn2, a->xa[RS_LORA_GATE]);
-    project_bwd(p, l, RS_LORA_UP, s->dxn, 1.0f, s->dup, a->xn2, a->xa[RS_LORA_UP]);
+    project_bwd_shared(p, l, GATE_UP, 2, s->dxn, (const void *const[]){s->dgate, s->dup}, a->xn2,
+                       (float *const[]){a->xa[RS_LORA_GATE], a->xa[RS_LORA_UP]});
     be->rmsnorm_bwd(s->dres, p->grads ? p->grads->layers[l].mlp_norm : NULL, s->dxn, a->h,
                     p->m->layers[l].mlp_norm, a->rstd2, n, D, c->norm_add_one, 1.0f);
 }
@@ -362,9 +427,8 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
     be->rope_bwd(s->dq, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_bwd(s->dk, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     void *dxn = need_dx ? s->dxn : NULL;
-    project_bwd(p, l, RS_LORA_Q, dxn, 0.0f, s->dq, a->xn1, a->xa[RS_LORA_Q]);
-    project_bwd(p, l, RS_LORA_K, dxn, 1.0f, s->dk, a->xn1, a->xa[RS_LORA_K]);
-    project_bwd(p, l, RS_LORA_V, dxn, 1.0f, s->dv, a->xn1, a->xa[RS_LORA_V]);
+    project_bwd_shared(p, l, QKV, 3, dxn, (const void *const[]){s->dq, s->dk, s->dv}, a->xn1,
+                       (float *const[]){a->xa[RS_LORA_Q], a->xa[RS_LORA_K], a->xa[RS_LORA_V]});
     if (need_dx)
         be->rmsnorm_bwd(s->dres, p->grads ? p->grads->layers[l].attn_norm : NULL, s->dxn, x,
                         p->m->layers[l].attn_norm, a->rstd1, n, D, c->norm_add_one, 1.0f);

@@ -26,6 +26,17 @@ typedef enum { RS_ACT_SILU = 0, RS_ACT_GELU_TANH = 1, RS_ACT_GELU = 2 } rs_activ
 
 struct rs_qweight; /* quant.h */
 
+/* The adapters of projections that read the same input x [n, k] (q/k/v, gate/up), for
+ * lora_fwd_group / lora_bwd_group: each with its own A [r, k], B [m, r] (fp32), saved
+ * xa = x A^T [n, r] (fp32) and, for the backward, gradients dA, dB (accumulated). */
+#define RS_LORA_GROUP_MAX 3
+typedef struct {
+    int count; /* 1..RS_LORA_GROUP_MAX */
+    int m[RS_LORA_GROUP_MAX];
+    const float *A[RS_LORA_GROUP_MAX], *B[RS_LORA_GROUP_MAX];
+    float *xa[RS_LORA_GROUP_MAX], *dA[RS_LORA_GROUP_MAX], *dB[RS_LORA_GROUP_MAX];
+} rs_lora_group;
+
 typedef struct rs_backend {
     const char *name;
     rs_dtype act_dtype;    /* activations */
@@ -151,6 +162,14 @@ typedef struct rs_backend {
     void (*lora_bwd)(void *dx, float *dA, float *dB, const void *dy, const void *x,
                      const float *xa, const float *A, const float *B, int n, int k, int m, int r,
                      float scale, float beta);
+    /* lora_fwd of every adapter of g on the shared x: y[i] = beta y[i] + scale (x A_i^T) B_i^T,
+     * g->xa[i] = x A_i^T. The CUDA backend can do the x A^T of all of them in one product. */
+    void (*lora_fwd_group)(void *const *y, const void *x, const rs_lora_group *g, int n, int k,
+                           int r, float scale, float beta);
+    /* lora_bwd of every adapter of g: dx = beta dx + scale sum_i (dy_i B_i) A_i (dx may be NULL),
+     * g->dA[i] += scale (dy_i B_i)^T x, g->dB[i] += scale dy_i^T g->xa[i]. */
+    void (*lora_bwd_group)(void *dx, const void *const *dy, const void *x, const rs_lora_group *g,
+                           int n, int k, int r, float scale, float beta);
     /* Elementwise mode: w_eff[m, k] = w + scale * (mask ⊙ (B A)) in weight dtype
      * (mask uint8 [m, k]; NULL = all ones). */
     void (*lora_merge)(void *w_eff, const void *w, const float *A, const float *B,

@@ -246,6 +246,13 @@ size_t rs_cuda_lora_scratch_bytes(int n, int k, int m, int r);
 void rs_cuda_lora_fwd(cudaStream_t s, cublasHandle_t h, bf16 *y, float *xa, const bf16 *x,
                       const float *A, const float *B, int n, int k, int m, int r, float scale,
                       float beta, void *scratch);
+size_t rs_cuda_lora_group_scratch_bytes(int n, int k, int r, const rs_lora_group *g);
+void rs_cuda_lora_fwd_group(cudaStream_t s, cublasHandle_t h, bf16 *const *y, const bf16 *x,
+                            const rs_lora_group *g, int n, int k, int r, float scale, float beta,
+                            void *scratch);
+void rs_cuda_lora_bwd_group(cudaStream_t s, cublasHandle_t h, bf16 *dx, const bf16 *const *dy,
+                            const bf16 *x, const rs_lora_group *g, int n, int k, int r,
+                            float scale, float beta, void *scratch);
 void rs_cuda_lora_bwd(cudaStream_t s, cublasHandle_t h, bf16 *dx, float *dA, float *dB,
                       const bf16 *dy, const bf16 *x, const float *xa, const float *A,
                       const float *B, int n, int k, int m, int r, float scale, float beta,

@@ -517,6 +517,26 @@ typedef struct {
  * sum|x A|. y = beta y0 + scale bf16(xa) bf16(B)^T: operands off by 2^-9 each (2^-7 of
  * scale sum_a |B xa|, doubled) plus xa's own error (scale sum_a |B| tol_xa); 2^-8 |beta y0| for
  * cuBLAS's beta path; bf16 store. beta 0: y starts as NaN on both sides (it must not be read). */
+static void lora_fwd_tols(const float *x, const float *A, const float *B, const float *xa_ref,
+                          int n, int k, int m, int r, float scale, double *tol_xa,
+                          double *tol_y) {
+    for (int i = 0; i < n; i++)
+        for (int a = 0; a < r; a++) {
+            double s = 0;
+            for (int l = 0; l < k; l++)
+                s += fabs((double)x[(size_t)i * k + l] * A[(size_t)a * k + l]);
+            tol_xa[(size_t)i * r + a] += s / 256.0;
+        }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < m; j++) {
+            double mag = 0;
+            for (int a = 0; a < r; a++)
+                mag += fabs(B[(size_t)j * r + a]) *
+                       (fabs(xa_ref[(size_t)i * r + a]) / 128.0 + tol_xa[(size_t)i * r + a]);
+            tol_y[(size_t)i * m + j] += scale * mag;
+        }
+}
+
 static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora_case *c) {
     size_t nk = (size_t)c->n * c->k, nm = (size_t)c->n * c->m, nr = (size_t)c->n * c->r;
     float *x = random_bf16(r, nk, 0.0f, 1.0f), *y0 = random_bf16(r, nm, 0.0f, 1.0f);
@@ -535,21 +555,8 @@ static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora
         be->free(xd), be->free(yd), be->free(Ad), be->free(Bd), be->free(xad);
     }
     double *tol_xa = zeros_d(nr), *tol_y = zeros_d(nm);
-    for (int i = 0; i < c->n; i++)
-        for (int a = 0; a < c->r; a++) {
-            for (int l = 0; l < c->k; l++)
-                tol_xa[(size_t)i * c->r + a] += fabs((double)x[(size_t)i * c->k + l] * A[(size_t)a * c->k + l]);
-            tol_xa[(size_t)i * c->r + a] /= 256.0;
-        }
-    for (int i = 0; i < c->n; i++)
-        for (int j = 0; j < c->m; j++) {
-            double mag = 0;
-            for (int a = 0; a < c->r; a++)
-                mag += fabs(B[(size_t)j * c->r + a]) *
-                       (fabs(xa[0][(size_t)i * c->r + a]) / 128.0 + tol_xa[(size_t)i * c->r + a]);
-            tol_y[(size_t)i * c->m + j] =
-                c->scale * mag + fabs(c->beta * y0[(size_t)i * c->m + j]) / 256.0;
-        }
+    lora_fwd_tols(x, A, B, xa[0], c->n, c->k, c->m, c->r, c->scale, tol_xa, tol_y);
+    for (size_t e = 0; e < nm; e++) tol_y[e] += fabs(c->beta * y0[e]) / 256.0;
     char what[96];
     snprintf(what, sizeof what, "lora_fwd xa n=%d k=%d m=%d r=%d", c->n, c->k, c->m, c->r);
     compare(what, xa[1], xa[0], nr, 0.0, 0.0, tol_xa);
@@ -563,6 +570,24 @@ static void check_lora_fwd(const rs_backend *const bes[2], rs_rng *r, const lora
  * scale dyB A: 2^-6 of scale sum_a |A| S_a (both operands' errors, doubled), 2^-8 |beta dx0|,
  * bf16 store. dA += scale dyB^T x: 2^-6 of scale sum_i |x| S. dB += scale dy^T bf16(xa):
  * 2^-7 of scale sum_i |dy xa|. fp32 start values of dA, dB: + 4 u |start|. */
+static void lora_bwd_tols(const float *x, const float *dy, const float *xa, const float *A,
+                          const float *B, int n, int k, int m, int r, float scale, double *tol_dx,
+                          double *tol_dA, double *tol_dB) {
+    for (int i = 0; i < n; i++)
+        for (int a = 0; a < r; a++) {
+            double s_ia = 0;
+            for (int j = 0; j < m; j++)
+                s_ia += fabs((double)dy[(size_t)i * m + j] * B[(size_t)j * r + a]);
+            for (int l = 0; l < k; l++) {
+                tol_dx[(size_t)i * k + l] += scale * fabs(A[(size_t)a * k + l]) * s_ia / 64.0;
+                tol_dA[(size_t)a * k + l] += scale * fabs(x[(size_t)i * k + l]) * s_ia / 64.0;
+            }
+            for (int j = 0; j < m; j++)
+                tol_dB[(size_t)j * r + a] +=
+                    scale * fabs((double)dy[(size_t)i * m + j] * xa[(size_t)i * r + a]) / 128.0;
+        }
+}
+
 static void check_lora_bwd(const rs_backend *const bes[2], rs_rng *r, const lora_case *c) {
     size_t nk = (size_t)c->n * c->k, nm = (size_t)c->n * c->m, nr = (size_t)c->n * c->r;
     size_t rk = (size_t)c->r * c->k, mr = (size_t)c->m * c->r;
@@ -586,22 +611,8 @@ static void check_lora_bwd(const rs_backend *const bes[2], rs_rng *r, const lora
         be->free(xd), be->free(dyd), be->free(dxd), be->free(xad), be->free(Ad), be->free(Bd);
         be->free(dAd), be->free(dBd);
     }
-    double *S = zeros_d(nr), *tol_dx = zeros_d(nk), *tol_dA = zeros_d(rk), *tol_dB = zeros_d(mr);
-    for (int i = 0; i < c->n; i++)
-        for (int a = 0; a < c->r; a++)
-            for (int j = 0; j < c->m; j++)
-                S[(size_t)i * c->r + a] += fabs((double)dy[(size_t)i * c->m + j] * B[(size_t)j * c->r + a]);
-    for (int i = 0; i < c->n; i++)
-        for (int a = 0; a < c->r; a++) {
-            double s_ia = S[(size_t)i * c->r + a];
-            for (int l = 0; l < c->k; l++) {
-                tol_dx[(size_t)i * c->k + l] += c->scale * fabs(A[(size_t)a * c->k + l]) * s_ia / 64.0;
-                tol_dA[(size_t)a * c->k + l] += c->scale * fabs(x[(size_t)i * c->k + l]) * s_ia / 64.0;
-            }
-            for (int j = 0; j < c->m; j++)
-                tol_dB[(size_t)j * c->r + a] +=
-                    c->scale * fabs((double)dy[(size_t)i * c->m + j] * xa[(size_t)i * c->r + a]) / 128.0;
-        }
+    double *tol_dx = zeros_d(nk), *tol_dA = zeros_d(rk), *tol_dB = zeros_d(mr);
+    lora_bwd_tols(x, dy, xa, A, B, c->n, c->k, c->m, c->r, c->scale, tol_dx, tol_dA, tol_dB);
     for (size_t e = 0; e < nk; e++) tol_dx[e] += fabs(c->beta * dx0[e]) / 256.0;
     for (size_t e = 0; e < rk; e++) tol_dA[e] += 4.0 * F32_U * fabs(dA0[e]);
     for (size_t e = 0; e < mr; e++) tol_dB[e] += 4.0 * F32_U * fabs(dB0[e]);
@@ -614,8 +625,107 @@ static void check_lora_bwd(const rs_backend *const bes[2], rs_rng *r, const lora
     snprintf(what, sizeof what, "lora_bwd dB n=%d k=%d m=%d r=%d", c->n, c->k, c->m, c->r);
     compare(what, dB[1], dB[0], mr, 0.0, 0.0, tol_dB);
     free(x), free(dy), free(dx0), free(xa), free(A), free(B), free(dA0), free(dB0);
-    free(S), free(tol_dx), free(tol_dA), free(tol_dB);
+    free(tol_dx), free(tol_dA), free(tol_dB);
     for (int s = 0; s < 2; s++) free(dx[s]), free(dA[s]), free(dB[s]);
+}
+
+/* The group ops (RESAFE_CUDA_LORA_GROUP=1: x [A_1; ..]^T, [dyB ..] [A; ..] and [dyB ..]^T x as
+ * one GEMM each) against the CPU's single ops in turn: each output's tolerance is the single
+ * op's (above), dx's the sum of the members' (one bf16 store of the sum; the start value's
+ * term once). Output widths differ (GQA k/v); beta 0 on NaN-poisoned y / dx; dx NULL (the first
+ * layer) leaves dA, dB as with it. */
+static void check_lora_group(const rs_backend *const bes[2], rs_rng *r, int n, int k, int rank,
+                             int count, const int *m, float scale, float beta, int with_dx) {
+    size_t nk = (size_t)n * k, nr = (size_t)n * rank, rk = (size_t)rank * k;
+    float *x = random_bf16(r, nk, 0.0f, 1.0f), *dx0 = random_bf16(r, nk, 0.0f, 1.0f);
+    float *A[RS_LORA_GROUP_MAX], *B[RS_LORA_GROUP_MAX], *y0[RS_LORA_GROUP_MAX];
+    float *dy[RS_LORA_GROUP_MAX], *xa[RS_LORA_GROUP_MAX], *dA0[RS_LORA_GROUP_MAX];
+    float *dB0[RS_LORA_GROUP_MAX];
+    for (int i = 0; i < count; i++) {
+        size_t nm = (size_t)n * m[i], mr = (size_t)m[i] * rank;
+        A[i] = random_bf16(r, rk, 0.0f, 1.0f / sqrtf(k));
+        B[i] = random_bf16(r, mr, 0.0f, 1.0f / sqrtf(rank));
+        y0[i] = random_bf16(r, nm, 0.0f, 1.0f), dy[i] = random_bf16(r, nm, 0.0f, 1.0f);
+        xa[i] = random_bf16(r, nr, 0.0f, 1.0f), dA0[i] = random_bf16(r, rk, 0.0f, 1.0f);
+        dB0[i] = random_bf16(r, mr, 0.0f, 1.0f);
+    }
+    float *y[2][RS_LORA_GROUP_MAX], *xo[2][RS_LORA_GROUP_MAX], *dx[2] = {NULL, NULL};
+    float *dA[2][RS_LORA_GROUP_MAX], *dB[2][RS_LORA_GROUP_MAX];
+    for (int s = 0; s < 2; s++) {
+        const rs_backend *be = bes[s];
+        rs_lora_group g = {.count = count};
+        void *yd[RS_LORA_GROUP_MAX], *dyd[RS_LORA_GROUP_MAX];
+        float *xa_in[RS_LORA_GROUP_MAX];
+        void *xd = upload(be, ACT(be), x, nk);
+        for (int i = 0; i < count; i++) {
+            size_t nm = (size_t)n * m[i], mr = (size_t)m[i] * rank;
+            g.m[i] = m[i];
+            g.A[i] = upload(be, RS_F32, A[i], rk), g.B[i] = upload(be, RS_F32, B[i], mr);
+            yd[i] = beta == 0.0f ? upload_nan(be, ACT(be), nm) : upload(be, ACT(be), y0[i], nm);
+            g.xa[i] = upload_nan(be, RS_F32, nr);
+            dyd[i] = upload(be, ACT(be), dy[i], nm);
+            xa_in[i] = upload(be, RS_F32, xa[i], nr);
+            g.dA[i] = upload(be, RS_F32, dA0[i], rk), g.dB[i] = upload(be, RS_F32, dB0[i], mr);
+        }
+        if (s == 1) setenv("RESAFE_CUDA_LORA_GROUP", "1", 1);
+        be->lora_fwd_group(yd, xd, &g, n, k, rank, scale, beta);
+        for (int i = 0; i < count; i++) {
+            y[s][i] = download(be, yd[i], ACT(be), (size_t)n * m[i]);
+            xo[s][i] = download(be, g.xa[i], RS_F32, nr);
+            be->free(g.xa[i]);
+            g.xa[i] = xa_in[i]; /* the backward reads the given xa */
+        }
+        void *dxd = !with_dx ? NULL
+                    : beta != 0.0f ? upload(be, ACT(be), dx0, nk)
+                                   : upload_nan(be, ACT(be), nk);
+        be->lora_bwd_group(dxd, (const void *const *)dyd, xd, &g, n, k, rank, scale, beta);
+        unsetenv("RESAFE_CUDA_LORA_GROUP");
+        if (dxd) dx[s] = download(be, dxd, ACT(be), nk), be->free(dxd);
+        for (int i = 0; i < count; i++) {
+            dA[s][i] = download(be, g.dA[i], RS_F32, rk);
+            dB[s][i] = download(be, g.dB[i], RS_F32, (size_t)m[i] * rank);
+            be->free((void *)g.A[i]), be->free((void *)g.B[i]), be->free(yd[i]);
+            be->free(dyd[i]), be->free(xa_in[i]), be->free(g.dA[i]), be->free(g.dB[i]);
+        }
+        be->free(xd);
+    }
+    double *tol_dx = zeros_d(nk);
+    char what[128];
+    for (int i = 0; i < count; i++) {
+        size_t nm = (size_t)n * m[i], mr = (size_t)m[i] * rank;
+        double *tol_xa = zeros_d(nr), *tol_y = zeros_d(nm), *tol_dA = zeros_d(rk);
+        double *tol_dB = zeros_d(mr);
+        lora_fwd_tols(x, A[i], B[i], xo[0][i], n, k, m[i], rank, scale, tol_xa, tol_y);
+        for (size_t e = 0; e < nm; e++) tol_y[e] += fabs(beta * y0[i][e]) / 256.0;
+        lora_bwd_tols(x, dy[i], xa[i], A[i], B[i], n, k, m[i], rank, scale, tol_dx, tol_dA,
+                      tol_dB);
+        for (size_t e = 0; e < rk; e++) tol_dA[e] += 4.0 * F32_U * fabs(dA0[i][e]);
+        for (size_t e = 0; e < mr; e++) tol_dB[e] += 4.0 * F32_U * fabs(dB0[i][e]);
+        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d beta=%g: xa", i, count,
+                 n, k, m[i], rank, beta);
+        compare(what, xo[1][i], xo[0][i], nr, 0.0, 0.0, tol_xa);
+        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d beta=%g: y", i, count,
+                 n, k, m[i], rank, beta);
+        compare(what, y[1][i], y[0][i], nm, BF16_RTOL, 0.0, tol_y);
+        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d: dA", i, count, n, k,
+                 m[i], rank);
+        compare(what, dA[1][i], dA[0][i], rk, 0.0, 0.0, tol_dA);
+        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d: dB", i, count, n, k,
+                 m[i], rank);
+        compare(what, dB[1][i], dB[0][i], mr, 0.0, 0.0, tol_dB);
+        free(tol_xa), free(tol_y), free(tol_dA), free(tol_dB);
+    }
+    if (with_dx) {
+        for (size_t e = 0; e < nk; e++) tol_dx[e] += fabs(beta * dx0[e]) / 256.0;
+        snprintf(what, sizeof what, "lora group of %d n=%d k=%d r=%d beta=%g: dx", count, n, k,
+                 rank, beta);
+        compare(what, dx[1], dx[0], nk, BF16_RTOL, 0.0, tol_dx);
+    }
+    free(tol_dx), free(x), free(dx0), free(dx[0]), free(dx[1]);
+    for (int i = 0; i < count; i++) {
+        free(A[i]), free(B[i]), free(y0[i]), free(dy[i]), free(xa[i]), free(dA0[i]), free(dB0[i]);
+        for (int s = 0; s < 2; s++) free(y[s][i]), free(xo[s][i]), free(dA[s][i]), free(dB[s][i]);
+    }
 }
 
 TEST(test_cuda_lora_fwd_bwd_match_cpu) {
@@ -630,6 +740,15 @@ TEST(test_cuda_lora_fwd_bwd_match_cpu) {
         check_lora_fwd(bes, r, &cases[i]);
         check_lora_bwd(bes, r, &cases[i]);
     }
+}
+
+TEST(test_cuda_lora_group_matches_cpu) {
+    GPU_TEST_SETUP(109);
+    const int qkv[3] = {96, 32, 32}, gate_up[2] = {200, 200}, odd[3] = {17, 1, 65};
+    check_lora_group(bes, r, 40, 96, 8, 3, qkv, 2.0f, 0.0f, 1);
+    check_lora_group(bes, r, 33, 130, 16, 2, gate_up, 0.5f, 1.0f, 1);
+    check_lora_group(bes, r, 7, 37, 4, 3, odd, 1.0f, 0.0f, 0);
+    check_lora_group(bes, r, 5, 64, 1, 1, odd, 4.0f, 1.0f, 1);
 }
 
 /* merge: the same fp32 rank sum on both sides (FMA contraction aside: r u scale sum|B A|, x4),

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Device driver (untracked). PHASE="fa xs qbench ..." LIMIT=seconds
+set -u
+START=$(date +%s); LIMIT=${LIMIT:-570}; O=/tmp/o; mkdir -p $O
+rem() { echo $(( LIMIT - ($(date +%s) - START) )); }
+step() { # step NAME MAXSEC cmd...
+  local n=$1 m=$2; shift 2; local r=$(rem); local t=$(( r - 5 < m ? r - 5 : m ))
+  if [ $t -lt 15 ]; then echo "== $n skipped (t=$t)" | tee -a $O/summary.log; return 1; fi
+  local s=$(date +%s); echo "== $n (limit $t) at $((s-START))s" | tee -a $O/summary.log
+  timeout -k 5 $t "$@" > $O/$n.log 2>&1; local rc=$?
+  echo "== $n rc=$rc in $(( $(date +%s) - s ))s" | tee -a $O/summary.log
+  tail -4 $O/$n.log | sed 's/^/   /' >> $O/summary.log
+  tar czf ${OUT:-/tmp}/dev.tgz -C $O . 2>/dev/null; return $rc
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > $O/gpu.txt 2>&1
+export PATH=/usr/local/cuda/bin:$PATH
+step build 300 make -j16 DEPS_PREFIX=.deps NVCC_GENCODE="-gencode arch=compute_90a,code=sm_90a" \
+  all || { echo build failed; tail -50 $O/build.log; exit 1; }
+export RESAFE_TEST_GPU=1
+for P in ${PHASE:-fa}; do case $P in
+fa)
+  step fa_fwd 100 build/test_unit --run test_cuda_attention_matches_cpu
+  step fa_bwd 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu ;;
+faprof)
+  L=${FLAYERS:-4}
+  RESAFE_CUDA_ATTENTION=gemm step prof_gemm 150 python3 scripts/bench/profile_gpu.py /tmp/pf \
+    --layers $L --decode-batch ""
+  RESAFE_CUDA_ATTENTION=flash step prof_flash 150 python3 scripts/bench/profile_gpu.py /tmp/pf \
+    --layers $L --decode-batch "" ;;
+xs)
+  step xs ${XLIM:-200} python3 -m pytest -q -x tests/py/test_qmm_gpu.py \
+    -k "shared_memory_x and (${XK:-int4})" ;;
+gpuQ)
+  step gpuQ ${QLIM:-400} python3 tests/run.py --gpu-only -k "${GPUK:-qmm}" ;;
+qbench)
+  step qbench 300 python3 scripts/bench/qmatmul /tmp/qb --results-dir $O/results \
+    --bits ${QBITS:-4,3,2} ;;
+qdecode)
+  step qdecode 300 python3 scripts/bench/qmatmul /tmp/qd --results-dir $O/results --bits none \
+    --e2e ;;
+fabench)
+  step fabench 400 env RESAFE_CUDA_ATTENTION=${FAMODE:-flash} python3 scripts/bench/bench_gpu.py \
+    /tmp/fb --results-dir $O/results --skip decode,hf,recompute ;;
+lora)
+  step lora 90 python3 scripts/bench/lora_gemm.py ;;
+attn)
+  step attn 120 python3 scripts/bench/attention.py ;;
+lgroup)
+  step lgroup_test 100 build/test_unit --run test_cuda_lora_group_matches_cpu
+  step lgroup_bench 400 env RESAFE_CUDA_LORA_GROUP=1 python3 scripts/bench/bench_gpu.py /tmp/lg \
+    --results-dir $O/results --skip decode,hf,recompute ;;
+cmd)
+  step cmd ${CLIM:-300} bash -c "$CMD" ;;
+esac; done
+echo "total $(( $(date +%s) - START ))s" >> $O/summary.log
+tar czf ${OUT:-/tmp}/dev.tgz -C $O . 2>/dev/null
+cat $O/summary.log
