@@ -143,7 +143,7 @@ void rs_cuda_lora_fwd_group(cudaStream_t s, cublasHandle_t h, bf16 *const *y, co
     if (n <= 0 || g->count <= 0) return;
     if (r <= 0 || k <= 0) {
         for (int i = 0; i < g->count; i++)
-            rs_cuda_scale_bf16(s, y[i], (size_t)n * g->m[i], beta);
+            if (g->m[i] > 0) rs_cuda_scale_bf16(s, y[i], (size_t)n * g->m[i], beta);
         return;
     }
     lora_group_scratch w = carve_group(scratch, n, k, r, g);

@@ -629,13 +629,15 @@ static void check_lora_bwd(const rs_backend *const bes[2], rs_rng *r, const lora
     for (int s = 0; s < 2; s++) free(dx[s]), free(dA[s]), free(dB[s]);
 }
 
-/* The group ops (RESAFE_CUDA_LORA_GROUP=1: x [A_1; ..]^T, [dyB ..] [A; ..] and [dyB ..]^T x as
- * one GEMM each) against the CPU's single ops in turn: each output's tolerance is the single
- * op's (above), dx's the sum of the members' (one bf16 store of the sum; the start value's
- * term once). Output widths differ (GQA k/v); beta 0 on NaN-poisoned y / dx; dx NULL (the first
- * layer) leaves dA, dB as with it. */
+/* The group ops on the GPU, batched (RESAFE_CUDA_LORA_GROUP=1: x [A_1; ..]^T, [dyB ..] [A; ..]
+ * and [dyB ..]^T x as one GEMM each) or as the single ops in turn (the default), against the
+ * CPU's single ops in turn: each output's tolerance is the single op's (above), dx's the sum of
+ * the members' (one bf16 store of the sum; the start value's term once). Output widths differ
+ * (GQA k/v); beta 0 on NaN-poisoned y / dx; dx NULL (the first layer) leaves dA, dB as with
+ * it. */
 static void check_lora_group(const rs_backend *const bes[2], rs_rng *r, int n, int k, int rank,
-                             int count, const int *m, float scale, float beta, int with_dx) {
+                             int count, const int *m, float scale, float beta, int with_dx,
+                             int batched) {
     size_t nk = (size_t)n * k, nr = (size_t)n * rank, rk = (size_t)rank * k;
     float *x = random_bf16(r, nk, 0.0f, 1.0f), *dx0 = random_bf16(r, nk, 0.0f, 1.0f);
     float *A[RS_LORA_GROUP_MAX], *B[RS_LORA_GROUP_MAX], *y0[RS_LORA_GROUP_MAX];
@@ -667,7 +669,7 @@ static void check_lora_group(const rs_backend *const bes[2], rs_rng *r, int n, i
             xa_in[i] = upload(be, RS_F32, xa[i], nr);
             g.dA[i] = upload(be, RS_F32, dA0[i], rk), g.dB[i] = upload(be, RS_F32, dB0[i], mr);
         }
-        if (s == 1) setenv("RESAFE_CUDA_LORA_GROUP", "1", 1);
+        if (s == 1) setenv("RESAFE_CUDA_LORA_GROUP", batched ? "1" : "0", 1);
         be->lora_fwd_group(yd, xd, &g, n, k, rank, scale, beta);
         for (int i = 0; i < count; i++) {
             y[s][i] = download(be, yd[i], ACT(be), (size_t)n * m[i]);
@@ -701,24 +703,24 @@ static void check_lora_group(const rs_backend *const bes[2], rs_rng *r, int n, i
                       tol_dB);
         for (size_t e = 0; e < rk; e++) tol_dA[e] += 4.0 * F32_U * fabs(dA0[i][e]);
         for (size_t e = 0; e < mr; e++) tol_dB[e] += 4.0 * F32_U * fabs(dB0[i][e]);
-        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d beta=%g: xa", i, count,
-                 n, k, m[i], rank, beta);
+        snprintf(what, sizeof what, "lora group%s %d/%d n=%d k=%d m=%d r=%d beta=%g: xa",
+                 batched ? " (batched)" : "", i, count, n, k, m[i], rank, beta);
         compare(what, xo[1][i], xo[0][i], nr, 0.0, 0.0, tol_xa);
-        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d beta=%g: y", i, count,
-                 n, k, m[i], rank, beta);
+        snprintf(what, sizeof what, "lora group%s %d/%d n=%d k=%d m=%d r=%d beta=%g: y",
+                 batched ? " (batched)" : "", i, count, n, k, m[i], rank, beta);
         compare(what, y[1][i], y[0][i], nm, BF16_RTOL, 0.0, tol_y);
-        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d: dA", i, count, n, k,
-                 m[i], rank);
+        snprintf(what, sizeof what, "lora group%s %d/%d n=%d k=%d m=%d r=%d: dA",
+                 batched ? " (batched)" : "", i, count, n, k, m[i], rank);
         compare(what, dA[1][i], dA[0][i], rk, 0.0, 0.0, tol_dA);
-        snprintf(what, sizeof what, "lora group %d/%d n=%d k=%d m=%d r=%d: dB", i, count, n, k,
-                 m[i], rank);
+        snprintf(what, sizeof what, "lora group%s %d/%d n=%d k=%d m=%d r=%d: dB",
+                 batched ? " (batched)" : "", i, count, n, k, m[i], rank);
         compare(what, dB[1][i], dB[0][i], mr, 0.0, 0.0, tol_dB);
         free(tol_xa), free(tol_y), free(tol_dA), free(tol_dB);
     }
     if (with_dx) {
         for (size_t e = 0; e < nk; e++) tol_dx[e] += fabs(beta * dx0[e]) / 256.0;
-        snprintf(what, sizeof what, "lora group of %d n=%d k=%d r=%d beta=%g: dx", count, n, k,
-                 rank, beta);
+        snprintf(what, sizeof what, "lora group%s of %d n=%d k=%d r=%d beta=%g: dx",
+                 batched ? " (batched)" : "", count, n, k, rank, beta);
         compare(what, dx[1], dx[0], nk, BF16_RTOL, 0.0, tol_dx);
     }
     free(tol_dx), free(x), free(dx0), free(dx[0]), free(dx[1]);
@@ -743,12 +745,18 @@ TEST(test_cuda_lora_fwd_bwd_match_cpu) {
 }
 
 TEST(test_cuda_lora_group_matches_cpu) {
-    GPU_TEST_SETUP(109);
+    GPU_TEST_SETUP(115);
     const int qkv[3] = {96, 32, 32}, gate_up[2] = {200, 200}, odd[3] = {17, 1, 65};
-    check_lora_group(bes, r, 40, 96, 8, 3, qkv, 2.0f, 0.0f, 1);
-    check_lora_group(bes, r, 33, 130, 16, 2, gate_up, 0.5f, 1.0f, 1);
-    check_lora_group(bes, r, 7, 37, 4, 3, odd, 1.0f, 0.0f, 0);
-    check_lora_group(bes, r, 5, 64, 1, 1, odd, 4.0f, 1.0f, 1);
+    const char *env = getenv("RESAFE_CUDA_LORA_GROUP");
+    char *saved = env ? strdup(env) : NULL;
+    for (int batched = 1; batched >= 0; batched--) {
+        check_lora_group(bes, r, 40, 96, 8, 3, qkv, 2.0f, 0.0f, 1, batched);
+        check_lora_group(bes, r, 33, 130, 16, 2, gate_up, 0.5f, 1.0f, 1, batched);
+        check_lora_group(bes, r, 7, 37, 4, 3, odd, 1.0f, 0.0f, 0, batched);
+        check_lora_group(bes, r, 5, 64, 1, 1, odd, 4.0f, 0.5f, 1, batched);
+    }
+    if (saved) setenv("RESAFE_CUDA_LORA_GROUP", saved, 1);
+    free(saved);
 }
 
 /* merge: the same fp32 rank sum on both sides (FMA contraction aside: r u scale sum|B A|, x4),
