@@ -1,5 +1,16 @@
 #!/usr/bin/env bash
-# Device driver (untracked). PHASE="fa xs qbench ..." LIMIT=seconds
+# One call on a lent GPU machine (the device tool: the working tree copied there, cJSON / inih
+# unpacked into .deps with `dpkg -x` and carried, results under $OUT): builds for sm_90a, then
+# runs the phases named in PHASE in order, each under a timeout that keeps the whole call inside
+# LIMIT seconds; every step's log and the results files go to $OUT/dev.tgz (re-packed after each
+# step, so a call cut short still returns what finished), a summary to stdout.
+#   PHASE="fa attn gpuQ fabench" GPUK="not qmm" LIMIT=540 bash scripts/bench/device_run.sh
+# Phases: fa (the attention unit tests), faprof (profile_gpu.py gemm vs flash, FLAYERS layers),
+# attn (attention.py), lora (lora_gemm.py), xs (the shared-memory-X qmm test, formats XK),
+# gpuQ (tests/run.py --gpu-only -k GPUK), qbench / qdecode (qmatmul table / e2e decode),
+# fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE), lgroup (the
+# batched LoRA group unit test, the model gradient and DPO GPU tests, and the DPO step, with
+# RESAFE_CUDA_LORA_GROUP=1), cmd (CMD, CLIM seconds).
 set -u
 START=$(date +%s); LIMIT=${LIMIT:-570}; O=/tmp/o; mkdir -p $O
 rem() { echo $(( LIMIT - ($(date +%s) - START) )); }
@@ -47,6 +58,8 @@ attn)
   step attn 120 python3 scripts/bench/attention.py ;;
 lgroup)
   step lgroup_test 100 build/test_unit --run test_cuda_lora_group_matches_cpu
+  step lgroup_model 200 env RESAFE_CUDA_LORA_GROUP=1 python3 -m pytest -q \
+    tests/py/test_model_gpu_train.py tests/py/test_dpo_gpu.py -k "lora or dpo"
   step lgroup_bench 400 env RESAFE_CUDA_LORA_GROUP=1 python3 scripts/bench/bench_gpu.py /tmp/lg \
     --results-dir $O/results --skip decode,hf,recompute ;;
 cmd)
