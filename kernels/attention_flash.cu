@@ -116,6 +116,16 @@ __device__ __forceinline__ void fa_row_lasts(int *s_last, const int32_t *q_pos, 
     }
 }
 
+/* fa_row_lasts, a barrier, and the block's largest last key (every thread gets it) */
+__device__ __forceinline__ int fa_block_last(int *s_last, const int32_t *q_pos, int b, int t0,
+                                             int Tq, int Tk) {
+    fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
+    __syncthreads();
+    int block_last = -1;
+    for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    return block_last;
+}
+
 /* rows ra, rb (< limit) of a [.., ld] bf16 tensor from the accumulator, times fa / fb */
 template <int ND>
 __device__ __forceinline__ void fa_store_rows(bf16 *base, size_t ld, int ra, int rb, int limit,
@@ -179,6 +189,36 @@ __device__ __forceinline__ void fa_dot_rows(float (&c)[4], const bf16 *ta, const
     }
 }
 
+/* zero accumulators (16 x 8 MMA tiles) */
+template <int ND> __device__ __forceinline__ void fa_zero(float (&acc)[ND][4]) {
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+}
+
+/* the warp's 16 Q rows (warp * 16.. of the staged tile qs) as A fragments, KS k-steps */
+template <int KS>
+__device__ __forceinline__ void fa_q_frags(uint32_t (&qf)[KS][4], const bf16 *qs, int stride,
+                                           int warp, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], qs, stride, warp * 16, kk, lane);
+}
+
+/* acc += P B for the warp's 16 rows: P as A fragments (pf, 64 columns in 4 k-steps), B the 64
+ * rows of a shared tile (k = its row, n = d) by ldmatrix.trans */
+template <int ND>
+__device__ __forceinline__ void fa_acc_pb(float (&acc)[ND][4], const uint32_t (&pf)[4][4],
+                                          const bf16 *tile, int stride, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int nd = 0; nd < ND; nd += 2) {
+            uint32_t b[4];
+            fa_frag_b4t(b, tile, stride, 16 * kk, nd, lane);
+            mma_16816(acc[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], b[0], b[1]);
+            mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], b[2], b[3]);
+        }
+}
+
 /* S[nt] = Q K^T for the 8 keys n0.. (Q: the warp's A fragments of KS k-steps in registers) */
 template <int KS>
 __device__ __forceinline__ void fa_qk(float (&c)[4], const uint32_t (&qf)[KS][4], const bf16 *ks,
@@ -214,10 +254,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
 
     /* each query's last key (-1: none), the block's largest */
-    fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
-    __syncthreads();
-    int block_last = -1;
-    for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    const int block_last = fa_block_last(s_last, q_pos, b, t0, Tq, Tk);
     /* Q rows through buffer 1's K slot into registers (A fragments, KS k-steps of 16), while the
      * first key tile goes to buffer 0; the first fa_kv_next's barrier orders the fragment reads
      * before the second tile's copy into buffer 1 */
@@ -228,12 +265,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const int r0 = warp * 16 + g, r1 = r0 + 8;
     const int last0 = s_last[r0], last1 = s_last[r1];
     uint32_t qf[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], qs, STRIDE, warp * 16, kk, lane);
+    fa_q_frags<KS>(qf, qs, STRIDE, warp, lane);
 
     float o[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    fa_zero<ND>(o);
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
@@ -288,17 +323,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             pf[nt >> 1][(nt & 1) * 2 + 1] = hi; /* a1 / a3: row g + 8 */
         }
         /* O += P V: k-steps of 16 keys, B (k = key, n = d) by ldmatrix.trans of V's rows */
-#pragma unroll
-        for (int kk = 0; kk < FA_KEYS / 16; kk++)
-#pragma unroll
-            for (int nd = 0; nd < ND; nd += 2) {
-                const int mi = lane >> 3, rr = lane & 7;
-                uint32_t bv[4];
-                fa_ldmatrix_x4_trans(bv, vs + (16 * kk + 8 * (mi & 1) + rr) * STRIDE +
-                                             8 * (nd + (mi >> 1)));
-                mma_16816(o[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[0], bv[1]);
-                mma_16816(o[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[2], bv[3]);
-            }
+        fa_acc_pb<ND>(o, pf, vs, STRIDE, lane);
     }
 
     /* l over the quad; write O / l (0 for a row without keys or past Tq) */
@@ -349,8 +374,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
  * columns = queries) so that P^T and dS^T come out of the C registers as A fragments, as P does
  * in the forward. Key rows past the sequence's last visible key are zero in shared memory (an
  * unwritten cache row may be NaN): their dK, dV are exactly 0; padded queries (lse 0, every
- * score masked) give P = 0 and a zero dQ row. Shared memory: dQ 3 tiles, dK / dV 4 tiles of
- * 64 x (D + 8) bf16 (52 / 70 KB at D = 128, dynamic). */
+ * score masked) give P = 0 and a zero dQ row. Shared memory: dQ 5 tiles (the K / V double
+ * buffer, dO), dK / dV 4 tiles of 64 x (D + 8) bf16 (87 / 70 KB at D = 128, dynamic). */
 template <int D>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     attention_flash_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
@@ -368,10 +393,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const bf16 *kb = k + (size_t)b * Tk * kv_ld + (size_t)hk * D;
     const bf16 *vb = v + (size_t)b * Tk * kv_ld + (size_t)hk * D;
 
-    fa_row_lasts(s_last, q_pos, b, t0, Tq, Tk);
-    __syncthreads();
-    int block_last = -1;
-    for (int r = 0; r < FA_ROWS; r++) block_last = max(block_last, s_last[r]);
+    const int block_last = fa_block_last(s_last, q_pos, b, t0, Tq, Tk);
     const int n_rows = min(FA_ROWS, Tq - t0);
     /* Q staged in buffer 1's K slot for the registers (as in the forward), dO for the whole
      * kernel, the first key tile in buffer 0 */
@@ -388,12 +410,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const float ds0 = t0 + r0 < Tq ? dsum[srow + r0] : 0.0f;
     const float ds1 = t0 + r1 < Tq ? dsum[srow + r1] : 0.0f;
     uint32_t qf[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) fa_frag_a(qf[kk], qs, STRIDE, warp * 16, kk, lane);
+    fa_q_frags<KS>(qf, qs, STRIDE, warp, lane);
 
     float acc[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    fa_zero<ND>(acc);
 
     for (int j0 = 0; j0 <= block_last; j0 += FA_KEYS) {
         if (!fa_kv_next<D>(fa_smem, kb, vb, kv_ld, j0, block_last, last0, last1)) continue;
@@ -424,15 +444,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 fa_pack(pv[nt][2] * (dp[2] - ds1), pv[nt][3] * (dp[3] - ds1));
         }
         /* dQ += dS K: B (k = key, n = d) by ldmatrix.trans of K's rows */
-#pragma unroll
-        for (int kk = 0; kk < FA_KEYS / 16; kk++)
-#pragma unroll
-            for (int nd = 0; nd < ND; nd += 2) {
-                uint32_t bk[4];
-                fa_frag_b4t(bk, ks, STRIDE, 16 * kk, nd, lane);
-                mma_16816(acc[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bk[0], bk[1]);
-                mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bk[2], bk[3]);
-            }
+        fa_acc_pb<ND>(acc, pf, ks, STRIDE, lane);
     }
     fa_store_rows<ND>(dq + qoff, q_ld, t0 + r0, t0 + r1, Tq, acc, scale, scale, t);
 }
@@ -474,8 +486,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     const int kr0 = j0 + warp * 16 + g, kr1 = kr0 + 8; /* this lane's two keys */
 
     float acc[ND][4];
-#pragma unroll
-    for (int nd = 0; nd < ND; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    fa_zero<ND>(acc);
 
     for (int hh = 0; hh < group && n_keys > 0; hh++) {
         const int h = hk * group + hh;
@@ -526,17 +537,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 pf[nt >> 1][(nt & 1) * 2 + 1] = fa_pack(pv[2], pv[3]);
             }
             /* dV += P^T dO, or dK += dS^T Q: B (k = query, n = d) by ldmatrix.trans */
-            const bf16 *bt = DK ? qs : gs;
-#pragma unroll
-            for (int kk = 0; kk < FA_ROWS / 16; kk++)
-#pragma unroll
-                for (int nd = 0; nd < ND; nd += 2) {
-                    uint32_t bv[4];
-                    fa_frag_b4t(bv, bt, STRIDE, 16 * kk, nd, lane);
-                    mma_16816(acc[nd], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[0], bv[1]);
-                    mma_16816(acc[nd + 1], pf[kk][0], pf[kk][1], pf[kk][2], pf[kk][3], bv[2],
-                              bv[3]);
-                }
+            fa_acc_pb<ND>(acc, pf, DK ? qs : gs, STRIDE, lane);
         }
     }
     const float f = DK ? scale : 1.0f;
