@@ -629,12 +629,12 @@ static void check_lora_bwd(const rs_backend *const bes[2], rs_rng *r, const lora
     for (int s = 0; s < 2; s++) free(dx[s]), free(dA[s]), free(dB[s]);
 }
 
-/* The group ops on the GPU, batched (RESAFE_CUDA_LORA_GROUP=1: x [A_1; ..]^T, [dyB ..] [A; ..]
- * and [dyB ..]^T x as one GEMM each) or as the single ops in turn (the default), against the
- * CPU's single ops in turn: each output's tolerance is the single op's (above), dx's the sum of
- * the members' (one bf16 store of the sum; the start value's term once). Output widths differ
- * (GQA k/v); beta 0 on NaN-poisoned y / dx; dx NULL (the first layer) leaves dA, dB as with
- * it. */
+/* The group ops on the GPU, batched (the default, RESAFE_CUDA_LORA_GROUP=1: x [A_1; ..]^T,
+ * [dyB ..] [A; ..] and [dyB ..]^T x as one GEMM each) or as the single ops in turn (=0),
+ * against the CPU's single ops in turn: each output's tolerance is the single op's (above), dx's
+ * the sum of the members' (one bf16 store of the sum; the start value's term once). Output widths
+ * differ (GQA k/v); beta 0 on NaN-poisoned y / dx; dx NULL (the first layer) leaves dA, dB as
+ * with it. */
 static void check_lora_group(const rs_backend *const bes[2], rs_rng *r, int n, int k, int rank,
                              int count, const int *m, float scale, float beta, int with_dx,
                              int batched) {
