@@ -1,6 +1,7 @@
-/* backward: the training gradients of the row and elementwise ops (embedding, rmsnorm, rope,
- * glu), and the column sums they and linear_bwd share (dw of a norm, dbias of a linear).
- * bf16 activation gradients rounded once on the store; fp32 parameter gradients accumulated. */
+/* backward: the training gradients of the row and elementwise ops (embedding, rmsnorm, glu;
+ * rope's is the inverse rotation in rope.cu), and the column sums they and linear_bwd share (dw
+ * of a norm, dbias of a linear). bf16 activation gradients rounded once on the store; fp32
+ * parameter gradients accumulated. */
 #include "resafe/cuda_common.h"
 
 #define GRID_STRIDE(i, n)                                                                          \
@@ -146,24 +147,52 @@ void rs_cuda_scale_bf16(cudaStream_t s, bf16 *x, size_t n, float beta) {
 
 /* ---------------------------------------------------------------- rmsnorm */
 /* One block per row of y_j = x_j r g_j, r = (mean(x^2) + eps)^-1/2 (saved by the forward):
- *   dx_j = r g_j dy_j - x_j r^3 / dim * sum_l dy_l g_l x_l,   dx = beta dx + that. */
+ *   dx_j = r g_j dy_j - x_j r^3 / dim * sum_l dy_l g_l x_l,   dx = beta dx + that.
+ * VEC: 16-byte loads and stores of 8 elements (as rmsnorm_fwd_kernel's). */
+template <bool VEC>
 __global__ void rmsnorm_bwd_dx_kernel(bf16 *dx, const bf16 *dout, const bf16 *x, const bf16 *w,
                                       const float *rstd, int dim, int add_one, float beta) {
     __shared__ float scratch[32];
     const size_t row = (size_t)blockIdx.x * (size_t)dim;
-    const float r = rstd[blockIdx.x];
+    const float r = rstd[blockIdx.x], one = add_one ? 1.0f : 0.0f;
     float dot = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        float g = (w ? __bfloat162float(w[j]) : 1.0f) + (add_one ? 1.0f : 0.0f);
-        dot += __bfloat162float(dout[row + j]) * g * __bfloat162float(x[row + j]);
+    if constexpr (VEC) {
+        for (int j = 8 * threadIdx.x; j < dim; j += 8 * blockDim.x) {
+            float dy[8], xv[8], g[8];
+            rs_load8(dy, dout + row + j), rs_load8(xv, x + row + j);
+            if (w) rs_load8(g, w + j);
+#pragma unroll
+            for (int e = 0; e < 8; e++) dot += dy[e] * ((w ? g[e] : 1.0f) + one) * xv[e];
+        }
+    } else {
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+            float g = (w ? __bfloat162float(w[j]) : 1.0f) + one;
+            dot += __bfloat162float(dout[row + j]) * g * __bfloat162float(x[row + j]);
+        }
     }
     dot = rs_block_sum(dot, scratch);
     const float coef = dot * r * r * r / (float)dim;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        float g = (w ? __bfloat162float(w[j]) : 1.0f) + (add_one ? 1.0f : 0.0f);
-        float v = r * g * __bfloat162float(dout[row + j]) - coef * __bfloat162float(x[row + j]);
-        if (beta != 0.0f) v += beta * __bfloat162float(dx[row + j]);
-        dx[row + j] = __float2bfloat16(v);
+    if constexpr (VEC) {
+        for (int j = 8 * threadIdx.x; j < dim; j += 8 * blockDim.x) {
+            float dy[8], xv[8], g[8], old[8];
+            rs_load8(dy, dout + row + j), rs_load8(xv, x + row + j);
+            if (w) rs_load8(g, w + j);
+            if (beta != 0.0f) rs_load8(old, dx + row + j);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float v = r * ((w ? g[e] : 1.0f) + one) * dy[e] - coef * xv[e];
+                if (beta != 0.0f) v += beta * old[e];
+                dy[e] = v;
+            }
+            rs_store8(dx + row + j, dy);
+        }
+    } else {
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+            float g = (w ? __bfloat162float(w[j]) : 1.0f) + one;
+            float v = r * g * __bfloat162float(dout[row + j]) - coef * __bfloat162float(x[row + j]);
+            if (beta != 0.0f) v += beta * __bfloat162float(dx[row + j]);
+            dx[row + j] = __float2bfloat16(v);
+        }
     }
 }
 
@@ -177,42 +206,15 @@ void rs_cuda_rmsnorm_bwd(cudaStream_t s, bf16 *dx, float *dw, const bf16 *dout, 
                          void *scratch) {
     if (n <= 0 || dim <= 0) return;
     if (dx) {
-        rmsnorm_bwd_dx_kernel<<<n, 256, 0, s>>>(dx, dout, x, w, rstd, dim, add_one, beta);
+        if (dim % 8 == 0 && rs_cuda_aligned16(dx) && rs_cuda_aligned16(dout) &&
+            rs_cuda_aligned16(x) && rs_cuda_aligned16(w))
+            rmsnorm_bwd_dx_kernel<true><<<n, 256, 0, s>>>(dx, dout, x, w, rstd, dim, add_one, beta);
+        else
+            rmsnorm_bwd_dx_kernel<false><<<n, 256, 0, s>>>(dx, dout, x, w, rstd, dim, add_one,
+                                                           beta);
         CUDA_CHECK_LAUNCH(s, "rmsnorm_bwd_dx_kernel");
     }
     if (dw) rs_cuda_column_sums(s, dw, dout, x, rstd, n, dim, scratch);
-}
-
-/* ---------------------------------------------------------------- rope */
-/* The inverse rotation (angle -pos * inv_freq, the same fp32 angle and sincosf as the forward):
- * a rotation's adjoint. Padded tokens untouched. */
-__global__ void rope_bwd_kernel(bf16 *x, const int32_t *pos, const float *inv_freq, int n_tok,
-                                int n_heads, int head_dim) {
-    int half = head_dim / 2;
-    size_t total = (size_t)n_tok * (size_t)n_heads * (size_t)half;
-    GRID_STRIDE(idx, total) {
-        size_t i = idx % (size_t)half, row = idx / (size_t)half;
-        int32_t p = pos[row / (size_t)n_heads];
-        if (p < 0) continue;
-        float angle = (float)p * inv_freq[i];
-        float sn, cs;
-        sincosf(angle, &sn, &cs);
-        sn = -sn;
-        bf16 *xr = x + row * (size_t)head_dim;
-        float x1 = __bfloat162float(xr[i]), x2 = __bfloat162float(xr[i + half]);
-        xr[i] = __float2bfloat16(x1 * cs - x2 * sn);
-        xr[i + half] = __float2bfloat16(x2 * cs + x1 * sn);
-    }
-}
-
-void rs_cuda_rope_bwd(cudaStream_t s, bf16 *dx, const int32_t *pos, const float *inv_freq,
-                      int n_tok, int n_heads, int head_dim) {
-    RS_CHECK(head_dim % 2 == 0, "rope_bwd: head_dim %d must be even", head_dim);
-    if (n_tok <= 0 || n_heads <= 0 || head_dim <= 0) return;
-    size_t total = (size_t)n_tok * (size_t)n_heads * (size_t)(head_dim / 2);
-    rope_bwd_kernel<<<rs_cuda_blocks(total, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
-        dx, pos, inv_freq, n_tok, n_heads, head_dim);
-    CUDA_CHECK_LAUNCH(s, "rope_bwd_kernel");
 }
 
 /* ---------------------------------------------------------------- glu */
@@ -235,12 +237,32 @@ __device__ __forceinline__ float activation_grad(float g, rs_activation act) {
     }
 }
 
+/* Work items as glu_fwd_kernel's: nv groups of 8 elements, then the tail one by one. */
 __global__ void glu_bwd_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
-                               const bf16 *up, size_t n, rs_activation act) {
-    GRID_STRIDE(i, n) {
-        float d = __bfloat162float(dout[i]), g = __bfloat162float(gate[i]);
-        if (dgate) dgate[i] = __float2bfloat16(d * __bfloat162float(up[i]) * activation_grad(g, act));
-        if (dup) dup[i] = __float2bfloat16(d * rs_cuda_activation(g, act));
+                               const bf16 *up, size_t n, size_t nv, rs_activation act) {
+    const size_t items = nv + (n - 8 * nv);
+    GRID_STRIDE(i, items) {
+        if (i < nv) {
+            float d[8], g[8], u[8], r[8];
+            rs_load8(d, dout + 8 * i), rs_load8(g, gate + 8 * i);
+            if (dgate) {
+                rs_load8(u, up + 8 * i);
+#pragma unroll
+                for (int j = 0; j < 8; j++) r[j] = d[j] * u[j] * activation_grad(g[j], act);
+                rs_store8(dgate + 8 * i, r);
+            }
+            if (dup) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) r[j] = d[j] * rs_cuda_activation(g[j], act);
+                rs_store8(dup + 8 * i, r);
+            }
+            continue;
+        }
+        const size_t e = 8 * nv + (i - nv);
+        float d = __bfloat162float(dout[e]), g = __bfloat162float(gate[e]);
+        if (dgate)
+            dgate[e] = __float2bfloat16(d * __bfloat162float(up[e]) * activation_grad(g, act));
+        if (dup) dup[e] = __float2bfloat16(d * rs_cuda_activation(g, act));
     }
 }
 
@@ -249,7 +271,10 @@ void rs_cuda_glu_bwd(cudaStream_t s, bf16 *dgate, bf16 *dup, const bf16 *dout, c
     RS_CHECK(act == RS_ACT_SILU || act == RS_ACT_GELU_TANH || act == RS_ACT_GELU,
              "glu_bwd: unknown activation %d", (int)act);
     if (n == 0 || (!dgate && !dup)) return;
-    glu_bwd_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(dgate, dup, dout,
-                                                                                   gate, up, n, act);
+    const int al = rs_cuda_aligned16(dgate) && rs_cuda_aligned16(dup) &&
+                   rs_cuda_aligned16(dout) && rs_cuda_aligned16(gate) && rs_cuda_aligned16(up);
+    const size_t nv = al ? n / 8 : 0;
+    glu_bwd_kernel<<<rs_cuda_blocks(nv + (n - 8 * nv), RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(
+        dgate, dup, dout, gate, up, n, nv, act);
     CUDA_CHECK_LAUNCH(s, "glu_bwd_kernel");
 }

@@ -111,6 +111,29 @@ template <typename T> __device__ __forceinline__ T rs_block_sum(T v, T *scratch)
     return v;
 }
 
+/* Eight bf16 at p (16-byte aligned) as floats, and back with round-to-nearest-even (the same
+ * rounding as __float2bfloat16): the vector body of the bandwidth-bound row and elementwise
+ * kernels. rs_cuda_aligned16: a pointer such a body may use (NULL counts as aligned). */
+__device__ __forceinline__ void rs_load8(float (&f)[8], const bf16 *p) {
+    const uint4 u = *(const uint4 *)p;
+    const bf16x2 *h = (const bf16x2 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x, f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void rs_store8(bf16 *p, const float (&f)[8]) {
+    uint4 u;
+    bf16x2 *h = (bf16x2 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    *(uint4 *)p = u;
+}
+
+static inline int rs_cuda_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
 /* The GLU activations in fp32 with the accurate expf/tanhf/erff, as the CPU reference:
  *   silu(g) = g / (1 + exp(-g))
  *   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))   (Hendrycks & Gimpel 2016)
@@ -150,6 +173,8 @@ void rs_cuda_rmsnorm_fwd(cudaStream_t s, bf16 *out, float *rstd, const bf16 *x, 
 /* rope.cu */
 void rs_cuda_rope_fwd(cudaStream_t s, bf16 *x, const int32_t *pos, const float *inv_freq,
                       int n_tok, int n_heads, int head_dim);
+void rs_cuda_rope_bwd(cudaStream_t s, bf16 *dx, const int32_t *pos, const float *inv_freq,
+                      int n_tok, int n_heads, int head_dim);
 /* attention.cu */
 void rs_cuda_attention_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k, const bf16 *v,
                            const int32_t *q_pos, int B, int Tq, int Tk, int n_heads,
@@ -176,7 +201,7 @@ void rs_cuda_linear_fwd(cudaStream_t s, cublasHandle_t h, bf16 *out, const bf16 
 /* ---- training (backward, LoRA, optimizer). Launchers that need temporary device memory take
  * `scratch`, at least the bytes their *_scratch_bytes function names (the backend's one op
  * scratch buffer, 256-byte aligned). */
-/* backward.cu: embedding, rmsnorm, rope, glu backward, bf16 scaling, column sums */
+/* backward.cu: embedding, rmsnorm, glu backward, bf16 scaling, column sums */
 /* Deterministic (no atomics); waits for the stream (the ids are grouped on the host). */
 size_t rs_cuda_embedding_bwd_scratch_bytes(int n);
 void rs_cuda_embedding_bwd(cudaStream_t s, float *dtable, const bf16 *dout, const int32_t *ids,
@@ -189,8 +214,6 @@ size_t rs_cuda_rmsnorm_bwd_scratch_bytes(int n, int dim);
 void rs_cuda_rmsnorm_bwd(cudaStream_t s, bf16 *dx, float *dw, const bf16 *dout, const bf16 *x,
                          const bf16 *w, const float *rstd, int n, int dim, int add_one, float beta,
                          void *scratch);
-void rs_cuda_rope_bwd(cudaStream_t s, bf16 *dx, const int32_t *pos, const float *inv_freq,
-                      int n_tok, int n_heads, int head_dim);
 void rs_cuda_glu_bwd(cudaStream_t s, bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
                      const bf16 *up, size_t n, rs_activation act);
 /* x = beta * x (beta = 0 writes zeros without reading x) */

@@ -9,8 +9,10 @@
 # attn (attention.py), lora (lora_gemm.py), xs (the shared-memory-X qmm test, formats XK),
 # gpuQ (tests/run.py --gpu-only -k GPUK), qbench / qdecode (qmatmul table / e2e decode),
 # fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE), lgroup (the
-# batched LoRA group unit test, the model gradient and DPO GPU tests, and the DPO step, with
-# RESAFE_CUDA_LORA_GROUP=1), cmd (CMD, CLIM seconds).
+# LoRA group unit test, and the DPO step with RESAFE_CUDA_LORA_GROUP=0: the single ops in turn),
+# prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), ops (the C
+# unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
+# (CMD, CLIM seconds).
 set -u
 START=$(date +%s); LIMIT=${LIMIT:-570}; O=/tmp/o; mkdir -p $O
 rem() { echo $(( LIMIT - ($(date +%s) - START) )); }
@@ -58,10 +60,18 @@ attn)
   step attn 120 python3 scripts/bench/attention.py ;;
 lgroup)
   step lgroup_test 100 build/test_unit --run test_cuda_lora_group_matches_cpu
-  step lgroup_model 200 env RESAFE_CUDA_LORA_GROUP=1 python3 -m pytest -q \
-    tests/py/test_model_gpu_train.py tests/py/test_dpo_gpu.py -k "lora or dpo"
-  step lgroup_bench 400 env RESAFE_CUDA_LORA_GROUP=1 python3 scripts/bench/bench_gpu.py /tmp/lg \
-    --results-dir $O/results --skip decode,hf,recompute ;;
+  step lgroup_bench 400 env RESAFE_CUDA_LORA_GROUP=0 python3 scripts/bench/bench_gpu.py /tmp/lg \
+    --results-dir $O/results_single --skip decode,hf,recompute ;;
+prof)
+  step prof 300 python3 scripts/bench/profile_gpu.py /tmp/pr --layers ${FLAYERS:-8} \
+    --more ${PMORE:-4} --decode-batch "" ;;
+ops)
+  for T in ${OPS:-test_cuda_rope_matches_cpu test_cuda_rope_bwd_matches_cpu \
+      test_cuda_rmsnorm_matches_cpu test_cuda_rmsnorm_bwd_matches_cpu test_cuda_glu_matches_cpu \
+      test_cuda_glu_bwd_matches_cpu test_cuda_lora_fwd_bwd_match_cpu \
+      test_cuda_lora_group_matches_cpu}; do
+    step "$T" 60 build/test_unit --run "$T"
+  done ;;
 cmd)
   step cmd ${CLIM:-300} bash -c "$CMD" ;;
 esac; done
