@@ -23,6 +23,9 @@
  * Deterministic: fixed order, no atomics. */
 #include "resafe/cuda_common.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #define FA_ROWS 64 /* queries per block */
 #define FA_KEYS 64 /* keys per tile */
 #define FA_WARPS 4
@@ -369,13 +372,14 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
  *   dQ  per (sequence, head, 64 queries):   dQ = scale sum_j dS K,  dS = P (dO V^T - Dsum)
  *   dV  per (sequence, kv head, 64 keys):   dV = sum over the group's heads and the queries P^T dO
  *   dK  the same blocks:                    dK = scale sum dS^T Q
- * dV and dK are separate launches of one kernel (DK) so that a thread holds one 16 x D
- * accumulator. The key-block kernels work in the transposed frame (rows = the warp's 16 keys,
- * columns = queries) so that P^T and dS^T come out of the C registers as A fragments, as P does
- * in the forward. Key rows past the sequence's last visible key are zero in shared memory (an
- * unwritten cache row may be NaN): their dK, dV are exactly 0; padded queries (lse 0, every
- * score masked) give P = 0 and a zero dQ row. Shared memory: dQ 5 tiles (the K / V double
- * buffer, dO), dK / dV 4 tiles of 64 x (D + 8) bf16 (87 / 70 KB at D = 128, dynamic). */
+ * dV and dK are separate launches of one kernel (FA_DV, FA_DK) so that a thread holds one
+ * 16 x D accumulator; FA_DKV (RESAFE_CUDA_FLASH_DKV=1, not yet run on a GPU) computes both in
+ * one launch, the scores and dO V^T once. The key-block kernels work in the transposed frame
+ * (rows = the warp's 16 keys, columns = queries) so that P^T and dS^T come out of the C registers
+ * as A fragments, as P does in the forward. Key rows past the sequence's last visible key are zero
+ * in shared memory (an unwritten cache row may be NaN): their dK, dV are exactly 0; padded queries
+ * (lse 0, every score masked) give P = 0 and a zero dQ row. Shared memory: dQ 5 tiles (the K / V
+ * double buffer, dO), dK / dV 4 tiles of 64 x (D + 8) bf16 (87 / 70 KB at D = 128, dynamic). */
 template <int D>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     attention_flash_dq_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k,
@@ -449,10 +453,15 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     fa_store_rows<ND>(dq + qoff, q_ld, t0 + r0, t0 + r1, Tq, acc, scale, scale, t);
 }
 
-template <int D, bool DK>
+/* What a key-block launch computes: dV, dK, or both in one pass (FA_DKV: the scores and dO V^T
+ * computed once for both, two 16 x D accumulators per thread; RESAFE_CUDA_FLASH_DKV=1, an
+ * experiment not yet run on a GPU) */
+enum { FA_DV = 0, FA_DK = 1, FA_DKV = 2 };
+
+template <int D, int MODE>
 __global__ void __launch_bounds__(FA_WARPS * 32)
-    attention_flash_dkv_kernel(bf16 *dst, const bf16 *dout, const bf16 *q, const bf16 *k,
-                               const bf16 *v, const int32_t *q_pos, const float *lse,
+    attention_flash_dkv_kernel(bf16 *dst, bf16 *dst_v, const bf16 *dout, const bf16 *q,
+                               const bf16 *k, const bf16 *v, const int32_t *q_pos, const float *lse,
                                const float *dsum, int Tq, int Tk, int H, int Hkv, float scale,
                                float scale_log2) {
     constexpr int STRIDE = D + 8, KS = D / 16, ND = D / 8;
@@ -485,8 +494,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     cp_async_wait<0>(); /* the barrier at the top of the query loop makes it visible */
     const int kr0 = j0 + warp * 16 + g, kr1 = kr0 + 8; /* this lane's two keys */
 
-    float acc[ND][4];
+    float acc[ND][4];                        /* dV (FA_DV), else dK */
+    float acc_v[MODE == FA_DKV ? ND : 1][4]; /* dV (FA_DKV) */
     fa_zero<ND>(acc);
+    fa_zero<MODE == FA_DKV ? ND : 1>(acc_v);
 
     for (int hh = 0; hh < group && n_keys > 0; hh++) {
         const int h = hk * group + hh;
@@ -514,8 +525,9 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
             fa_tile_sync();
             if (tile_last < j0 + warp * 16) continue; /* none sees this warp's keys (uniform) */
 
-            /* S^T = K Q^T (rows: the warp's keys, columns: the tile's queries) -> P^T */
-            uint32_t pf[FA_ROWS / 16][4];
+            /* S^T = K Q^T (rows: the warp's keys, columns: the tile's queries) -> P^T; pf: the
+             * A fragments of P^T (FA_DV) or dS^T (FA_DK, FA_DKV), pf_v: P^T's (FA_DKV) */
+            uint32_t pf[FA_ROWS / 16][4], pf_v[MODE == FA_DKV ? FA_ROWS / 16 : 1][4];
 #pragma unroll
             for (int nt = 0; nt < FA_ROWS / 8; nt++) {
                 float sc[4];
@@ -526,7 +538,11 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                     const int qi = nt * 8 + 2 * t + (e & 1), key = e < 2 ? kr0 : kr1;
                     pv[e] = key <= s_qlast[qi] ? exp2f(sc[e] * scale_log2 - s_lse[qi]) : 0.0f;
                 }
-                if constexpr (DK) { /* dS^T = P^T (dP^T - Dsum), dP^T = V dO^T */
+                if constexpr (MODE == FA_DKV) {
+                    pf_v[nt >> 1][(nt & 1) * 2 + 0] = fa_pack(pv[0], pv[1]);
+                    pf_v[nt >> 1][(nt & 1) * 2 + 1] = fa_pack(pv[2], pv[3]);
+                }
+                if constexpr (MODE != FA_DV) { /* dS^T = P^T (dP^T - Dsum), dP^T = V dO^T */
                     float dp[4];
                     fa_dot_rows<KS>(dp, vbs, gs, STRIDE, warp * 16, nt * 8, lane);
                     const float da = s_ds[nt * 8 + 2 * t], db = s_ds[nt * 8 + 2 * t + 1];
@@ -536,12 +552,15 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
                 pf[nt >> 1][(nt & 1) * 2 + 0] = fa_pack(pv[0], pv[1]);
                 pf[nt >> 1][(nt & 1) * 2 + 1] = fa_pack(pv[2], pv[3]);
             }
-            /* dV += P^T dO, or dK += dS^T Q: B (k = query, n = d) by ldmatrix.trans */
-            fa_acc_pb<ND>(acc, pf, DK ? qs : gs, STRIDE, lane);
+            /* dV += P^T dO, dK += dS^T Q: B (k = query, n = d) by ldmatrix.trans */
+            fa_acc_pb<ND>(acc, pf, MODE == FA_DV ? gs : qs, STRIDE, lane);
+            if constexpr (MODE == FA_DKV) fa_acc_pb<ND>(acc_v, pf_v, gs, STRIDE, lane);
         }
     }
-    const float f = DK ? scale : 1.0f;
+    const float f = MODE == FA_DV ? 1.0f : scale;
     fa_store_rows<ND>(dst + kvoff, kv_ld, kr0, kr1, Tk, acc, f, f, t);
+    if constexpr (MODE == FA_DKV)
+        fa_store_rows<ND>(dst_v + kvoff, kv_ld, kr0, kr1, Tk, acc_v, 1.0f, 1.0f, t);
 }
 
 /* Shared memory of each kernel (dynamic, bytes): the forward 4 tiles (the K / V double buffer),
@@ -560,9 +579,11 @@ template <int D> static void fa_set_smem() {
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
     CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DQ<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, false>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DV>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, true>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DK>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DKV>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
     done = true;
 }
@@ -606,11 +627,18 @@ static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dou
     attention_flash_dq_kernel<D><<<gq, FA_WARPS * 32, FA_SMEM_DQ<D>, s>>>(
         dq, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dq_kernel");
-    attention_flash_dkv_kernel<D, false><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
-        dv, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+    const char *one = getenv("RESAFE_CUDA_FLASH_DKV");
+    if (one && strcmp(one, "1") == 0) {
+        attention_flash_dkv_kernel<D, FA_DKV><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
+            dk, dv, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+        CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dk and dv)");
+        return;
+    }
+    attention_flash_dkv_kernel<D, FA_DV><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
+        dv, NULL, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dv)");
-    attention_flash_dkv_kernel<D, true><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
-        dk, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
+    attention_flash_dkv_kernel<D, FA_DK><<<gk, FA_WARPS * 32, FA_SMEM_DKV<D>, s>>>(
+        dk, NULL, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dkv_kernel (dk)");
 }
 

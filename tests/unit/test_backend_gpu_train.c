@@ -337,6 +337,8 @@ static void gemm_rounding_tolerances(const float *q, const float *k, const float
 
 static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B, int Tq, int Tk,
                                 int H, int Hkv, int D, const char *mode) {
+    /* flash-dkv: the flash kernels with dK and dV in one launch (RESAFE_CUDA_FLASH_DKV=1) */
+    const int dkv = strcmp(mode, "flash-dkv") == 0;
     float scale = 1.0f / sqrtf((float)D);
     size_t nq = (size_t)B * Tq * H * D, nkv = (size_t)B * Tk * Hkv * D;
     float *q = random_bf16(r, nq, 0.0f, 1.0f), *k = random_bf16(r, nkv, 0.0f, 1.0f);
@@ -364,9 +366,11 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
         void *pd = upload_bytes(be, q_pos, (size_t)B * Tq * sizeof(int32_t));
         void *dq = upload_nan(be, ACT(be), nq), *dk = upload_nan(be, ACT(be), nkv);
         void *dv = upload_nan(be, ACT(be), nkv);
-        if (s) setenv("RESAFE_CUDA_ATTENTION", mode, 1);
+        if (s) setenv("RESAFE_CUDA_ATTENTION", dkv ? "flash" : mode, 1);
+        if (s && dkv) setenv("RESAFE_CUDA_FLASH_DKV", "1", 1);
         be->attention_bwd(dq, dk, dv, dod, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
         unsetenv("RESAFE_CUDA_ATTENTION");
+        unsetenv("RESAFE_CUDA_FLASH_DKV");
         g[s][0] = download(be, dq, ACT(be), nq);
         g[s][1] = download(be, dk, ACT(be), nkv);
         g[s][2] = download(be, dv, ACT(be), nkv);
@@ -376,7 +380,7 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
     const char *names[3] = {"dq", "dk", "dv"};
     size_t sizes[3] = {nq, nkv, nkv};
     double *tol[3] = {zeros_d(nq), zeros_d(nkv), zeros_d(nkv)};
-    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0)
+    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0 || dkv)
         gemm_rounding_tolerances(q, k, v, dout, q_pos, B, Tq, Tk, H, Hkv, D, scale, tol[0], tol[1],
                                  tol[2]);
     for (int o = 0; o < 3; o++) {
@@ -399,8 +403,8 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
 
 TEST(test_cuda_attention_bwd_matches_cpu) {
     GPU_TEST_SETUP(105);
-    const char *modes[3] = {"fused", "gemm", "flash"};
-    for (int m = 0; m < 3; m++) {
+    const char *modes[4] = {"fused", "gemm", "flash", "flash-dkv"};
+    for (int m = 0; m < 4; m++) {
         check_attention_bwd(bes, r, 1, 1, 1, 1, 1, 64, modes[m]);    /* one key */
         check_attention_bwd(bes, r, 2, 9, 9, 4, 4, 64, modes[m]);    /* prefill, padding */
         check_attention_bwd(bes, r, 2, 7, 40, 8, 2, 128, modes[m]);  /* GQA 4, Tk > Tq */
