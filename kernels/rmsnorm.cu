@@ -13,7 +13,6 @@ __global__ void rmsnorm_fwd_kernel(bf16 *out, float *rstd, const bf16 *x, const 
     __shared__ float scratch[32];
     const bf16 *xr = x + (size_t)blockIdx.x * (size_t)dim;
     bf16 *outr = out + (size_t)blockIdx.x * (size_t)dim;
-    const float one = add_one ? 1.0f : 0.0f;
     float sum_sq = 0.0f;
     if constexpr (VEC) {
         for (int d = 8 * threadIdx.x; d < dim; d += 8 * blockDim.x) {
@@ -37,12 +36,16 @@ __global__ void rmsnorm_fwd_kernel(bf16 *out, float *rstd, const bf16 *x, const 
             rs_load8(f, xr + d);
             if (w) rs_load8(wv, w + d);
 #pragma unroll
-            for (int j = 0; j < 8; j++) f[j] = f[j] * r * ((w ? wv[j] : 1.0f) + one);
+            for (int j = 0; j < 8; j++) {
+                const float g = w ? wv[j] : 1.0f;
+                f[j] = f[j] * r * (add_one ? g + 1.0f : g); /* no + 0: a -0 weight stays -0 */
+            }
             rs_store8(outr + d, f);
         }
     } else {
         for (int d = threadIdx.x; d < dim; d += blockDim.x) {
-            float wv = (w ? __bfloat162float(w[d]) : 1.0f) + one;
+            float wv = w ? __bfloat162float(w[d]) : 1.0f;
+            if (add_one) wv += 1.0f;
             outr[d] = __float2bfloat16(__bfloat162float(xr[d]) * r * wv);
         }
     }
