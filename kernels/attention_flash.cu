@@ -237,10 +237,14 @@ __device__ __forceinline__ void fa_qk(float (&c)[4], const uint32_t (&qf)[KS][4]
     }
 }
 
-/* STATS (the backward's first pass): instead of O, each row's log-sum-exp in log2 units
- * (m + log2 l; 0 for a row without keys) to lse and Dsum = dout . O (fp32 O) to dsum, both
- * [B, H, Tq]. */
-template <int D, bool STATS = false>
+/* What a forward launch writes: O (FA_OUT); instead of O, the backward's statistics (FA_STATS:
+ * each row's log-sum-exp in log2 units, m + log2 l, 0 for a row without keys, to lse and
+ * Dsum = dout . O of the fp32 O to dsum, both [B, H, Tq]); or O and that log-sum-exp
+ * (FA_OUT_LSE, for a backward that takes them: RESAFE_CUDA_FLASH_SAVED=1, not yet run on a
+ * GPU). */
+enum { FA_OUT = 0, FA_STATS = 1, FA_OUT_LSE = 2 };
+
+template <int D, int MODE = FA_OUT>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     attention_flash_fwd_kernel(bf16 *out, const bf16 *q, const bf16 *k, const bf16 *v,
                                const int32_t *q_pos, int Tq, int Tk, int H, int Hkv,
@@ -335,7 +339,12 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    if constexpr (STATS) {
+    if constexpr (MODE == FA_OUT_LSE) {
+        const size_t row = ((size_t)b * H + h) * Tq + t0;
+        if (t == 0 && t0 + r0 < Tq) lse[row + r0] = l0 > 0.0f ? m0 + log2f(l0) : 0.0f;
+        if (t == 0 && t0 + r1 < Tq) lse[row + r1] = l1 > 0.0f ? m1 + log2f(l1) : 0.0f;
+    }
+    if constexpr (MODE == FA_STATS) {
         const bf16 *gb = dout + (size_t)b * Tq * q_ld + (size_t)h * D;
         float d0 = 0.0f, d1 = 0.0f;
 #pragma unroll
@@ -573,9 +582,11 @@ template <int D> constexpr int FA_SMEM_DKV = 4 * FA_TILE<D> *(int)sizeof(bf16);
 template <int D> static void fa_set_smem() {
     static bool done = false;
     if (done) return;
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, false>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_OUT>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, true>,
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_STATS>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_OUT_LSE>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
     CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DQ<D>));
@@ -589,41 +600,82 @@ template <int D> static void fa_set_smem() {
 }
 
 template <int D>
-static void fa_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k, const bf16 *v,
-                   const int32_t *q_pos, int B, int Tq, int Tk, int H, int Hkv, float scale) {
+static void fa_fwd(cudaStream_t s, bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+                   const bf16 *v, const int32_t *q_pos, int B, int Tq, int Tk, int H, int Hkv,
+                   float scale) {
     fa_set_smem<D>();
     const dim3 grid((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)H, (unsigned)B);
-    attention_flash_fwd_kernel<D><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
-        out, q, k, v, q_pos, Tq, Tk, H, Hkv, scale * 1.4426950408889634f);
+    const float sl = scale * 1.4426950408889634f;
+    if (lse)
+        attention_flash_fwd_kernel<D, FA_OUT_LSE><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
+            out, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, NULL, lse, NULL);
+    else
+        attention_flash_fwd_kernel<D><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
+            out, q, k, v, q_pos, Tq, Tk, H, Hkv, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel");
 }
 
-extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, const bf16 *q, const bf16 *k,
-                                            const bf16 *v, const int32_t *q_pos, int B, int Tq,
-                                            int Tk, int n_heads, int n_kv_heads, int head_dim,
-                                            float scale) {
+extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, float *lse, const bf16 *q,
+                                            const bf16 *k, const bf16 *v, const int32_t *q_pos,
+                                            int B, int Tq, int Tk, int n_heads, int n_kv_heads,
+                                            int head_dim, float scale) {
     if (head_dim == 128)
-        fa_fwd<128>(s, out, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
+        fa_fwd<128>(s, out, lse, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
     else
-        fa_fwd<64>(s, out, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
+        fa_fwd<64>(s, out, lse, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale);
+}
+
+/* dsum[b, h, t] = dout[b, t, h, :] . out[b, t, h, :] in fp32 over the bf16 values (the saved
+ * output: FlashAttention-2's Dsum), one warp per row; a padded query's zero output gives 0 */
+template <int D>
+__global__ void attention_flash_dsum_kernel(float *dsum, const bf16 *dout, const bf16 *out,
+                                            int B, int Tq, int H) {
+    const size_t row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= (size_t)B * Tq * H) return; /* whole warps leave together */
+    const bf16 *g = dout + row * D, *o = out + row * D;
+    float sum = 0.0f;
+#pragma unroll
+    for (int d = 2 * lane; d < D; d += 64) {
+        const float2 a = __bfloat1622float2(*(const bf16x2 *)(g + d));
+        const float2 c = __bfloat1622float2(*(const bf16x2 *)(o + d));
+        sum += a.x * c.x + a.y * c.y;
+    }
+    sum = rs_warp_sum(sum);
+    if (lane == 0) {
+        const int h = (int)(row % H), t = (int)(row / H % Tq), b = (int)(row / H / Tq);
+        dsum[((size_t)b * H + h) * Tq + t] = sum;
+    }
 }
 
 extern "C" size_t rs_cuda_attention_flash_bwd_scratch_bytes(int B, int Tq, int n_heads) {
     return ((size_t)2 * B * n_heads * Tq * sizeof(float) + 255) / 256 * 256;
 }
 
+/* out, saved_lse: the forward's output and log-sum-exp (FA_OUT_LSE) to use instead of the
+ * statistics pass (NULL: run it); scratch: lse and Dsum [B, H, Tq] each */
 template <int D>
 static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout, const bf16 *q,
-                   const bf16 *k, const bf16 *v, const int32_t *q_pos, int B, int Tq, int Tk, int H,
-                   int Hkv, float scale, float *lse) {
+                   const bf16 *k, const bf16 *v, const bf16 *out, const float *saved_lse,
+                   const int32_t *q_pos, int B, int Tq, int Tk, int H, int Hkv, float scale,
+                   float *scratch) {
     fa_set_smem<D>();
     const float sl = scale * 1.4426950408889634f;
-    float *dsum = lse + (size_t)B * H * Tq;
+    float *dsum = scratch + (size_t)B * H * Tq;
+    const float *lse = scratch;
     const dim3 gq((unsigned)((Tq + FA_ROWS - 1) / FA_ROWS), (unsigned)H, (unsigned)B);
     const dim3 gk((unsigned)((Tk + FA_KEYS - 1) / FA_KEYS), (unsigned)Hkv, (unsigned)B);
-    attention_flash_fwd_kernel<D, true><<<gq, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
-        NULL, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, dout, lse, dsum);
-    CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel (stats)");
+    if (out && saved_lse) {
+        const size_t rows = (size_t)B * Tq * H;
+        attention_flash_dsum_kernel<D><<<(unsigned)((rows * 32 + 255) / 256), 256, 0, s>>>(
+            dsum, dout, out, B, Tq, H);
+        CUDA_CHECK_LAUNCH(s, "attention_flash_dsum_kernel");
+        lse = saved_lse;
+    } else {
+        attention_flash_fwd_kernel<D, FA_STATS><<<gq, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
+            NULL, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, dout, scratch, dsum);
+        CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel (stats)");
+    }
     attention_flash_dq_kernel<D><<<gq, FA_WARPS * 32, FA_SMEM_DQ<D>, s>>>(
         dq, dout, q, k, v, q_pos, lse, dsum, Tq, Tk, H, Hkv, scale, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_dq_kernel");
@@ -643,16 +695,19 @@ static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dou
 }
 
 /* The backward (rs_cuda_attention_flash_fits must hold); scratch: at least
- * rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads) bytes (lse and Dsum per query row). */
+ * rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads) bytes (lse and Dsum per query row).
+ * out and lse: the output and log-sum-exp of rs_cuda_attention_flash_fwd with lse (the same q,
+ * k, v), or both NULL: the backward recomputes them in a statistics pass. */
 extern "C" void rs_cuda_attention_flash_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv,
                                             const bf16 *dout, const bf16 *q, const bf16 *k,
-                                            const bf16 *v, const int32_t *q_pos, int B, int Tq,
-                                            int Tk, int n_heads, int n_kv_heads, int head_dim,
-                                            float scale, void *scratch) {
+                                            const bf16 *v, const bf16 *out, const float *lse,
+                                            const int32_t *q_pos, int B, int Tq, int Tk,
+                                            int n_heads, int n_kv_heads, int head_dim, float scale,
+                                            void *scratch) {
     if (head_dim == 128)
-        fa_bwd<128>(s, dq, dk, dv, dout, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale,
-                    (float *)scratch);
+        fa_bwd<128>(s, dq, dk, dv, dout, q, k, v, out, lse, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
+                    scale, (float *)scratch);
     else
-        fa_bwd<64>(s, dq, dk, dv, dout, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, scale,
-                   (float *)scratch);
+        fa_bwd<64>(s, dq, dk, dv, dout, q, k, v, out, lse, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
+                   scale, (float *)scratch);
 }

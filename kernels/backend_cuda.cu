@@ -331,9 +331,9 @@ static void cuda_attention_fwd(void *out, const void *q, const void *k, const vo
                                int n_kv_heads, int head_dim, float scale) {
     PROF_BEGIN;
     if (use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
-        rs_cuda_attention_flash_fwd(g_cuda.stream, (bf16 *)out, (const bf16 *)q, (const bf16 *)k,
-                                    (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
-                                    head_dim, scale);
+        rs_cuda_attention_flash_fwd(g_cuda.stream, (bf16 *)out, NULL, (const bf16 *)q,
+                                    (const bf16 *)k, (const bf16 *)v, q_pos, B, Tq, Tk, n_heads,
+                                    n_kv_heads, head_dim, scale);
     } else if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
         void *scratch = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads,
                                                                         n_kv_heads, head_dim, 0));
@@ -443,8 +443,8 @@ static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, c
         void *ws = op_scratch(rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads));
         rs_cuda_attention_flash_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv,
                                     (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
-                                    (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
-                                    head_dim, scale, ws);
+                                    (const bf16 *)v, NULL, NULL, q_pos, B, Tq, Tk, n_heads,
+                                    n_kv_heads, head_dim, scale, ws);
     } else if (use_attention_gemm(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
         void *ws = op_scratch(rs_cuda_attention_gemm_scratch_bytes(B, Tq, Tk, n_heads, n_kv_heads,
                                                                    head_dim, 1));
@@ -459,6 +459,49 @@ static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, c
                               (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim,
                               scale, scratch);
     }
+    PROF_END("attention_bwd");
+}
+
+/* The saved-statistics pair (backend.h: attention_fwd_lse, attention_bwd_saved): the flash
+ * forward also writes each row's log-sum-exp and the backward skips its statistics pass (Dsum
+ * from the saved bf16 output), with RESAFE_CUDA_FLASH_SAVED=1 (an experiment, not yet run on a
+ * GPU); otherwise, or where flash does not take the shape, the plain ops (lse unwritten and
+ * unread: both sides decide alike). */
+static int flash_saved(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
+    const char *e = getenv("RESAFE_CUDA_FLASH_SAVED");
+    return e && strcmp(e, "1") == 0 && use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim);
+}
+
+static void cuda_attention_fwd_lse(void *out, float *lse, const void *q, const void *k,
+                                   const void *v, const int32_t *q_pos, int B, int Tq, int Tk,
+                                   int n_heads, int n_kv_heads, int head_dim, float scale) {
+    if (!flash_saved(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        cuda_attention_fwd(out, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim, scale);
+        return;
+    }
+    PROF_BEGIN;
+    rs_cuda_attention_flash_fwd(g_cuda.stream, (bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
+                                (const bf16 *)v, q_pos, B, Tq, Tk, n_heads, n_kv_heads, head_dim,
+                                scale);
+    PROF_END("attention_fwd");
+}
+
+static void cuda_attention_bwd_saved(void *dq, void *dk, void *dv, const void *dout,
+                                     const void *q, const void *k, const void *v, const void *out,
+                                     const float *lse, const int32_t *q_pos, int B, int Tq,
+                                     int Tk, int n_heads, int n_kv_heads, int head_dim,
+                                     float scale) {
+    if (!flash_saved(Tq, Tk, n_heads, n_kv_heads, head_dim)) {
+        cuda_attention_bwd(dq, dk, dv, dout, q, k, v, q_pos, B, Tq, Tk, n_heads, n_kv_heads,
+                           head_dim, scale);
+        return;
+    }
+    PROF_BEGIN;
+    void *ws = op_scratch(rs_cuda_attention_flash_bwd_scratch_bytes(B, Tq, n_heads));
+    rs_cuda_attention_flash_bwd(g_cuda.stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv,
+                                (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+                                (const bf16 *)v, (const bf16 *)out, lse, q_pos, B, Tq, Tk,
+                                n_heads, n_kv_heads, head_dim, scale, ws);
     PROF_END("attention_bwd");
 }
 
@@ -822,6 +865,8 @@ static void cuda_init(void) {
     b->linear_bwd = cuda_linear_bwd;
     b->rope_bwd = cuda_rope_bwd;
     b->attention_bwd = cuda_attention_bwd;
+    b->attention_fwd_lse = cuda_attention_fwd_lse;
+    b->attention_bwd_saved = cuda_attention_bwd_saved;
     b->glu_bwd = cuda_glu_bwd;
     b->logprob_fwd = cuda_logprob_fwd;
     b->logprob_bwd = cuda_logprob_bwd;

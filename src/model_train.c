@@ -26,6 +26,7 @@ typedef struct {
     float *rstd1, *rstd2;         /* their 1/rms [n] */
     void *q, *k, *v;              /* projections, q and k rotated [n, heads*hd], [n, kv*hd] */
     void *att;                    /* attention output [n, heads*hd] */
+    float *att_lse;               /* its per-row statistics [heads, n] (attention_fwd_lse) */
     void *gate, *up, *mlp;        /* [n, inter] */
     float *xa[RS_LORA_N_TARGETS]; /* adapter x A^T [n, rank] */
 } layer_acts;
@@ -330,8 +331,12 @@ static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     quant_kv(p, a->k);
     quant_kv(p, a->v);
-    be->attention_fwd(a->att, a->q, a->k, a->v, s->pos, p->B, p->T, p->T, c->n_heads,
-                      c->n_kv_heads, c->head_dim, c->attn_scale);
+    if (be->attention_fwd_lse && be->attention_bwd_saved) /* saved for attention_bwd_saved */
+        be->attention_fwd_lse(a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->B, p->T, p->T,
+                              c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
+    else
+        be->attention_fwd(a->att, a->q, a->k, a->v, s->pos, p->B, p->T, p->T, c->n_heads,
+                          c->n_kv_heads, c->head_dim, c->attn_scale);
     quant_act(p, a->att, c->n_heads * c->head_dim);
     be->copy(a->h, x, (size_t)n * D * act_size(p));
     project(p, l, RS_LORA_O, a->h, a->att, 1.0f, a->xa[RS_LORA_O]); /* beta 1: the residual */
@@ -422,8 +427,14 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
     rs_train_state *s = p->s;
     int n = p->n, D = c->hidden_size;
     project_bwd(p, l, RS_LORA_O, s->datt, 0.0f, s->dres, a->att, a->xa[RS_LORA_O]);
-    be->attention_bwd(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, s->pos, p->B, p->T, p->T,
-                      c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
+    /* the saved output is the forward's unless LLM-QAT quantized it afterwards (quant_act) */
+    if (be->attention_fwd_lse && be->attention_bwd_saved && !s->act_bits)
+        be->attention_bwd_saved(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att,
+                                a->att_lse, s->pos, p->B, p->T, p->T, c->n_heads, c->n_kv_heads,
+                                c->head_dim, c->attn_scale);
+    else
+        be->attention_bwd(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, s->pos, p->B, p->T,
+                          p->T, c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
     be->rope_bwd(s->dq, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_bwd(s->dk, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     void *dxn = need_dx ? s->dxn : NULL;
@@ -493,6 +504,8 @@ static void list_layer_buffers(spec_list *l, rs_train_state *s, const rs_model_c
     add_layer(l, s, "k [n,kv*hd]", mul(n, KV), act, LAYER_FIELD(k));
     add_layer(l, s, "v [n,kv*hd]", mul(n, KV), act, LAYER_FIELD(v));
     add_layer(l, s, "att [n,heads*hd]", mul(n, Q), act, LAYER_FIELD(att));
+    add_layer(l, s, "att lse [heads,n]", mul(n, (size_t)c->n_heads), sizeof(float),
+              LAYER_FIELD(att_lse));
     add_layer(l, s, "gate [n,inter]", mul(n, F), act, LAYER_FIELD(gate));
     add_layer(l, s, "up [n,inter]", mul(n, F), act, LAYER_FIELD(up));
     add_layer(l, s, "mlp [n,inter]", mul(n, F), act, LAYER_FIELD(mlp));

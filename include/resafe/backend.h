@@ -139,6 +139,18 @@ typedef struct rs_backend {
     void (*attention_bwd)(void *dq, void *dk, void *dv, const void *dout, const void *q,
                           const void *k, const void *v, const int32_t *q_pos, int B, int Tq,
                           int Tk, int n_heads, int n_kv_heads, int head_dim, float scale);
+    /* Optional (NULL: not offered), a pair: the training forward that also saves what its
+     * backward needs, and that backward. attention_fwd_lse is attention_fwd plus lse
+     * [B, n_heads, Tq] fp32 (the backend's own per-row statistics; it may leave lse unwritten
+     * when it falls back to attention_fwd); attention_bwd_saved is attention_bwd given that
+     * forward's unchanged output out and its lse (the same q, k, v). */
+    void (*attention_fwd_lse)(void *out, float *lse, const void *q, const void *k,
+                              const void *v, const int32_t *q_pos, int B, int Tq, int Tk,
+                              int n_heads, int n_kv_heads, int head_dim, float scale);
+    void (*attention_bwd_saved)(void *dq, void *dk, void *dv, const void *dout, const void *q,
+                                const void *k, const void *v, const void *out, const float *lse,
+                                const int32_t *q_pos, int B, int Tq, int Tk, int n_heads,
+                                int n_kv_heads, int head_dim, float scale);
     /* From out = act(gate) * up: dgate, dup overwritten. */
     void (*glu_bwd)(void *dgate, void *dup, const void *dout, const void *gate, const void *up,
                     size_t n, rs_activation act);

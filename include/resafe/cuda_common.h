@@ -244,21 +244,23 @@ extern "C" void rs_cuda_attention_gemm_bwd(cudaStream_t s, cublasHandle_t h, bf1
                                            const bf16 *k, const bf16 *v, const int32_t *q_pos,
                                            int B, int Tq, int Tk, int H, int Hkv, int D,
                                            float scale, void *scratch);
-/* attention_flash.cu: FlashAttention-2 forward and backward on tensor cores (an experiment:
- * RESAFE_CUDA_ATTENTION=flash); fits: head_dim 64 or 128, at least 16 queries; the backward's
- * scratch holds lse and Dsum per query row. */
+/* attention_flash.cu: FlashAttention-2 forward and backward on tensor cores (the default where
+ * it fits: head_dim 64 or 128, at least 16 queries); the forward also writes each row's
+ * log-sum-exp [B, H, Tq] where lse is not NULL, and the backward takes that and the output
+ * (out, lse) or recomputes them (both NULL); its scratch holds lse and Dsum per query row. */
 extern "C" int rs_cuda_attention_flash_fits(int Tq, int Tk, int n_heads, int n_kv_heads,
                                             int head_dim);
-extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, const bf16 *q,
+extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, float *lse, const bf16 *q,
                                             const bf16 *k, const bf16 *v, const int32_t *q_pos,
                                             int B, int Tq, int Tk, int n_heads, int n_kv_heads,
                                             int head_dim, float scale);
 extern "C" size_t rs_cuda_attention_flash_bwd_scratch_bytes(int B, int Tq, int n_heads);
 extern "C" void rs_cuda_attention_flash_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv,
                                             const bf16 *dout, const bf16 *q, const bf16 *k,
-                                            const bf16 *v, const int32_t *q_pos, int B, int Tq,
-                                            int Tk, int n_heads, int n_kv_heads, int head_dim,
-                                            float scale, void *scratch);
+                                            const bf16 *v, const bf16 *out, const float *lse,
+                                            const int32_t *q_pos, int B, int Tq, int Tk,
+                                            int n_heads, int n_kv_heads, int head_dim, float scale,
+                                            void *scratch);
 /* logprob.cu */
 void rs_cuda_logprob_fwd(cudaStream_t s, float *logp, float *lse, const bf16 *logits,
                          const int32_t *targets, int n, int vocab);

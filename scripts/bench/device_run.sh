@@ -10,8 +10,10 @@
 # gpuQ (tests/run.py --gpu-only -k GPUK), qbench / qdecode (qmatmul table / e2e decode),
 # fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE), lgroup (the
 # LoRA group unit test, and the DPO step with RESAFE_CUDA_LORA_GROUP=0: the single ops in turn),
-# prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), fadkv (the
-# attention backward test, attention.py and the DPO step with RESAFE_CUDA_FLASH_DKV=1), ops (the C
+# prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), faexp (the
+# attention backward test, attention.py with RESAFE_CUDA_FLASH_DKV=1, our DPO step alone with
+# neither, either and both of RESAFE_CUDA_FLASH_DKV=1 / _SAVED=1, the model and DPO GPU tests
+# with both), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
 # (CMD, CLIM seconds).
 set -u
@@ -66,11 +68,17 @@ lgroup)
 prof)
   step prof 300 python3 scripts/bench/profile_gpu.py /tmp/pr --layers ${FLAYERS:-8} \
     --more ${PMORE:-4} --decode-batch "" ;;
-fadkv)
-  step fadkv_test 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu
-  step fadkv_attn 120 env RESAFE_CUDA_FLASH_DKV=1 python3 scripts/bench/attention.py
-  step fadkv_bench 400 env RESAFE_CUDA_FLASH_DKV=1 python3 scripts/bench/bench_gpu.py /tmp/fk \
-    --results-dir $O/results_dkv --skip decode,hf,recompute ;;
+faexp)
+  step faexp_test 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu
+  step faexp_attn 120 env RESAFE_CUDA_FLASH_DKV=1 python3 scripts/bench/attention.py
+  for X in "" RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1 \
+      "RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1"; do
+    N=$(echo "base $X" | tr -c 'A-Za-z0-9\n' _ | cut -c1-60)
+    step "faexp_$N" 200 env $X python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir \
+      "$O/results_$N" --skip decode,hf,recompute,peft
+  done
+  step faexp_model 200 env RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1 python3 -m pytest \
+    -q tests/py/test_model_gpu_train.py tests/py/test_dpo_gpu.py ;;
 ops)
   for T in ${OPS:-test_cuda_rope_matches_cpu test_cuda_rope_bwd_matches_cpu \
       test_cuda_rmsnorm_matches_cpu test_cuda_rmsnorm_bwd_matches_cpu test_cuda_glu_matches_cpu \

@@ -294,11 +294,16 @@ TEST(test_cuda_rope_bwd_matches_cpu) {
  * FlashAttention's backward does: each term is off by at most u_bf16 = 2^-8 relative, so the
  * outputs by
  *   dq: u sum_j |dS_ij| |k_j|,  dk: u sum_(i,h) |dS_ij| |q_i|,  dv: u sum_(i,h) P_ij |dout_i|,
- * computed here in double from the inputs (dS includes the scale); 2x that is added. */
+ * computed here in double from the inputs (dS includes the scale); 2x that is added.
+ * o_rounded (mode flash-saved): Dsum_i = dout_i . O_i from the forward's bf16 output, whose
+ * entries are off by u sum_j P_ij |v_j| (the forward's bf16 P) plus u/2 |O| (the store), so
+ * Dsum by delta_i <= u sum_e |dout_ie| sum_j P_ij |v_je| with room; each dS_ij moves by
+ * scale P_ij delta_i: dq by scale sum_j P_ij delta_i |k_j|, dk by scale sum P_ij delta_i |q_i|
+ * (2x added as above). */
 static void gemm_rounding_tolerances(const float *q, const float *k, const float *v,
                                      const float *dout, const int32_t *q_pos, int B, int Tq,
-                                     int Tk, int H, int Hkv, int D, float scale, double *tq,
-                                     double *tk, double *tv) {
+                                     int Tk, int H, int Hkv, int D, float scale, int o_rounded,
+                                     double *tq, double *tk, double *tv) {
     int group = H / Hkv;
     double *p = rs_malloc((size_t)Tk * sizeof(double)), *dp = rs_malloc((size_t)Tk * sizeof(double));
     const double u2 = 2.0 / 256.0;
@@ -321,13 +326,21 @@ static void gemm_rounding_tolerances(const float *q, const float *k, const float
                 }
                 for (int j = 0; j <= last; j++) p[j] = exp(p[j] - m), l += p[j];
                 for (int j = 0; j <= last; j++) p[j] /= l, dsum += p[j] * dp[j];
+                double delta = 0; /* o_rounded: the bound on Dsum's error, above */
+                for (int e = 0; e < D && o_rounded; e++) {
+                    double pv = 0;
+                    for (int j = 0; j <= last; j++)
+                        pv += p[j] * fabs(v[(((size_t)b * Tk + j) * Hkv + hk) * D + e]);
+                    delta += u2 / 2 * fabs(dr[e]) * pv;
+                }
                 for (int j = 0; j <= last; j++) {
                     double ds = fabs(scale * p[j] * (dp[j] - dsum));
+                    double dd = 2.0 * scale * p[j] * delta; /* Dsum's share, 2x */
                     size_t kj = (((size_t)b * Tk + j) * Hkv + hk) * D;
                     size_t qi = (((size_t)b * Tq + t) * H + h) * D;
                     for (int e = 0; e < D; e++) {
-                        tq[qi + e] += u2 * ds * fabs(k[kj + e]);
-                        tk[kj + e] += u2 * ds * fabs(qr[e]);
+                        tq[qi + e] += (u2 * ds + dd) * fabs(k[kj + e]);
+                        tk[kj + e] += (u2 * ds + dd) * fabs(qr[e]);
                         tv[kj + e] += u2 * p[j] * fabs(dr[e]);
                     }
                 }
@@ -335,10 +348,33 @@ static void gemm_rounding_tolerances(const float *q, const float *k, const float
     free(p), free(dp);
 }
 
+/* setenv(name, value) or unsetenv(name) when value is NULL; returns the former value (a copy to
+ * give back to env_restore) */
+static char *env_swap(const char *name, const char *value) {
+    const char *old = getenv(name);
+    char *saved = old ? strdup(old) : NULL;
+    if (value)
+        setenv(name, value, 1);
+    else
+        unsetenv(name);
+    return saved;
+}
+
+static void env_restore(const char *name, char *saved) {
+    if (saved)
+        setenv(name, saved, 1);
+    else
+        unsetenv(name);
+    free(saved);
+}
+
+/* mode: RESAFE_CUDA_ATTENTION's value for the GPU side, or flash-dkv (the flash kernels with dK
+ * and dV in one launch, RESAFE_CUDA_FLASH_DKV=1), or flash-saved (attention_fwd_lse, then
+ * attention_bwd_saved on its output and log-sum-exp, RESAFE_CUDA_FLASH_SAVED=1: Dsum from the
+ * bf16 output; that output must equal attention_fwd's bit for bit) */
 static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B, int Tq, int Tk,
                                 int H, int Hkv, int D, const char *mode) {
-    /* flash-dkv: the flash kernels with dK and dV in one launch (RESAFE_CUDA_FLASH_DKV=1) */
-    const int dkv = strcmp(mode, "flash-dkv") == 0;
+    const int dkv = strcmp(mode, "flash-dkv") == 0, saved = strcmp(mode, "flash-saved") == 0;
     float scale = 1.0f / sqrtf((float)D);
     size_t nq = (size_t)B * Tq * H * D, nkv = (size_t)B * Tk * Hkv * D;
     float *q = random_bf16(r, nq, 0.0f, 1.0f), *k = random_bf16(r, nkv, 0.0f, 1.0f);
@@ -366,11 +402,27 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
         void *pd = upload_bytes(be, q_pos, (size_t)B * Tq * sizeof(int32_t));
         void *dq = upload_nan(be, ACT(be), nq), *dk = upload_nan(be, ACT(be), nkv);
         void *dv = upload_nan(be, ACT(be), nkv);
-        if (s) setenv("RESAFE_CUDA_ATTENTION", dkv ? "flash" : mode, 1);
-        if (s && dkv) setenv("RESAFE_CUDA_FLASH_DKV", "1", 1);
-        be->attention_bwd(dq, dk, dv, dod, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
-        unsetenv("RESAFE_CUDA_ATTENTION");
-        unsetenv("RESAFE_CUDA_FLASH_DKV");
+        char *e_att = env_swap("RESAFE_CUDA_ATTENTION", !s ? NULL : dkv || saved ? "flash" : mode);
+        char *e_dkv = env_swap("RESAFE_CUDA_FLASH_DKV", s && dkv ? "1" : NULL);
+        char *e_sav = env_swap("RESAFE_CUDA_FLASH_SAVED", s && saved ? "1" : NULL);
+        if (s && saved) {
+            CHECK(be->attention_fwd_lse && be->attention_bwd_saved, "saved-attention ops missing");
+            void *od = upload_nan(be, ACT(be), nq), *od2 = upload_nan(be, ACT(be), nq);
+            float *ld = upload_nan(be, RS_F32, (size_t)B * H * Tq);
+            be->attention_fwd_lse(od, ld, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
+            be->attention_fwd(od2, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
+            be->attention_bwd_saved(dq, dk, dv, dod, qd, kd, vd, od, ld, pd, B, Tq, Tk, H, Hkv, D,
+                                    scale);
+            float *o1 = download(be, od, ACT(be), nq), *o2 = download(be, od2, ACT(be), nq);
+            CHECK(memcmp(o1, o2, nq * sizeof(float)) == 0,
+                  "attention_fwd_lse's output differs from attention_fwd's");
+            free(o1), free(o2), be->free(od), be->free(od2), be->free(ld);
+        } else {
+            be->attention_bwd(dq, dk, dv, dod, qd, kd, vd, pd, B, Tq, Tk, H, Hkv, D, scale);
+        }
+        env_restore("RESAFE_CUDA_FLASH_SAVED", e_sav);
+        env_restore("RESAFE_CUDA_FLASH_DKV", e_dkv);
+        env_restore("RESAFE_CUDA_ATTENTION", e_att);
         g[s][0] = download(be, dq, ACT(be), nq);
         g[s][1] = download(be, dk, ACT(be), nkv);
         g[s][2] = download(be, dv, ACT(be), nkv);
@@ -380,9 +432,9 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
     const char *names[3] = {"dq", "dk", "dv"};
     size_t sizes[3] = {nq, nkv, nkv};
     double *tol[3] = {zeros_d(nq), zeros_d(nkv), zeros_d(nkv)};
-    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0 || dkv)
-        gemm_rounding_tolerances(q, k, v, dout, q_pos, B, Tq, Tk, H, Hkv, D, scale, tol[0], tol[1],
-                                 tol[2]);
+    if (strcmp(mode, "gemm") == 0 || strcmp(mode, "flash") == 0 || dkv || saved)
+        gemm_rounding_tolerances(q, k, v, dout, q_pos, B, Tq, Tk, H, Hkv, D, scale, saved, tol[0],
+                                 tol[1], tol[2]);
     for (int o = 0; o < 3; o++) {
         char what[160];
         snprintf(what, sizeof what, "attention_bwd (%s) %s B=%d Tq=%d Tk=%d heads=%d/%d D=%d",
@@ -403,8 +455,8 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
 
 TEST(test_cuda_attention_bwd_matches_cpu) {
     GPU_TEST_SETUP(105);
-    const char *modes[4] = {"fused", "gemm", "flash", "flash-dkv"};
-    for (int m = 0; m < 4; m++) {
+    const char *modes[5] = {"fused", "gemm", "flash", "flash-dkv", "flash-saved"};
+    for (int m = 0; m < 5; m++) {
         check_attention_bwd(bes, r, 1, 1, 1, 1, 1, 64, modes[m]);    /* one key */
         check_attention_bwd(bes, r, 2, 9, 9, 4, 4, 64, modes[m]);    /* prefill, padding */
         check_attention_bwd(bes, r, 2, 7, 40, 8, 2, 128, modes[m]);  /* GQA 4, Tk > Tq */
