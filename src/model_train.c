@@ -59,6 +59,8 @@ struct rs_train_state {
     int B, T, forward_done;
     const rs_lora *fwd_lora;  /* the adapter it ran with (NULL: none or disabled) */
     float fwd_dropout;        /* and its dropout (0: none) */
+    int fwd_act_bits;         /* and its activation fake quantization (quantized att: no saved
+                                 attention backward) */
     rs_layer_done_fn layer_done; /* rs_train_state_set_layer_hook */
     void *layer_done_user;
     int act_bits, kv_bits;    /* LLM-QAT fake quantization of linear inputs and of K, V (0: off) */
@@ -428,7 +430,7 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
     int n = p->n, D = c->hidden_size;
     project_bwd(p, l, RS_LORA_O, s->datt, 0.0f, s->dres, a->att, a->xa[RS_LORA_O]);
     /* the saved output is the forward's unless LLM-QAT quantized it afterwards (quant_act) */
-    if (be->attention_fwd_lse && be->attention_bwd_saved && !s->act_bits)
+    if (be->attention_fwd_lse && be->attention_bwd_saved && !s->fwd_act_bits)
         be->attention_bwd_saved(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att,
                                 a->att_lse, s->pos, p->B, p->T, p->T, c->n_heads, c->n_kv_heads,
                                 c->head_dim, c->attn_scale);
@@ -845,6 +847,7 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
         seq_logp[b] = (float)sum;
     }
     s->B = B, s->T = T, s->forward_done = 1, s->fwd_lora = lora, s->fwd_dropout = p.dropout;
+    s->fwd_act_bits = s->act_bits;
     return 0;
 }
 

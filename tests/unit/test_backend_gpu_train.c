@@ -295,11 +295,12 @@ TEST(test_cuda_rope_bwd_matches_cpu) {
  * outputs by
  *   dq: u sum_j |dS_ij| |k_j|,  dk: u sum_(i,h) |dS_ij| |q_i|,  dv: u sum_(i,h) P_ij |dout_i|,
  * computed here in double from the inputs (dS includes the scale); 2x that is added.
- * o_rounded (mode flash-saved): Dsum_i = dout_i . O_i from the forward's bf16 output, whose
- * entries are off by u sum_j P_ij |v_j| (the forward's bf16 P) plus u/2 |O| (the store), so
- * Dsum by delta_i <= u sum_e |dout_ie| sum_j P_ij |v_je| with room; each dS_ij moves by
- * scale P_ij delta_i: dq by scale sum_j P_ij delta_i |k_j|, dk by scale sum P_ij delta_i |q_i|
- * (2x added as above). */
+ * o_rounded (mode flash-saved): Dsum_i = dout_i . O_i from the forward's bf16 output. With
+ * round-to-nearest (2^-9 = u/2 relative), its entries are off by at most u sum_j P_ij |v_j|
+ * (the forward's bf16 P, in the weighted sum and in its normaliser) plus u/2 |O| (the store),
+ * 1.5 u sum_j P_ij |v_j| in all; delta_i = u sum_e |dout_ie| sum_j P_ij |v_je| and the 2x
+ * added below cover that. Each dS_ij moves by scale P_ij delta_i: dq by scale
+ * sum_j P_ij delta_i |k_j|, dk by scale sum P_ij delta_i |q_i|. */
 static void gemm_rounding_tolerances(const float *q, const float *k, const float *v,
                                      const float *dout, const int32_t *q_pos, int B, int Tq,
                                      int Tk, int H, int Hkv, int D, float scale, int o_rounded,
