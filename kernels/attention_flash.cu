@@ -579,23 +579,21 @@ template <int D> constexpr int FA_SMEM_FWD = 4 * FA_TILE<D> *(int)sizeof(bf16);
 template <int D> constexpr int FA_SMEM_DQ = 5 * FA_TILE<D> *(int)sizeof(bf16);
 template <int D> constexpr int FA_SMEM_DKV = 4 * FA_TILE<D> *(int)sizeof(bf16);
 
+/* a kernel's dynamic shared memory opt-in above 48 KB */
+template <typename K> static void fa_allow_smem(K kernel, int bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
 template <int D> static void fa_set_smem() {
     static bool done = false;
     if (done) return;
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_OUT>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_STATS>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_fwd_kernel<D, FA_OUT_LSE>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_FWD<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dq_kernel<D>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DQ<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DV>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DK>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
-    CUDA_CHECK(cudaFuncSetAttribute(attention_flash_dkv_kernel<D, FA_DKV>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, FA_SMEM_DKV<D>));
+    fa_allow_smem(attention_flash_fwd_kernel<D, FA_OUT>, FA_SMEM_FWD<D>);
+    fa_allow_smem(attention_flash_fwd_kernel<D, FA_STATS>, FA_SMEM_FWD<D>);
+    fa_allow_smem(attention_flash_fwd_kernel<D, FA_OUT_LSE>, FA_SMEM_FWD<D>);
+    fa_allow_smem(attention_flash_dq_kernel<D>, FA_SMEM_DQ<D>);
+    fa_allow_smem(attention_flash_dkv_kernel<D, FA_DV>, FA_SMEM_DKV<D>);
+    fa_allow_smem(attention_flash_dkv_kernel<D, FA_DK>, FA_SMEM_DKV<D>);
+    fa_allow_smem(attention_flash_dkv_kernel<D, FA_DKV>, FA_SMEM_DKV<D>);
     done = true;
 }
 
@@ -610,8 +608,8 @@ static void fa_fwd(cudaStream_t s, bf16 *out, float *lse, const bf16 *q, const b
         attention_flash_fwd_kernel<D, FA_OUT_LSE><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
             out, q, k, v, q_pos, Tq, Tk, H, Hkv, sl, NULL, lse, NULL);
     else
-        attention_flash_fwd_kernel<D><<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(
-            out, q, k, v, q_pos, Tq, Tk, H, Hkv, sl);
+        attention_flash_fwd_kernel<D>
+            <<<grid, FA_WARPS * 32, FA_SMEM_FWD<D>, s>>>(out, q, k, v, q_pos, Tq, Tk, H, Hkv, sl);
     CUDA_CHECK_LAUNCH(s, "attention_flash_fwd_kernel");
 }
 
@@ -628,8 +626,8 @@ extern "C" void rs_cuda_attention_flash_fwd(cudaStream_t s, bf16 *out, float *ls
 /* dsum[b, h, t] = dout[b, t, h, :] . out[b, t, h, :] in fp32 over the bf16 values (the saved
  * output: FlashAttention-2's Dsum), one warp per row; a padded query's zero output gives 0 */
 template <int D>
-__global__ void attention_flash_dsum_kernel(float *dsum, const bf16 *dout, const bf16 *out,
-                                            int B, int Tq, int H) {
+__global__ void attention_flash_dsum_kernel(float *dsum, const bf16 *dout, const bf16 *out, int B,
+                                            int Tq, int H) {
     const size_t row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= (size_t)B * Tq * H) return; /* whole warps leave together */
@@ -667,8 +665,8 @@ static void fa_bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dou
     const dim3 gk((unsigned)((Tk + FA_KEYS - 1) / FA_KEYS), (unsigned)Hkv, (unsigned)B);
     if (out && saved_lse) {
         const size_t rows = (size_t)B * Tq * H;
-        attention_flash_dsum_kernel<D><<<(unsigned)((rows * 32 + 255) / 256), 256, 0, s>>>(
-            dsum, dout, out, B, Tq, H);
+        attention_flash_dsum_kernel<D>
+            <<<(unsigned)((rows * 32 + 255) / 256), 256, 0, s>>>(dsum, dout, out, B, Tq, H);
         CUDA_CHECK_LAUNCH(s, "attention_flash_dsum_kernel");
         lse = saved_lse;
     } else {
