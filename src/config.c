@@ -56,6 +56,9 @@ static const rs_config_key g_schema[] = {
     INT_KEY("model", "threads", "0", 0, 4096, "all", "CPU threads (0 = OpenMP's default)"),
     BOOL_KEY("model", "recompute", "false", "sft, dpo",
              "training: keep only each layer's input and recompute the layer in backward"),
+    INT_KEY("model", "recompute_layers", "0", 0, 1048576, "sft, dpo",
+            "with recompute = true: only the first N layers recompute (the rest keep their "
+            "activations: faster, more memory); 0 = every layer"),
 
     INT_KEY("generate", "max_new_tokens", "256", 1, 1048576, "generate",
             "tokens generated after the prompt at most"),

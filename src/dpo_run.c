@@ -94,7 +94,7 @@ static int read_options(const rs_config *cfg, dpo_options *o, int planning) {
     o->peft_dir = rs_path_join(o->stage_dir, "adapter_peft");
     o->dp.beta = (float)rs_config_get_float(cfg, "dpo", "beta");
     o->dp.sft_weight = (float)rs_config_get_float(cfg, "dpo", "sft_weight");
-    o->dp.recompute = rs_config_get_bool(cfg, "model", "recompute");
+    RS_TRY(rs_train_recompute_of_config(cfg, &o->dp.recompute));
     o->batch_size = (int)rs_config_get_int(cfg, "dpo", "batch_size");
     o->dp.micro_pairs = (int)rs_config_get_int(cfg, "dpo", "micro_batch_size");
     if (o->dp.micro_pairs == 0 || o->dp.micro_pairs > o->batch_size)
@@ -230,9 +230,33 @@ static void plan_shape(const dpo_options *o, const char *backend, int seq_len,
     in->recompute = o->dp.recompute;
 }
 
-static const char *const g_plan_hint =
-    "set [model] recompute = true, or lower [dpo] micro_batch_size (pairs per forward), "
-    "[dpo] max_seq_len or [lora] rank";
+#define SMALLER_RUN "lower [dpo] micro_batch_size (pairs per forward), [dpo] max_seq_len or [lora] rank"
+
+/* What to change when a plan does not fit: the fewest recomputing layers whose plan fits the
+ * free memory (less recompute: faster), else a smaller run. */
+static const char *plan_hint(const rs_mem_plan_input *in, const rs_backend *be, size_t held,
+                             char *buf, size_t size) {
+    size_t free_bytes;
+    const int L = in->cfg.n_layers;
+    if (rs_mem_plan_free_bytes(be, &free_bytes) != 0 || in->recompute >= L)
+        return in->recompute >= L ? SMALLER_RUN : "set [model] recompute = true, or " SMALLER_RUN;
+    rs_mem_plan_input k_in = *in;
+    rs_mem_plan p;
+    for (int k = in->recompute + 1; k <= L; k++) {
+        k_in.recompute = k;
+        if (rs_mem_plan_compute(&k_in, &p) != 0) break;
+        if (p.total - (held < p.total ? held : p.total) > free_bytes) continue;
+        if (k == L)
+            snprintf(buf, size, "set [model] recompute = true (%.2f GiB), or " SMALLER_RUN,
+                     p.total / 1073741824.0);
+        else
+            snprintf(buf, size, "set [model] recompute = true and recompute_layers = %d (the "
+                     "fewest recomputing layers that fit: %.2f GiB), or " SMALLER_RUN,
+                     k, p.total / 1073741824.0);
+        return buf;
+    }
+    return "even [model] recompute = true does not fit: " SMALLER_RUN;
+}
 
 /* The model's config and the data first, then the plan (printed, refused when it cannot fit),
  * and only then the weights. */
@@ -245,8 +269,10 @@ static int load_inputs(dpo_run *r, const rs_config *cfg) {
     plan_shape(o, be->name, r->data.max_len, &r->plan_in);
     RS_TRY(rs_mem_plan_compute(&r->plan_in, &r->plan));
     rs_mem_plan_print("dpo", &r->plan_in, &r->plan);
-    RS_TRY(rs_mem_plan_check("dpo", &r->plan, be, be->live_bytes ? be->live_bytes() : 0,
-                             g_plan_hint));
+    size_t held = be->live_bytes ? be->live_bytes() : 0;
+    char hint[320];
+    RS_TRY(rs_mem_plan_check("dpo", &r->plan, be, held,
+                             plan_hint(&r->plan_in, be, held, hint, sizeof hint)));
     return rs_model_load(o->model_dir, be, &r->m);
 }
 
@@ -262,13 +288,15 @@ static void check_against_plan(const char *what, size_t measured, size_t planned
 /* The memory the run holds, by part, from the backend's accounting (backend.h live_bytes),
  * next to the plan made before allocating. */
 static void print_memory_held(const rs_backend *be, size_t weights, size_t adapter, size_t acts,
-                              size_t optim, int recompute, size_t planned) {
+                              size_t optim, int recompute, int n_layers, size_t planned) {
     const double g = 1048576.0;
+    char label[48];
     size_t ws = be->workspace_bytes ? be->workspace_bytes() : 0, live = be->live_bytes();
     rs_info("dpo: memory on %s: weights %.1f MiB, adapter (A, B, gradients, masks, SNIP) %.1f "
             "MiB, optimizer state %.1f MiB, activations %.1f MiB (recompute %s), backend "
             "workspace %.1f MiB; %.1f MiB in all (planned %.1f MiB)",
-            be->name, weights / g, adapter / g, optim / g, acts / g, recompute ? "on" : "off",
+            be->name, weights / g, adapter / g, optim / g, acts / g,
+            rs_train_recompute_label(recompute, n_layers, label, sizeof label),
             ws / g, live / g, planned / g);
     check_against_plan("memory held after setup", live, planned);
 }
@@ -367,7 +395,7 @@ static int setup(dpo_run *r) {
     if (be->live_bytes) {
         size_t live3 = be->live_bytes(), ws = be->workspace_bytes ? be->workspace_bytes() : 0;
         print_memory_held(be, live0 > ws ? live0 - ws : live0, live1 - live0, live2 - live1,
-                          live3 - live2, o->dp.recompute, r->plan.total);
+                          live3 - live2, o->dp.recompute, r->m.cfg.n_layers, r->plan.total);
     }
     RS_TRY(rs_batch_check_world(o->batch_size, r->data.n, r->dist.world, "[dpo] batch_size"));
     rs_data_order_init(&r->order, r->data.n, o->seed);
@@ -736,9 +764,11 @@ int rs_dpo_plan(const rs_config *cfg) {
         const rs_backend *be = strcmp(backend, "cuda") == 0 ? rs_backend_cuda() : NULL;
         size_t free_bytes, held = be && be->live_bytes ? be->live_bytes() : 0;
         const double g = 1073741824.0;
+        char hint[320];
         if (rs_mem_plan_free_bytes(be, &free_bytes) != 0)
             rs_info("dpo: free memory on %s unknown here: nothing checked", backend);
-        else if (rs_mem_plan_check("dpo", &plan, be, held, g_plan_hint) == 0)
+        else if (rs_mem_plan_check("dpo", &plan, be, held,
+                                   plan_hint(&in, be, held, hint, sizeof hint)) == 0)
             rs_info("dpo: the plan fits: %.2f GiB free", free_bytes / g);
         else
             rs_warn("%s", rs_last_error());

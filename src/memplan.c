@@ -132,13 +132,15 @@ void rs_mem_plan_print(const char *who, const rs_mem_plan_input *in, const rs_me
     const double m = 1048576.0;
     const char *w = p->weight_dtype == RS_BF16 ? "bf16" : "fp32";
     const char *a = p->act_dtype == RS_BF16 ? "bf16" : "fp32";
+    char label[48];
     rs_info("%s: memory plan on %s (%s weights, %s activations) for %d x %d tokens: weights %.1f "
             "MiB%s, adapter (A, B, gradients, masks, SNIP) %.1f MiB, optimizer state %.1f MiB, "
             "activations %.1f MiB (recompute %s; logits and log-probs %.1f MiB), backend "
             "workspace %.1f MiB; %.1f MiB in all (%.2f GiB)",
             who, in->backend, w, a,
             in->batch_seqs, in->seq_len, p->weights / m, in->quant_bytes ? " (quantized)" : "",
-            p->adapter / m, p->optimizer / m, p->activations / m, in->recompute ? "on" : "off",
+            p->adapter / m, p->optimizer / m, p->activations / m,
+            rs_train_recompute_label(in->recompute, in->cfg.n_layers, label, sizeof label),
             p->logits / m, p->workspace / m, p->total / m, p->total / (m * 1024));
 }
 

@@ -14,6 +14,7 @@
 #include "resafe/model_train.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,10 +34,13 @@ typedef struct {
 
 struct rs_train_state {
     const rs_backend *be;
-    int n_layers, max_tokens, recompute, chunk_rows;
+    int n_layers, max_tokens, chunk_rows;
+    int recompute;            /* layers 0 .. recompute-1 recompute in backward (0 .. n_layers) */
     rs_arena plan;            /* the one device allocation */
     void **x;                 /* [n_layers + 1] each layer's input; x[n_layers] the final one */
-    layer_acts *layer;        /* [n_layers], or [1] when recomputing */
+    layer_acts *layer;        /* [n_acts]: [0] shared by the recomputing layers, then one per
+                                 layer that keeps its activations */
+    int n_acts;
     void *xnf;                /* final norm output [n, hidden] */
     float *rstdf;             /* [n] */
     void *logits, *dlogits;   /* [chunk_rows, vocab] */
@@ -361,7 +365,9 @@ static void mlp_fwd(const pass *p, int l, layer_acts *a, void *x_out) {
 }
 
 static layer_acts *acts_of(const pass *p, int l) {
-    return p->s->recompute ? &p->s->layer[0] : &p->s->layer[l];
+    const rs_train_state *s = p->s;
+    if (l < s->recompute) return &s->layer[0];
+    return &s->layer[l - s->recompute + (s->recompute > 0)];
 }
 
 static void layer_fwd(const pass *p, int l) {
@@ -448,7 +454,7 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
 }
 
 static void layer_bwd(const pass *p, int l) {
-    if (p->s->recompute) layer_fwd(p, l); /* bit-identical to the forward's values */
+    if (l < p->s->recompute) layer_fwd(p, l); /* bit-identical to the forward's values */
     const layer_acts *a = acts_of(p, l);
     mlp_bwd(p, l, a);
     attention_bwd(p, l, a, p->s->x[l], l > 0 || p->grads != NULL);
@@ -484,8 +490,7 @@ static size_t mul(size_t a, size_t b) {
 /* A per-layer buffer: copy i goes to layer[i].<field at offset>. */
 static void add_layer(spec_list *l, rs_train_state *s, const char *name, size_t elems,
                       size_t elem_size, size_t field_offset) {
-    int count = s->recompute ? 1 : s->n_layers;
-    add(l, name, elems, elem_size, count, (void **)((char *)s->layer + field_offset),
+    add(l, name, elems, elem_size, s->n_acts, (void **)((char *)s->layer + field_offset),
         sizeof(layer_acts));
 }
 
@@ -624,7 +629,8 @@ static rs_train_state *new_state(const rs_model_config *c, const rs_train_adapte
     rs_train_state *s = rs_calloc(1, sizeof *s);
     s->n_layers = c->n_layers;
     s->max_tokens = max_tokens;
-    s->recompute = recompute != 0;
+    s->recompute = recompute < 0 ? 0 : recompute > c->n_layers ? c->n_layers : recompute;
+    s->n_acts = (s->recompute > 0) + c->n_layers - s->recompute;
     size_t rows = LOGIT_CHUNK_ELEMS / (size_t)c->vocab_size;
     s->chunk_rows = rows < 1 ? 1 : rows > (size_t)s->max_tokens ? s->max_tokens : (int)rows;
     s->lora_rank = lora->rank;
@@ -632,7 +638,7 @@ static rs_train_state *new_state(const rs_model_config *c, const rs_train_adapte
     s->lora_elementwise = lora->elementwise != 0;
     s->lora_dropout = lora->dropout != 0;
     s->x = rs_calloc((size_t)c->n_layers + 1, sizeof *s->x);
-    s->layer = rs_calloc(s->recompute ? 1 : (size_t)c->n_layers, sizeof *s->layer);
+    s->layer = rs_calloc(s->n_acts > 0 ? (size_t)s->n_acts : 1, sizeof *s->layer);
     s->dropout_seed = rs_calloc((size_t)c->n_layers * RS_LORA_N_TARGETS, sizeof *s->dropout_seed);
     return s;
 }
@@ -700,9 +706,10 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
     s->host_targets = s->host_ids + s->max_tokens;
     s->host_f = rs_malloc((size_t)s->max_tokens * sizeof *s->host_f);
     rs_rng_seed(&s->rng, 0);
-    rs_debug("training activations for %d x %d tokens%s (%s on %s):", max_B, max_T,
-             s->recompute ? ", layers recomputed in backward" : "", rs_dtype_name(be->act_dtype),
-             be->name);
+    char label[48];
+    rs_debug("training activations for %d x %d tokens, recompute %s (%s on %s):", max_B, max_T,
+             rs_train_recompute_label(s->recompute, s->n_layers, label, sizeof label),
+             rs_dtype_name(be->act_dtype), be->name);
     if (rs_get_log_level() >= RS_LOG_DEBUG) rs_arena_print_plan(&s->plan, stderr);
     return s;
 }
@@ -719,6 +726,27 @@ void rs_train_state_free(rs_train_state *s) {
 }
 
 size_t rs_train_state_bytes(const rs_train_state *s) { return s->plan.capacity; }
+
+int rs_train_recompute_of_config(const rs_config *cfg, int *layers) {
+    int64_t n = rs_config_get_int(cfg, "model", "recompute_layers");
+    if (!rs_config_get_bool(cfg, "model", "recompute")) {
+        *layers = 0;
+        if (n > 0)
+            return RS_FAIL("[model] recompute_layers = %lld needs recompute = true (or "
+                           "recompute_layers = 0)",
+                           (long long)n);
+        return 0;
+    }
+    *layers = n > 0 ? (int)n : RS_RECOMPUTE_ALL;
+    return 0;
+}
+
+const char *rs_train_recompute_label(int recompute, int n_layers, char *buf, size_t size) {
+    if (recompute <= 0) return "off";
+    if (recompute >= n_layers) return "on";
+    snprintf(buf, size, "%d of %d layers", recompute, n_layers);
+    return buf;
+}
 
 int rs_train_state_set_fake_quant(rs_train_state *s, int act_bits, int kv_bits) {
     if ((act_bits && (act_bits < 2 || act_bits > 8)) || (kv_bits && (kv_bits < 2 || kv_bits > 8)))

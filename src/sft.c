@@ -90,7 +90,7 @@ static int read_options(const rs_config *cfg, sft_options *o) {
                        "2..8",
                        o->qat_act_bits, o->qat_kv_bits);
     o->checkpoint_every = (int)rs_config_get_int(cfg, "run", "checkpoint_every");
-    o->recompute = rs_config_get_bool(cfg, "model", "recompute");
+    RS_TRY(rs_train_recompute_of_config(cfg, &o->recompute));
     o->seed = (uint64_t)rs_config_get_int(cfg, "run", "seed");
     o->config_hash = rs_config_hash(cfg, g_sft_sections);
     RS_TRY(rs_file_hash(o->data_file, &o->data_hash));

@@ -333,8 +333,8 @@ static int build_pairs(triplets *t) {
 static int reference(triplets *t, rs_model *qm) {
     const rs_config *c = t->cfg;
     rs_dpo_params dp = {.beta = (float)rs_config_get_float(c, "dpo", "beta"),
-                        .micro_pairs = (int)rs_config_get_int(c, "dpo", "micro_batch_size"),
-                        .recompute = rs_config_get_bool(c, "model", "recompute")};
+                        .micro_pairs = (int)rs_config_get_int(c, "dpo", "micro_batch_size")};
+    RS_TRY(rs_train_recompute_of_config(c, &dp.recompute));
     int batch = (int)rs_config_get_int(c, "dpo", "batch_size");
     if (dp.micro_pairs == 0 || dp.micro_pairs > batch) dp.micro_pairs = batch;
     rs_dpo_trainer tr;

@@ -11,13 +11,20 @@
  * either the full parameter gradients (SFT) or the adapter (LoRA A/B, and dW of targeted
  * linears when asked), never both.
  *
- * Activations are kept per layer in one planned arena (rs_train_plan); with recompute = 1 only
- * each layer's input is kept and the layer is recomputed during backward. */
+ * Activations are kept per layer in one planned arena (rs_train_plan); a layer that recomputes
+ * keeps only its input and runs its forward again during backward. recompute = the number of
+ * layers that do, the first ones (0: none; RS_RECOMPUTE_ALL or any count >= n_layers: all). The
+ * recomputing layers share one set of activation buffers, so each one saves a layer's worth. */
 #ifndef RESAFE_MODEL_TRAIN_H
 #define RESAFE_MODEL_TRAIN_H
 
+#include <limits.h>
+
+#include "resafe/config.h"
 #include "resafe/lora.h"
 #include "resafe/model.h"
+
+#define RS_RECOMPUTE_ALL INT_MAX
 
 typedef struct {
     int B, T;
@@ -44,7 +51,8 @@ typedef struct {
 typedef struct rs_train_state rs_train_state; /* opaque: the activation arena and plan */
 
 /* Plan activation memory for batches of up to max_B x max_T tokens (prints the plan at debug
- * level). recompute: keep only layer inputs, recompute each layer in backward. */
+ * level). recompute: how many layers (the first ones) keep only their input and recompute in
+ * backward (0: none, RS_RECOMPUTE_ALL: every layer). */
 rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
                                    int recompute);
 void rs_train_state_free(rs_train_state *s);
@@ -60,6 +68,12 @@ int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_d
                               const rs_train_adapter_shape *lora, int max_B, int max_T,
                               int recompute, size_t *bytes, size_t *logit_bytes);
 size_t rs_train_state_bytes(const rs_train_state *s);
+/* [model] recompute and recompute_layers as a layer count for rs_train_state_new: 0 (recompute
+ * off), RS_RECOMPUTE_ALL (on, recompute_layers 0) or recompute_layers. -1 + message when
+ * recompute_layers is set without recompute = true. */
+int rs_train_recompute_of_config(const rs_config *cfg, int *layers);
+/* "off", "on" (every layer) or "K of L layers", for plan and memory lines. */
+const char *rs_train_recompute_label(int recompute, int n_layers, char *buf, size_t size);
 /* LLM-QAT (Liu et al. 2023) fake quantization in every later rs_train_forward, with the
  * straight-through estimator in the backward (0 = off, the default; else 2..8 bits):
  *   act_bits: the input of each of the seven linears of every layer (q/k/v, o, gate/up, down;

@@ -14,7 +14,8 @@ Default shapes: Llama-2-7B (random bf16 weights, made on the GPU and saved once)
    median of steps 2..6 as `resafe dpo -v` logs them (loading and the reference pass excluded);
    once without and once with [model] recompute = true (and, with --micro N, with [dpo]
    micro_batch_size = N pairs per forward: activations shrink with N, the step is the same
-   gradient accumulated). tokens/s = 4096 / step seconds.
+   gradient accumulated; with --recompute-layers K, with only the first K layers recomputed).
+   tokens/s = 4096 / step seconds.
 2. Decode: greedy generation of 128 new tokens after 32-token prompts at batch 1 and 64, `resafe
    generate` versus transformers `generate` (bf16, sdpa, KV cache); per-token time from runs of
    128 and 1 new tokens (difference), so loading and prefill cancel. At batch 1 the bound is
@@ -132,13 +133,15 @@ def peak_from(stderr):
 
 
 def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir, micro=0):
-    """The `resafe dpo` config of the benchmarks: cuda, no chat template, no SNIP mask."""
+    """The `resafe dpo` config of the benchmarks: cuda, no chat template, no SNIP mask.
+    recompute: False, True (every layer) or a layer count ([model] recompute_layers)."""
     with open(path, "w") as f:
         f.write(f"""[model]
 path = {model}
 backend = cuda
 chat_template = none
 recompute = {"true" if recompute else "false"}
+recompute_layers = {0 if recompute is True else int(recompute)}
 [dpo]
 data_file = {pairs}
 batch_size = {batch}
@@ -159,7 +162,8 @@ checkpoint_every = 0
 
 
 def resafe_dpo(model, pairs, work, steps, a, recompute, micro=0):
-    tag = f"{steps}_{'rc' if recompute else 'full'}" + (f"_mb{micro}" if micro else "")
+    rc = "" if recompute is True or not recompute else str(int(recompute))
+    tag = f"{steps}_{'rc' + rc if recompute else 'full'}" + (f"_mb{micro}" if micro else "")
     cfg = dpo_ini(os.path.join(work, f"dpo_{tag}.ini"), model, pairs, a.batch, steps, a.seq,
                   a.rank, recompute, f"{work}/run_{tag}", micro)
     env = dict(os.environ, RESAFE_CUDA_MEMSTATS="1")
@@ -328,6 +332,9 @@ def main():
     ap.add_argument("--micro", default="", metavar="N[,N]",
                     help="also time the DPO step with [dpo] micro_batch_size = N pairs per "
                          "forward (no recomputation): dpo_mbN_tok_s, dpo_mbN_peak_gib")
+    ap.add_argument("--recompute-layers", default="", metavar="K[,K]",
+                    help="also time the DPO step with [model] recompute_layers = K (the first K "
+                         "layers recomputed): dpo_rcK_tok_s, dpo_rcK_peak_gib")
     ap.add_argument("--skip", default="", help="comma list: dpo,recompute,peft,decode,hf")
     ap.add_argument("--with-qdecode", action="store_true")
     a = ap.parse_args()
@@ -340,6 +347,12 @@ def main():
         micros = [int(x) for x in a.micro.split(",") if x]
     except ValueError:
         ap.error(f"--micro {a.micro}: expected pair counts such as 1,2")
+    try:
+        rc_layers = [int(x) for x in a.recompute_layers.split(",") if x]
+    except ValueError:
+        ap.error(f"--recompute-layers {a.recompute_layers}: expected layer counts such as 8,24")
+    if any(k < 1 or k >= a.layers for k in rc_layers):
+        ap.error(f"--recompute-layers: each K must be in 1..{a.layers - 1} (--layers is {a.layers})")
     if any(m < 1 or m >= a.batch for m in micros):
         ap.error(f"--micro {a.micro}: each N must be in 1..{a.batch - 1} (--batch is {a.batch})")
     os.makedirs(a.out, exist_ok=True)
@@ -362,6 +375,9 @@ def main():
         if "recompute" not in skip:
             rstep, rmem = resafe_dpo(model, pairs, work, 6, a, True)
             metrics.update(dpo_recompute_tok_s=tokens / rstep, dpo_recompute_peak_gib=rmem / 2**30)
+        for k in rc_layers:
+            kstep, kmem = resafe_dpo(model, pairs, work, 6, a, k)
+            metrics.update({f"dpo_rc{k}_tok_s": tokens / kstep, f"dpo_rc{k}_peak_gib": kmem / 2**30})
         for m in micros:
             mstep, mmem = resafe_dpo(model, pairs, work, 6, a, False, m)
             metrics.update({f"dpo_mb{m}_tok_s": tokens / mstep, f"dpo_mb{m}_peak_gib": mmem / 2**30})
@@ -370,6 +386,11 @@ def main():
             metrics.update(dpo_peft_tok_s=tokens / pt_step, dpo_peft_peak_gib=pt_mem / 2**30,
                            dpo_speedup_vs_peft=pt_step / step,
                            dpo_peak_ratio_vs_peft=mem / pt_mem)
+            for k in rc_layers:
+                metrics[f"dpo_rc{k}_speedup_vs_peft"] = metrics[f"dpo_rc{k}_tok_s"] / metrics["dpo_peft_tok_s"]
+                metrics[f"dpo_rc{k}_peak_ratio_vs_peft"] = metrics[f"dpo_rc{k}_peak_gib"] / metrics["dpo_peft_peak_gib"]
+            if "recompute" not in skip:
+                metrics["dpo_recompute_speedup_vs_peft"] = metrics["dpo_recompute_tok_s"] / metrics["dpo_peft_tok_s"]
             for m in micros:
                 metrics[f"dpo_mb{m}_speedup_vs_peft"] = metrics[f"dpo_mb{m}_tok_s"] / metrics["dpo_peft_tok_s"]
                 metrics[f"dpo_mb{m}_peak_ratio_vs_peft"] = metrics[f"dpo_mb{m}_peak_gib"] / metrics["dpo_peft_peak_gib"]

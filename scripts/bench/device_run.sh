@@ -8,7 +8,8 @@
 # Phases: fa (the attention unit tests), faprof (profile_gpu.py gemm vs flash, FLAYERS layers),
 # attn (attention.py), lora (lora_gemm.py), xs (the shared-memory-X qmm test, formats XK),
 # gpuQ (tests/run.py --gpu-only -k GPUK), qbench / qdecode (qmatmul table / e2e decode),
-# fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE), lgroup (the
+# fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE, env FBENV, skip
+# FBSKIP, extra arguments FBARGS, limit FBLIM), lgroup (the
 # LoRA group unit test, and the DPO step with RESAFE_CUDA_LORA_GROUP=0: the single ops in turn),
 # prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), faexp (the
 # attention backward test, attention.py with RESAFE_CUDA_FLASH_DKV=1, our DPO step alone with
@@ -55,8 +56,9 @@ qdecode)
   step qdecode 300 python3 scripts/bench/qmatmul /tmp/qd --results-dir $O/results --bits none \
     --e2e ;;
 fabench)
-  step fabench 400 env RESAFE_CUDA_ATTENTION=${FAMODE:-flash} python3 scripts/bench/bench_gpu.py \
-    /tmp/fb --results-dir $O/results --skip decode,hf,recompute ;;
+  step fabench ${FBLIM:-400} env RESAFE_CUDA_ATTENTION=${FAMODE:-flash} ${FBENV:-} \
+    python3 scripts/bench/bench_gpu.py /tmp/fb --results-dir $O/results \
+    --skip ${FBSKIP:-decode,hf,recompute} ${FBARGS:-} ;;
 lora)
   step lora 90 python3 scripts/bench/lora_gemm.py ;;
 attn)

@@ -99,6 +99,51 @@ def test_dpo_plan_says_when_it_does_not_fit_and_still_exits_0(tmp_path):
     assert p.returncode == 0 and "the plan fits: 24.00 GiB free" in p.stderr, p.stderr
 
 
+def activations_mib(p):
+    assert p.returncode == 0, p.stderr
+    return float(PARTS.search(p.stderr).group(4))
+
+
+def test_partial_recompute_plans_one_layer_of_activations_per_kept_layer(tmp_path):
+    """[model] recompute_layers = k: the first k layers share one set of buffers and the other
+    32 - k keep their own, so the plan's activations are all-recompute's plus 32 - k layers'
+    worth, and none (recompute off) is k = 0 with no shared set."""
+    none = activations_mib(plan_llama2_7b(tmp_path))
+    every = activations_mib(plan_llama2_7b(tmp_path, "--set", "model.recompute=true"))
+    plans = {k: activations_mib(plan_llama2_7b(tmp_path, "--set", "model.recompute=true",
+                                               "--set", f"model.recompute_layers={k}"))
+             for k in (1, 7, 31, 32, 40)}
+    layer = (plans[1] - plans[7]) / 6
+    assert layer > 300, plans  # a 7B layer keeps ~0.45 GiB for 8 x 512 tokens
+    for k, mib in plans.items():
+        assert abs(mib - (every + max(32 - k, 0) * layer)) <= 0.2, (k, plans, every)
+    assert abs(none - (every + 31 * layer)) <= 0.2, (none, every, plans)
+    p = plan_llama2_7b(tmp_path, "--set", "model.recompute=true", "--set",
+                       "model.recompute_layers=7")
+    assert "recompute 7 of 32 layers" in p.stderr, p.stderr
+
+
+def test_a_plan_that_does_not_fit_names_the_fewest_recomputing_layers_that_do(tmp_path):
+    free = dict(ENV, RESAFE_PLAN_FREE_BYTES="26G")
+    p = plan_llama2_7b(tmp_path, env=free)
+    m = re.search(r"set \[model\] recompute = true and recompute_layers = (\d+) \(the fewest "
+                  r"recomputing layers that fit: ([0-9.]+) GiB\)", p.stderr)
+    assert p.returncode == 0 and m, p.stderr
+    k = int(m.group(1))
+    assert 1 < k < 32 and float(m.group(2)) <= 26, m.groups()
+    fits = plan_llama2_7b(tmp_path, "--set", "model.recompute=true", "--set",
+                          f"model.recompute_layers={k}", env=free)
+    assert "the plan fits: 26.00 GiB free" in fits.stderr, fits.stderr
+    short = plan_llama2_7b(tmp_path, "--set", "model.recompute=true", "--set",
+                           f"model.recompute_layers={k - 1}", env=free)
+    assert "the plan fits" not in short.stderr and f"recompute_layers = {k} " in short.stderr
+    tight = plan_llama2_7b(tmp_path, env=dict(ENV, RESAFE_PLAN_FREE_BYTES="8G"))
+    assert "even [model] recompute = true does not fit" in tight.stderr, tight.stderr
+    p = plan_llama2_7b(tmp_path, "--set", "model.recompute_layers=4")
+    assert p.returncode == 1 and "recompute_layers = 4 needs recompute = true" in p.stderr, \
+        p.stderr
+
+
 def test_dpo_refuses_a_plan_over_the_free_memory_with_one_line(tmp_path, tiny_model):
     out = str(tmp_path / "run")
     cfg = dpo_config(tmp_path, tiny_model, out)

@@ -18,7 +18,7 @@
  *   --want-dw           accumulate dW of every targeted linear
  *   --disabled          the adapter is off in the forward (only dW is computed)
  *   --dropout P         adapter dropout, masks seeded by --seed S (default 1)
- *   --recompute         recompute each layer in backward
+ *   --recompute [N]     recompute each layer in backward (N: only the first N layers)
  *   --qat-act BITS      fake-quantize the linears' inputs (rs_train_state_set_fake_quant)
  *   --qat-kv BITS       fake-quantize K and V
  *   --repeat N          run forward + backward N more times and print "seconds_per_step X"
@@ -199,11 +199,18 @@ static void free_out(out_list *o) {
 
 /* ---------------------------------------------------------------- main */
 
+/* --recompute [N]: every layer, or the first N when a count follows. */
+static int recompute_arg(int argc, char **argv, int *i) {
+    if (*i + 1 < argc && argv[*i + 1][0] >= '0' && argv[*i + 1][0] <= '9')
+        return atoi(argv[++*i]);
+    return RS_RECOMPUTE_ALL;
+}
+
 static int parse_options(int argc, char **argv, options *op) {
     *op = (options){.targets = (1u << RS_LORA_N_TARGETS) - 1, .seed = 1};
     for (int i = 4; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--recompute")) op->recompute = 1;
+        if (!strcmp(a, "--recompute")) op->recompute = recompute_arg(argc, argv, &i);
         else if (!strcmp(a, "--want-dw")) op->want_dw = 1;
         else if (!strcmp(a, "--disabled")) op->disabled = 1;
         else if (!v) return RS_FAIL("option %s needs a value (or is unknown)", a);
