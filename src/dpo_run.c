@@ -232,22 +232,29 @@ static void plan_shape(const dpo_options *o, const char *backend, int seq_len,
 
 #define SMALLER_RUN "lower [dpo] micro_batch_size (pairs per forward), [dpo] max_seq_len or [lora] rank"
 
-/* What to change when a plan does not fit: the fewest recomputing layers whose plan fits the
- * free memory (less recompute: faster), else a smaller run. */
-static const char *plan_hint(const rs_mem_plan_input *in, const rs_backend *be, size_t held,
-                             char *buf, size_t size) {
+static size_t plan_need(const rs_mem_plan *p, size_t held) {
+    return p->total - (held < p->total ? held : p->total);
+}
+
+/* What to change when a plan does not fit (rs_mem_plan_check's hint; "" when it fits or the
+ * free memory is unknown): the fewest recomputing layers whose plan fits the free memory
+ * (less recompute: faster), else a smaller run. */
+static const char *plan_hint(const rs_mem_plan_input *in, const rs_mem_plan *plan,
+                             const rs_backend *be, size_t held, char *buf, size_t size) {
     size_t free_bytes;
     const int L = in->cfg.n_layers;
-    if (rs_mem_plan_free_bytes(be, &free_bytes) != 0 || in->recompute >= L)
-        return in->recompute >= L ? SMALLER_RUN : "set [model] recompute = true, or " SMALLER_RUN;
+    if (rs_mem_plan_free_bytes(be, &free_bytes) != 0 || plan_need(plan, held) <= free_bytes)
+        return "";
+    if (in->recompute >= L) return "even [model] recompute = true does not fit: " SMALLER_RUN;
     rs_mem_plan_input k_in = *in;
     rs_mem_plan p;
     for (int k = in->recompute + 1; k <= L; k++) {
         k_in.recompute = k;
         if (rs_mem_plan_compute(&k_in, &p) != 0) break;
-        if (p.total - (held < p.total ? held : p.total) > free_bytes) continue;
+        if (plan_need(&p, held) > free_bytes) continue;
         if (k == L)
-            snprintf(buf, size, "set [model] recompute = true (%.2f GiB), or " SMALLER_RUN,
+            snprintf(buf, size, "set [model] recompute = true%s (%.2f GiB), or " SMALLER_RUN,
+                     in->recompute > 0 ? " with recompute_layers = 0 (every layer)" : "",
                      p.total / 1073741824.0);
         else
             snprintf(buf, size, "set [model] recompute = true and recompute_layers = %d (the "
@@ -272,7 +279,7 @@ static int load_inputs(dpo_run *r, const rs_config *cfg) {
     size_t held = be->live_bytes ? be->live_bytes() : 0;
     char hint[320];
     RS_TRY(rs_mem_plan_check("dpo", &r->plan, be, held,
-                             plan_hint(&r->plan_in, be, held, hint, sizeof hint)));
+                             plan_hint(&r->plan_in, &r->plan, be, held, hint, sizeof hint)));
     return rs_model_load(o->model_dir, be, &r->m);
 }
 
@@ -768,7 +775,7 @@ int rs_dpo_plan(const rs_config *cfg) {
         if (rs_mem_plan_free_bytes(be, &free_bytes) != 0)
             rs_info("dpo: free memory on %s unknown here: nothing checked", backend);
         else if (rs_mem_plan_check("dpo", &plan, be, held,
-                                   plan_hint(&in, be, held, hint, sizeof hint)) == 0)
+                                   plan_hint(&in, &plan, be, held, hint, sizeof hint)) == 0)
             rs_info("dpo: the plan fits: %.2f GiB free", free_bytes / g);
         else
             rs_warn("%s", rs_last_error());

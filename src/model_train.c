@@ -38,8 +38,9 @@ struct rs_train_state {
     int recompute;            /* layers 0 .. recompute-1 recompute in backward (0 .. n_layers) */
     rs_arena plan;            /* the one device allocation */
     void **x;                 /* [n_layers + 1] each layer's input; x[n_layers] the final one */
-    layer_acts *layer;        /* [n_acts]: [0] shared by the recomputing layers, then one per
-                                 layer that keeps its activations */
+    layer_acts *layer;        /* [n_acts]: one per layer that keeps its activations, [0] also
+                                 shared by the recomputing layers (they run before layer
+                                 `recompute` in the forward and after it in the backward) */
     int n_acts;
     void *xnf;                /* final norm output [n, hidden] */
     float *rstdf;             /* [n] */
@@ -366,8 +367,7 @@ static void mlp_fwd(const pass *p, int l, layer_acts *a, void *x_out) {
 
 static layer_acts *acts_of(const pass *p, int l) {
     const rs_train_state *s = p->s;
-    if (l < s->recompute) return &s->layer[0];
-    return &s->layer[l - s->recompute + (s->recompute > 0)];
+    return &s->layer[l < s->recompute ? 0 : l - s->recompute];
 }
 
 static void layer_fwd(const pass *p, int l) {
@@ -630,7 +630,7 @@ static rs_train_state *new_state(const rs_model_config *c, const rs_train_adapte
     s->n_layers = c->n_layers;
     s->max_tokens = max_tokens;
     s->recompute = recompute < 0 ? 0 : recompute > c->n_layers ? c->n_layers : recompute;
-    s->n_acts = (s->recompute > 0) + c->n_layers - s->recompute;
+    s->n_acts = s->recompute < c->n_layers ? c->n_layers - s->recompute : 1;
     size_t rows = LOGIT_CHUNK_ELEMS / (size_t)c->vocab_size;
     s->chunk_rows = rows < 1 ? 1 : rows > (size_t)s->max_tokens ? s->max_tokens : (int)rows;
     s->lora_rank = lora->rank;

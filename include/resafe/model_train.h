@@ -14,7 +14,8 @@
  * Activations are kept per layer in one planned arena (rs_train_plan); a layer that recomputes
  * keeps only its input and runs its forward again during backward. recompute = the number of
  * layers that do, the first ones (0: none; RS_RECOMPUTE_ALL or any count >= n_layers: all). The
- * recomputing layers share one set of activation buffers, so each one saves a layer's worth. */
+ * recomputing layers share the buffers of the first layer that keeps its activations (or one
+ * set when all recompute), so each one saves a layer's worth. */
 #ifndef RESAFE_MODEL_TRAIN_H
 #define RESAFE_MODEL_TRAIN_H
 

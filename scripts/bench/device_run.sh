@@ -14,7 +14,9 @@
 # prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), faexp (the
 # attention backward test, attention.py with RESAFE_CUDA_FLASH_DKV=1, our DPO step alone with
 # neither, either and both of RESAFE_CUDA_FLASH_DKV=1 / _SAVED=1, the model and DPO GPU tests
-# with both), ops (the C
+# with both), faauto (the attention test, our DPO step with neither and both flags, the faster
+# (flags only where the test passed) against PEFT with
+# --recompute-layers RCL, recompute on and off, and the model / DPO GPU tests with it), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
 # (CMD, CLIM seconds).
 set -u
@@ -81,6 +83,26 @@ faexp)
   done
   step faexp_model 200 env RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1 python3 -m pytest \
     -q tests/py/test_model_gpu_train.py tests/py/test_dpo_gpu.py ;;
+faauto)
+  # faexp's DPO runs, then the fastest variant (only flags whose test mode passed) with PEFT and
+  # --recompute-layers RCL in one bench_gpu.py run, then the model / DPO GPU tests with it
+  step faexp_test 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu
+  OK=$?
+  BEST=""; BT=0
+  for X in "" "RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1"; do
+    [ -n "$X" ] && [ $OK -ne 0 ] && continue
+    N=$(echo "base $X" | tr -c 'A-Za-z0-9\n' _ | cut -c1-60)
+    step "faexp_$N" 150 env $X python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir \
+      "$O/results_$N" --skip decode,hf,recompute,peft || continue
+    T=$(python3 -c "import glob,json;print(int(json.load(open(glob.glob('$O/results_$N/*.json')[0]))['metrics']['dpo_tok_s']))")
+    echo "   $N: $T tokens/s" >> $O/summary.log
+    if [ "$T" -gt "$BT" ]; then BT=$T; BEST="$X"; fi
+  done
+  echo "   best: '$BEST' ($BT tokens/s)" | tee -a $O/summary.log
+  step fabest 300 env $BEST python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir $O/results \
+    --skip decode,hf ${FBARGS:---recompute-layers ${RCL:-26}}
+  step fabest_model 200 env $BEST python3 -m pytest -q tests/py/test_model_gpu_train.py \
+    tests/py/test_dpo_gpu.py ;;
 ops)
   for T in ${OPS:-test_cuda_rope_matches_cpu test_cuda_rope_bwd_matches_cpu \
       test_cuda_rmsnorm_matches_cpu test_cuda_rmsnorm_bwd_matches_cpu test_cuda_glu_matches_cpu \
