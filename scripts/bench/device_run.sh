@@ -16,7 +16,7 @@
 # neither, either and both of RESAFE_CUDA_FLASH_DKV=1 / _SAVED=1, the model and DPO GPU tests
 # with both), faauto (the attention test, our DPO step with neither and both flags, the faster
 # (flags only where the test passed) against PEFT with
-# --recompute-layers RCL, and the model / DPO GPU tests with it), ops (the C
+# --recompute-layers RCL (not with FAQUICK=1), and the model / DPO GPU tests with it), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
 # (CMD, CLIM seconds).
 set -u
@@ -99,7 +99,7 @@ faauto)
     if [ "$T" -gt "$BT" ]; then BT=$T; BEST="$X"; fi
   done
   echo "   best: '$BEST' ($BT tokens/s)" | tee -a $O/summary.log
-  step fabest 300 env $BEST python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir $O/results \
+  [ -n "${FAQUICK:-}" ] || step fabest 300 env $BEST python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir $O/results \
     --skip decode,hf,recompute ${FBARGS:---recompute-layers ${RCL:-26}}
   step fabest_model 200 env $BEST python3 -m pytest -q tests/py/test_model_gpu_train.py \
     tests/py/test_dpo_gpu.py ;;
