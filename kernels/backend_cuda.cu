@@ -464,12 +464,11 @@ static void cuda_attention_bwd(void *dq, void *dk, void *dv, const void *dout, c
 
 /* The saved-statistics pair (backend.h: attention_fwd_lse, attention_bwd_saved): the flash
  * forward also writes each row's log-sum-exp and the backward skips its statistics pass (Dsum
- * from the saved bf16 output), with RESAFE_CUDA_FLASH_SAVED=1 (an experiment, not yet run on a
- * GPU); otherwise, or where flash does not take the shape, the plain ops (lse unwritten and
- * unread: both sides decide alike). */
+ * from the saved bf16 output), unless RESAFE_CUDA_FLASH_SAVED=0 or flash does not take the
+ * shape: then the plain ops (lse unwritten and unread: both sides decide alike). */
 static int flash_saved(int Tq, int Tk, int n_heads, int n_kv_heads, int head_dim) {
     const char *e = getenv("RESAFE_CUDA_FLASH_SAVED");
-    return e && strcmp(e, "1") == 0 && use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim);
+    return !(e && strcmp(e, "0") == 0) && use_attention_flash(Tq, Tk, n_heads, n_kv_heads, head_dim);
 }
 
 static void cuda_attention_fwd_lse(void *out, float *lse, const void *q, const void *k,

@@ -11,11 +11,9 @@
 # fabench (bench_gpu.py's DPO step against PEFT, RESAFE_CUDA_ATTENTION=FAMODE, env FBENV, skip
 # FBSKIP, extra arguments FBARGS, limit FBLIM), lgroup (the
 # LoRA group unit test, and the DPO step with RESAFE_CUDA_LORA_GROUP=0: the single ops in turn),
-# prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), faexp (the
-# attention backward test, attention.py with RESAFE_CUDA_FLASH_DKV=1, our DPO step alone with
-# neither, either and both of RESAFE_CUDA_FLASH_DKV=1 / _SAVED=1, the model and DPO GPU tests
-# with both), faauto (the attention test, our DPO step with neither and both flags, the faster
-# (flags only where the test passed) against PEFT with
+# prof (profile_gpu.py's steady-state DPO step, FLAYERS layers, PMORE extra steps), faauto (the
+# attention backward test, our DPO step alone with RESAFE_CUDA_FLASH_DKV=0 _SAVED=0 and with the
+# defaults, the faster (the defaults only where the test passed) against PEFT with
 # --recompute-layers RCL (not with FAQUICK=1), and the model / DPO GPU tests with it), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
 # (CMD, CLIM seconds).
@@ -72,35 +70,26 @@ lgroup)
 prof)
   step prof 300 python3 scripts/bench/profile_gpu.py /tmp/pr --layers ${FLAYERS:-8} \
     --more ${PMORE:-4} --decode-batch "" ;;
-faexp)
-  step faexp_test 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu
-  step faexp_attn 120 env RESAFE_CUDA_FLASH_DKV=1 python3 scripts/bench/attention.py
-  for X in "" RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1 \
-      "RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1"; do
-    N=$(echo "base $X" | tr -c 'A-Za-z0-9\n' _ | cut -c1-60)
-    step "faexp_$N" 200 env $X python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir \
-      "$O/results_$N" --skip decode,hf,recompute,peft
-  done
-  step faexp_model 200 env RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1 python3 -m pytest \
-    -q tests/py/test_model_gpu_train.py tests/py/test_dpo_gpu.py ;;
 faauto)
-  # faexp's DPO runs, then the fastest variant (only flags whose test mode passed) with PEFT and
-  # --recompute-layers RCL in one bench_gpu.py run, then the model / DPO GPU tests with it
+  # our DPO step with the attention's old and new paths, then the faster (the new only where the
+  # attention test passed) with PEFT and --recompute-layers RCL in one bench_gpu.py run, then
+  # the model / DPO GPU tests with it
   step faexp_test 120 build/test_unit --run test_cuda_attention_bwd_matches_cpu
   OK=$?
   BEST=""; BT=0
-  for X in "" "RESAFE_CUDA_FLASH_DKV=1 RESAFE_CUDA_FLASH_SAVED=1"; do
-    [ -n "$X" ] && [ $OK -ne 0 ] && continue
+  for X in "RESAFE_CUDA_FLASH_DKV=0 RESAFE_CUDA_FLASH_SAVED=0" ""; do
+    [ -z "$X" ] && [ $OK -ne 0 ] && continue
     N=$(echo "base $X" | tr -c 'A-Za-z0-9\n' _ | cut -c1-60)
     step "faexp_$N" 150 env $X python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir \
       "$O/results_$N" --skip decode,hf,recompute,peft || continue
-    T=$(python3 -c "import glob,json;print(int(json.load(open(glob.glob('$O/results_$N/*.json')[0]))['metrics']['dpo_tok_s']))")
+    T=$(python3 -c "import glob, json; f = glob.glob('$O/results_$N/*.json')[0]
+print(int(json.load(open(f))['metrics']['dpo_tok_s']))")
     echo "   $N: $T tokens/s" >> $O/summary.log
     if [ "$T" -gt "$BT" ]; then BT=$T; BEST="$X"; fi
   done
   echo "   best: '$BEST' ($BT tokens/s)" | tee -a $O/summary.log
-  [ -n "${FAQUICK:-}" ] || step fabest 300 env $BEST python3 scripts/bench/bench_gpu.py /tmp/fe --results-dir $O/results \
-    --skip decode,hf,recompute ${FBARGS:---recompute-layers ${RCL:-26}}
+  [ -n "${FAQUICK:-}" ] || step fabest 300 env $BEST python3 scripts/bench/bench_gpu.py /tmp/fe \
+    --results-dir $O/results --skip decode,hf,recompute ${FBARGS:---recompute-layers ${RCL:-26}}
   step fabest_model 200 env $BEST python3 -m pytest -q tests/py/test_model_gpu_train.py \
     tests/py/test_dpo_gpu.py ;;
 ops)

@@ -369,10 +369,11 @@ static void env_restore(const char *name, char *saved) {
     free(saved);
 }
 
-/* mode: RESAFE_CUDA_ATTENTION's value for the GPU side, or flash-dkv (the flash kernels with dK
- * and dV in one launch, RESAFE_CUDA_FLASH_DKV=1), or flash-saved (attention_fwd_lse, then
- * attention_bwd_saved on its output and log-sum-exp, RESAFE_CUDA_FLASH_SAVED=1: Dsum from the
- * bf16 output; that output must equal attention_fwd's bit for bit) */
+/* mode: RESAFE_CUDA_ATTENTION's value for the GPU side (flash: with dK and dV in two launches,
+ * RESAFE_CUDA_FLASH_DKV=0), or flash-dkv (the default flash kernels: dK and dV in one launch),
+ * or flash-saved (attention_fwd_lse, then attention_bwd_saved on its output and log-sum-exp, the
+ * training default: Dsum from the bf16 output; that output must equal attention_fwd's bit for
+ * bit) */
 static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B, int Tq, int Tk,
                                 int H, int Hkv, int D, const char *mode) {
     const int dkv = strcmp(mode, "flash-dkv") == 0, saved = strcmp(mode, "flash-saved") == 0;
@@ -404,8 +405,8 @@ static void check_attention_bwd(const rs_backend *const bes[2], rs_rng *r, int B
         void *dq = upload_nan(be, ACT(be), nq), *dk = upload_nan(be, ACT(be), nkv);
         void *dv = upload_nan(be, ACT(be), nkv);
         char *e_att = env_swap("RESAFE_CUDA_ATTENTION", !s ? NULL : dkv || saved ? "flash" : mode);
-        char *e_dkv = env_swap("RESAFE_CUDA_FLASH_DKV", s && dkv ? "1" : NULL);
-        char *e_sav = env_swap("RESAFE_CUDA_FLASH_SAVED", s && saved ? "1" : NULL);
+        char *e_dkv = env_swap("RESAFE_CUDA_FLASH_DKV", s && !dkv && !saved ? "0" : NULL);
+        char *e_sav = env_swap("RESAFE_CUDA_FLASH_SAVED", NULL);
         if (s && saved) {
             CHECK(be->attention_fwd_lse && be->attention_bwd_saved, "saved-attention ops missing");
             void *od = upload_nan(be, ACT(be), nq), *od2 = upload_nan(be, ACT(be), nq);
