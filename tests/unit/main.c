@@ -1,8 +1,10 @@
 /* Test runner for the C unit tests: --list, --run NAME, or no argument to run all. */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700 /* nftw */
 #include "test.h"
 #include "resafe/dist.h"
 
+#include <ftw.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -47,17 +49,39 @@ rs_dist rs_test_dist(int rank, int world, const char *run_id) {
     return d;
 }
 
+static char g_tmpdir[256];
+static pid_t g_tmpdir_owner;
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st, (void)flag, (void)ftw;
+    remove(path);
+    return 0;
+}
+
+/* The process that made the directory removes it at exit (forked ranks inherit the handler and
+ * leave it alone); RESAFE_TEST_KEEP=1 keeps it for a look after a failure. */
+static void remove_tmpdir(void) {
+    if (!g_tmpdir[0] || getpid() != g_tmpdir_owner) return;
+    const char *keep = getenv("RESAFE_TEST_KEEP");
+    if (keep && strcmp(keep, "0") != 0) {
+        fprintf(stderr, "kept %s\n", g_tmpdir);
+        return;
+    }
+    nftw(g_tmpdir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 const char *rs_test_tmpdir(void) {
-    static char dir[256];
-    if (!dir[0]) {
+    if (!g_tmpdir[0]) {
         const char *base = getenv("TMPDIR");
-        snprintf(dir, sizeof dir, "%s/resafe_unit_XXXXXX", base ? base : "/tmp");
-        if (!mkdtemp(dir)) {
+        snprintf(g_tmpdir, sizeof g_tmpdir, "%s/resafe_unit_XXXXXX", base ? base : "/tmp");
+        if (!mkdtemp(g_tmpdir)) {
             perror("mkdtemp");
             exit(2);
         }
+        g_tmpdir_owner = getpid();
+        atexit(remove_tmpdir);
     }
-    return dir;
+    return g_tmpdir;
 }
 
 static int run_one(int i) {
