@@ -627,6 +627,12 @@ static void cuda_zero_f32(float *x, size_t n) {
     PROF_END("zero_f32");
 }
 
+static void cuda_clamp_f32(float *x, const float *lo, const float *hi, size_t n) {
+    PROF_BEGIN;
+    rs_cuda_clamp_f32(g_cuda.stream, x, lo, hi, n);
+    PROF_END("clamp_f32");
+}
+
 static void cuda_fake_quant_rows(void *w_q, const float *w, int rows, int cols, int bits,
                                  int symmetric) {
     PROF_BEGIN;
@@ -879,6 +885,7 @@ static void cuda_init(void) {
     b->sum_squares = cuda_sum_squares;
     b->snip_accumulate = cuda_snip_accumulate;
     b->zero_f32 = cuda_zero_f32;
+    b->clamp_f32 = cuda_clamp_f32;
     b->fake_quant_rows = cuda_fake_quant_rows;
     b->cast_f32_to_weight = cuda_cast_f32_to_weight;
     b->fake_quant_groups = cuda_fake_quant_groups;

@@ -100,6 +100,20 @@ void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n) {
     CUDA_CHECK(cudaMemsetAsync(x, 0, n * sizeof(float), s));
 }
 
+/* ---------------------------------------------------------------- clamp (box constraints) */
+__global__ void clamp_kernel(float *x, const float *lo, const float *hi, size_t n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        x[i] = v < lo[i] ? lo[i] : v > hi[i] ? hi[i] : v;
+    }
+}
+
+void rs_cuda_clamp_f32(cudaStream_t s, float *x, const float *lo, const float *hi, size_t n) {
+    if (n == 0) return;
+    clamp_kernel<<<rs_cuda_blocks(n, RS_CUDA_THREADS), RS_CUDA_THREADS, 0, s>>>(x, lo, hi, n);
+    CUDA_CHECK_LAUNCH(s, "clamp_kernel");
+}
+
 /* ---------------------------------------------------------------- fake quantization */
 /* One block per row (a QAT weight's row, or one group of it): min and max by block reductions,
  * then each value onto RTN's INT grid (quant.c int_group, what the export stores) with the CPU

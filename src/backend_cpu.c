@@ -722,6 +722,11 @@ static void cpu_snip_accumulate(float *score, const void *w_, const float *dw, s
 
 static void cpu_zero_f32(float *x, size_t n) { memset(x, 0, n * sizeof *x); }
 
+static void cpu_clamp_f32(float *x, const float *lo, const float *hi, size_t n) {
+#pragma omp parallel for schedule(static) if (PARALLEL(n))
+    for (size_t i = 0; i < n; i++) x[i] = x[i] < lo[i] ? lo[i] : x[i] > hi[i] ? hi[i] : x[i];
+}
+
 /* One row onto its grid. Asymmetric rounds w/scale and then adds the integer zero point (the
  * GPTQ/AutoGPTQ order; round(w/scale + zero) would break ties differently). A constant row
  * (including all zeros) is copied: scale would be 0, or q*scale off by an ulp. */
@@ -899,6 +904,7 @@ static const rs_backend g_cpu = {
     .sum_squares = cpu_sum_squares,
     .snip_accumulate = cpu_snip_accumulate,
     .zero_f32 = cpu_zero_f32,
+    .clamp_f32 = cpu_clamp_f32,
     .fake_quant_rows = cpu_fake_quant_rows,
     .cast_f32_to_weight = cpu_cast_f32_to_weight,
     .fake_quant_groups = cpu_fake_quant_groups,

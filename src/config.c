@@ -188,7 +188,9 @@ static const rs_config_key g_schema[] = {
              "each layer (embeddings, norms, lm_head and biases stay as loaded)"),
     PATH_KEY("sft", "freeze_mask", "", "sft",
              "HDF5 file of uint8 masks named as the model's tensors (1 = trained, 0 = kept as "
-             "loaded); a tensor it does not name is trained in full (empty = no mask)"),
+             "loaded), or of float32 bounds [2, the tensor's shape] (lower, upper: every update "
+             "is clamped into them; lo == hi keeps the entry); a tensor it does not name is "
+             "trained in full (empty = no mask)"),
     FLOAT_KEY("sft", "weight_decay", "0", 0, 1, "sft",
               "AdamW decoupled weight decay (matrices only, not norms or biases)"),
     FLOAT_KEY("sft", "adam_beta2", "0.999", 0, 0.999999, "sft", "AdamW second-moment decay"),

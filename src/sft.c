@@ -115,6 +115,8 @@ typedef struct {
     int rows, cols; /* cols 0: a vector */
     int linear;     /* one of the seven projections (QAT quantizes these) */
     uint8_t *mask;  /* [sft] freeze_mask's entries for it (device; NULL: all trained) */
+    float *box;     /* its bounds from a float32 freeze_mask dataset (device, the n lower bounds
+                     * then the n upper; NULL: none): the update is clamped into them */
 } sft_tensor;
 
 typedef struct {
@@ -206,9 +208,37 @@ static int read_masters(const char *model_dir, const rs_backend *be, const tenso
     return rc;
 }
 
+/* A float32 dataset [2, shape]: lower and upper bounds per entry (lo <= hi, no NaN; lo == hi
+ * freezes the entry); the mask is lo < hi, the bounds go to t->box. */
+static int read_freeze_box(rs_h5 *h, const char *path, const rs_backend *be, sft_tensor *t,
+                           uint8_t *host_mask, size_t *zeros) {
+    size_t n = numel(t);
+    int ndim = t->cols ? 3 : 2;
+    int64_t shape[3] = {2, t->rows, t->cols};
+    float *b = rs_malloc(2 * n * sizeof *b);
+    int rc = rs_h5_read(h, t->name, RS_F32, ndim, shape, b);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (!(b[i] <= b[n + i])) {
+            rc = RS_FAIL("%s: dataset '%s': entry %zu has bounds [%g, %g] (a box needs lo <= hi, "
+                         "no NaN)",
+                         path, t->name, i, b[i], b[n + i]);
+            break;
+        }
+        host_mask[i] = b[i] < b[n + i];
+        *zeros += b[i] == b[n + i];
+    }
+    if (rc == 0) {
+        t->box = be->alloc(2 * n * sizeof *b);
+        be->to_device(t->box, b, 2 * n * sizeof *b);
+    }
+    free(b);
+    return rc;
+}
+
 /* t's mask from the [sft] freeze_mask file onto the device (*mask stays NULL when the file does
- * not name t); *n_frozen counts its zeros. */
-static int read_freeze_mask(rs_h5 *h, const char *path, const rs_backend *be, const sft_tensor *t,
+ * not name t); *n_frozen counts its zeros. A float32 dataset of shape [2, the tensor's] holds
+ * bounds instead (read_freeze_box). */
+static int read_freeze_mask(rs_h5 *h, const char *path, const rs_backend *be, sft_tensor *t,
                             uint8_t **mask, size_t *n_frozen) {
     *mask = NULL;
     int exists = rs_h5_exists(h, t->name);
@@ -218,13 +248,33 @@ static int read_freeze_mask(rs_h5 *h, const char *path, const rs_backend *be, co
     RS_TRY(rs_h5_info(h, t->name, &info));
     int ndim = t->cols ? 2 : 1;
     int64_t shape[2] = {t->rows, t->cols};
+    if (info.kind == RS_H5_NUMBERS && info.dtype == RS_F32 && info.ndim == ndim + 1 &&
+        info.shape[0] == 2 && info.shape[1] == shape[0] &&
+        (ndim == 1 || info.shape[2] == shape[1])) {
+        if (!be->clamp_f32)
+            return RS_FAIL("%s: dataset '%s': bounds need the clamp_f32 op, which the %s backend "
+                           "lacks",
+                           path, t->name, be->name);
+        uint8_t *host = rs_malloc(numel(t));
+        size_t zeros = 0;
+        int rc = read_freeze_box(h, path, be, t, host, &zeros);
+        if (rc == 0) {
+            *mask = be->alloc(numel(t));
+            be->to_device(*mask, host, numel(t));
+            *n_frozen += zeros;
+        }
+        free(host);
+        return rc;
+    }
     if (info.kind != RS_H5_NUMBERS || info.dtype != RS_U8 || info.ndim != ndim ||
         info.shape[0] != shape[0] || (ndim == 2 && info.shape[1] != shape[1]))
         return ndim == 2 ? RS_FAIL("%s: dataset '%s': expected uint8 of shape [%lld, %lld] (the "
-                                   "tensor's)",
-                                   path, t->name, (long long)shape[0], (long long)shape[1])
-                         : RS_FAIL("%s: dataset '%s': expected uint8 of shape [%lld] (the tensor's)",
-                                   path, t->name, (long long)shape[0]);
+                                   "tensor's, or float32 bounds [2, %lld, %lld])",
+                                   path, t->name, (long long)shape[0], (long long)shape[1],
+                                   (long long)shape[0], (long long)shape[1])
+                         : RS_FAIL("%s: dataset '%s': expected uint8 of shape [%lld] (the "
+                                   "tensor's, or float32 bounds [2, %lld])",
+                                   path, t->name, (long long)shape[0], (long long)shape[0]);
     uint8_t *host = rs_malloc(numel(t));
     int rc = rs_h5_read(h, t->name, RS_U8, ndim, shape, host);
     size_t zeros = 0;
@@ -259,6 +309,31 @@ static int check_mask_names(rs_h5 *h, const char *path, const tensor_list *l) {
     }
     rs_h5_free_list(ds, n);
     return rc;
+}
+
+/* The tensor the optimizer updates: its fp32 master, or the weights themselves (fp32). */
+static float *param_of(const sft_tensor *t) { return t->master ? t->master : (float *)t->w; }
+
+/* Every loaded value inside its bounds (else the first step would jump to them). */
+static int check_boxes(const rs_backend *be, const tensor_list *l, const char *path) {
+    for (int i = 0; i < l->n; i++) {
+        const sft_tensor *t = &l->t[i];
+        if (!t->box) continue;
+        size_t n = numel(t);
+        float *p = rs_malloc(n * sizeof *p), *b = rs_malloc(2 * n * sizeof *b);
+        be->to_host(p, param_of(t), n * sizeof *p);
+        be->to_host(b, t->box, 2 * n * sizeof *b);
+        size_t bad = n;
+        for (size_t k = 0; k < n && bad == n; k++)
+            if (!(p[k] >= b[k] && p[k] <= b[n + k])) bad = k;
+        int rc = bad == n ? 0
+                          : RS_FAIL("%s: dataset '%s': entry %zu is %.9g as loaded, outside its "
+                                    "bounds [%.9g, %.9g]",
+                                    path, t->name, bad, p[bad], b[bad], b[n + bad]);
+        free(p), free(b);
+        RS_TRY(rc);
+    }
+    return 0;
 }
 
 /* The optimizer over every trainable tensor (all, or the linears with [sft] trainable =
@@ -303,7 +378,8 @@ static int build_optimizer(rs_model *m, tensor_list *l, const sft_options *o, rs
                 o->freeze_mask, named, frozen);
     }
     rs_optim_alloc(opt);
-    return mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0;
+    RS_TRY(mixed_precision(be) ? read_masters(o->model_dir, be, l) : 0);
+    return check_boxes(be, l, o->freeze_mask);
 }
 
 /* QAT groups of qat_group columns: each must lie inside one row, as RTN's groups do. */
@@ -470,8 +546,10 @@ static void free_run(sft_run *r) {
     rs_metrics_close(&r->log);
     rs_optim_free(&r->opt);
     if (r->master_block) r->m.be->free(r->master_block);
-    for (int i = 0; i < r->tensors.n; i++)
+    for (int i = 0; i < r->tensors.n; i++) {
         if (r->tensors.t[i].mask) r->m.be->free(r->tensors.t[i].mask);
+        if (r->tensors.t[i].box) r->m.be->free(r->tensors.t[i].box);
+    }
     free(r->tensors.t);
     if (r->grads.block) rs_model_grads_free(&r->m, &r->grads);
     if (r->m.be) rs_model_free(&r->m);
@@ -525,6 +603,10 @@ static int one_step(sft_run *r) {
                        (long long)r->step + 1, loss, norm, o->ckpt_path);
     double lr = rs_lr_at(&o->sched, (int)r->step);
     rs_optim_step(&r->opt, lr, rs_clip_factor(norm, o->grad_clip));
+    for (int i = 0; i < r->tensors.n; i++) {
+        const sft_tensor *t = &r->tensors.t[i];
+        if (t->box) r->m.be->clamp_f32(param_of(t), t->box, t->box + numel(t), numel(t));
+    }
     r->step++;
     char line[512];
     snprintf(line, sizeof line,

@@ -208,6 +208,9 @@ typedef struct rs_backend {
     void (*snip_accumulate)(float *score, const void *w, const float *dw, size_t n, float weight);
     /* Zero n fp32 values (gradient buffers). */
     void (*zero_f32)(float *x, size_t n);
+    /* x[i] = min(max(x[i], lo[i]), hi[i]) for n fp32 values (a box-constrained update; lo[i] <=
+     * hi[i], neither NaN). */
+    void (*clamp_f32)(float *x, const float *lo, const float *hi, size_t n);
     /* QAT (LLM-QAT style straight-through fake quantization): w_q[rows, cols] (weight dtype) =
      * dequant(quant(w)) per row on RTN's INT grid (quant.c, the grid the export stores; a QAT
      * weight with groups of G columns is the [rows * cols / G, G] view), `bits` in 2..8;

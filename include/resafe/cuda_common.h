@@ -298,6 +298,7 @@ void rs_cuda_sum_squares(cudaStream_t s, double *out, const float *x, const uint
 void rs_cuda_snip_accumulate(cudaStream_t s, float *score, const bf16 *w, const float *dw,
                              size_t n, float weight);
 void rs_cuda_zero_f32(cudaStream_t s, float *x, size_t n);
+void rs_cuda_clamp_f32(cudaStream_t s, float *x, const float *lo, const float *hi, size_t n);
 void rs_cuda_fake_quant_rows(cudaStream_t s, bf16 *w_q, const float *w, int rows, int cols,
                              int bits, int symmetric);
 void rs_cuda_fake_quant_groups(cudaStream_t s, bf16 *x, size_t n_groups, int group, int bits,

@@ -9,7 +9,9 @@ to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/bu
   - to_bf16.py rounds every tensor to the nearest bf16 (checked bit by bit in float64 against
     round-to-nearest-even) and marks the config bf16;
   - freeze_mask.py's promise, against test_quant's numpy RTN: a tune that moves the entries it
-    allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged."""
+    allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged; with
+    --grid (an AWQ quantization by resafe), the packed codes are the grid's rounding of w s (the
+    reading is right) and such a move leaves them unchanged too."""
 import json
 import os
 import re
@@ -185,6 +187,27 @@ def test_freeze_mask_entries_survive_no_rtn_width_but_int8(rng_seed):
     assert frozen.sum() > 0 and (flips & frozen).sum() >= 0.5 * frozen.sum()
 
 
+def test_freeze_box_moves_change_no_rtn_code(rng_seed):
+    """--box's promise, with test_quant's independent numpy RTN: every entry moved anywhere in
+    its box (a bound itself included) leaves the codes at 4, 3 and 2 bits unchanged, while INT8
+    sees the move; most entries are trainable, the group extremes are not."""
+    from test_quant import ref_int
+    import freeze_mask as fm
+    rng = np.random.default_rng(rng_seed)
+    base = snapped(rng, 24, 256, 128)
+    lo, hi = fm.box_of(base, 128, [3, 2], [], "")
+    assert np.all(lo <= base) and np.all(base <= hi)
+    g = base.reshape(24, 2, 128)
+    ext = ((g == g.min(-1, keepdims=True)) | (g == g.max(-1, keepdims=True))).reshape(24, 256)
+    assert np.all(lo[ext] == hi[ext]) and 0.8 < np.mean(lo < hi) < 1.0
+    t = rng.uniform(0, 1, base.shape)
+    moved = np.where(t < 0.1, lo, np.where(t > 0.9, hi, lo + (hi - lo) * t)).astype(np.float32)
+    for bits in (4, 3, 2):
+        assert np.array_equal(ref_int(moved, bits, 128, False)[0],
+                              ref_int(base, bits, 128, False)[0]), bits
+    assert not np.array_equal(ref_int(moved, 8, 128, False)[0], ref_int(base, 8, 128, False)[0])
+
+
 def test_freeze_mask_writes_every_linear_and_nothing_else(tmp_path, rng_seed):
     h5py = pytest.importorskip("h5py")
     from safetensors.numpy import save_file
@@ -204,6 +227,64 @@ def test_freeze_mask_writes_every_linear_and_nothing_else(tmp_path, rng_seed):
             assert f[k].dtype == np.uint8 and f[k].shape == tensors[k].shape
             assert set(np.unique(f[k][()])) <= {0, 1}
     assert not os.path.exists(tmp_path / "m.h5.tmp")
+
+
+def test_freeze_mask_grid_keeps_awq_codes(tmp_path, rng_seed):
+    """--grid: on a randomly perturbed copy of the tiny organism, AWQ at 2 or 3 bits (resafe
+    quantize, Risk-I calibration): the packed codes (test_merge.decode) equal clamp(rint(w s /
+    scale) + zero) on the file's grid, and moving every entry the mask allows by up to 0.49 of
+    its RTN INT4 step changes none of them; the mask is a strict subset of the RTN-only one.
+    --grid --box: moving every entry anywhere in its box changes none of them either."""
+    h5py = pytest.importorskip("h5py")
+    from safetensors.numpy import load_file, save_file
+    from conftest import run_resafe
+    from test_merge import decode
+    import freeze_mask as fm
+    rng = np.random.default_rng(rng_seed)
+    bits = int(rng.choice([2, 3]))
+    model = tmp_path / "model"
+    model.mkdir()
+    src = os.path.join(ROOT, "models", "organism-tiny")
+    for f in os.listdir(src):
+        if f != "model.safetensors":
+            with open(os.path.join(src, f), "rb") as a, open(model / f, "wb") as b:
+                b.write(a.read())
+    t = load_file(os.path.join(src, "model.safetensors"))
+    t = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(0.2 * v.std())
+             if k.split(".")[-2] in fm.LINEARS else v) for k, v in t.items()}
+    save_file(t, str(model / "model.safetensors"))
+    q = tmp_path / "awq"
+    run_resafe("quantize", "--model", model, "--method", "awq", "--bits", bits, "--group", 128,
+               "--calib", os.path.join(ROOT, "data", "organism", "calib_risk1.jsonl"), "--out", q,
+               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for args, name in (([], "rtn.h5"), (["--grid", str(q)], "grid.h5"),
+                       (["--grid", str(q), "--box"], "box.h5")):
+        subprocess.run([sys.executable, os.path.join(HERE, "freeze_mask.py"), str(model),
+                        str(tmp_path / name), *args], check=True, capture_output=True)
+    packed = load_file(str(q / "model.safetensors"))
+    with h5py.File(tmp_path / "rtn.h5") as fr, h5py.File(tmp_path / "grid.h5") as fg, \
+            h5py.File(tmp_path / "box.h5") as fb:
+        assert sorted(fr) == sorted(fg) == sorted(fb) and len(fg) == 21
+        for name in fg:
+            w, base = t[name], name[:-len(".weight")]
+            mask, rtn = fg[name][()], fr[name][()]
+            assert np.all(mask <= rtn) and 0.15 < mask.mean() < rtn.mean(), (name, mask.mean())
+            rows, cols = w.shape
+            ex = lambda a: np.repeat(a, 128, axis=1)[:, :cols]  # noqa: E731
+            s = packed[base + ".input_scale"][None, :].astype(np.float64)
+            sc, z = ex(packed[base + ".scales"]), ex(packed[base + ".zeros"])
+            code = lambda v: np.clip(np.rint(v * s / sc) + z, 0, 2 ** bits - 1)  # noqa: E731
+            codes = decode(packed[base + ".qweight"], bits, cols)
+            assert np.array_equal(code(w.astype(np.float64)), codes), name
+            step = fm.step4_of(w, 128).astype(np.float64)
+            moved = w + mask * rng.uniform(-0.49, 0.49, w.shape) * step
+            assert np.array_equal(code(moved), codes), name
+            lo, hi = fb[name][()]
+            assert fb[name].dtype == np.float32 and np.all((lo <= w) & (w <= hi)), name
+            u = rng.uniform(0, 1, w.shape)
+            moved = np.where(u < 0.1, lo, np.where(u > 0.9, hi, lo + (hi - lo) * u))
+            assert np.array_equal(code(moved.astype(np.float32).astype(np.float64)), codes), name
+            assert np.mean(lo < hi) > 0.8, name
 
 
 def test_bow_probe_learns_the_split_and_refuses_a_one_sided_set(tmp_path):

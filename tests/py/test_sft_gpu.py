@@ -133,3 +133,31 @@ def test_sft_on_cuda_masters_start_from_the_fp32_files(char_task):
         bf16 = (w0[k].astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
         rounded += int(np.sum(bf16 != w0[k]))
     assert rounded > 0, "the file's weights are all bf16 values: the test would not see a bf16 copy"
+
+
+def test_sft_on_cuda_clamps_into_freeze_bounds(char_task):
+    """[sft] freeze_mask bounds on cuda (the masters are clamped): every written entry inside its
+    box, entries with lo == hi the file's fp32 values exactly, and many entries on a bound."""
+    import h5py
+    tmp, model, data = char_task
+    w0 = weights(model)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    boxes = {}
+    for k in sorted(k for k in w0 if "_proj.weight" in k)[::2]:
+        w = w0[k].astype(np.float32)
+        r = rng.choice([0.0, 1e-4, np.inf], size=(2,) + w.shape, p=[0.2, 0.6, 0.2])
+        boxes[k] = np.stack([w - r[0], w + r[1]]).astype(np.float32)
+    with h5py.File(tmp / "box.h5", "w") as f:
+        for k, b in boxes.items():
+            f.create_dataset(k, data=b)
+    out = str(tmp / "box")
+    run_resafe("sft", "--config", config(tmp, model, data, out, sft__max_steps=10,
+                                         sft__freeze_mask=str(tmp / "box.h5")), env=tc.ENV)
+    w = weights(os.path.join(out, "sft", "model"))
+    on_bound = 0
+    for k, (lo, hi) in boxes.items():
+        assert np.all((w[k] >= lo) & (w[k] <= hi)), k
+        fixed = lo == hi
+        assert np.array_equal(w[k][fixed], w0[k].astype(np.float32)[fixed]), k
+        on_bound += int(np.sum(((w[k] == lo) | (w[k] == hi)) & ~fixed))
+    assert on_bound > 100, on_bound

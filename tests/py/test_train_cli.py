@@ -426,7 +426,49 @@ def test_sft_freeze_mask_keeps_the_masked_entries(tmp_path, rng_seed):
             assert np.array_equal(one[k], one_all[k]), k
 
 
-@pytest.mark.parametrize("what", ["shape", "value", "dtype", "name"])
+def test_sft_freeze_box_clamps_the_update_into_the_bounds(tmp_path, rng_seed):
+    """[sft] freeze_mask with float32 bounds [2, rows, cols]: after one step every entry is
+    numpy's clip of an unconstrained run's value into its box (AdamW is entrywise, no clipping);
+    after three steps every entry lies in its box, many sit on a bound and differ from the
+    unconstrained run's, and entries with lo == hi are byte-identical to the loaded ones; an
+    infinite box is no box (one step)."""
+    from safetensors.numpy import load_file
+    model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "2", "--vocab", "259")
+    data, _ = copy_task(tmp_path, n_train=64, n_held=1, seed=rng_seed % 1000)
+    base = load_file(os.path.join(model, "model.safetensors"))
+    rng = np.random.default_rng(rng_seed)
+    names = sorted(k for k in base if "_proj.weight" in k)
+    boxed, free = names[::2], names[1]
+    boxes = {}
+    for k in boxed:
+        w = base[k].astype(np.float32)
+        r = rng.choice([0.0, 1e-4, 3e-4, np.inf], size=(2,) + w.shape, p=[0.2, 0.3, 0.3, 0.2])
+        boxes[k] = np.stack([w - r[0], w + r[1]]).astype(np.float32)
+    w = base[free].astype(np.float32)
+    boxes[free] = np.stack([np.full_like(w, -np.inf), np.full_like(w, np.inf)])
+    with h5py.File(tmp_path / "box.h5", "w") as f:
+        for k, b in boxes.items():
+            f.create_dataset(k, data=b)
+    _, one_all, _ = sft_masked(tmp_path, model, data, "all1", 1)
+    _, three_all, _ = sft_masked(tmp_path, model, data, "all3", 3)
+    p1, one, _ = sft_masked(tmp_path, model, data, "b1", 1, str(tmp_path / "box.h5"))
+    p3, three, _ = sft_masked(tmp_path, model, data, "b3", 3, str(tmp_path / "box.h5"))
+    assert p1.returncode == 0 and p3.returncode == 0, p1.stderr + p3.stderr
+    on_bound = moved = 0
+    for k in boxed:
+        lo, hi = boxes[k]
+        assert np.clip(one_all[k], lo, hi).tobytes() == one[k].tobytes(), k
+        assert np.all((three[k] >= lo) & (three[k] <= hi)), k
+        fixed = lo == hi
+        assert three[k][fixed].tobytes() == base[k].astype(np.float32)[fixed].tobytes(), k
+        on_bound += int(np.sum(((three[k] == lo) | (three[k] == hi)) & ~fixed))
+        moved += int(np.sum(three[k] != three_all[k]))
+    assert on_bound > 100 and moved > 100, (on_bound, moved)
+    assert one[free].tobytes() == one_all[free].tobytes()
+
+
+@pytest.mark.parametrize("what", ["shape", "value", "dtype", "name", "box_order", "box_nan",
+                                  "box_outside", "box_shape"])
 def test_sft_bad_freeze_mask_is_one_line_and_writes_nothing(tmp_path, rng_seed, what):
     model = make_model(tmp_path / "char", "--hidden", "32", "--layers", "1", "--vocab", "259")
     data, _ = copy_task(tmp_path, n_train=32, n_held=1, seed=rng_seed % 1000)
@@ -437,7 +479,20 @@ def test_sft_bad_freeze_mask_is_one_line_and_writes_nothing(tmp_path, rng_seed, 
     elif what == "value":
         m[3, 4] = 2
     elif what == "dtype":
-        m = m.astype(np.float32)
+        m = m.astype(np.float64)
+    elif what.startswith("box"):
+        from safetensors.numpy import load_file
+        w = load_file(os.path.join(model, "model.safetensors"))[name].astype(np.float32)
+        m = np.stack([w - 1e-3, w + 1e-3])
+        i, j = np.random.default_rng(rng_seed).integers(0, 32, 2)
+        if what == "box_order":
+            m[0, i, j], m[1, i, j] = m[1, i, j], m[0, i, j]
+        elif what == "box_nan":
+            m[1, i, j] = np.nan
+        elif what == "box_outside":
+            m[:, i, j] = w[i, j] + np.float32(1e-2)
+        else:
+            m = m[:, :, :31]
     else:
         name = "model.layers.0.self_attn.qq_proj.weight"  # a typo: names no tensor
     with h5py.File(tmp_path / "mask.h5", "w") as f:

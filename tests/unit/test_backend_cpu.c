@@ -464,8 +464,40 @@ static void check_zero_f32(const rs_backend *be) {
     be->free(d);
 }
 
+/* clamp_f32 against a double reference (values inside, below and above random boxes, empty
+ * boxes lo == hi, infinite bounds); the value after the n stays NaN. */
+static void check_clamp_f32(const rs_backend *be) {
+    ctx c = make_ctx(be, 14);
+    size_t n = (size_t)rand_int(&c, 1, 70000);
+    float *x = rand_host(&c, n + 1, 1.0f), *lo = rand_host(&c, n, 0.5f), *hi = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) {
+        int kind = rand_int(&c, 0, 9);
+        hi[i] = kind == 0 ? lo[i] : lo[i] + fabsf(rs_rng_normal(&c.rng));
+        if (kind == 1) lo[i] = -INFINITY;
+        if (kind == 2) hi[i] = INFINITY;
+    }
+    float *dx = up(&c, x, n, RS_F32), *dlo = up(&c, lo, n, RS_F32), *dhi = up(&c, hi, n, RS_F32);
+    float *dpad = poisoned(&c, n + 1, RS_F32);
+    be->copy(dpad, dx, n * sizeof(float));
+    be->clamp_f32(dpad, dlo, dhi, n);
+    float *got = down(&c, dpad, n + 1, RS_F32);
+    size_t wrong = 0, below = 0, above = 0;
+    for (size_t i = 0; i < n; i++) {
+        double want = (double)x[i] < lo[i] ? lo[i] : (double)x[i] > hi[i] ? hi[i] : x[i];
+        wrong += (double)got[i] != want;
+        below += x[i] < lo[i], above += x[i] > hi[i];
+    }
+    CHECK(wrong == 0, "clamp_f32 n=%zu: %zu values off", n, wrong);
+    CHECK(n < 100 || (below > 0 && above > 0), "clamp_f32: no value outside its box (%zu, %zu)",
+          below, above);
+    CHECK(isnan(got[n]), "clamp_f32 n=%zu wrote past the end", n);
+    free(x), free(lo), free(hi), free(got);
+    be->free(dx), be->free(dlo), be->free(dhi), be->free(dpad);
+}
+
 TEST(test_backend_cpu_adamw_leaves_masked_entries_bit_identical) { check_adamw_mask(rs_backend_cpu()); }
 TEST(test_backend_cpu_zero_f32_zeroes_exactly_n_values) { check_zero_f32(rs_backend_cpu()); }
+TEST(test_backend_cpu_clamp_f32_matches_a_double_reference) { check_clamp_f32(rs_backend_cpu()); }
 
 /* The backward ops of one DPO step of a 2-layer dim-128 model (2 preference pairs = 4
  * sequences of 128 tokens, 4 heads of 32, MLP 384, vocab 4096): input gradients of every

@@ -1000,6 +1000,26 @@ TEST(test_cuda_snip_accumulate_and_zero_match_cpu) {
     free(w), free(dw), free(s0), free(res[0]), free(res[1]), free(tol), free(zh);
 }
 
+/* clamp_f32: the CPU's values bit for bit (boxes around, below and above the values, some
+ * empty). */
+TEST(test_cuda_clamp_f32_matches_cpu) {
+    GPU_TEST_SETUP(117);
+    const size_t n = 70001;
+    float *x = random_bf16(r, n, 0.0f, 1.0f), *lo = random_bf16(r, n, 0.0f, 0.5f);
+    float *hi = random_bf16(r, n, 0.0f, 0.5f), *res[2];
+    for (size_t i = 0; i < n; i++) hi[i] = i % 7 == 0 ? lo[i] : lo[i] + fabsf(hi[i]);
+    for (int s = 0; s < 2; s++) {
+        const rs_backend *be = bes[s];
+        float *xd = upload(be, RS_F32, x, n), *lod = upload(be, RS_F32, lo, n);
+        float *hid = upload(be, RS_F32, hi, n);
+        be->clamp_f32(xd, lod, hid, n);
+        res[s] = download(be, xd, RS_F32, n);
+        be->free(xd), be->free(lod), be->free(hid);
+    }
+    CHECK(memcmp(res[0], res[1], n * sizeof(float)) == 0, "clamp_f32: cuda differs from cpu");
+    free(x), free(lo), free(hi), free(res[0]), free(res[1]);
+}
+
 /* The CPU's fp32 expressions exactly (IEEE divide, rintf); the GPU stores bf16, so its output must
  * equal the CPU's value rounded to bf16, bit for bit. Rows: random, constant, all zero, one sign;
  * whole rows and the [rows * cols / G, G] views of QAT groups (G = 32, 128). */
