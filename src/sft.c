@@ -500,12 +500,19 @@ static void print_plan(const sft_run *r, size_t master_bytes) {
     size_t optim = 0; /* the moments m and v, as rs_optim_alloc lays them out */
     for (int i = 0; i < r->opt.n_params; i++)
         optim += 2 * rs_align64(r->opt.params[i].n * sizeof(float));
+    size_t mask = 0; /* [sft] freeze_mask: a byte per entry, and 8 more with bounds */
+    for (int i = 0; i < r->tensors.n; i++) {
+        const sft_tensor *t = &r->tensors.t[i];
+        mask += (t->mask ? numel(t) : 0) + (t->box ? 2 * numel(t) * sizeof(float) : 0);
+    }
+    char extra[64] = "";
+    if (mask) snprintf(extra, sizeof extra, ", freeze mask %.1f MiB", mask / mib);
     rs_info("sft: %s%s on %s: weights %.1f MiB (%s), fp32 masters %.1f MiB, gradients %.1f MiB, "
-            "optimizer %.1f MiB, activations %.1f MiB%s%s",
+            "optimizer %.1f MiB, activations %.1f MiB%s%s%s",
             r->o.qat ? "QAT, " : "", mixed_precision(be) ? "mixed precision" : "fp32", be->name,
             r->m.params_bytes / mib, rs_dtype_name(be->weight_dtype), master_bytes / mib,
             r->grads.n * sizeof(float) / mib, optim / mib, rs_train_state_bytes(r->state) / mib,
-            r->o.qat_act_bits ? ", fake-quantized activations" : "",
+            extra, r->o.qat_act_bits ? ", fake-quantized activations" : "",
             r->o.qat_kv_bits ? ", fake-quantized KV" : "");
 }
 
