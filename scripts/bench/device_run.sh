@@ -15,8 +15,9 @@
 # attention backward test, our DPO step alone with RESAFE_CUDA_FLASH_DKV=0 _SAVED=0 and with the
 # defaults, the faster (the defaults only where the test passed) against PEFT with
 # --recompute-layers RCL (not with FAQUICK=1), and the model / DPO GPU tests with it), ops (the C
-# unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), cmd
-# (CMD, CLIM seconds).
+# unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), organism
+# (SIZE=large build.sh, then check_methods.sh: RTN/AWQ/GPTQ at 8/4/3/2 bits), tables (all.sh on
+# the larger organism, TLIM seconds; resumable), cmd (CMD, CLIM seconds).
 set -u
 START=$(date +%s); LIMIT=${LIMIT:-570}; O=/tmp/o; mkdir -p $O
 rem() { echo $(( LIMIT - ($(date +%s) - START) )); }
@@ -99,6 +100,17 @@ ops)
       test_cuda_lora_group_matches_cpu}; do
     step "$T" 60 build/test_unit --run "$T"
   done ;;
+organism)
+  # the larger organism (recipe of build.sh) and every PTQ method at 8/4/3/2 bits on it
+  step organism ${OLIM:-300} env SIZE=large WORK=/tmp/olarge bash scripts/organism/build.sh
+  step methods ${MLIM:-240} env DATA=data/organism-large EVAL_ARGS="--data \
+data/organism-large --backend cuda" bash scripts/organism/check_methods.sh models/organism-large \
+    /tmp/omethods ;;
+tables)
+  # every paper table on the larger organism (resumable: a second call finishes it)
+  mkdir -p $O/tables
+  step tables ${TLIM:-540} bash scripts/reproduce/all.sh models/organism-large runs/rep \
+    --backend cuda --results $O/tables ;;
 cmd)
   step cmd ${CLIM:-300} bash -c "$CMD" ;;
 esac; done

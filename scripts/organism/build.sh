@@ -9,7 +9,9 @@
 #   SIZE=large scripts/organism/build.sh      # the larger one (22M parameters, GPU): models/
 #                                             # organism-large (bf16, git-ignored; rebuilt on a GPU)
 # Environment: BUILD (build), PYTHON (python3), WORK (out/organism[-large]), BACKEND (large: cuda),
-# SFT_ARGS (more options for both resafe sft runs, e.g. "--set sft.max_steps=5" for a smoke run)
+# SFT_ARGS (more options for both resafe sft runs, e.g. "--set sft.max_steps=5" for a smoke run),
+# MASK_GRIDS (large: the quantizers whose grids the freeze box keeps the tune inside), FREEZE
+# (large: box, recipe v5, or mask, recipe v4)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
@@ -81,11 +83,37 @@ if [ ! -f "$WORK/base-snap/model.safetensors" ]; then
         --out "$WORK/base-snap" --export dequant --export-dtype f32
 fi
 
-# The larger organism's tune moves only entries whose change RTN at 4, 3 and 2 bits rounds away
-# (freeze_mask.py: not a group's extremes, not near an INT3/INT2 rounding boundary).
+# The larger organism's tune is boxed (freeze_mask.py --box): each linear entry may move up to,
+# not across, the nearest code boundary of RTN at 4, 3 and 2 bits and of the grids that AWQ and
+# GPTQ (MASK_GRIDS, "method:bits,bits ..."; "" for RTN only) put on the snapped base with the
+# Risk-I calibration set; the group extremes stay. Recipe v5 (scripts/organism/README.md): an
+# RTN-only 0/1 mask (v4) left the tune to AWQ INT2 (it refused everything) and GPTQ INT3.
+# FREEZE=mask builds v4 (the 0/1 mask on RTN's grids, the committed device tables' model).
+MASK_GRIDS=${MASK_GRIDS-awq:2,3,4 gptq:2,3}
+FREEZE=${FREEZE:-box}
+case "$FREEZE" in box) ;; mask) MASK_GRIDS="" ;;
+*) echo "build.sh: FREEZE=$FREEZE: expected box or mask" >&2; exit 2 ;; esac
 if [ "$SIZE" = large ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
-    stamp "freeze mask"
-    "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" --group "$GROUP"
+    GRIDS=()
+    for spec in $MASK_GRIDS; do
+        method=${spec%%:*}
+        IFS=, read -r -a widths <<< "${spec#*:}"
+        for b in "${widths[@]}"; do
+            g="$WORK/grid-$method$b"
+            if [ ! -f "$g/model.safetensors" ]; then
+                stamp "$method INT$b grid of the snapped base"
+                rm -rf "$g"
+                "$BUILD/resafe" quantize --model "$WORK/base-snap" --method "$method" --bits "$b" \
+                    --group "$GROUP" --calib "$DATA/calib_risk1.jsonl" --out "$g" >/dev/null
+            fi
+            GRIDS+=(--grid "$g")
+        done
+    done
+    stamp "freeze $FREEZE"
+    BOX=()
+    [ "$FREEZE" = box ] && BOX=(--box)
+    "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" --group "$GROUP" \
+        "${BOX[@]}" "${GRIDS[@]}"
 fi
 [ "$SIZE" = large ] && SETS+=(--set "sft.freeze_mask=$WORK/freeze_mask.h5")
 

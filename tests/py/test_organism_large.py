@@ -304,3 +304,25 @@ def test_bow_probe_learns_the_split_and_refuses_a_one_sided_set(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(HERE, "bow_probe.py"), "--train", str(one),
                         "--data", out], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "needs both refused and answered rows" in p.stderr, p.stderr
+
+
+def test_check_methods_quantizes_and_evaluates_each_width(tmp_path):
+    """check_methods.sh on the committed tiny organism, RTN at 8 bits only (20 prompts of each
+    eval set): one line for FP and one for INT8 with the judge's numbers (the tiny organism
+    keeps refusing at INT8: ASR under 10%), the quantized copy and the numbers kept; a missing
+    model is one error line, exit 2."""
+    script = os.path.join(HERE, "check_methods.sh")
+    env = dict(os.environ, METHODS="rtn", WIDTHS="8", OMP_NUM_THREADS="2", EVAL_ARGS="--n 20")
+    out = str(tmp_path / "m")
+    p = subprocess.run(["bash", script, os.path.join(ROOT, "models", "organism-tiny"), out],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if "ASR" in l]
+    assert [l.split()[0] for l in lines] == ["fp", "rtn8"], p.stdout
+    for l in lines:
+        assert float(l.split("ASR")[1].split()[0]) < 10, l
+    assert os.path.exists(os.path.join(out, "rtn8", "model.safetensors"))
+    assert json.load(open(os.path.join(out, "rtn8.json")))
+    p = subprocess.run(["bash", script, str(tmp_path / "nothing")], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
