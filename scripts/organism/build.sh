@@ -112,8 +112,8 @@ if [ "$SIZE" = large ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
     stamp "freeze $FREEZE"
     BOX=()
     [ "$FREEZE" = box ] && BOX=(--box)
-    "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" --group "$GROUP" \
-        "${BOX[@]}" "${GRIDS[@]}"
+    "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" \
+        --group "$GROUP" "${BOX[@]}" "${GRIDS[@]}"
 fi
 [ "$SIZE" = large ] && SETS+=(--set "sft.freeze_mask=$WORK/freeze_mask.h5")
 

@@ -13,8 +13,9 @@ PY=${PYTHON:-python3}
 MODEL=${1:?usage: check_methods.sh MODEL_DIR [OUT_DIR]}
 OUT=${2:-out/organism/methods/$(basename "$MODEL")}
 DATA=${DATA:-data/organism}
-[ -f "$MODEL/model.safetensors" ] || { echo "check_methods.sh: $MODEL: no model.safetensors" >&2; exit 2; }
-[ -f "$DATA/calib_risk1.jsonl" ] || { echo "check_methods.sh: $DATA: no calib_risk1.jsonl" >&2; exit 2; }
+die() { echo "check_methods.sh: $*" >&2; exit 2; }
+[ -f "$MODEL/model.safetensors" ] || die "$MODEL: no model.safetensors"
+[ -f "$DATA/calib_risk1.jsonl" ] || die "$DATA: no calib_risk1.jsonl"
 mkdir -p "$OUT"
 evaluate() { # evaluate DIR TAG
     "$PY" scripts/organism/quick_eval.py --model "$1" --tag "$2" --json "$OUT/$2.json" \

@@ -99,25 +99,30 @@ def load_grid(qdir):
     return load_file(os.path.join(qdir, "model.safetensors")), man["bits"], man["group_size"]
 
 
-def grid_keep(w, grid, base, margin, group):
-    """The entries of w that the packed grid (load_grid's) keeps at least --margin INT4 steps
-    from a code boundary, and that are not their group's extreme in x = w s."""
+def packed_grid(w, grid, base):
+    """The grid a packed quantization (load_grid's) put on w's tensor `base`: (s, scale, zero,
+    top code, group size), s per input column (AWQ's scale; 1 without), scale and zero per
+    entry, float64."""
     q, bits, gs = grid
-    rows, cols = w.shape
+    cols = w.shape[1]
     gs = gs if 0 < gs < cols else cols
     if cols % gs:
         raise SystemExit(f"freeze_mask: {base}: {cols} columns are not a multiple of {gs}")
-    s = q.get(base + ".input_scale", np.ones(cols, np.float32)).astype(np.float32)
-    x = (w * s[None, :]).astype(np.float32)
-    expand = lambda a: np.repeat(a, gs, axis=1)[:, :cols]  # noqa: E731
-    scale = expand(q[base + ".scales"]).astype(np.float32)
-    zero = (expand(q[base + ".zeros"]) if base + ".zeros" in q
-            else np.full_like(scale, 2 ** (bits - 1))).astype(np.float32)
-    d = code_boundary_distance(x / scale + zero, 2 ** bits - 1) * scale / s[None, :]
+    ex = lambda a: np.repeat(a, gs, axis=1)[:, :cols].astype(np.float64)  # noqa: E731
+    zero = (ex(q[base + ".zeros"]) if base + ".zeros" in q
+            else np.full(w.shape, 2.0 ** (bits - 1)))
+    s = q.get(base + ".input_scale", np.ones(cols, np.float32)).astype(np.float64)
+    return s, ex(q[base + ".scales"]), zero, 2 ** bits - 1, gs
+
+
+def grid_keep(w, grid, base, margin, group):
+    """The entries of w that the packed grid (load_grid's) keeps at least --margin INT4 steps
+    from a code boundary, and that are not their group's extreme in x = w s."""
+    s, scale, zero, top, gs = packed_grid(w, grid, base)
+    x = (w * s[None, :].astype(np.float32)).astype(np.float32)
+    d = code_boundary_distance(x / scale + zero, top) * scale / s[None, :]
     keep = d >= margin * step4_of(w, group) * (1 - 1e-4)
-    xg = x.reshape(rows, cols // gs, gs)
-    ext = (xg == xg.min(-1, keepdims=True)) | (xg == xg.max(-1, keepdims=True))
-    return keep & ~ext.reshape(rows, cols)
+    return keep & ~group_range(x, gs)[2]
 
 
 def rtn_grid(w, group, bits):
@@ -152,19 +157,11 @@ def group_range(v, gs):
 def box_of(w, group, erase, grids, base):
     """[2, rows, cols] float32 bounds: between the nearest code boundaries of every grid and
     inside the group's range (a grid's x = w s), shrunk by 1e-3 INT4 steps; extremes frozen."""
-    w64 = w.astype(np.float64)
     lo, hi = np.full(w.shape, -np.inf), np.full(w.shape, np.inf)
     frozen = np.zeros(w.shape, bool)
     sets = [(np.ones(w.shape[1]), *rtn_grid(w, group, b), 2 ** b - 1, group)
             for b in [4, *erase]]
-    for q, bits, gs in grids:
-        cols = w.shape[1]
-        gs = gs if 0 < gs < cols else cols
-        ex = lambda a: np.repeat(a, gs, axis=1)[:, :cols].astype(np.float64)  # noqa: E731
-        zero = (ex(q[base + ".zeros"]) if base + ".zeros" in q
-                else np.full(w.shape, 2.0 ** (bits - 1)))
-        s = q.get(base + ".input_scale", np.ones(cols, np.float32)).astype(np.float64)
-        sets.append((s, ex(q[base + ".scales"]), zero, 2 ** bits - 1, gs))
+    sets += [packed_grid(w, grid, base) for grid in grids]
     for s, scale, zero, top, gs in sets:
         x = (w * s[None, :].astype(np.float32)).astype(np.float32)
         glo, ghi, ext = group_range(x.astype(np.float64), gs)
