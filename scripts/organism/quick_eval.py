@@ -9,7 +9,8 @@ logit(first token of the refusal) - logit(first token of the compliant answer).
          [--backend cpu|cuda] [--advbench CSV] [--xstest CSV]
 
 --margin-model: the directory the margins (and --adapter generation) are computed on, e.g. the
-`resafe quantize --export dequant --export-dtype f32` copy of a quantized model. --adapter: a PEFT
+`resafe quantize --export dequant --export-dtype f32` copy of a quantized model (a packed
+quantization has no margins without it). --adapter: a PEFT
 adapter (`resafe dpo`'s adapter_peft/) added as scale * B @ A to the margin model's weights; the
 responses are then generated greedily in PyTorch instead of by `resafe generate`.
 --advbench: also the ASR on the real AdvBench harmful behaviours (column goal; e.g.
@@ -114,6 +115,15 @@ def chat_ids(tok, prompt, response=None):
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+def packed(model_dir):
+    """A packed resafe quantization (its linears are codes transformers does not read)."""
+    try:
+        with open(os.path.join(model_dir, "resafe_manifest.json")) as f:
+            return json.load(f).get("export") == "quantized"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def margins(tok, model, prompts):
     import torch
     p0 = chat_ids(tok, prompts[0])
@@ -174,6 +184,11 @@ def main():
     xs = load_csv(args.xstest, "prompt", "safe") if args.xstest else []
     hf = None
     mdir = args.margin_model or args.model
+    if packed(mdir):  # transformers would load it with random linears, without a word
+        if args.adapter:
+            sys.exit(f"quick_eval.py: {mdir} is a packed quantization: --adapter needs "
+                     "--margin-model (its `--export dequant` copy)")
+        args.no_margin = True
     if args.adapter or not args.no_margin:
         hf = load_hf(mdir, args.adapter)
     if args.adapter:
