@@ -91,11 +91,13 @@ def code_boundary_distance(t, top):
 def load_grid(qdir):
     """(tensors, bits, group size) of a packed integer quantization (resafe quantize's output)."""
     from safetensors.numpy import load_file
-    with open(os.path.join(qdir, "resafe_manifest.json")) as f:
-        man = json.load(f)
-    if not man.get("quantization", "").startswith("int"):
-        raise SystemExit(f"freeze_mask: {qdir}: {man.get('quantization')!r} is not an integer "
-                         "format")
+    try:
+        with open(os.path.join(qdir, "resafe_manifest.json")) as f:
+            man = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"freeze_mask: --grid {qdir}: not a resafe quantization ({e})")
+    if not isinstance(man, dict) or not str(man.get("quantization", "")).startswith("int"):
+        raise SystemExit(f"freeze_mask: --grid {qdir}: not an integer format")
     return load_file(os.path.join(qdir, "model.safetensors")), man["bits"], man["group_size"]
 
 

@@ -227,6 +227,17 @@ def test_freeze_mask_writes_every_linear_and_nothing_else(tmp_path, rng_seed):
             assert f[k].dtype == np.uint8 and f[k].shape == tensors[k].shape
             assert set(np.unique(f[k][()])) <= {0, 1}
     assert not os.path.exists(tmp_path / "m.h5.tmp")
+    # a --grid that is no integer quantization: one line, nothing written
+    nq = tmp_path / "nq"
+    nq.mkdir()
+    for manifest in (None, '{"quantization": "nf4-b64"}', "{"):
+        if manifest is not None:
+            (nq / "resafe_manifest.json").write_text(manifest)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "freeze_mask.py"), str(tmp_path),
+                            str(tmp_path / "g.h5"), "--grid", str(nq)], capture_output=True,
+                           text=True)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert str(nq) in p.stderr and not os.path.exists(tmp_path / "g.h5")
 
 
 def test_freeze_mask_grid_keeps_awq_codes(tmp_path, rng_seed):
