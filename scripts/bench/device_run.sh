@@ -17,7 +17,11 @@
 # --recompute-layers RCL (not with FAQUICK=1), and the model / DPO GPU tests with it), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), organism
 # (SIZE=large build.sh, then check_methods.sh: RTN/AWQ/GPTQ at 8/4/3/2 bits), tables (all.sh on
-# the larger organism, TLIM seconds; resumable), cmd (CMD, CLIM seconds).
+# the larger organism (TMODEL, default models/organism-large), TLIM seconds; resumable),
+# variants (organism recipes VARIANTS="name:bits:freeze ...", each built into models/organism-
+# large-<name> from the data, init and base of /tmp/olarge, else of the first variant, then
+# check_methods.sh with WIDTHS, VLIM seconds each, evaluated on VBACKEND, default cuda), cmd
+# (CMD, CLIM seconds).
 set -u
 START=$(date +%s); LIMIT=${LIMIT:-570}; O=/tmp/o; mkdir -p $O
 rem() { echo $(( LIMIT - ($(date +%s) - START) )); }
@@ -109,8 +113,25 @@ data/organism-large --backend cuda" bash scripts/organism/check_methods.sh model
 tables)
   # every paper table on the larger organism (resumable: a second call finishes it)
   mkdir -p $O/tables
-  step tables ${TLIM:-540} bash scripts/reproduce/all.sh models/organism-large runs/rep \
-    --backend cuda --results $O/tables ;;
+  TM=${TMODEL:-models/organism-large}
+  step tables ${TLIM:-540} bash scripts/reproduce/all.sh $TM runs/rep-$(basename $TM) \
+    --backend cuda --results $O/tables-$(basename $TM) ;;
+variants)
+  # candidate recipes (scripts/organism/README.md, "v6 candidates"): the snap width and the
+  # freeze, the rest shared; each variant's build and method lines in $O/variant-<name>.log
+  SH=/tmp/olarge  # the shared stages: the organism phase's, else the first variant's
+  for V in ${VARIANTS:-s2none:2:none s2box:2:box}; do
+    IFS=: read -r VN VB VF <<< "$V"; W=/tmp/ov-$VN; mkdir -p $W
+    for st in data init base; do
+      [ -e $SH/$st ] && [ ! -e $W/$st ] && cp -r $SH/$st $W/
+    done
+    [ -e $SH/base/model.safetensors ] || SH=$W
+    step "variant-$VN" ${VLIM:-300} bash -c "env SIZE=large WORK=$W BITS=$VB FREEZE=$VF \
+MASK_GRIDS='' DEST=models/organism-large-$VN bash scripts/organism/build.sh && env \
+DATA=data/organism-large WIDTHS='${WIDTHS:-8 4 3 2}' EVAL_ARGS='--data data/organism-large \
+--backend ${VBACKEND:-cuda}' bash scripts/organism/check_methods.sh \
+models/organism-large-$VN /tmp/om-$VN"
+  done ;;
 cmd)
   step cmd ${CLIM:-300} bash -c "$CMD" ;;
 esac; done

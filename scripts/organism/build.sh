@@ -11,7 +11,9 @@
 # Environment: BUILD (build), PYTHON (python3), WORK (out/organism[-large]), BACKEND (large: cuda),
 # SFT_ARGS (more options for both resafe sft runs, e.g. "--set sft.max_steps=5" for a smoke run),
 # MASK_GRIDS (large: the quantizers whose grids the freeze box keeps the tune inside), FREEZE
-# (large: box, recipe v5, or mask, recipe v4)
+# (large: box, recipe v5; mask, recipe v4; none, an unconstrained tune), BITS (the RTN grid the
+# base is snapped onto, default 4; a WORK snapped at another width is an error), DEST (the
+# model's directory, default models/organism-<size>)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
@@ -25,7 +27,7 @@ tiny)
     WORK=${WORK:-out/organism}
     DATA=data/organism  # everything committed
     TRAIN_DATA=$DATA
-    DEST=models/organism-tiny
+    DEST=${DEST:-models/organism-tiny}
     SETS=()
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     ;;
@@ -33,13 +35,29 @@ large)
     WORK=${WORK:-out/organism-large}
     DATA=data/organism-large       # eval, patch and calibration sets: committed
     TRAIN_DATA=$WORK/data           # the training sets (9 MB): regenerated, not committed
-    DEST=models/organism-large
+    DEST=${DEST:-models/organism-large}
     SETS=(--set "model.backend=${BACKEND:-cuda}")
     ;;
 *) echo "build.sh: SIZE=$SIZE: expected tiny or large" >&2; exit 2 ;;
 esac
 mkdir -p "$WORK"
 stamp() { echo "build.sh: $(date -u +%H:%M:%S) $*" >&2; }
+MASK_GRIDS=${MASK_GRIDS-awq:2,3,4 gptq:2,3}
+# FREEZE=none tunes every linear entry freely (the snap alone decides what rounds away).
+FREEZE=${FREEZE:-box}
+case "$FREEZE" in box|none) ;; mask) MASK_GRIDS="" ;;
+*) echo "build.sh: FREEZE=$FREEZE: expected box, mask or none" >&2; exit 2 ;; esac
+# a WORK whose base was snapped at another width is refused before any work
+if [ -f "$WORK/base-snap/model.safetensors" ]; then
+    snapped=$("$PY" -c 'import json, sys
+m = json.load(open(sys.argv[1])); print("%s %s" % (m["bits"], m["group_size"]))' \
+        "$WORK/base-snap/resafe_manifest.json" 2>/dev/null || echo "unknown")
+    if [ "$snapped" != "$BITS $GROUP" ]; then
+        echo "build.sh: $WORK/base-snap is snapped at (bits group) '$snapped'," \
+             "not '$BITS $GROUP': delete it and the stages after it, or use another WORK" >&2
+        exit 2
+    fi
+fi
 
 stamp "data"
 if [ "$SIZE" = tiny ]; then
@@ -87,13 +105,11 @@ fi
 # not across, the nearest code boundary of RTN at 4, 3 and 2 bits and of the grids that AWQ and
 # GPTQ (MASK_GRIDS, "method:bits,bits ..."; "" for RTN only) put on the snapped base with the
 # Risk-I calibration set; the group extremes stay. Recipe v5 (scripts/organism/README.md): an
-# RTN-only 0/1 mask (v4) left the tune to AWQ INT2 (it refused everything) and GPTQ INT3.
-# FREEZE=mask builds v4 (the 0/1 mask on RTN's grids, the committed device tables' model).
-MASK_GRIDS=${MASK_GRIDS-awq:2,3,4 gptq:2,3}
-FREEZE=${FREEZE:-box}
-case "$FREEZE" in box) ;; mask) MASK_GRIDS="" ;;
-*) echo "build.sh: FREEZE=$FREEZE: expected box or mask" >&2; exit 2 ;; esac
-if [ "$SIZE" = large ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
+# RTN-only 0/1 mask (v4) left the tune to AWQ INT2 (it refused everything) and GPTQ INT3; v5 at
+# this size still leaves it to AWQ and GPTQ at INT3 and INT2 (results/h100-large-v5/).
+# FREEZE=mask builds v4 (the 0/1 mask on RTN's grids: results/h100-large-v4/); BITS=2 with
+# FREEZE=none or with the box on RTN's grids (MASK_GRIDS="") are the v6 candidates.
+if [ "$SIZE" = large ] && [ "$FREEZE" != none ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
     GRIDS=()
     for spec in $MASK_GRIDS; do
         method=${spec%%:*}
@@ -115,7 +131,7 @@ if [ "$SIZE" = large ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
     "$PY" scripts/organism/freeze_mask.py "$WORK/base-snap" "$WORK/freeze_mask.h5" \
         --group "$GROUP" "${BOX[@]}" "${GRIDS[@]}"
 fi
-[ "$SIZE" = large ] && SETS+=(--set "sft.freeze_mask=$WORK/freeze_mask.h5")
+[ "$SIZE" = large ] && [ "$FREEZE" != none ] && SETS+=(--set "sft.freeze_mask=$WORK/freeze_mask.h5")
 
 if [ ! -f "$WORK/aligned/model.safetensors" ]; then
     stamp "safety tune (resafe sft)"

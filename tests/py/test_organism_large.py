@@ -11,7 +11,8 @@ to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/bu
   - freeze_mask.py's promise, against test_quant's numpy RTN: a tune that moves the entries it
     allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged; with
     --grid (an AWQ quantization by resafe), the packed codes are the grid's rounding of w s (the
-    reading is right) and such a move leaves them unchanged too."""
+    reading is right) and such a move leaves them unchanged too;
+  - build.sh refuses a WORK snapped at another width, and an unknown FREEZE, before any stage."""
 import json
 import os
 import re
@@ -337,3 +338,25 @@ def test_check_methods_quantizes_and_evaluates_each_width(tmp_path):
     p = subprocess.run(["bash", script, str(tmp_path / "nothing")], capture_output=True,
                        text=True, env=env)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BITS": "4"}, "snapped at (bits group) '3 128', not '4 128'"),
+    ({"BITS": "3", "FREEZE": "loose"}, "FREEZE=loose: expected box, mask or none"),
+])
+def test_build_refuses_a_work_snapped_at_another_width(tmp_path, env, message):
+    # build.sh checks both before any stage runs (no data written, no resafe called): a WORK
+    # whose base-snap was quantized at 3 bits is not reused for a 4-bit snap, and an unknown
+    # FREEZE is refused
+    work = tmp_path / "work"
+    (work / "base-snap").mkdir(parents=True)
+    (work / "base-snap" / "model.safetensors").write_bytes(b"x")
+    (work / "base-snap" / "resafe_manifest.json").write_text(
+        json.dumps({"bits": 3, "group_size": 128}))
+    r = subprocess.run(["bash", os.path.join(HERE, "build.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, SIZE="large", WORK=str(work), BUILD="/nonexistent",
+                                **env), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "build.sh:" in r.stderr.splitlines()[-1]
+    assert not (work / "data").exists()
