@@ -112,8 +112,7 @@ data/organism-large --backend cuda" bash scripts/organism/check_methods.sh model
     /tmp/omethods ;;
 tables)
   # every paper table on the larger organism (resumable: a second call finishes it)
-  mkdir -p $O/tables
-  TM=${TMODEL:-models/organism-large}
+  TM=${TMODEL:-models/organism-large}; mkdir -p $O/tables-$(basename $TM)
   step tables ${TLIM:-540} bash scripts/reproduce/all.sh $TM runs/rep-$(basename $TM) \
     --backend cuda --results $O/tables-$(basename $TM) ;;
 variants)
