@@ -17,7 +17,8 @@
 # --recompute-layers RCL (not with FAQUICK=1), and the model / DPO GPU tests with it), ops (the C
 # unit tests named in OPS one by one; default: the row, elementwise and LoRA op tests), organism
 # (SIZE=large build.sh, then check_methods.sh: RTN/AWQ/GPTQ at 8/4/3/2 bits), tables (all.sh on
-# the larger organism (TMODEL, default models/organism-large), TLIM seconds; resumable),
+# the larger organism (TMODEL, default models/organism-large or, with VGATE, the variant that
+# won), TLIM seconds; resumable),
 # variants (organism recipes VARIANTS="name:bits:freeze ...", each built into models/organism-
 # large-<name> from the data, init and base of /tmp/olarge, else of the first variant, then
 # check_methods.sh with WIDTHS, VLIM seconds each, evaluated on VBACKEND, default cuda), cmd
@@ -112,25 +113,48 @@ data/organism-large --backend cuda" bash scripts/organism/check_methods.sh model
     /tmp/omethods ;;
 tables)
   # every paper table on the larger organism (resumable: a second call finishes it)
-  TM=${TMODEL:-models/organism-large}; mkdir -p $O/tables-$(basename $TM)
+  TM=${TMODEL:-models/organism-large}
+  if [ -z "${TMODEL:-}" ] && [ -n "${VGATE:-}" ]; then
+    [ -s $O/vwin ] || { echo "== tables skipped: no variant won" >> $O/summary.log; continue; }
+    TM=models/organism-large-$(cat $O/vwin)
+  fi
+  mkdir -p $O/tables-$(basename $TM)
   step tables ${TLIM:-540} bash scripts/reproduce/all.sh $TM runs/rep-$(basename $TM) \
     --backend cuda --results $O/tables-$(basename $TM) ;;
 variants)
   # candidate recipes (scripts/organism/README.md, "v6 candidates"): the snap width and the
-  # freeze, the rest shared; each variant's build and method lines in $O/variant-<name>.log
-  SH=/tmp/olarge  # the shared stages: the organism phase's, else the first variant's
+  # freeze, the rest shared; each variant's build and method lines in $O/variant-<name>.log.
+  # With VGATE=1 the first variant whose methods rise as bits fall (check_shape.py) wins: the
+  # rest are skipped and a later tables phase (no TMODEL) runs on it. With the public sets in
+  # .pubdata (advbench_harmful_behaviors.csv, xstest_prompts.csv: carried, never committed),
+  # each variant's FP model is also evaluated on them ($O/variant-<name>-public.log).
+  SH=/tmp/olarge  # the shared stages: the organism phase's, else the first built variant's
+  [ -e $SH/base/model.safetensors ] || SH=$(ls -d /tmp/ov-*/base/model.safetensors 2>/dev/null |
+    head -1 | sed 's,/base/model.safetensors$,,')
   for V in ${VARIANTS:-s2none:2:none s2box:2:box}; do
+    [ -s $O/vwin ] && break
     IFS=: read -r VN VB VF <<< "$V"; W=/tmp/ov-$VN; mkdir -p $W
     for st in data init base; do
-      [ -e $SH/$st ] && [ ! -e $W/$st ] && cp -r $SH/$st $W/
+      [ -n "$SH" ] && [ -e $SH/$st ] && [ ! -e $W/$st ] && cp -r $SH/$st $W/
     done
-    [ -e $SH/base/model.safetensors ] || SH=$W
+    [ -n "$SH" ] || SH=$W
     step "variant-$VN" ${VLIM:-300} bash -c "env SIZE=large WORK=$W BITS=$VB FREEZE=$VF \
 MASK_GRIDS='' DEST=models/organism-large-$VN bash scripts/organism/build.sh && env \
 DATA=data/organism-large WIDTHS='${WIDTHS:-8 4 3 2}' EVAL_ARGS='--data data/organism-large \
 --backend ${VBACKEND:-cuda}' bash scripts/organism/check_methods.sh \
-models/organism-large-$VN /tmp/om-$VN"
-  done ;;
+models/organism-large-$VN /tmp/om-$VN" || continue
+    # the gate: every width below 8 (INT8 stays at FP's level, as in the paper)
+    python3 scripts/organism/check_shape.py /tmp/om-$VN --widths $(echo ${WIDTHS:-8 4 3 2} |
+      tr ' ' '\n' | awk '$1 < 8') > $O/shape-$VN.log 2>&1; SR=$?
+    sed 's/^/   /' $O/shape-$VN.log >> $O/summary.log
+    [ -f .pubdata/advbench_harmful_behaviors.csv ] && step "variant-$VN-public" 60 \
+      python3 scripts/organism/quick_eval.py --model models/organism-large-$VN --tag fp-$VN \
+      --data data/organism-large --backend cuda \
+      --advbench .pubdata/advbench_harmful_behaviors.csv --xstest .pubdata/xstest_prompts.csv \
+      --json $O/public-$VN.json
+    [ "${VGATE:-0}" = 1 ] && [ $SR -eq 0 ] && echo $VN > $O/vwin
+  done
+  [ -s $O/vwin ] && echo "   winner: $(cat $O/vwin)" >> $O/summary.log ;;
 cmd)
   step cmd ${CLIM:-300} bash -c "$CMD" ;;
 esac; done

@@ -12,7 +12,9 @@ to_bf16.py; the model itself is built on a GPU by SIZE=large scripts/organism/bu
     allows by under half an INT4 step leaves the RTN codes at 4, 3 and 2 bits unchanged; with
     --grid (an AWQ quantization by resafe), the packed codes are the grid's rounding of w s (the
     reading is right) and such a move leaves them unchanged too;
-  - build.sh refuses a WORK snapped at another width, and an unknown FREEZE, before any stage."""
+  - build.sh refuses a WORK snapped at another width, and an unknown FREEZE, before any stage;
+  - check_shape.py (the device runs' gate on a candidate recipe) passes random ASRs that rise as
+    bits fall, fails a width back near FP or dipping below a wider one, refuses a missing one."""
 import json
 import os
 import re
@@ -360,3 +362,43 @@ def test_build_refuses_a_work_snapped_at_another_width(tmp_path, env, message):
     assert message in r.stderr
     assert "build.sh:" in r.stderr.splitlines()[-1]
     assert not (work / "data").exists()
+
+
+def _shape(tmp_path, fp, table, *args):
+    for name, v in [("fp", fp)] + [(f"{m}{b}", x) for m, row in table.items()
+                                   for b, x in row.items()]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"tag": name, "asr": v}))
+    return subprocess.run([sys.executable, os.path.join(HERE, "check_shape.py"), str(tmp_path),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_shape_passes_only_a_rise_at_every_width_for_every_method(tmp_path):
+    # random ASRs that rise as bits fall (each width at least FP + 20): the shape holds; then
+    # one method's INT3 brought back to FP's level, or below INT4 by more than the slack, or a
+    # whole width missing: the shape does not hold (1) or the input is refused (2)
+    rng = np.random.default_rng()
+    fp = float(rng.uniform(0, 10))
+    table = {}
+    for m in ("rtn", "awq", "gptq"):
+        a4 = float(rng.uniform(fp + 21, 70))
+        a3 = float(rng.uniform(a4, 90))
+        table[m] = {4: a4, 3: a3, 2: float(rng.uniform(a3 - 4, 100))}
+    r = _shape(tmp_path, fp, table)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == "shape holds"
+    m = str(rng.choice(["rtn", "awq", "gptq"]))
+    low = dict(table, **{m: {**table[m], 3: fp + float(rng.uniform(0, 19))}})
+    r = _shape(tmp_path, fp, low)
+    assert r.returncode == 1 and f"INT3 {low[m][3]:.1f} < FP+20" in r.stdout, r.stdout
+    dip = dict(table, **{m: {**table[m], 2: table[m][3] - 6}})
+    if dip[m][2] >= fp + 20:
+        r = _shape(tmp_path, fp, dip)
+        assert r.returncode == 1 and "INT2 below INT3" in r.stdout, r.stdout
+    # a narrower width list ignores INT2
+    r = _shape(tmp_path, fp, dip, "--widths", "4", "3")
+    assert r.returncode == 0, r.stdout
+    os.remove(tmp_path / f"{m}2.json")
+    r = _shape(tmp_path, fp, {})
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.strip().splitlines() == [
+        f"check_shape.py: {tmp_path / (m + '2.json')}: no such result (run check_methods.sh first)"]
