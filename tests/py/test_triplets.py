@@ -157,12 +157,28 @@ def setup(request, tmp_path_factory):
     seed = int(os.environ.get("RESAFE_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"seed {seed} (replay with RESAFE_TEST_SEED={seed})")
     d = str(tmp_path_factory.mktemp("triplets"))
-    fp = make_model(os.path.join(d, "fp"), seed % 100000 + bits)
-    q, e = os.path.join(d, "q"), os.path.join(d, "e")
-    quantize(fp, q, bits, group)
-    quantize(fp, e, bits, group, export=True)
     rnd = random.Random(seed)
     harmful, benign = write_prompts(d, rnd, 5, 5)
+    # the first of a few models (seeds derived from the test's) whose quantization answers some
+    # harmful prompt otherwise than FP does, with a non-empty first line from FP (by transformers
+    # greedy on the dequantized export): the tests then run at every seed instead of skipping
+    for k in range(8):
+        fp = make_model(os.path.join(d, f"fp{k}"), seed % 100000 + bits + 1000 * k)
+        q, e = os.path.join(d, f"q{k}"), os.path.join(d, f"e{k}")
+        quantize(fp, q, bits, group)
+        quantize(fp, e, bits, group, export=True)
+        tok = transformers.AutoTokenizer.from_pretrained(fp)
+        load = transformers.AutoModelForCausalLM.from_pretrained
+        mf, me = (load(m, dtype=torch.float32).eval() for m in (fp, e))
+        differ = 0
+        for prompt, _ in harmful:
+            ids = chat_ids(tok, prompt, system)
+            win, lose = hf_greedy(mf, ids), hf_greedy(me, ids)
+            text = tok.decode(win, skip_special_tokens=True).replace("\0", "\ufffd")
+            differ += win != lose and bool(judge_text(text).split("\n")[0].strip())
+        if differ:
+            break
+    print(f"model {k}: {differ} harmful prompts answered otherwise when quantized")
     return dict(d=d, fp=fp, q=q, e=e, harmful=harmful, benign=benign, system=system, rnd=rnd,
                 seed=seed)
 
