@@ -301,7 +301,13 @@ float rs_model_embed_scale(const rs_model *m) {
     return v;
 }
 
-/* Everything up to the final hidden states a->x. */
+/* The layers a forward runs: all, or those a capture asked for (rs_model.capture_layers). */
+static int capture_stop(const rs_model *m) {
+    int k = m->capture_layers, n = m->cfg.n_layers;
+    return m->capture && k > 0 && k < n ? k : n;
+}
+
+/* Everything up to the final hidden states a->x (or layer capture_layers' output). */
 static int forward_layers(rs_model *m, rs_kv_cache *cache, const int32_t *tokens,
                           const int32_t *pos, int B, int T, int logit_rows) {
     RS_TRY(check_inputs(m, cache, tokens, pos, B, T));
@@ -311,7 +317,7 @@ static int forward_layers(rs_model *m, rs_kv_cache *cache, const int32_t *tokens
     const rs_model_config *c = &m->cfg;
     m->be->embedding_fwd(m->act.x, m->embed, m->act.ids, n, c->hidden_size,
                          rs_model_embed_scale(m));
-    for (int l = 0; l < c->n_layers; l++) {
+    for (int l = 0; l < capture_stop(m); l++) {
         attention_block(m, cache, l, B, T, n_real);
         mlp_block(m, l, n);
     }
@@ -321,7 +327,8 @@ static int forward_layers(rs_model *m, rs_kv_cache *cache, const int32_t *tokens
 int rs_model_forward(rs_model *m, rs_kv_cache *cache, const int32_t *tokens, const int32_t *pos,
                      int B, int T, rs_logits_mode mode, float *logits) {
     RS_TRY(forward_layers(m, cache, tokens, pos, B, T, mode == RS_LOGITS_ALL ? B * T : B));
-    logits_block(m, B, T, mode, logits);
+    if (capture_stop(m) == m->cfg.n_layers) logits_block(m, B, T, mode, logits);
+    else m->be->synchronize(); /* the capture's statistics are complete on return */
     return 0;
 }
 

@@ -3,8 +3,9 @@
  *
  * Sequential, as the GPTQ paper does (section 4, "the inputs of layer l are those produced by
  * the already quantized layers < l"): for layer l, the calibration texts run through the model
- * whose layers < l hold their dequantized weights, the inputs of layer l's four linear sites
- * (q/k/v, o, gate/up, down) are captured through rs_model.capture and summed into
+ * whose layers < l hold their dequantized weights (and stops after layer l: rs_model.
+ * capture_layers), the inputs of layer l's four linear sites (q/k/v, o, gate/up, down) are
+ * captured through rs_model.capture and summed into
  * H = sum x x^T and mean |x|; then layer l's seven linears are quantized from those statistics
  * and their dequantized weights replace the originals for the next layer. The original weights
  * are put back at the end. Texts are tokenized with the special tokens (BOS) and cut to
@@ -60,41 +61,40 @@ int rs_qgrid_code(const rs_qgrid *g, double w) {
 
 float rs_qgrid_value(const rs_qgrid *g, int code) { return ((float)code - g->zero) * g->scale; }
 
-/* sum_r a_r H b_r^T, a and b rows of [rows, in] (b == NULL: b = a). Blocks of QF_ROWS rows in
- * parallel, summed in row order afterwards (the same result for any thread count). A block
- * shares each pass over H (a 1408-wide linear's H is 15.9 MB) and runs its rows' dot products
- * side by side on a transposed copy of their b rows (independent sums the compiler vectorizes,
- * instead of one serial chain per row: the AWQ scale search spent most of its time there);
- * every row still sums in the plain order (j, then i ascending), so the result is the same
- * bit for bit as row by row. */
+/* sum_r a_r H a_r^T, a rows of [rows, in], H symmetric: each row as sum_i a_i (H_ii a_i +
+ * 2 sum_{j<i} H_ij a_j), the lower triangle only (half the products of the full form). Blocks
+ * of QF_ROWS rows in parallel, summed in row order afterwards (the same result for any thread
+ * count). A block shares each pass over H (a 1408-wide linear's H is 15.9 MB) and runs its
+ * rows' dot products side by side on a transposed copy of the rows (independent sums the
+ * compiler vectorizes, instead of one serial chain per row: the AWQ scale search spends most
+ * of its time here). */
 #define QF_ROWS 16
-static double quad_form(const double *a, const double *b, int rows, const rs_calib_stats *st) {
+static double quad_form(const double *a, int rows, const rs_calib_stats *st) {
     int in = st->in, nblk = (rows + QF_ROWS - 1) / QF_ROWS;
     double *per_row = rs_malloc((size_t)rows * sizeof *per_row), total = 0;
-    if (!b) b = a;
 #pragma omp parallel
     {
-        double *bt = rs_malloc((size_t)in * QF_ROWS * sizeof *bt);
+        double *at = rs_malloc((size_t)in * QF_ROWS * sizeof *at);
 #pragma omp for schedule(static)
         for (int blk = 0; blk < nblk; blk++) {
             int r0 = blk * QF_ROWS, nr = rows - r0 < QF_ROWS ? rows - r0 : QF_ROWS;
             for (int j = 0; j < in; j++)
                 for (int q = 0; q < QF_ROWS; q++)
-                    bt[(size_t)j * QF_ROWS + q] = q < nr ? b[(size_t)(r0 + q) * in + j] : 0.0;
+                    at[(size_t)j * QF_ROWS + q] = q < nr ? a[(size_t)(r0 + q) * in + j] : 0.0;
             double acc[QF_ROWS] = {0};
             for (int i = 0; i < in; i++) {
-                const double *hi = st->H + (size_t)i * in;
+                const double *hi = st->H + (size_t)i * in, *ai = at + (size_t)i * QF_ROWS;
                 double s[QF_ROWS] = {0};
-                for (int j = 0; j < in; j++) {
+                for (int j = 0; j < i; j++) {
                     double h = hi[j];
-                    const double *bj = bt + (size_t)j * QF_ROWS;
-                    for (int q = 0; q < QF_ROWS; q++) s[q] += h * bj[q];
+                    const double *aj = at + (size_t)j * QF_ROWS;
+                    for (int q = 0; q < QF_ROWS; q++) s[q] += h * aj[q];
                 }
-                for (int q = 0; q < nr; q++) acc[q] += a[(size_t)(r0 + q) * in + i] * s[q];
+                for (int q = 0; q < QF_ROWS; q++) acc[q] += ai[q] * (hi[i] * ai[q] + 2 * s[q]);
             }
             for (int q = 0; q < nr; q++) per_row[r0 + q] = acc[q];
         }
-        free(bt);
+        free(at);
     }
     for (int r = 0; r < rows; r++) total += per_row[r];
     free(per_row);
@@ -105,7 +105,7 @@ double rs_output_err2(const float *wq, const float *w, int rows, const rs_calib_
     size_t n = (size_t)rows * st->in;
     double *d = rs_malloc(n * sizeof *d);
     for (size_t k = 0; k < n; k++) d[k] = (double)(wq ? wq[k] : 0.0f) - w[k];
-    double e = quad_form(d, NULL, rows, st);
+    double e = quad_form(d, rows, st);
     free(d);
     return e;
 }
@@ -151,21 +151,22 @@ typedef struct {
     rs_calib_stats st[N_SITES];
 } capture_ctx;
 
-/* H += x^T x and mean_abs += |x| over the n rows of x; rows of H in parallel (each element's sum
- * runs over the tokens in order: deterministic). */
+/* H += x^T x (its lower triangle: capture_layer mirrors it when the texts are done) and
+ * mean_abs += |x| over the n rows of x; rows of H in parallel (each element's sum runs over
+ * the tokens in order: deterministic). */
 static void on_capture(void *user, int layer, int site, const void *x, int n, int in) {
     capture_ctx *c = user;
     if (layer != c->layer) return;
     rs_calib_stats *st = &c->st[site_of(site)];
     const float *xf = x;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static, 8)
     for (int i = 0; i < in; i++) {
         double *h = st->H + (size_t)i * in;
         for (int t = 0; t < n; t++) {
             const float *r = xf + (size_t)t * in;
             double ri = r[i];
             st->mean_abs[i] += fabs(ri);
-            for (int j = 0; j < in; j++) h[j] += ri * r[j];
+            for (int j = 0; j <= i; j++) h[j] += ri * r[j];
         }
     }
     st->n_tokens += n;
@@ -211,16 +212,21 @@ static int capture_layer(rs_model *m, const token_set *ts, int max_len, int l, c
     float *logits = rs_malloc((size_t)m->cfg.vocab_size * sizeof *logits);
     int32_t *pos = rs_malloc((size_t)max_len * sizeof *pos);
     for (int t = 0; t < max_len; t++) pos[t] = t;
-    m->capture = on_capture, m->capture_user = c;
+    m->capture = on_capture, m->capture_user = c, m->capture_layers = l + 1;
     int rc = 0;
     for (int i = 0; rc == 0 && i < ts->n; i++)
         if (ts->len[i] > 0)
             rc =
                 rs_model_forward(m, &cache, ts->ids[i], pos, 1, ts->len[i], RS_LOGITS_LAST, logits);
-    m->capture = NULL, m->capture_user = NULL;
-    for (int s = 0; s < N_SITES; s++)
-        for (int i = 0; i < dims[s]; i++)
+    m->capture = NULL, m->capture_user = NULL, m->capture_layers = 0;
+    for (int s = 0; s < N_SITES; s++) {
+        double *H = c->st[s].H;
+        int d = dims[s];
+        for (int i = 0; i < d; i++) {
             c->st[s].mean_abs[i] /= c->st[s].n_tokens > 0 ? (double)c->st[s].n_tokens : 1.0;
+            for (int j = 0; j < i; j++) H[(size_t)j * d + i] = H[(size_t)i * d + j];
+        }
+    }
     free(logits), free(pos);
     rs_kv_cache_free(m, &cache);
     return rc;

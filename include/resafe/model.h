@@ -99,6 +99,9 @@ typedef struct {
      * 3 (o), 4 (gate, up), 6 (down). NULL = off. */
     void (*capture)(void *user, int layer, int site, const void *x, int n, int in);
     void *capture_user;
+    /* With capture set and 0 < capture_layers < n_layers, rs_model_forward runs only layers
+     * < capture_layers and writes no logits (a capture of layer l needs nothing after it). */
+    int capture_layers;
     /* An attached adapter (adapter.h: resafe_adapter.h5 of a merged directory), or NULL;
      * adapter_delta[layer * 7 + i]: its dense deltas for elementwise masks (weight dtype). */
     struct rs_lora *adapter;
