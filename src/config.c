@@ -161,6 +161,9 @@ static const rs_config_key g_schema[] = {
              "patch set (.h5); empty = the run's patch set, trained on the run's quantized model"),
     INT_KEY("dpo", "micro_batch_size", "0", 0, 65536, DPO,
             "pairs per forward pass, gradients accumulated over a step (0 = batch_size)"),
+    BOOL_KEY("dpo", "share_prompt", "false", DPO,
+             "run a pair's prompt once for chosen and rejected (both attend to its keys): the "
+             "same loss on fewer tokens; false runs them as two whole sequences"),
     ENUM_KEY("dpo", "schedule", "linear", "constant|linear|cosine", DPO,
              "learning-rate decay after the warm-up"),
     INT_KEY("dpo", "max_seq_len", "1024", 2, 1048576, DPO,

@@ -150,7 +150,7 @@ int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_s
     t->m = m, t->lora = lora, t->data = data, t->p = *p;
     if (t->p.micro_pairs < 1) t->p.micro_pairs = 1;
     int B = 2 * t->p.micro_pairs;
-    t->state = rs_train_state_new(m, lora, B, data->max_len, p->recompute);
+    t->state = rs_train_state_new(m, lora, B, data->max_len, p->recompute, p->share_prompt);
     if (!t->state) return -1;
     rs_batch_buf_init(&t->bb, B, data->max_len);
     t->logp = rs_malloc((size_t)B * sizeof *t->logp);
@@ -166,14 +166,22 @@ void rs_dpo_trainer_free(rs_dpo_trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
-/* Chosen then rejected sequences of pairs idx[0..k) into the batch buffer. */
+/* Chosen then rejected sequences of pairs idx[0..k) into the batch buffer: each pair's prompt
+ * shared by both when share_prompt (and the packed batch is the smaller). */
 static const rs_train_batch *pair_batch(rs_dpo_trainer *t, const int32_t *idx, int k,
                                         int with_rejected) {
     for (int i = 0; i < k; i++) {
         t->seqs[i] = &t->data->chosen[idx[i]];
         t->seqs[k + i] = &t->data->rejected[idx[i]];
     }
-    return rs_batch_fill(&t->bb, t->seqs, with_rejected ? 2 * k : k, NULL);
+    const rs_train_batch *b = NULL;
+    if (with_rejected && t->p.share_prompt) b = rs_batch_fill_pairs(&t->bb, t->seqs, k);
+    if (b && !t->told_shared) {
+        t->told_shared = 1;
+        rs_debug("dpo: shared prompts: a batch of %d pairs runs %d prompt rows and %d x %d "
+                 "response rows", k, b->n_prefix * b->T_prefix, b->B, b->T);
+    }
+    return b ? b : rs_batch_fill(&t->bb, t->seqs, with_rejected ? 2 * k : k, NULL);
 }
 
 /* Reference log-probs of pairs [first, end) in micro-batches from `first` (a batch boundary of

@@ -94,6 +94,7 @@ static int read_options(const rs_config *cfg, dpo_options *o, int planning) {
     o->peft_dir = rs_path_join(o->stage_dir, "adapter_peft");
     o->dp.beta = (float)rs_config_get_float(cfg, "dpo", "beta");
     o->dp.sft_weight = (float)rs_config_get_float(cfg, "dpo", "sft_weight");
+    o->dp.share_prompt = rs_config_get_bool(cfg, "dpo", "share_prompt");
     RS_TRY(rs_train_recompute_of_config(cfg, &o->dp.recompute));
     o->batch_size = (int)rs_config_get_int(cfg, "dpo", "batch_size");
     o->dp.micro_pairs = (int)rs_config_get_int(cfg, "dpo", "micro_batch_size");
@@ -228,6 +229,7 @@ static void plan_shape(const dpo_options *o, const char *backend, int seq_len,
     in->batch_seqs = 2 * o->dp.micro_pairs;
     in->seq_len = seq_len;
     in->recompute = o->dp.recompute;
+    in->prefixes = o->dp.share_prompt;
 }
 
 #define SMALLER_RUN "lower [dpo] micro_batch_size (pairs per forward), [dpo] max_seq_len or [lora] rank"

@@ -122,7 +122,8 @@ int rs_mem_plan_compute(const rs_mem_plan_input *in, rs_mem_plan *p) {
                                          in->mask_mode == RS_MASK_ELEMENTWISE, in->lora_dropout};
     }
     RS_TRY(rs_train_state_plan_bytes(c, p->act_dtype, p->weight_dtype, &shape, in->batch_seqs,
-                                     in->seq_len, in->recompute, &p->activations, &p->logits));
+                                     in->seq_len, in->recompute, in->prefixes, &p->activations,
+                                     &p->logits));
     p->workspace = workspace_bytes(in);
     p->total = p->weights + p->adapter + p->optimizer + p->activations + p->workspace;
     return 0;

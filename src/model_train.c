@@ -53,8 +53,20 @@ struct rs_train_state {
     void *w_eff;              /* elementwise: the merged weight [max out*in] (weight dtype) */
     float *dw_tmp;            /* elementwise: one backward's dW [max out*in] */
     int32_t *ids, *pos, *targets;             /* device [n] */
-    int32_t *host_ids, *host_targets;         /* host staging [n] */
+    int32_t *host_ids, *host_targets, *host_pos; /* host staging [n] */
     float *host_f;                            /* host staging [n] */
+    /* shared prefixes (rs_train_batch n_prefix), planned when `prefixes`: the second attention
+     * of a layer reads each sequence's keys and values joined behind its prefix's */
+    int prefixes;
+    void *kj, *vj;            /* joined keys, values [B, Tk, kv*hd] (room for n + 1 rows) */
+    void *dkj, *dvj;          /* their gradients; row n (the plan's max tokens) stays zero */
+    int32_t *join_rows;       /* device [n]: joined row -> row of k, v */
+    int32_t *split_rows;      /* device [n]: a sequence's row of dk, dv <- row of dkj, dvj */
+    int32_t *fold_rows;       /* device [n]: [n_cont][P*TP] a prefix row <- the dkj row of its
+                                 c-th continuation */
+    int32_t *host_rows;       /* host staging of the three [3n] */
+    int P, TP, Tk, n_cont;    /* the staged batch's prefixes: P x TP rows ahead of B x T,
+                                 joined length Tk, most continuations of a prefix */
     /* the adapter shape the plan has room for */
     int lora_rank, lora_elementwise, lora_dropout;
     unsigned lora_targets;
@@ -82,7 +94,9 @@ typedef struct {
     int dropout_on;
     float dropout;         /* its probability, as the forward drew its masks */
     rs_model_grads *grads; /* backward, full-parameter mode */
-    int n, B, T;
+    int n, B, T;           /* n rows: the P x TP prefix rows (np), then B x T */
+    int P, TP, Tk, n_cont;
+    size_t np;
 } pass;
 
 static size_t act_size(const pass *p) { return rs_dtype_size(p->be->act_dtype); }
@@ -323,6 +337,44 @@ static void quant_kv(const pass *p, void *kv) {
         p->be->fake_quant_groups(kv, (size_t)p->n * c->n_kv_heads, c->head_dim, p->s->kv_bits, 0);
 }
 
+/* Queries q [B, Tq] over keys and values [B, Tk]: with the statistics the saved backward
+ * reads when the backend offers that pair. */
+static void attend(const pass *p, void *out, float *lse, const void *q, const void *k,
+                   const void *v, const int32_t *pos, int B, int Tq, int Tk) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    if (be->attention_fwd_lse && be->attention_bwd_saved)
+        be->attention_fwd_lse(out, lse, q, k, v, pos, B, Tq, Tk, c->n_heads, c->n_kv_heads,
+                              c->head_dim, c->attn_scale);
+    else
+        be->attention_fwd(out, q, k, v, pos, B, Tq, Tk, c->n_heads, c->n_kv_heads, c->head_dim,
+                          c->attn_scale);
+}
+
+/* Each sequence's keys and values behind its prefix's: kj, vj [B, Tk] (the rows past a
+ * sequence's end are copies nobody attends). */
+static void join_kv(const pass *p, const layer_acts *a) {
+    const rs_train_state *s = p->s;
+    int KV = p->c->n_kv_heads * p->c->head_dim;
+    p->be->gather_rows(s->kj, a->k, s->join_rows, p->B * p->Tk, KV);
+    p->be->gather_rows(s->vj, a->v, s->join_rows, p->B * p->Tk, KV);
+}
+
+/* The attention of a layer: the sequences among themselves; with prefixes, the prefixes among
+ * themselves (their rows first), then the sequences over their joined keys. */
+static void attention_core_fwd(const pass *p, layer_acts *a) {
+    const rs_train_state *s = p->s;
+    if (!p->P) {
+        attend(p, a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->B, p->T, p->T);
+        return;
+    }
+    size_t Q = (size_t)p->c->n_heads * p->c->head_dim;
+    attend(p, a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->P, p->TP, p->TP);
+    join_kv(p, a);
+    attend(p, act_row(p, a->att, p->np, Q), a->att_lse + p->np * (size_t)p->c->n_heads,
+           act_row(p, a->q, p->np, Q), s->kj, s->vj, s->pos + p->np, p->B, p->T, p->Tk);
+}
+
 /* h = x + W_o attention(rope(W_q n1(x)), rope(W_k n1(x)), W_v n1(x)) */
 static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     const rs_backend *be = p->be;
@@ -338,12 +390,7 @@ static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     quant_kv(p, a->k);
     quant_kv(p, a->v);
-    if (be->attention_fwd_lse && be->attention_bwd_saved) /* saved for attention_bwd_saved */
-        be->attention_fwd_lse(a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->B, p->T, p->T,
-                              c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
-    else
-        be->attention_fwd(a->att, a->q, a->k, a->v, s->pos, p->B, p->T, p->T, c->n_heads,
-                          c->n_kv_heads, c->head_dim, c->attn_scale);
+    attention_core_fwd(p, a);
     quant_act(p, a->att, c->n_heads * c->head_dim);
     be->copy(a->h, x, (size_t)n * D * act_size(p));
     project(p, l, RS_LORA_O, a->h, a->att, 1.0f, a->xa[RS_LORA_O]); /* beta 1: the residual */
@@ -427,6 +474,50 @@ static void mlp_bwd(const pass *p, int l, const layer_acts *a) {
                     p->m->layers[l].mlp_norm, a->rstd2, n, D, c->norm_add_one, 1.0f);
 }
 
+/* The backward of attend (the saved form unless LLM-QAT quantized the output afterwards). */
+static void attend_bwd(const pass *p, void *dq, void *dk, void *dv, const void *dout,
+                       const void *q, const void *k, const void *v, const void *out,
+                       const float *lse, const int32_t *pos, int B, int Tq, int Tk) {
+    const rs_backend *be = p->be;
+    const rs_model_config *c = p->c;
+    if (be->attention_fwd_lse && be->attention_bwd_saved && !p->s->fwd_act_bits)
+        be->attention_bwd_saved(dq, dk, dv, dout, q, k, v, out, lse, pos, B, Tq, Tk, c->n_heads,
+                                c->n_kv_heads, c->head_dim, c->attn_scale);
+    else
+        be->attention_bwd(dq, dk, dv, dout, q, k, v, pos, B, Tq, Tk, c->n_heads, c->n_kv_heads,
+                          c->head_dim, c->attn_scale);
+}
+
+/* datt in; dq, dk, dv out (every row written; padding's 0). With prefixes: the sequences'
+ * gradients over their joined keys, the prefixes' own, then the joined key rows go back where
+ * they came from: a sequence's own rows, and a prefix row summed over its continuations. */
+static void attention_core_bwd(const pass *p, const layer_acts *a) {
+    const rs_backend *be = p->be;
+    rs_train_state *s = p->s;
+    if (!p->P) {
+        attend_bwd(p, s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->att_lse, s->pos,
+                   p->B, p->T, p->T);
+        return;
+    }
+    size_t Q = (size_t)p->c->n_heads * p->c->head_dim, np = p->np;
+    int KV = p->c->n_kv_heads * p->c->head_dim;
+    join_kv(p, a); /* again: another layer's forward has used the buffers since */
+    attend_bwd(p, act_row(p, s->dq, np, Q), s->dkj, s->dvj, act_row(p, s->datt, np, Q),
+               act_row(p, a->q, np, Q), s->kj, s->vj, act_row(p, a->att, np, Q),
+               a->att_lse + np * (size_t)p->c->n_heads, s->pos + np, p->B, p->T, p->Tk);
+    attend_bwd(p, s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att, a->att_lse, s->pos,
+               p->P, p->TP, p->TP);
+    be->gather_rows(act_row(p, s->dk, np, (size_t)KV), s->dkj, s->split_rows, p->B * p->T, KV);
+    be->gather_rows(act_row(p, s->dv, np, (size_t)KV), s->dvj, s->split_rows, p->B * p->T, KV);
+    for (int c = 0; c < p->n_cont; c++) { /* datt is free now: the scratch of the sums */
+        const int32_t *rows = s->fold_rows + (size_t)c * np;
+        be->gather_rows(s->datt, s->dkj, rows, (int)np, KV);
+        be->add_inplace(s->dk, s->datt, np * (size_t)KV);
+        be->gather_rows(s->datt, s->dvj, rows, (int)np, KV);
+        be->add_inplace(s->dv, s->datt, np * (size_t)KV);
+    }
+}
+
 /* dres: d/dh in, d/dx out. need_dx = 0 (the first layer under an adapter, whose input
  * gradient nobody needs) skips the input gradient. */
 static void attention_bwd(const pass *p, int l, const layer_acts *a, const void *x, int need_dx) {
@@ -435,14 +526,7 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
     rs_train_state *s = p->s;
     int n = p->n, D = c->hidden_size;
     project_bwd(p, l, RS_LORA_O, s->datt, 0.0f, s->dres, a->att, a->xa[RS_LORA_O]);
-    /* the saved output is the forward's unless LLM-QAT quantized it afterwards (quant_act) */
-    if (be->attention_fwd_lse && be->attention_bwd_saved && !s->fwd_act_bits)
-        be->attention_bwd_saved(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, a->att,
-                                a->att_lse, s->pos, p->B, p->T, p->T, c->n_heads, c->n_kv_heads,
-                                c->head_dim, c->attn_scale);
-    else
-        be->attention_bwd(s->dq, s->dk, s->dv, s->datt, a->q, a->k, a->v, s->pos, p->B, p->T,
-                          p->T, c->n_heads, c->n_kv_heads, c->head_dim, c->attn_scale);
+    attention_core_bwd(p, a);
     be->rope_bwd(s->dq, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_bwd(s->dk, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     void *dxn = need_dx ? s->dxn : NULL;
@@ -471,7 +555,7 @@ typedef struct {
 } buf_spec;
 
 typedef struct {
-    buf_spec items[48];
+    buf_spec items[64];
     int n;
 } spec_list;
 
@@ -561,6 +645,16 @@ static void list_step_buffers(spec_list *l, rs_train_state *s, const rs_model_co
     ONE(l, "ids [n]", n, i32, s->ids);
     ONE(l, "pos [n]", n, i32, s->pos);
     ONE(l, "targets [n]", n, i32, s->targets);
+    if (s->prefixes) {
+        size_t rows = n + 1; /* + the zero row */
+        ONE(l, "joined k [n+1,kv*hd]", mul(rows, KV), act, s->kj);
+        ONE(l, "joined v [n+1,kv*hd]", mul(rows, KV), act, s->vj);
+        ONE(l, "joined dk [n+1,kv*hd]", mul(rows, KV), act, s->dkj);
+        ONE(l, "joined dv [n+1,kv*hd]", mul(rows, KV), act, s->dvj);
+        ONE(l, "join rows [n]", n, i32, s->join_rows);
+        ONE(l, "split rows [n]", n, i32, s->split_rows);
+        ONE(l, "fold rows [n]", n, i32, s->fold_rows);
+    }
 }
 
 /* The bytes of the listed buffers, each 64-byte aligned. */
@@ -625,9 +719,10 @@ static int check_adapter_plan(const rs_model *m, const rs_lora *lora) {
 
 /* A state with its shape and pointer tables, nothing on the device yet. */
 static rs_train_state *new_state(const rs_model_config *c, const rs_train_adapter_shape *lora,
-                                 int max_tokens, int recompute) {
+                                 int max_tokens, int recompute, int prefixes) {
     rs_train_state *s = rs_calloc(1, sizeof *s);
     s->n_layers = c->n_layers;
+    s->prefixes = prefixes != 0;
     s->max_tokens = max_tokens;
     s->recompute = recompute < 0 ? 0 : recompute > c->n_layers ? c->n_layers : recompute;
     s->n_acts = s->recompute < c->n_layers ? c->n_layers - s->recompute : 1;
@@ -658,11 +753,11 @@ static int is_logit_buffer(const rs_train_state *s, void **slot) {
 
 int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_dtype weight_dtype,
                               const rs_train_adapter_shape *lora, int max_B, int max_T,
-                              int recompute, size_t *bytes, size_t *logit_bytes) {
+                              int recompute, int prefixes, size_t *bytes, size_t *logit_bytes) {
     if (max_B < 1 || max_T < 1 || (int64_t)max_B * max_T > INT32_MAX)
         return RS_FAIL("train state: batch %d x %d tokens must be positive and below 2^31", max_B,
                        max_T);
-    rs_train_state *s = new_state(c, lora, max_B * max_T, recompute);
+    rs_train_state *s = new_state(c, lora, max_B * max_T, recompute, prefixes);
     spec_list specs = {.n = 0};
     list_buffers(&specs, s, c, act_dtype, weight_dtype);
     int rc = plan_total(s, &specs, bytes);
@@ -674,8 +769,21 @@ int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_d
     return rc;
 }
 
+/* Row max_tokens of the joined gradients, the source of every row that gets none: zero bytes
+ * (zero_f32 over the bytes: 0.0f and a zero bf16 are both all-zero). Nothing else writes it. */
+static int zero_joined_padding(rs_train_state *s, const rs_model_config *c) {
+    size_t bytes = (size_t)c->n_kv_heads * c->head_dim * rs_dtype_size(s->be->act_dtype);
+    if (bytes % sizeof(float))
+        return RS_FAIL("train state: %zu-byte key rows cannot be zeroed as floats", bytes);
+    for (int i = 0; i < 2; i++) {
+        char *base = i ? s->dvj : s->dkj;
+        s->be->zero_f32((float *)(base + (size_t)s->max_tokens * bytes), bytes / sizeof(float));
+    }
+    return 0;
+}
+
 rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
-                                   int recompute) {
+                                   int recompute, int prefixes) {
     const rs_backend *be = m->be;
     if (max_B < 1 || max_T < 1 || (int64_t)max_B * max_T > INT32_MAX) {
         RS_FAIL("train state: batch %d x %d tokens must be positive and below 2^31", max_B, max_T);
@@ -694,16 +802,19 @@ rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, 
         shape = (rs_train_adapter_shape){lora->rank, lora->targets,
                                          lora->mask_mode == RS_MASK_ELEMENTWISE,
                                          lora->dropout > 0.0f};
-    rs_train_state *s = new_state(&m->cfg, &shape, max_B * max_T, recompute);
+    rs_train_state *s = new_state(&m->cfg, &shape, max_B * max_T, recompute, prefixes);
     s->be = be;
     spec_list specs = {.n = 0};
     list_buffers(&specs, s, &m->cfg, be->act_dtype, be->weight_dtype);
-    if (allocate_plan(s, be, &specs) != 0) {
+    if (allocate_plan(s, be, &specs) != 0 ||
+        (s->prefixes && zero_joined_padding(s, &m->cfg) != 0)) {
         rs_train_state_free(s);
         return NULL;
     }
-    s->host_ids = rs_malloc(2 * (size_t)s->max_tokens * sizeof *s->host_ids);
+    s->host_ids = rs_malloc(3 * (size_t)s->max_tokens * sizeof *s->host_ids);
     s->host_targets = s->host_ids + s->max_tokens;
+    s->host_pos = s->host_targets + s->max_tokens;
+    if (s->prefixes) s->host_rows = rs_malloc(3 * (size_t)s->max_tokens * sizeof *s->host_rows);
     s->host_f = rs_malloc((size_t)s->max_tokens * sizeof *s->host_f);
     rs_rng_seed(&s->rng, 0);
     char label[48];
@@ -721,6 +832,7 @@ void rs_train_state_free(rs_train_state *s) {
     free(s->layer);
     free(s->dropout_seed);
     free(s->host_ids);
+    free(s->host_rows);
     free(s->host_f);
     free(s);
 }
@@ -772,49 +884,147 @@ uint64_t rs_train_dropout_seed(const rs_train_state *s, int layer, rs_lora_targe
 
 /* ---------------------------------------------------------------- batches */
 
-/* Right-padded sequences: sequence b's real tokens are t < len_b at positions t, then padding
- * (pos -1, no target). The attention relies on it: key j of a sequence is its row j. */
-static int check_sequence(const rs_model_config *c, const rs_train_batch *bt, int b) {
-    const int32_t *pos = bt->pos + (size_t)b * bt->T, *tokens = bt->tokens + (size_t)b * bt->T;
-    const int32_t *targets = bt->targets + (size_t)b * bt->T;
-    int len = 0;
-    while (len < bt->T && pos[len] == len) len++;
-    for (int t = len; t < bt->T; t++)
+/* Right-padded sequences: sequence b's real tokens are t < len_b at positions first + t, then
+ * padding (pos -1, no target); first is its prefix's length (0 without one). The attention
+ * relies on it: key j of a sequence (joined behind its prefix) is its row j. */
+static int check_rows(const rs_model_config *c, const char *what, int b, const int32_t *tokens,
+                      const int32_t *pos, const int32_t *targets, int T, int first, int *len) {
+    int n = 0;
+    while (n < T && pos[n] == first + n) n++;
+    for (int t = n; t < T; t++)
         if (pos[t] != -1)
-            return RS_FAIL("train batch: sequence %d: position %d at token %d (training needs right "
-                           "padding: positions 0, 1, ... then -1)", b, pos[t], t);
-    for (int t = 0; t < bt->T; t++) {
-        if (t < len && (tokens[t] < 0 || tokens[t] >= c->vocab_size))
-            return RS_FAIL("train batch: sequence %d: token id %d outside the vocabulary [0, %d)", b,
-                           tokens[t], c->vocab_size);
-        if (targets[t] < -1 || targets[t] >= c->vocab_size || (t >= len && targets[t] != -1))
-            return RS_FAIL("train batch: sequence %d: target %d at token %d (ids in [0, %d) on real "
-                           "tokens, -1 elsewhere)", b, targets[t], t, c->vocab_size);
+            return RS_FAIL("train batch: %s %d: position %d at token %d (training needs right "
+                           "padding: positions %d, %d, ... then -1)", what, b, pos[t], t, first,
+                           first + 1);
+    for (int t = 0; t < T; t++) {
+        if (t < n && (tokens[t] < 0 || tokens[t] >= c->vocab_size))
+            return RS_FAIL("train batch: %s %d: token id %d outside the vocabulary [0, %d)", what,
+                           b, tokens[t], c->vocab_size);
+        int tg = targets ? targets[t] : -1;
+        if (tg < -1 || tg >= c->vocab_size || (t >= n && tg != -1))
+            return RS_FAIL("train batch: %s %d: target %d at token %d (ids in [0, %d) on real "
+                           "tokens, -1 elsewhere)", what, b, tg, t, c->vocab_size);
     }
-    if (c->sliding_window > 0 && len > c->sliding_window)
-        return RS_FAIL("train batch: sequence %d: %d tokens exceed the sliding window (%d), which "
-                       "is not supported", b, len, c->sliding_window);
+    if (c->sliding_window > 0 && first + n > c->sliding_window)
+        return RS_FAIL("train batch: %s %d: %d tokens exceed the sliding window (%d), which is "
+                       "not supported", what, b, first + n, c->sliding_window);
+    *len = n;
     return 0;
 }
 
-static int check_batch(const rs_model *m, const rs_train_state *s, const rs_train_batch *bt) {
+/* The staged batch's prefix layout (rs_train_batch): P x TP rows, the joined length Tk (a
+ * sequence's prefix and its own tokens), the most continuations of one prefix. */
+typedef struct {
+    int P, TP, Tk, n_cont;
+} prefix_layout;
+
+static int prefix_len(const rs_train_batch *bt, int p) {
+    const int32_t *pos = bt->prefix_pos + (size_t)p * bt->T_prefix;
+    int n = 0;
+    while (n < bt->T_prefix && pos[n] >= 0) n++;
+    return n;
+}
+
+static int check_prefixes(const rs_model_config *c, const rs_train_state *s,
+                          const rs_train_batch *bt, prefix_layout *lay) {
+    memset(lay, 0, sizeof *lay);
+    if (!bt->n_prefix) return 0;
+    if (!s->prefixes)
+        return RS_FAIL("train batch: shared prefixes, but the state was planned without them");
+    if (bt->n_prefix < 0 || bt->T_prefix < 1 || !bt->prefix_tokens || !bt->prefix_pos ||
+        !bt->prefix_of)
+        return RS_FAIL("train batch: %d prefixes of %d tokens (need a positive count and length "
+                       "and their tokens, positions and prefix_of)", bt->n_prefix, bt->T_prefix);
+    lay->P = bt->n_prefix, lay->TP = bt->T_prefix;
+    int64_t rows = (int64_t)bt->n_prefix * bt->T_prefix + (int64_t)bt->B * bt->T;
+    if (rows > s->max_tokens)
+        return RS_FAIL("train batch: %d x %d prefix and %d x %d sequence tokens (the state was "
+                       "planned for %d tokens)", bt->n_prefix, bt->T_prefix, bt->B, bt->T,
+                       s->max_tokens);
+    for (int p = 0; p < bt->n_prefix; p++) {
+        size_t o = (size_t)p * bt->T_prefix;
+        int len;
+        RS_TRY(check_rows(c, "prefix", p, bt->prefix_tokens + o, bt->prefix_pos + o, NULL,
+                          bt->T_prefix, 0, &len));
+        if (len < 1) return RS_FAIL("train batch: prefix %d is empty", p);
+        int conts = 0;
+        for (int b = 0; b < bt->B; b++) conts += bt->prefix_of[b] == p;
+        lay->n_cont = conts > lay->n_cont ? conts : lay->n_cont;
+    }
+    for (int b = 0; b < bt->B; b++)
+        if (bt->prefix_of[b] < -1 || bt->prefix_of[b] >= bt->n_prefix)
+            return RS_FAIL("train batch: sequence %d continues prefix %d (of %d)", b,
+                           bt->prefix_of[b], bt->n_prefix);
+    if ((int64_t)lay->n_cont * lay->P * lay->TP > s->max_tokens)
+        return RS_FAIL("train batch: %d continuations of a prefix (%d x %d tokens) exceed the "
+                       "plan's %d tokens", lay->n_cont, lay->P, lay->TP, s->max_tokens);
+    return 0;
+}
+
+static int check_batch(const rs_model *m, const rs_train_state *s, const rs_train_batch *bt,
+                       prefix_layout *lay) {
     if (bt->B < 1 || bt->T < 1 || (int64_t)bt->B * bt->T > s->max_tokens)
         return RS_FAIL("train batch: %d x %d tokens (the state was planned for %d tokens)", bt->B,
                        bt->T, s->max_tokens);
-    for (int b = 0; b < bt->B; b++) RS_TRY(check_sequence(&m->cfg, bt, b));
+    RS_TRY(check_prefixes(&m->cfg, s, bt, lay));
+    for (int b = 0; b < bt->B; b++) {
+        size_t o = (size_t)b * bt->T;
+        int pre = lay->P ? bt->prefix_of[b] : -1, first = pre >= 0 ? prefix_len(bt, pre) : 0, len;
+        RS_TRY(check_rows(&m->cfg, "sequence", b, bt->tokens + o, bt->pos + o, bt->targets + o,
+                          bt->T, first, &len));
+        lay->Tk = first + len > lay->Tk ? first + len : lay->Tk;
+    }
+    if (lay->P && (int64_t)bt->B * lay->Tk > s->max_tokens)
+        return RS_FAIL("train batch: %d sequences of up to %d tokens with their prefixes (the "
+                       "state was planned for %d tokens)", bt->B, lay->Tk, s->max_tokens);
     return 0;
 }
 
-static void stage_batch(rs_train_state *s, const rs_train_batch *bt) {
-    int n = bt->B * bt->T;
-    for (int i = 0; i < n; i++) {
-        s->host_ids[i] = bt->pos[i] >= 0 ? bt->tokens[i] : 0;
-        s->host_targets[i] = bt->targets[i];
+/* The row tables of the joined keys (the state's join_rows, split_rows, fold_rows). */
+static void stage_prefix_rows(rs_train_state *s, const rs_train_batch *bt,
+                              const prefix_layout *lay) {
+    int B = bt->B, T = bt->T, Tk = lay->Tk, zero = s->max_tokens;
+    size_t np = (size_t)lay->P * lay->TP;
+    int32_t *join = s->host_rows, *split = join + (size_t)B * Tk, *fold = split + (size_t)B * T;
+    for (size_t i = 0; i < (size_t)lay->n_cont * np; i++) fold[i] = zero;
+    int *seen = rs_calloc((size_t)lay->P, sizeof *seen);
+    for (int b = 0; b < B; b++) {
+        int pre = bt->prefix_of[b], L = pre >= 0 ? prefix_len(bt, pre) : 0, len = 0;
+        while (len < T && bt->pos[(size_t)b * T + len] >= 0) len++;
+        for (int j = 0; j < Tk; j++)
+            join[(size_t)b * Tk + j] = j < L          ? (int32_t)((size_t)pre * lay->TP + j)
+                                       : j - L < len ? (int32_t)(np + (size_t)b * T + (j - L))
+                                                     : 0; /* never attended */
+        for (int t = 0; t < T; t++) split[(size_t)b * T + t] = t < len ? b * Tk + L + t : zero;
+        if (pre >= 0) {
+            int32_t *f = fold + (size_t)seen[pre]++ * np + (size_t)pre * lay->TP;
+            for (int j = 0; j < L; j++) f[j] = b * Tk + j;
+        }
+    }
+    free(seen);
+    const rs_backend *be = s->be;
+    be->to_device(s->join_rows, join, (size_t)B * Tk * sizeof *join);
+    be->to_device(s->split_rows, split, (size_t)B * T * sizeof *split);
+    be->to_device(s->fold_rows, fold, (size_t)lay->n_cont * np * sizeof *fold);
+}
+
+/* ids, pos and targets of every row (the prefixes' first), and the prefix tables. */
+static void stage_batch(rs_train_state *s, const rs_train_batch *bt, const prefix_layout *lay) {
+    size_t np = (size_t)lay->P * lay->TP, n = np + (size_t)bt->B * bt->T;
+    for (size_t i = 0; i < n; i++) {
+        int pre = i < np;
+        size_t j = pre ? i : i - np;
+        int32_t pos = pre ? bt->prefix_pos[j] : bt->pos[j];
+        s->host_ids[i] = pos >= 0 ? (pre ? bt->prefix_tokens[j] : bt->tokens[j]) : 0;
+        s->host_targets[i] = pre ? -1 : bt->targets[j];
+        s->host_pos[i] = pos;
     }
     const rs_backend *be = s->be;
-    be->to_device(s->ids, s->host_ids, (size_t)n * sizeof(int32_t));
-    be->to_device(s->pos, bt->pos, (size_t)n * sizeof(int32_t));
-    be->to_device(s->targets, s->host_targets, (size_t)n * sizeof(int32_t));
+    be->to_device(s->ids, s->host_ids, n * sizeof(int32_t));
+    be->to_device(s->pos, s->host_pos, n * sizeof(int32_t));
+    be->to_device(s->targets, s->host_targets, n * sizeof(int32_t));
+    s->P = lay->P, s->TP = lay->TP, s->Tk = lay->Tk, s->n_cont = lay->n_cont;
+    if (lay->P) stage_prefix_rows(s, bt, lay);
 }
 
 /* The adapter of a forward call: checked against what the plan has room for. */
@@ -842,9 +1052,12 @@ static void draw_dropout_seeds(rs_train_state *s) {
     }
 }
 
+/* A pass over the staged batch (B x T sequences behind the state's staged prefixes). */
 static pass make_pass(rs_model *m, rs_train_state *s, const rs_lora *lora, int B, int T) {
-    return (pass){.m = m, .be = m->be, .c = &m->cfg, .s = s, .lora = lora, .n = B * T, .B = B,
-                  .T = T};
+    size_t np = (size_t)s->P * s->TP;
+    return (pass){.m = m, .be = m->be, .c = &m->cfg, .s = s, .lora = lora,
+                  .n = (int)(np + (size_t)B * T), .B = B, .T = T, .P = s->P, .TP = s->TP,
+                  .Tk = s->Tk, .n_cont = s->n_cont, .np = np};
 }
 
 /* ---------------------------------------------------------------- forward and backward */
@@ -853,11 +1066,14 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
                      const rs_train_batch *batch, float *seq_logp) {
     s->forward_done = 0;
     if (lora && !lora->enabled) lora = NULL;
-    RS_TRY(check_batch(m, s, batch));
+    prefix_layout lay;
+    RS_TRY(check_batch(m, s, batch, &lay));
     if (lora) RS_TRY(check_adapter_fits(s, lora));
-    int B = batch->B, T = batch->T, n = B * T;
-    stage_batch(s, batch);
+    int B = batch->B, T = batch->T;
+    stage_batch(s, batch, &lay);
     pass p = make_pass(m, s, lora, B, T);
+    int n = p.n;
+    size_t np = p.np;
     p.adapter_on = lora != NULL;
     p.dropout_on = lora && lora->dropout > 0.0f;
     p.dropout = p.dropout_on ? lora->dropout : 0.0f;
@@ -871,7 +1087,7 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
     for (int b = 0; b < B; b++) {
         double sum = 0;
         for (int t = 0; t < T; t++)
-            if (batch->targets[b * T + t] >= 0) sum += s->host_f[b * T + t];
+            if (batch->targets[b * T + t] >= 0) sum += s->host_f[np + (size_t)b * T + t];
         seq_logp[b] = (float)sum;
     }
     s->B = B, s->T = T, s->forward_done = 1, s->fwd_lora = lora, s->fwd_dropout = p.dropout;
@@ -882,9 +1098,11 @@ int rs_train_forward(rs_model *m, const rs_lora *lora, rs_train_state *s,
 static int check_backward_args(const rs_train_state *s, const rs_lora *lora,
                                const rs_train_batch *batch, const rs_model_grads *grads) {
     if (!s->forward_done) return RS_FAIL("train backward: no forward to go back through");
-    if (batch->B != s->B || batch->T != s->T)
-        return RS_FAIL("train backward: batch %d x %d, but the forward ran %d x %d", batch->B,
-                       batch->T, s->B, s->T);
+    if (batch->B != s->B || batch->T != s->T || batch->n_prefix != s->P ||
+        (s->P && batch->T_prefix != s->TP))
+        return RS_FAIL("train backward: batch %d x %d (prefixes %d x %d), but the forward ran "
+                       "%d x %d (%d x %d)", batch->B, batch->T, batch->n_prefix,
+                       batch->T_prefix, s->B, s->T, s->P, s->TP);
     if ((grads != NULL) == (lora != NULL))
         return RS_FAIL("train backward: pass either full-parameter gradients or an adapter");
     if (s->fwd_lora && s->fwd_lora != lora)
@@ -897,10 +1115,12 @@ int rs_train_backward(rs_model *m, rs_lora *lora, rs_train_state *s,
                       const rs_train_batch *batch, const float *d_seq_logp,
                       rs_model_grads *grads) {
     RS_TRY(check_backward_args(s, lora, batch, grads));
-    int B = s->B, T = s->T, n = B * T;
-    for (int i = 0; i < n; i++) s->host_f[i] = s->host_targets[i] >= 0 ? d_seq_logp[i / T] : 0.0f;
-    m->be->to_device(s->dlogp, s->host_f, (size_t)n * sizeof(float));
+    int B = s->B, T = s->T;
     pass p = make_pass(m, s, lora, B, T);
+    int n = p.n;
+    for (int i = 0; i < n; i++) /* a target's row is a sequence's (prefix rows have none) */
+        s->host_f[i] = s->host_targets[i] >= 0 ? d_seq_logp[((size_t)i - p.np) / (size_t)T] : 0.0f;
+    m->be->to_device(s->dlogp, s->host_f, (size_t)n * sizeof(float));
     p.grads = grads;
     p.adapter_on = s->fwd_lora != NULL;
     p.dropout = s->fwd_dropout;

@@ -109,7 +109,7 @@ int rs_protect_scores(rs_model *m, const rs_tokenizer *tok, const rs_calib_set *
     for (int l = 0; l < m->cfg.n_layers; l++)
         for (int t = 0; t < 7; t++) N += linear_size(m, t);
     float *sc = rs_calloc(N, sizeof *sc);
-    rs_train_state *s = rs_train_state_new(m, NULL, 1, max_seq_len, 0);
+    rs_train_state *s = rs_train_state_new(m, NULL, 1, max_seq_len, 0, 0);
     rs_model_grads g;
     int rc = s ? rs_model_grads_init(m, &g) : -1, used_total = 0, have_grads = rc == 0;
     for (int i = 0; rc == 0 && i < data->n; i++) {

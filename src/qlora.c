@@ -83,7 +83,7 @@ static int setup(qlora_run *r, const char *metrics) {
     r->have_lora = 1;
     r->micro = t->micro_batch_size > 0 && t->micro_batch_size < t->batch_size ? t->micro_batch_size
                                                                               : t->batch_size;
-    r->state = rs_train_state_new(&r->m, &r->lora, r->micro, r->data.max_len, 0);
+    r->state = rs_train_state_new(&r->m, &r->lora, r->micro, r->data.max_len, 0, 0);
     if (!r->state) return -1;
     rs_optim_init(&r->opt, r->m.be, 0.9f, 0.999f, 1e-8f, 0.0f);
     rs_optim_add(&r->opt, "lora", r->lora.flat_params, r->lora.flat_grads, NULL, r->lora.n_flat, 1);

@@ -523,7 +523,7 @@ static int setup(sft_run *r) {
     RS_TRY(check_qat_groups(&r->tensors, o));
     size_t master_bytes;
     RS_TRY(build_optimizer(&r->m, &r->tensors, o, &r->opt, &r->master_block, &master_bytes));
-    r->state = rs_train_state_new(&r->m, NULL, o->micro, r->data.max_len, o->recompute);
+    r->state = rs_train_state_new(&r->m, NULL, o->micro, r->data.max_len, o->recompute, 0);
     if (!r->state) return -1;
     RS_TRY(rs_train_state_set_fake_quant(r->state, o->qat_act_bits, o->qat_kv_bits));
     rs_batch_buf_init(&r->bb, o->micro, r->data.max_len);

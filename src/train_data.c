@@ -20,10 +20,14 @@ void rs_batch_buf_init(rs_batch_buf *bb, int max_B, int max_T) {
     bb->tokens = rs_malloc(n * sizeof *bb->tokens);
     bb->pos = rs_malloc(n * sizeof *bb->pos);
     bb->targets = rs_malloc(n * sizeof *bb->targets);
+    bb->prefix_tokens = rs_malloc(n * sizeof *bb->prefix_tokens);
+    bb->prefix_pos = rs_malloc(n * sizeof *bb->prefix_pos);
+    bb->prefix_of = rs_malloc((size_t)max_B * sizeof *bb->prefix_of);
 }
 
 void rs_batch_buf_free(rs_batch_buf *bb) {
     free(bb->tokens), free(bb->pos), free(bb->targets);
+    free(bb->prefix_tokens), free(bb->prefix_pos), free(bb->prefix_of);
     memset(bb, 0, sizeof *bb);
 }
 
@@ -46,8 +50,59 @@ const rs_train_batch *rs_batch_fill(rs_batch_buf *bb, const rs_seq *const *seqs,
             count += predicts_response;
         }
     }
-    bb->batch = (rs_train_batch){n, T, bb->tokens, bb->pos, bb->targets};
+    bb->batch = (rs_train_batch){.B = n, .T = T, .tokens = bb->tokens, .pos = bb->pos,
+                                 .targets = bb->targets};
     if (n_targets) *n_targets = count;
+    return &bb->batch;
+}
+
+/* The shared start of a pair: common tokens, ending before either's last prompt token. */
+static int pair_prefix(const rs_seq *a, const rs_seq *b) {
+    int limit = (a->n_prompt < b->n_prompt ? a->n_prompt : b->n_prompt) - 1, n = 0;
+    while (n < limit && a->ids[n] == b->ids[n]) n++;
+    return n;
+}
+
+const rs_train_batch *rs_batch_fill_pairs(rs_batch_buf *bb, const rs_seq *const *seqs, int k) {
+    int B = 2 * k, P = 0, TP = 1, T = 1, T_whole = 1;
+    RS_CHECK(B <= bb->max_B, "bug: %d pairs exceed the plan's %d sequences", k, bb->max_B);
+    for (int i = 0; i < k; i++) {
+        int L = pair_prefix(seqs[i], seqs[k + i]);
+        P += L > 0;
+        TP = L > TP ? L : TP;
+        for (int s = 0; s < 2; s++) {
+            const rs_seq *q = seqs[s * k + i];
+            T = q->n - L > T ? q->n - L : T;
+            T_whole = q->n > T_whole ? q->n : T_whole;
+        }
+    }
+    int64_t rows = (int64_t)P * TP + (int64_t)B * T, cap = (int64_t)bb->max_B * bb->max_T;
+    if (P == 0 || rows >= (int64_t)B * T_whole || rows > cap || T_whole > bb->max_T) return NULL;
+    for (size_t i = 0; i < (size_t)P * TP; i++) bb->prefix_tokens[i] = 0, bb->prefix_pos[i] = -1;
+    for (size_t i = 0; i < (size_t)B * T; i++) bb->tokens[i] = 0, bb->pos[i] = bb->targets[i] = -1;
+    for (int i = 0, p = 0; i < k; i++) {
+        int L = pair_prefix(seqs[i], seqs[k + i]);
+        if (L > 0) {
+            for (int t = 0; t < L; t++) {
+                bb->prefix_tokens[(size_t)p * TP + t] = seqs[i]->ids[t];
+                bb->prefix_pos[(size_t)p * TP + t] = t;
+            }
+        }
+        for (int s = 0; s < 2; s++) {
+            int b = s * k + i;
+            const rs_seq *q = seqs[b];
+            bb->prefix_of[b] = L > 0 ? p : -1;
+            for (int g = L; g < q->n; g++) { /* g: the token's index in the whole sequence */
+                size_t r = (size_t)b * T + (g - L);
+                bb->tokens[r] = q->ids[g];
+                bb->pos[r] = g;
+                bb->targets[r] = g + 1 < q->n && g + 1 >= q->n_prompt ? q->ids[g + 1] : -1;
+            }
+        }
+        p += L > 0;
+    }
+    bb->batch = (rs_train_batch){B, T, bb->tokens, bb->pos, bb->targets, P, TP,
+                                 bb->prefix_tokens, bb->prefix_pos, bb->prefix_of};
     return &bb->batch;
 }
 

@@ -55,6 +55,7 @@ typedef struct {
     float sft_weight;
     int micro_pairs; /* pairs per forward (2 sequences each) */
     int recompute;
+    int share_prompt; /* a pair's common prompt runs once (rs_batch_fill_pairs) */
 } rs_dpo_params;
 
 /* Means over the pairs of one batch (what the metrics log shows). */
@@ -83,6 +84,7 @@ typedef struct {
      * backward goes on. NULL: none. */
     rs_layer_done_fn layer_done;
     void *layer_done_user;
+    int told_shared;      /* the first packed batch was logged (share_prompt) */
 } rs_dpo_trainer;
 
 int rs_dpo_trainer_init(rs_dpo_trainer *t, rs_model *m, rs_lora *lora, rs_pref_set *data,

@@ -31,6 +31,7 @@ typedef struct {
     int batch_seqs;          /* sequences per forward (DPO: 2 x the micro-batch's pairs) */
     int seq_len;             /* tokens per sequence (the longest one) */
     int recompute;
+    int prefixes;            /* shared prefixes planned too (DPO's share_prompt) */
 } rs_mem_plan_input;
 
 typedef struct {

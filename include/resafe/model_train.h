@@ -32,6 +32,16 @@ typedef struct {
     const int32_t *tokens;  /* host [B*T] */
     const int32_t *pos;     /* host [B*T], -1 = padding */
     const int32_t *targets; /* host [B*T], -1 = no loss */
+    /* Shared prefixes (n_prefix 0: none; the state must be planned for them): n_prefix
+     * right-padded sequences of T_prefix tokens (positions 0, 1, ... then -1; no targets) that
+     * sequences continue. Sequence b continues prefix prefix_of[b] (-1: none): its positions
+     * start at that prefix's length L (pos[b*T] = L, ...) and its tokens attend to the prefix's
+     * as if they were its own first L tokens, so its seq_logp is that of prefix + sequence,
+     * while the prefix runs once for all its continuations (DPO: a pair's prompt, once for
+     * chosen and rejected). */
+    int n_prefix, T_prefix;
+    const int32_t *prefix_tokens, *prefix_pos; /* host [n_prefix*T_prefix] */
+    const int32_t *prefix_of;                  /* host [B] */
 } rs_train_batch;
 
 /* One layer's parameter gradients (NULL where the layer has no such bias). */
@@ -53,9 +63,11 @@ typedef struct rs_train_state rs_train_state; /* opaque: the activation arena an
 
 /* Plan activation memory for batches of up to max_B x max_T tokens (prints the plan at debug
  * level). recompute: how many layers (the first ones) keep only their input and recompute in
- * backward (0: none, RS_RECOMPUTE_ALL: every layer). */
+ * backward (0: none, RS_RECOMPUTE_ALL: every layer). prefixes: also plan for batches with
+ * shared prefixes (rs_train_batch n_prefix), whose rows (prefixes' and sequences') and
+ * sequences-with-their-prefixes (B x (L + T)) must each fit max_B x max_T tokens. */
 rs_train_state *rs_train_state_new(rs_model *m, const rs_lora *lora, int max_B, int max_T,
-                                   int recompute);
+                                   int recompute, int prefixes);
 void rs_train_state_free(rs_train_state *s);
 /* The adapter shape a train state makes room for (rank 0: none). */
 typedef struct {
@@ -67,7 +79,7 @@ typedef struct {
  * allocating it; memplan.h), and among them the logit chunks and log-prob buffers. */
 int rs_train_state_plan_bytes(const rs_model_config *c, rs_dtype act_dtype, rs_dtype weight_dtype,
                               const rs_train_adapter_shape *lora, int max_B, int max_T,
-                              int recompute, size_t *bytes, size_t *logit_bytes);
+                              int recompute, int prefixes, size_t *bytes, size_t *logit_bytes);
 size_t rs_train_state_bytes(const rs_train_state *s);
 /* [model] recompute and recompute_layers as a layer count for rs_train_state_new: 0 (recompute
  * off), RS_RECOMPUTE_ALL (on, recompute_layers 0) or recompute_layers. -1 + message when

@@ -83,10 +83,12 @@ typedef struct {
     int n, n_prompt;
 } rs_seq;
 
-/* Host buffers for batches of up to max_B sequences of max_T tokens. */
+/* Host buffers for batches of up to max_B sequences of max_T tokens (and as many prefix
+ * tokens: rs_batch_fill_pairs). */
 typedef struct {
     int max_B, max_T;
     int32_t *tokens, *pos, *targets;
+    int32_t *prefix_tokens, *prefix_pos, *prefix_of;
     rs_train_batch batch;
 } rs_batch_buf;
 
@@ -97,6 +99,15 @@ void rs_batch_buf_free(rs_batch_buf *bb);
  * Returns the batch (pointing into bb) and the number of target tokens in *n_targets. */
 const rs_train_batch *rs_batch_fill(rs_batch_buf *bb, const rs_seq *const *seqs, int n,
                                     long *n_targets);
+/* The pairs seqs[i], seqs[k + i] (i < k; DPO: chosen, rejected) as rs_batch_fill's 2k
+ * sequences, but each pair's common start as one shared prefix (model_train.h) that both
+ * continue: the longest common start of the two that ends before the last prompt token of
+ * either (that token stays in each sequence: its row predicts the sequence's first response
+ * token), none where that is empty. Same targets, so the same seq_logp. NULL when the packed
+ * batch would not fit max_B x max_T tokens or would not have fewer rows than rs_batch_fill's
+ * (the caller then uses that); a state planned with prefixes (rs_train_state_new) for max_B x
+ * max_T takes every batch this returns. */
+const rs_train_batch *rs_batch_fill_pairs(rs_batch_buf *bb, const rs_seq *const *seqs, int k);
 
 /* Encoding of (prompt, response) text, the way generation will later see the prompt:
  * prompt = the chat template's rendering of one user turn with the generation prompt (exactly

@@ -15,7 +15,10 @@ Default shapes: Llama-2-7B (random bf16 weights, made on the GPU and saved once)
    once without and once with [model] recompute = true (and, with --micro N, with [dpo]
    micro_batch_size = N pairs per forward: activations shrink with N, the step is the same
    gradient accumulated; with --recompute-layers K, with only the first K layers recomputed).
-   tokens/s = 4096 / step seconds.
+   resafe runs with [dpo] share_prompt = true (each pair's prompt runs once for
+   both responses; PEFT runs it twice, as TRL does) and, as its own row (unless --skip
+   unshared), with share_prompt = false. tokens/s = 4096 / step seconds in every row (the
+   pairs' tokens, however many rows a side runs).
 2. Decode: greedy generation of 128 new tokens after 32-token prompts at batch 1 and 64, `resafe
    generate` versus transformers `generate` (bf16, sdpa, KV cache); per-token time from runs of
    128 and 1 new tokens (difference), so loading and prefill cancel. At batch 1 the bound is
@@ -132,9 +135,10 @@ def peak_from(stderr):
     return int(m.group(1)) if m else None
 
 
-def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir, micro=0):
+def dpo_ini(path, model, pairs, batch, steps, seq, rank, recompute, out_dir, micro=0, share=True):
     """The `resafe dpo` config of the benchmarks: cuda, no chat template, no SNIP mask.
-    recompute: False, True (every layer) or a layer count ([model] recompute_layers)."""
+    recompute: False, True (every layer) or a layer count ([model] recompute_layers); share:
+    [dpo] share_prompt."""
     with open(path, "w") as f:
         f.write(f"""[model]
 path = {model}
@@ -146,6 +150,7 @@ recompute_layers = {0 if recompute is True else int(recompute)}
 data_file = {pairs}
 batch_size = {batch}
 micro_batch_size = {micro}
+share_prompt = {"true" if share else "false"}
 max_steps = {steps}
 max_seq_len = {seq}
 lr = 1e-5
@@ -161,11 +166,12 @@ checkpoint_every = 0
     return path
 
 
-def resafe_dpo(model, pairs, work, steps, a, recompute, micro=0):
+def resafe_dpo(model, pairs, work, steps, a, recompute, micro=0, share=True):
     rc = "" if recompute is True or not recompute else str(int(recompute))
-    tag = f"{steps}_{'rc' + rc if recompute else 'full'}" + (f"_mb{micro}" if micro else "")
+    tag = f"{steps}_{'rc' + rc if recompute else 'full'}" + (f"_mb{micro}" if micro else "") + \
+        ("" if share else "_unshared")
     cfg = dpo_ini(os.path.join(work, f"dpo_{tag}.ini"), model, pairs, a.batch, steps, a.seq,
-                  a.rank, recompute, f"{work}/run_{tag}", micro)
+                  a.rank, recompute, f"{work}/run_{tag}", micro, share)
     env = dict(os.environ, RESAFE_CUDA_MEMSTATS="1")
     with MemPoll() as mp:
         _, p = timed([RESAFE, "dpo", "--config", cfg, "--force", "-v"], env=env)
@@ -335,7 +341,8 @@ def main():
     ap.add_argument("--recompute-layers", default="", metavar="K[,K]",
                     help="also time the DPO step with [model] recompute_layers = K (the first K "
                          "layers recomputed): dpo_rcK_tok_s, dpo_rcK_peak_gib")
-    ap.add_argument("--skip", default="", help="comma list: dpo,recompute,peft,decode,hf")
+    ap.add_argument("--skip", default="",
+                    help="comma list: dpo,unshared,recompute,peft,decode,hf")
     ap.add_argument("--with-qdecode", action="store_true")
     a = ap.parse_args()
     if a.quick:
@@ -372,6 +379,9 @@ def main():
         make_pairs(pairs, model, a.batch * 8, a)
         step, mem = resafe_dpo(model, pairs, work, 6, a, False)
         metrics.update(dpo_tok_s=tokens / step, dpo_step_s=step, dpo_peak_gib=mem / 2**30)
+        if "unshared" not in skip:  # each pair's prompt run twice, as the baseline does
+            ustep, umem = resafe_dpo(model, pairs, work, 6, a, False, share=False)
+            metrics.update(dpo_unshared_tok_s=tokens / ustep, dpo_unshared_peak_gib=umem / 2**30)
         if "recompute" not in skip:
             rstep, rmem = resafe_dpo(model, pairs, work, 6, a, True)
             metrics.update(dpo_recompute_tok_s=tokens / rstep, dpo_recompute_peak_gib=rmem / 2**30)
@@ -386,6 +396,9 @@ def main():
             metrics.update(dpo_peft_tok_s=tokens / pt_step, dpo_peft_peak_gib=pt_mem / 2**30,
                            dpo_speedup_vs_peft=pt_step / step,
                            dpo_peak_ratio_vs_peft=mem / pt_mem)
+            if "unshared" not in skip:
+                metrics["dpo_unshared_speedup_vs_peft"] = \
+                    metrics["dpo_unshared_tok_s"] / metrics["dpo_peft_tok_s"]
             for k in rc_layers:
                 metrics[f"dpo_rc{k}_speedup_vs_peft"] = metrics[f"dpo_rc{k}_tok_s"] / metrics["dpo_peft_tok_s"]
                 metrics[f"dpo_rc{k}_peak_ratio_vs_peft"] = metrics[f"dpo_rc{k}_peak_gib"] / metrics["dpo_peft_peak_gib"]

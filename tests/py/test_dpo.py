@@ -208,6 +208,34 @@ def test_dpo_loss_and_lora_gradients_match_torch(tmp_path, rng_seed, arch, mode)
                                     f"{torch_err:.2e})")
 
 
+def test_shared_prompts_give_the_unshared_loss_and_gradients(tmp_path, rng_seed):
+    """[dpo] share_prompt (the default; rs_batch_fill_pairs): each pair's prompt runs once for
+    both responses. Loss, log-probs, reference log-probs and every gradient equal those of the
+    pairs run as whole sequences (share_prompt 0) up to fp32 summation order."""
+    model, path, ad, scale, pairs = setup_case(tmp_path, "llama", rng_seed, "none", n_pairs=6)
+    out = {}
+    for share in (0, 1):
+        (tmp_path / "pairs.json").write_text(json.dumps(
+            {"beta": 0.4, "micro": 3, "share_prompt": share, "pairs": pairs}))
+        run_tool("grad", path, tmp_path / "adapter.h5", tmp_path / "pairs.json",
+                 tmp_path / f"out{share}.h5")
+        with h5py.File(tmp_path / f"out{share}.h5") as f:
+            out[share] = ({k: float(v) for k, v in f.attrs.items()},
+                          {n: f[n][...] for n in ("ref/chosen", "ref/rejected")})
+    (a0, r0), (a1, r1) = out[0], out[1]
+    for k in ("loss", "logp_chosen", "logp_rejected", "margin"):
+        assert abs(a0[k] - a1[k]) <= 1e-5 * max(1.0, abs(a0[k])), (k, a0[k], a1[k])
+    for n in r0:
+        np.testing.assert_allclose(r1[n], r0[n], rtol=1e-5, atol=1e-5)
+    with h5py.File(tmp_path / "out0.h5") as f0, h5py.File(tmp_path / "out1.h5") as f1:
+        for k in f0["grad"]:
+            for name in ("A", "B"):
+                want, got = f0["grad"][k][name][...], f1["grad"][k][name][...]
+                assert np.linalg.norm(want) > 0, f"{k}/{name}: zero gradient"
+                err = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert err <= 1e-5, f"{k}/{name}: shared prompts differ by {err:.2e}"
+
+
 def test_dpo_reference_logps_match_torch_and_first_loss_is_log2(tmp_path, rng_seed):
     """The tool computes ref log-probs with the adapter off; with those, the adapter's own
     (non-zero) effect makes the loss differ from log 2, and with B = 0 it is exactly log 2."""

@@ -36,7 +36,8 @@ FAMILIES = ["llama_gqa", "qwen2_bias", "gemma"]
 
 def run_on(backend, path, batch, tmp_path, *args, adapter=None):
     tensors = {k: torch.from_numpy(np.ascontiguousarray(batch[k]))
-               for k in ("tokens", "pos", "targets", "d_seq_logp")}
+               for k in ("tokens", "pos", "targets", "d_seq_logp", "prefix_tokens", "prefix_pos",
+                         "prefix_of") if k in batch}
     tensors.update(adapter or {})
     batch_file = tmp_path / "batch.safetensors"
     out_file = tmp_path / f"grads_{backend}.safetensors"
@@ -98,3 +99,20 @@ def test_cuda_full_gradients_match_cpu(family, tmp_path, rng_seed):
     cpu = run_on("cpu", path, batch, tmp_path)
     gpu = run_on("cuda", path, batch, tmp_path)
     compare_all(gpu, cpu, f"{family} full")
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gemma"])
+def test_cuda_prefixed_batch_matches_cpu(family, tmp_path, rng_seed):
+    """Shared prefixes (test_model_prefix.py's layouts): the joined keys, the two attentions
+    and the folded key gradients on cuda, LoRA and full-parameter gradients against the CPU."""
+    from test_model_prefix import shared_batch
+    model, path = tg.make_model(tmp_path, family, rng_seed)
+    _, packed = shared_batch(random.Random(rng_seed + 21), model.config.vocab_size)
+    packed["d_seq_logp"] = np.abs(packed["d_seq_logp"]).astype(np.float32)
+    adapter = tg.random_adapter(model, 4, torch.Generator().manual_seed(rng_seed))
+    args = ["--lora", 2.0, "--want-dw"]
+    compare_all(run_on("cuda", path, packed, tmp_path, *args, adapter=adapter),
+                run_on("cpu", path, packed, tmp_path, *args, adapter=adapter),
+                f"{family} prefixed lora")
+    compare_all(run_on("cuda", path, packed, tmp_path), run_on("cpu", path, packed, tmp_path),
+                f"{family} prefixed full")

@@ -141,7 +141,8 @@ def random_adapter(model, rank, rnd_t, mode=None, targets=TARGETS):
 
 def run_tool(path, batch, tmp_path, *args, adapter=None, check=True):
     tensors = {k: torch.from_numpy(np.ascontiguousarray(batch[k]))
-               for k in ("tokens", "pos", "targets", "d_seq_logp")}
+               for k in ("tokens", "pos", "targets", "d_seq_logp", "prefix_tokens", "prefix_pos",
+                         "prefix_of") if k in batch}
     tensors.update(adapter or {})
     batch_file, out_file = tmp_path / "batch.safetensors", tmp_path / "grads.safetensors"
     safetensors_torch.save_file(tensors, str(batch_file))

@@ -542,6 +542,7 @@ def test_sft_bad_data_is_one_clear_error_and_writes_nothing(tmp_path, tiny_model
 @pytest.mark.parametrize("over", [
     {"snip__mask": "elementwise", "snip__scope": "per_layer", "snip__loss": "nll", "lora__dropout": 0},
     {"snip__mask": "none", "lora__targets": "q,v,down", "dpo__schedule": "cosine"},
+    {"dpo__share_prompt": "true", "snip__mask": "factor"},
 ])
 def test_dpo_other_modes_resume_identically(tmp_path, tiny_model, over):
     """Stopped by a NaN after the step-4 checkpoint, then resumed: the same as one run."""
@@ -560,6 +561,30 @@ def test_dpo_other_modes_resume_identically(tmp_path, tiny_model, over):
             m = f["lora/layers.0.q_proj/mask_W"][...]
             assert m.shape == (64, 64) and 0 < m.mean() < 1
     assert os.path.exists(f"{b}/dpo/adapter_peft") == (over["snip__mask"] != "elementwise")
+
+
+def test_dpo_shared_prompts_train_as_whole_sequences(tmp_path, tiny_model):
+    """[dpo] share_prompt = true runs each pair's prompt once (the chat template's prompt is
+    the pairs' common start); the run's losses, log-probs and adapter equal those of whole
+    sequences up to fp32 summation order (dropout off: its masks are drawn per row)."""
+    over = dict(dpo__max_steps=6, lora__dropout=0, snip__reidentify_every=3)
+    runs = {}
+    for share in ("false", "true"):
+        out = str(tmp_path / share)
+        p = run_resafe("dpo", "--config", dpo_config(tmp_path, tiny_model, out,
+                                                     dpo__share_prompt=share, **over), "-v", env=ENV)
+        assert ("dpo: shared prompts" in p.stderr) == (share == "true"), p.stderr[-2000:]
+        runs[share] = [json.loads(l) for l in open(os.path.join(out, "dpo", "metrics.jsonl"))]
+    for a, b in zip(runs["false"], runs["true"]):
+        for key in ("loss", "logp_chosen", "logp_rejected", "margin"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (a["step"], key, a, b)
+    with h5py.File(tmp_path / "false" / "dpo" / "adapter.h5") as fa, \
+            h5py.File(tmp_path / "true" / "dpo" / "adapter.h5") as fb:
+        for g in fa["lora"]:
+            for m in ("A", "B"):
+                x, y = fa[f"lora/{g}/{m}"][...], fb[f"lora/{g}/{m}"][...]
+                assert np.linalg.norm(x) > 0
+                assert np.linalg.norm(x - y) <= 1e-3 * np.linalg.norm(x), (g, m)
 
 
 def test_dpo_prints_its_memory_by_part_and_the_parts_add_up(tiny_model, tmp_path):

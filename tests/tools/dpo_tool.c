@@ -8,7 +8,8 @@
  *
  * ADAPTER.h5: an adapter file (rs_adapter_load: attrs rank, alpha, dropout, targets,
  * mask_mode; lora/layers.<i>.<target>/A, B and masks). PAIRS.json: {"beta": b, "sft_weight":
- * w, "micro": m, "pairs": [{"chosen": [ids], "chosen_prompt": k, "rejected": [ids],
+ * w, "micro": m, "share_prompt": 0|1 (default 1: the packed path), "pairs": [{"chosen":
+ * [ids], "chosen_prompt": k, "rejected": [ids],
  * "rejected_prompt": k, "ref_chosen": x, "ref_rejected": y}]} (ref_* optional: when absent the
  * tool computes them with the adapter off and writes them).
  * OUT.h5:
@@ -59,9 +60,10 @@ static int read_pairs(const char *path, rs_pref_set *set, rs_dpo_params *p) {
     cJSON *root = cJSON_Parse(text);
     free(text);
     if (!root) return RS_FAIL("%s: not JSON", path);
-    double beta = 0.1, sft = 0, micro = 1000;
+    double beta = 0.1, sft = 0, micro = 1000, share = 1;
     num(root, "beta", &beta), num(root, "sft_weight", &sft), num(root, "micro", &micro);
-    *p = (rs_dpo_params){(float)beta, (float)sft, (int)micro, 0};
+    num(root, "share_prompt", &share);
+    *p = (rs_dpo_params){(float)beta, (float)sft, (int)micro, 0, share != 0};
     const cJSON *pairs = cJSON_GetObjectItemCaseSensitive(root, "pairs");
     int n = cJSON_GetArraySize(pairs), n_ref = 0, rc = 0;
     rs_pref_alloc(set, n);

@@ -3,7 +3,8 @@
  *
  *   train_tool MODEL_DIR BATCH.safetensors OUT.safetensors [options]
  *
- * BATCH: tokens, pos, targets I32 [B, T]; d_seq_logp F32 [B]; for --lora also
+ * BATCH: tokens, pos, targets I32 [B, T]; d_seq_logp F32 [B]; optionally shared prefixes
+ *   (model_train.h): prefix_tokens, prefix_pos I32 [P, TP] and prefix_of I32 [B]; for --lora also
  *   lora.<layer>.<q_proj|...>.A F32 [rank, in] and .B F32 [out, rank] for every target, and the
  *   masks of --mode: .mask_A U8 [rank, in] and .mask_B U8 [out, rank] (factor), .mask_W U8
  *   [out, in] (elementwise); absent masks stay all ones.
@@ -69,6 +70,22 @@ static int read_batch(const rs_st_set *set, rs_train_batch *bt, float **d_seq) {
         memcpy(ints[i], t->data, n * sizeof(int32_t));
     }
     bt->tokens = ints[0], bt->pos = ints[1], bt->targets = ints[2];
+    const rs_st_tensor *pt = rs_st_find(set, "prefix_tokens");
+    if (pt) {
+        if (pt->ndim != 2) return RS_FAIL("batch file: prefix_tokens must be I32 [P, TP]");
+        bt->n_prefix = (int)pt->shape[0], bt->T_prefix = (int)pt->shape[1];
+        size_t np = (size_t)bt->n_prefix * bt->T_prefix;
+        const char *pnames[3] = {"prefix_tokens", "prefix_pos", "prefix_of"};
+        size_t sizes[3] = {np, np, (size_t)bt->B};
+        int32_t *pints[3];
+        for (int i = 0; i < 3; i++) {
+            const rs_st_tensor *t = need(set, pnames[i], RS_I32, sizes[i]);
+            if (!t) return -1;
+            pints[i] = rs_malloc(sizes[i] * sizeof(int32_t) + 1);
+            memcpy(pints[i], t->data, sizes[i] * sizeof(int32_t));
+        }
+        bt->prefix_tokens = pints[0], bt->prefix_pos = pints[1], bt->prefix_of = pints[2];
+    }
     const rs_st_tensor *d = need(set, "d_seq_logp", RS_F32, (size_t)bt->B);
     if (!d) return -1;
     *d_seq = rs_malloc((size_t)bt->B * sizeof **d_seq);
@@ -281,7 +298,10 @@ int main(int argc, char **argv) {
     if (op.lora ? make_adapter(&set, &m, &op, &lora) != 0 : rs_model_grads_init(&m, &g) != 0)
         rs_die_last();
     rs_lora *lp = op.lora ? &lora : NULL;
-    rs_train_state *s = rs_train_state_new(&m, lp, bt.B, bt.T, op.recompute);
+    /* with prefixes: room for the prefixes' rows and for each sequence behind its prefix */
+    rs_train_state *s = bt.n_prefix ? rs_train_state_new(&m, lp, bt.B + bt.n_prefix,
+                                                         bt.T + bt.T_prefix, op.recompute, 1)
+                                    : rs_train_state_new(&m, lp, bt.B, bt.T, op.recompute, 0);
     if (s) rs_rng_seed(rs_train_state_rng(s), op.seed);
     if (s && rs_train_state_set_fake_quant(s, op.qat_act, op.qat_kv) != 0) rs_die_last();
     float *seq_logp = rs_malloc((size_t)bt.B * sizeof *seq_logp);
@@ -301,6 +321,7 @@ int main(int argc, char **argv) {
     free_out(&out);
     free(seeds), free(seq_logp), free(d_seq);
     free((void *)bt.tokens), free((void *)bt.pos), free((void *)bt.targets);
+    free((void *)bt.prefix_tokens), free((void *)bt.prefix_pos), free((void *)bt.prefix_of);
     rs_train_state_free(s);
     if (op.lora) rs_lora_free(&lora);
     else rs_model_grads_free(&m, &g);

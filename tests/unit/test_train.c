@@ -249,6 +249,85 @@ TEST(test_batch_targets_cover_response_tokens_only) {
     rs_batch_buf_free(&bb);
 }
 
+/* A packed pair batch holds, sequence by sequence, the same tokens, positions and targets as
+ * rs_batch_fill's: prefix rows then own rows, read back through prefix_of; the prefix is the
+ * pair's common start up to before the last prompt token, and no prefix row has a target. */
+TEST(test_pair_batch_shares_prompts_and_keeps_every_target) {
+    rs_rng r;
+    rs_rng_seed(&r, rs_test_seed());
+    for (int trial = 0; trial < 40; trial++) {
+        int k = 1 + (int)(rs_rng_next(&r) % 4), max_T = 0, lcp_want[4];
+        rs_seq seq[8];
+        const rs_seq *seqs[8];
+        for (int i = 0; i < k; i++) {
+            int np = 1 + (int)(rs_rng_next(&r) % 6), diff = rs_rng_next(&r) % 4 == 0;
+            for (int s = 0; s < 2; s++) {
+                rs_seq *q = &seq[s * k + i];
+                q->n_prompt = np;
+                q->n = np + 1 + (int)(rs_rng_next(&r) % 7);
+                q->ids = rs_malloc((size_t)q->n * sizeof *q->ids);
+                for (int t = 0; t < q->n; t++)
+                    q->ids[t] = t < np && !(s && diff && t == np / 2) ? 100 * i + t
+                                                                        : (int32_t)(rs_rng_next(&r) % 50);
+                max_T = q->n > max_T ? q->n : max_T;
+                seqs[s * k + i] = q;
+            }
+            lcp_want[i] = diff ? np / 2 : np - 1; /* the first differing prompt token */
+        }
+        rs_batch_buf bb, bw;
+        rs_batch_buf_init(&bb, 2 * k, max_T);
+        rs_batch_buf_init(&bw, 2 * k, max_T);
+        const rs_train_batch *w = rs_batch_fill(&bw, seqs, 2 * k, NULL);
+        const rs_train_batch *p = rs_batch_fill_pairs(&bb, seqs, k);
+        int shared = 0, TP = 1, T = 1;
+        for (int i = 0; i < k; i++) {
+            shared += lcp_want[i] > 0;
+            TP = lcp_want[i] > TP ? lcp_want[i] : TP;
+            for (int s = 0; s < 2; s++) {
+                int own = seqs[s * k + i]->n - lcp_want[i];
+                T = own > T ? own : T;
+            }
+        }
+        long rows_w = (long)w->B * w->T, rows = (long)shared * TP + 2L * k * T;
+        /* not packed exactly when nothing is shared or packing would not save rows */
+        CHECK(!p == (shared == 0 || rows >= rows_w), "trial %d: packed %d, %d shared, rows %ld "
+              "against %ld", trial, p != NULL, shared, rows, rows_w);
+        if (!p) goto next;
+        CHECK(p->B == 2 * k && p->n_prefix == shared, "trial %d: %d x %d, %d prefixes", trial,
+              p->B, p->T, p->n_prefix);
+        CHECK((long)p->n_prefix * p->T_prefix + (long)p->B * p->T < rows_w, "no rows saved");
+        for (int b = 0; b < 2 * k; b++) {
+            int pre = p->prefix_of[b], i = b % k, L = 0;
+            CHECK((pre >= 0) == (lcp_want[i] > 0), "sequence %d: prefix %d", b, pre);
+            if (pre >= 0) {
+                CHECK(p->prefix_of[i] == pre && p->prefix_of[k + i] == pre, "pair %d split", i);
+                while (L < p->T_prefix && p->prefix_pos[pre * p->T_prefix + L] >= 0) L++;
+                CHECK(L == lcp_want[i], "pair %d: prefix of %d tokens, want %d", i, L, lcp_want[i]);
+            }
+            for (int g = 0; g < w->T; g++) { /* g: the index in the whole sequence */
+                int32_t wt = w->tokens[b * w->T + g], wp = w->pos[b * w->T + g];
+                int32_t wg = w->targets[b * w->T + g];
+                if (wp < 0) continue;
+                int32_t tok, pos, tg;
+                if (g < L) {
+                    tok = p->prefix_tokens[pre * p->T_prefix + g];
+                    pos = p->prefix_pos[pre * p->T_prefix + g], tg = -1;
+                } else {
+                    int j = b * p->T + (g - L);
+                    tok = p->tokens[j], pos = p->pos[j], tg = p->targets[j];
+                }
+                CHECK(tok == wt && pos == wp && tg == wg, "trial %d seq %d token %d: (%d %d %d) "
+                      "want (%d %d %d)", trial, b, g, tok, pos, tg, wt, wp, wg);
+            }
+            for (int t = seqs[b]->n - L; t < p->T; t++)
+                CHECK(p->pos[b * p->T + t] == -1 && p->targets[b * p->T + t] == -1, "padding");
+        }
+    next:
+        rs_batch_buf_free(&bb), rs_batch_buf_free(&bw);
+        for (int s = 0; s < 2 * k; s++) rs_seq_free(&seq[s]);
+    }
+}
+
 TEST(test_data_order_epochs_are_permutations_and_seeded) {
     rs_data_order a, b;
     rs_data_order_init(&a, 10, 7);
