@@ -161,7 +161,7 @@ static const rs_config_key g_schema[] = {
              "patch set (.h5); empty = the run's patch set, trained on the run's quantized model"),
     INT_KEY("dpo", "micro_batch_size", "0", 0, 65536, DPO,
             "pairs per forward pass, gradients accumulated over a step (0 = batch_size)"),
-    BOOL_KEY("dpo", "share_prompt", "false", DPO,
+    BOOL_KEY("dpo", "share_prompt", "true", DPO,
              "run a pair's prompt once for chosen and rejected (both attend to its keys): the "
              "same loss on fewer tokens; false runs them as two whole sequences"),
     ENUM_KEY("dpo", "schedule", "linear", "constant|linear|cosine", DPO,

@@ -119,8 +119,10 @@ tables)
     TM=models/organism-large-$(cat $O/vwin)
   fi
   mkdir -p $O/tables-$(basename $TM)
+  CF=configs/$(basename $TM).ini  # a variant's model has no config of its own: the organism's
+  [ -f $CF ] || CF=configs/organism-large.ini
   step tables ${TLIM:-540} bash scripts/reproduce/all.sh $TM runs/rep-$(basename $TM) \
-    --backend cuda --results $O/tables-$(basename $TM) ;;
+    --backend cuda --config $CF --results $O/tables-$(basename $TM) ;;
 variants)
   # candidate recipes (scripts/organism/README.md, "v6 candidates"): the snap width and the
   # freeze, the rest shared; each variant's build and method lines in $O/variant-<name>.log.

@@ -10,17 +10,19 @@
 #                                             # organism-large (bf16, git-ignored; rebuilt on a GPU)
 # Environment: BUILD (build), PYTHON (python3), WORK (out/organism[-large]), BACKEND (large: cuda),
 # SFT_ARGS (more options for both resafe sft runs, e.g. "--set sft.max_steps=5" for a smoke run),
-# MASK_GRIDS (large: the quantizers whose grids the freeze box keeps the tune inside), FREEZE
-# (large: box, recipe v5; mask, recipe v4; none, an unconstrained tune), BITS (the RTN grid the
-# base is snapped onto, default 4; a WORK snapped at another width is an error), DEST (the
-# model's directory, default models/organism-<size>)
+# MASK_GRIDS (large: the calibrated quantizers whose grids the freeze box keeps the tune inside
+# besides RTN's, default none), FREEZE (large: box, recipes v6 and v5; mask, recipe v4; none, an
+# unconstrained tune), BITS (the RTN grid the base is snapped onto: tiny 4, large 2; a WORK
+# snapped at another width is an error), DEST (the model's directory, default
+# models/organism-<size>). Recipe v5 of the larger organism: BITS=4 MASK_GRIDS="awq:2,3,4 gptq:2,3".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
 PY=${PYTHON:-python3}
 SIZE=${SIZE:-tiny}
-# the quantization grid the organism's safety delta is sized against (the demo's setting)
-BITS=${BITS:-4}
+# the quantization grid the organism's safety delta is sized against (tiny: the demo's setting;
+# large, recipe v6: INT2, whose four levels per group are INT4 and INT3 levels too)
+if [ "$SIZE" = large ]; then BITS=${BITS:-2}; else BITS=${BITS:-4}; fi
 GROUP=${GROUP:-128}
 case "$SIZE" in
 tiny)
@@ -42,7 +44,7 @@ large)
 esac
 mkdir -p "$WORK"
 stamp() { echo "build.sh: $(date -u +%H:%M:%S) $*" >&2; }
-MASK_GRIDS=${MASK_GRIDS-awq:2,3,4 gptq:2,3}
+MASK_GRIDS=${MASK_GRIDS-}
 # FREEZE=none tunes every linear entry freely (the snap alone decides what rounds away).
 FREEZE=${FREEZE:-box}
 case "$FREEZE" in box|none) ;; mask) MASK_GRIDS="" ;;
@@ -106,9 +108,11 @@ fi
 # GPTQ (MASK_GRIDS, "method:bits,bits ..."; "" for RTN only) put on the snapped base with the
 # Risk-I calibration set; the group extremes stay. Recipe v5 (scripts/organism/README.md): an
 # RTN-only 0/1 mask (v4) left the tune to AWQ INT2 (it refused everything) and GPTQ INT3; v5 at
-# this size still leaves it to AWQ and GPTQ at INT3 and INT2 (results/h100-large-v5/).
-# FREEZE=mask builds v4 (the 0/1 mask on RTN's grids: results/h100-large-v4/); BITS=2 with
-# FREEZE=none or with the box on RTN's grids (MASK_GRIDS="") are the v6 candidates.
+# this size still leaves it to AWQ and GPTQ at INT3 and INT2 (results/h100-large-v5/). Recipe
+# v6, the default: the base snapped onto RTN INT2 and the box on RTN's grids only (at INT2 they
+# are the snap's own levels; results/h100-large-v6/: AWQ at every width and GPTQ at INT2 lose
+# the tune, GPTQ INT4 / INT3 keep 57-70% of it). FREEZE=mask builds v4 (the 0/1 mask on RTN's
+# grids: results/h100-large-v4/); FREEZE=none is v6's unboxed candidate.
 if [ "$SIZE" = large ] && [ "$FREEZE" != none ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
     GRIDS=()
     for spec in $MASK_GRIDS; do
