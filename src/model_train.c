@@ -67,6 +67,7 @@ struct rs_train_state {
     int32_t *host_rows;       /* host staging of the three [3n] */
     int P, TP, Tk, n_cont;    /* the staged batch's prefixes: P x TP rows ahead of B x T,
                                  joined length Tk, most continuations of a prefix */
+    int joined;               /* the layer whose keys kj, vj hold (-1: none) */
     /* the adapter shape the plan has room for */
     int lora_rank, lora_elementwise, lora_dropout;
     unsigned lora_targets;
@@ -351,18 +352,19 @@ static void attend(const pass *p, void *out, float *lse, const void *q, const vo
                           c->attn_scale);
 }
 
-/* Each sequence's keys and values behind its prefix's: kj, vj [B, Tk] (the rows past a
- * sequence's end are copies nobody attends). */
-static void join_kv(const pass *p, const layer_acts *a) {
-    const rs_train_state *s = p->s;
+/* Each sequence's keys and values of layer l behind its prefix's: kj, vj [B, Tk] (the rows
+ * past a sequence's end are copies nobody attends). */
+static void join_kv(const pass *p, int l, const layer_acts *a) {
+    rs_train_state *s = p->s;
     int KV = p->c->n_kv_heads * p->c->head_dim;
     p->be->gather_rows(s->kj, a->k, s->join_rows, p->B * p->Tk, KV);
     p->be->gather_rows(s->vj, a->v, s->join_rows, p->B * p->Tk, KV);
+    s->joined = l;
 }
 
 /* The attention of a layer: the sequences among themselves; with prefixes, the prefixes among
  * themselves (their rows first), then the sequences over their joined keys. */
-static void attention_core_fwd(const pass *p, layer_acts *a) {
+static void attention_core_fwd(const pass *p, int l, layer_acts *a) {
     const rs_train_state *s = p->s;
     if (!p->P) {
         attend(p, a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->B, p->T, p->T);
@@ -370,7 +372,7 @@ static void attention_core_fwd(const pass *p, layer_acts *a) {
     }
     size_t Q = (size_t)p->c->n_heads * p->c->head_dim;
     attend(p, a->att, a->att_lse, a->q, a->k, a->v, s->pos, p->P, p->TP, p->TP);
-    join_kv(p, a);
+    join_kv(p, l, a);
     attend(p, act_row(p, a->att, p->np, Q), a->att_lse + p->np * (size_t)p->c->n_heads,
            act_row(p, a->q, p->np, Q), s->kj, s->vj, s->pos + p->np, p->B, p->T, p->Tk);
 }
@@ -390,7 +392,7 @@ static void attention_fwd(const pass *p, int l, layer_acts *a, const void *x) {
     be->rope_fwd(a->k, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     quant_kv(p, a->k);
     quant_kv(p, a->v);
-    attention_core_fwd(p, a);
+    attention_core_fwd(p, l, a);
     quant_act(p, a->att, c->n_heads * c->head_dim);
     be->copy(a->h, x, (size_t)n * D * act_size(p));
     project(p, l, RS_LORA_O, a->h, a->att, 1.0f, a->xa[RS_LORA_O]); /* beta 1: the residual */
@@ -491,7 +493,7 @@ static void attend_bwd(const pass *p, void *dq, void *dk, void *dv, const void *
 /* datt in; dq, dk, dv out (every row written; padding's 0). With prefixes: the sequences'
  * gradients over their joined keys, the prefixes' own, then the joined key rows go back where
  * they came from: a sequence's own rows, and a prefix row summed over its continuations. */
-static void attention_core_bwd(const pass *p, const layer_acts *a) {
+static void attention_core_bwd(const pass *p, int l, const layer_acts *a) {
     const rs_backend *be = p->be;
     rs_train_state *s = p->s;
     if (!p->P) {
@@ -501,7 +503,7 @@ static void attention_core_bwd(const pass *p, const layer_acts *a) {
     }
     size_t Q = (size_t)p->c->n_heads * p->c->head_dim, np = p->np;
     int KV = p->c->n_kv_heads * p->c->head_dim;
-    join_kv(p, a); /* again: another layer's forward has used the buffers since */
+    if (s->joined != l) join_kv(p, l, a); /* the top layer's, and a recomputed one's, are there */
     attend_bwd(p, act_row(p, s->dq, np, Q), s->dkj, s->dvj, act_row(p, s->datt, np, Q),
                act_row(p, a->q, np, Q), s->kj, s->vj, act_row(p, a->att, np, Q),
                a->att_lse + np * (size_t)p->c->n_heads, s->pos + np, p->B, p->T, p->Tk);
@@ -526,7 +528,7 @@ static void attention_bwd(const pass *p, int l, const layer_acts *a, const void 
     rs_train_state *s = p->s;
     int n = p->n, D = c->hidden_size;
     project_bwd(p, l, RS_LORA_O, s->datt, 0.0f, s->dres, a->att, a->xa[RS_LORA_O]);
-    attention_core_bwd(p, a);
+    attention_core_bwd(p, l, a);
     be->rope_bwd(s->dq, s->pos, p->m->inv_freq, n, c->n_heads, c->head_dim);
     be->rope_bwd(s->dk, s->pos, p->m->inv_freq, n, c->n_kv_heads, c->head_dim);
     void *dxn = need_dx ? s->dxn : NULL;
@@ -1023,7 +1025,7 @@ static void stage_batch(rs_train_state *s, const rs_train_batch *bt, const prefi
     be->to_device(s->ids, s->host_ids, n * sizeof(int32_t));
     be->to_device(s->pos, s->host_pos, n * sizeof(int32_t));
     be->to_device(s->targets, s->host_targets, n * sizeof(int32_t));
-    s->P = lay->P, s->TP = lay->TP, s->Tk = lay->Tk, s->n_cont = lay->n_cont;
+    s->P = lay->P, s->TP = lay->TP, s->Tk = lay->Tk, s->n_cont = lay->n_cont, s->joined = -1;
     if (lay->P) stage_prefix_rows(s, bt, lay);
 }
 
