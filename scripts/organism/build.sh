@@ -111,8 +111,8 @@ fi
 # this size still leaves it to AWQ and GPTQ at INT3 and INT2 (results/h100-large-v5/). Recipe
 # v6, the default: the base snapped onto RTN INT2 and the box on RTN's grids only (at INT2 they
 # are the snap's own levels; results/h100-large-v6/: AWQ at every width and GPTQ at INT2 lose
-# the tune, GPTQ INT4 / INT3 keep 57-70% of it). FREEZE=mask builds v4 (the 0/1 mask on RTN's
-# grids: results/h100-large-v4/); FREEZE=none is v6's unboxed candidate.
+# the tune, GPTQ INT4 / INT3 still refuse 57-72% of the harmful prompts). FREEZE=mask builds v4
+# (the 0/1 mask on RTN's grids: results/h100-large-v4/); FREEZE=none is v6's unboxed candidate.
 if [ "$SIZE" = large ] && [ "$FREEZE" != none ] && [ ! -f "$WORK/freeze_mask.h5" ]; then
     GRIDS=()
     for spec in $MASK_GRIDS; do
