@@ -266,9 +266,10 @@ TEST(test_pair_batch_shares_prompts_and_keeps_every_target) {
                 q->n_prompt = np;
                 q->n = np + 1 + (int)(rs_rng_next(&r) % 7);
                 q->ids = rs_malloc((size_t)q->n * sizeof *q->ids);
-                for (int t = 0; t < q->n; t++)
-                    q->ids[t] = t < np && !(s && diff && t == np / 2) ? 100 * i + t
-                                                                        : (int32_t)(rs_rng_next(&r) % 50);
+                for (int t = 0; t < q->n; t++) /* the rejected prompt differs at np / 2 */
+                    q->ids[t] = t >= np                       ? (int32_t)(rs_rng_next(&r) % 50)
+                                : s && diff && t == np / 2 ? 1000 + i
+                                                              : 100 * i + t;
                 max_T = q->n > max_T ? q->n : max_T;
                 seqs[s * k + i] = q;
             }
